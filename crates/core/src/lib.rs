@@ -1,0 +1,38 @@
+//! The heart of muster: the registry model and its state machine.
+//!
+//! This crate does no I/O and reads no clock. Time is passed in as [`Time`], a monotonic
+//! count of milliseconds since the agent started, so the same code runs under a real clock,
+//! under tokio's paused clock in tests, and inside property tests.
+//!
+//! # Layout
+//!
+//! - [`model`]: validated names and the instance record (service, id, address, port, tags,
+//!   meta, zone, weight, keep-alive) with the limits that bound them.
+//! - [`registry`]: the state machine. One writer applies [`Command`]s; each change bumps the
+//!   index and yields the [`Mutation`]s the store must make durable.
+//! - [`snapshot`]: the immutable view readers use. Cloning one is O(1).
+//! - [`liveness`]: heartbeat deadlines shared by readers and the writer. Renewing one is an
+//!   atomic store, never a write.
+//! - [`preservation`]: self-preservation, the guard against mass eviction when the fault is
+//!   more likely the registry's own network.
+//! - [`time`]: the injected clock value.
+
+pub mod liveness;
+pub mod model;
+pub mod preservation;
+pub mod registry;
+pub mod snapshot;
+pub mod time;
+
+pub use liveness::Liveness;
+pub use model::{
+    Filter, Health, HealthFilter, Instance, InstanceId, InstanceSpec, KeepAlive, LeaseId, Limits,
+    ServiceName, Status, ValidationError,
+};
+pub use preservation::{PreservationConfig, PreservationState};
+pub use registry::{
+    Applied, Command, Mutation, Registry, RegistryConfig, RegistryError, StoredInstance,
+    StoredLease, SweepReport,
+};
+pub use snapshot::{Lease, Service, Snapshot};
+pub use time::Time;

@@ -1,0 +1,569 @@
+//! Validated names and the instance record.
+//!
+//! Every constructor here checks its input against [`Limits`] and answers with a
+//! [`ValidationError`] naming the offending field, so the API adapters only translate.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Bounds on what a client may store. Every one is configurable on the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most tags on one instance.
+    pub max_tags: usize,
+    /// Longest tag, in bytes.
+    pub max_tag_len: usize,
+    /// Most metadata entries on one instance.
+    pub max_meta: usize,
+    /// Longest metadata key, in bytes.
+    pub max_meta_key_len: usize,
+    /// Longest metadata value, in bytes.
+    pub max_meta_value_len: usize,
+    /// Shortest TTL accepted: anything shorter makes heartbeats the agent's main load.
+    #[serde(with = "humantime_serde_compat")]
+    pub min_ttl: Duration,
+    /// Longest TTL accepted.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_tags: 64,
+            max_tag_len: 255,
+            max_meta: 64,
+            max_meta_key_len: 128,
+            max_meta_value_len: 512,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Serde glue for durations written as "15s", "1m30s" in config files.
+pub mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes a duration as humantime text.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    /// Reads a duration from humantime text such as "15s".
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A request field that failed validation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// The field as the client wrote it (`port`, `meta.version`, `tags[3]`).
+    pub field: String,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// An error on `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A service name: a DNS label (lowercase letters, digits and `-`, 1 to 63 characters, not
+/// starting or ending with `-`), so every service can be answered over DNS.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceName(Arc<str>);
+
+impl ServiceName {
+    /// Validates `name` as the field `field`.
+    pub fn parse(name: &str) -> Result<ServiceName, ValidationError> {
+        check_dns_label("service", name)?;
+        Ok(ServiceName(name.into()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn check_dns_label(field: &str, name: &str) -> Result<(), ValidationError> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(ValidationError::new(
+            field,
+            format!("must be 1 to 63 characters, got {}", name.len()),
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(ValidationError::new(
+            field,
+            format!("{c:?} is not allowed: use lowercase letters, digits and '-'"),
+        ));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(ValidationError::new(
+            field,
+            "must not start or end with '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// An instance id, unique within its service: 1 to 128 characters from letters, digits and
+/// `. _ - : @` (ids such as `host:app:8080` are common).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct InstanceId(Arc<str>);
+
+impl InstanceId {
+    /// Validates an instance id.
+    pub fn parse(id: &str) -> Result<InstanceId, ValidationError> {
+        if id.is_empty() || id.len() > 128 {
+            return Err(ValidationError::new(
+                "id",
+                format!("must be 1 to 128 characters, got {}", id.len()),
+            ));
+        }
+        if let Some(c) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@')))
+        {
+            return Err(ValidationError::new(
+                "id",
+                format!("{c:?} is not allowed: use letters, digits and . _ - : @"),
+            ));
+        }
+        Ok(InstanceId(id.into()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+        impl std::borrow::Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    )*};
+}
+display_as_str!(ServiceName, InstanceId);
+
+/// A lease: a TTL object instances can be bound to. Its id is the index at which it was
+/// created, so ids are unique and never reused, also across restarts.
+pub type LeaseId = u64;
+
+/// How an instance stays registered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepAlive {
+    /// The instance heartbeats itself at least once per TTL.
+    Ttl(#[serde(with = "humantime_serde_compat")] Duration),
+    /// The instance lives as long as the lease.
+    Lease(LeaseId),
+}
+
+/// What a client registers: everything about an instance except what the registry assigns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// IP address or host name.
+    pub address: String,
+    /// Port, 1 to 65535.
+    pub port: u16,
+    /// Tags; a set, kept sorted.
+    pub tags: BTreeSet<String>,
+    /// Free-form string metadata.
+    pub meta: BTreeMap<String, String>,
+    /// Locality for zone-aware routing.
+    pub zone: Option<String>,
+    /// Relative share of traffic (DNS SRV weight, balancer weight).
+    pub weight: u16,
+    /// TTL heartbeats or a lease.
+    pub keep_alive: KeepAlive,
+}
+
+/// The default TTL when a registration names neither a TTL nor a lease.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(15);
+
+/// The default weight.
+pub const DEFAULT_WEIGHT: u16 = 1;
+
+impl InstanceSpec {
+    /// Checks every field against `limits`.
+    pub fn validate(&self, limits: &Limits) -> Result<(), ValidationError> {
+        validate_address(&self.address)?;
+        if self.port == 0 {
+            return Err(ValidationError::new("port", "must be 1 to 65535, got 0"));
+        }
+        if self.tags.len() > limits.max_tags {
+            return Err(ValidationError::new(
+                "tags",
+                format!(
+                    "{} tags is more than the limit of {}",
+                    self.tags.len(),
+                    limits.max_tags
+                ),
+            ));
+        }
+        for tag in &self.tags {
+            check_text(&format!("tags[{tag:?}]"), tag, limits.max_tag_len)?;
+        }
+        if self.meta.len() > limits.max_meta {
+            return Err(ValidationError::new(
+                "meta",
+                format!(
+                    "{} entries is more than the limit of {}",
+                    self.meta.len(),
+                    limits.max_meta
+                ),
+            ));
+        }
+        for (key, value) in &self.meta {
+            let field = format!("meta.{key}");
+            if key.is_empty() || key.len() > limits.max_meta_key_len {
+                return Err(ValidationError::new(
+                    "meta",
+                    format!(
+                        "key {key:?} must be 1 to {} characters",
+                        limits.max_meta_key_len
+                    ),
+                ));
+            }
+            if let Some(c) = key
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+            {
+                return Err(ValidationError::new(
+                    field,
+                    format!("key has {c:?}: use letters, digits and _ - ."),
+                ));
+            }
+            if value.len() > limits.max_meta_value_len {
+                return Err(ValidationError::new(
+                    field,
+                    format!(
+                        "value is {} bytes, more than the limit of {}",
+                        value.len(),
+                        limits.max_meta_value_len
+                    ),
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(ValidationError::new(
+                    field,
+                    "value must not contain control characters",
+                ));
+            }
+        }
+        if let Some(zone) = &self.zone {
+            if zone.is_empty() || zone.len() > 63 {
+                return Err(ValidationError::new("zone", "must be 1 to 63 characters"));
+            }
+            if let Some(c) = zone
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            {
+                return Err(ValidationError::new(
+                    "zone",
+                    format!("{c:?} is not allowed: use letters, digits and - _ ."),
+                ));
+            }
+        }
+        if let KeepAlive::Ttl(ttl) = self.keep_alive
+            && (ttl < limits.min_ttl || ttl > limits.max_ttl)
+        {
+            return Err(ValidationError::new(
+                "ttl",
+                format!(
+                    "must be between {} and {}, got {}",
+                    humantime::format_duration(limits.min_ttl),
+                    humantime::format_duration(limits.max_ttl),
+                    humantime::format_duration(ttl)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_text(field: &str, text: &str, max: usize) -> Result<(), ValidationError> {
+    if text.is_empty() || text.len() > max {
+        return Err(ValidationError::new(
+            field,
+            format!("must be 1 to {max} bytes, got {}", text.len()),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Accepts an IP address or a host name (RFC 1123 labels, 253 characters at most).
+fn validate_address(address: &str) -> Result<(), ValidationError> {
+    if address.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || {
+        ValidationError::new(
+            "address",
+            format!("{address:?} is neither an IP address nor a valid host name"),
+        )
+    };
+    if address.is_empty() || address.len() > 253 {
+        return Err(bad());
+    }
+    let host = address.strip_suffix('.').unwrap_or(address);
+    for label in host.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(bad());
+        }
+    }
+    // All-numeric dotted names are mistyped IPs, not host names.
+    if host
+        .split('.')
+        .all(|l| l.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// A check result, worst last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Answering as it should.
+    Passing,
+    /// Degraded but still serving.
+    Warning,
+    /// Not to be sent traffic.
+    Critical,
+}
+
+/// What discovery sees: the check status, unless an operator override wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Checks pass.
+    Passing,
+    /// Checks warn.
+    Warning,
+    /// Checks fail (or the TTL lapsed).
+    Critical,
+    /// An operator took the instance out of service.
+    Maintenance,
+}
+
+/// One registered instance, as every snapshot holds it.
+#[derive(Debug)]
+pub struct Instance {
+    /// Its service.
+    pub service: ServiceName,
+    /// Its id within the service.
+    pub id: InstanceId,
+    /// What the client registered.
+    pub spec: InstanceSpec,
+    /// Operator override: the reason, while the instance is in maintenance.
+    pub maintenance: Option<String>,
+    /// The check status. Today the TTL is the only check.
+    pub status: Status,
+    /// When the status last turned critical, while it is.
+    pub critical_since: Option<Time>,
+    /// The index at which it was first registered.
+    pub create_index: u64,
+    /// The index of its last visible change.
+    pub modify_index: u64,
+    /// Its heartbeat deadline (for lease-bound instances, the lease's).
+    pub liveness: Arc<Liveness>,
+}
+
+use crate::{Liveness, Time};
+
+impl Instance {
+    /// The effective health: maintenance wins over the check status.
+    pub fn health(&self) -> Health {
+        if self.maintenance.is_some() {
+            return Health::Maintenance;
+        }
+        match self.status {
+            Status::Passing => Health::Passing,
+            Status::Warning => Health::Warning,
+            Status::Critical => Health::Critical,
+        }
+    }
+
+    /// Whether discovery returns it by default: not critical, not in maintenance.
+    pub fn is_healthy(&self) -> bool {
+        matches!(self.health(), Health::Passing | Health::Warning)
+    }
+
+    /// The TTL, for TTL-kept instances.
+    pub fn ttl(&self) -> Option<Duration> {
+        match self.spec.keep_alive {
+            KeepAlive::Ttl(ttl) => Some(ttl),
+            KeepAlive::Lease(_) => None,
+        }
+    }
+}
+
+/// Which instances a discovery read wants by health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthFilter {
+    /// Passing or warning, not in maintenance (the default).
+    #[default]
+    Healthy,
+    /// Passing only.
+    Passing,
+    /// Everything, critical and maintenance included.
+    Any,
+}
+
+/// A discovery query's filters. All given conditions must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Tags the instance must all carry.
+    pub tags: Vec<String>,
+    /// The zone it must be in.
+    pub zone: Option<String>,
+    /// Metadata entries it must have.
+    pub meta: Vec<(String, String)>,
+    /// Health wanted.
+    pub health: HealthFilter,
+}
+
+impl Filter {
+    /// Whether this filter is the default (healthy instances, nothing else).
+    pub fn is_default(&self) -> bool {
+        *self == Filter::default()
+    }
+
+    /// Whether `instance` passes.
+    pub fn matches(&self, instance: &Instance) -> bool {
+        let health_ok = match self.health {
+            HealthFilter::Healthy => instance.is_healthy(),
+            HealthFilter::Passing => instance.health() == Health::Passing,
+            HealthFilter::Any => true,
+        };
+        health_ok
+            && self.tags.iter().all(|t| instance.spec.tags.contains(t))
+            && self
+                .zone
+                .as_ref()
+                .is_none_or(|z| instance.spec.zone.as_ref() == Some(z))
+            && self
+                .meta
+                .iter()
+                .all(|(k, v)| instance.spec.meta.get(k) == Some(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            address: "10.0.0.1".into(),
+            port: 80,
+            tags: BTreeSet::new(),
+            meta: BTreeMap::new(),
+            zone: None,
+            weight: 1,
+            keep_alive: KeepAlive::Ttl(DEFAULT_TTL),
+        }
+    }
+
+    #[test]
+    fn service_names_follow_dns_label_rules() {
+        assert!(ServiceName::parse("web-1").is_ok());
+        for bad in ["", "Web", "-web", "web-", "a_b", "a.b", &"x".repeat(64)] {
+            let err = ServiceName::parse(bad).unwrap_err();
+            assert_eq!(err.field, "service", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn instance_ids_reject_slashes_and_spaces() {
+        assert!(InstanceId::parse("host:app:8080").is_ok());
+        assert!(InstanceId::parse("a/b").is_err());
+        assert!(InstanceId::parse("a b").is_err());
+        assert!(InstanceId::parse("").is_err());
+    }
+
+    #[test]
+    fn addresses_accept_ips_and_host_names_only() {
+        for ok in ["10.0.0.1", "::1", "db.internal", "host-1.example.com."] {
+            assert!(validate_address(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "999.1.1.1", "a..b", "-a.com", "has space", "a_b.com"] {
+            assert_eq!(validate_address(bad).unwrap_err().field, "address", "{bad}");
+        }
+    }
+
+    #[test]
+    fn spec_validation_names_the_field() {
+        let limits = Limits::default();
+        let mut s = spec();
+        s.port = 0;
+        assert_eq!(s.validate(&limits).unwrap_err().field, "port");
+
+        let mut s = spec();
+        s.tags = (0..65).map(|i| format!("t{i}")).collect();
+        assert_eq!(s.validate(&limits).unwrap_err().field, "tags");
+
+        let mut s = spec();
+        s.meta.insert("bad key".into(), "v".into());
+        assert_eq!(s.validate(&limits).unwrap_err().field, "meta.bad key");
+
+        let mut s = spec();
+        s.keep_alive = KeepAlive::Ttl(Duration::from_millis(10));
+        assert_eq!(s.validate(&limits).unwrap_err().field, "ttl");
+
+        let mut s = spec();
+        s.zone = Some("eu west".into());
+        assert_eq!(s.validate(&limits).unwrap_err().field, "zone");
+
+        assert!(spec().validate(&limits).is_ok());
+    }
+}

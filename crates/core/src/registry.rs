@@ -1,0 +1,737 @@
+//! The registry state machine.
+//!
+//! One writer owns a [`Registry`] and applies [`Command`]s to it. Each command is validated
+//! before anything changes, so a rejected command leaves no trace. Each accepted change bumps
+//! the global index once and records the [`Mutation`]s the store must make durable before the
+//! writer answers the caller and publishes the next [`Snapshot`].
+//!
+//! Heartbeats are not commands: they renew a [`Liveness`] cell in place. [`Command::Sweep`]
+//! reads those cells to turn lapsed instances critical, revive renewed ones, evict the long
+//! dead and expire leases, subject to self-preservation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::preservation::{Preservation, RenewalCounts, Transition};
+use crate::snapshot::TOMBSTONE_CAPACITY;
+use crate::{
+    Instance, InstanceId, InstanceSpec, KeepAlive, Lease, LeaseId, Limits, Liveness,
+    PreservationConfig, PreservationState, Service, ServiceName, Snapshot, Status, Time,
+    ValidationError,
+};
+
+/// Settings of the state machine.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RegistryConfig {
+    /// Bounds on registrations.
+    pub limits: Limits,
+    /// How long an instance stays critical from a lapsed TTL before it is removed.
+    pub evict_after: Duration,
+    /// Self-preservation.
+    pub preservation: PreservationConfig,
+}
+
+impl RegistryConfig {
+    /// The defaults: evict one minute after going critical.
+    pub fn new() -> RegistryConfig {
+        RegistryConfig {
+            evict_after: Duration::from_secs(60),
+            ..RegistryConfig::default()
+        }
+    }
+}
+
+/// A change a client (or the agent itself) asks for.
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// Register or replace an instance. Counts as its first heartbeat.
+    Register {
+        /// Service.
+        service: ServiceName,
+        /// Instance id.
+        id: InstanceId,
+        /// What to register.
+        spec: InstanceSpec,
+    },
+    /// Remove an instance.
+    Deregister {
+        /// Service.
+        service: ServiceName,
+        /// Instance id.
+        id: InstanceId,
+    },
+    /// Put an instance into maintenance (`Some(reason)`) or take it out (`None`).
+    SetMaintenance {
+        /// Service.
+        service: ServiceName,
+        /// Instance id.
+        id: InstanceId,
+        /// The reason, or `None` to end maintenance.
+        reason: Option<String>,
+    },
+    /// Create a lease.
+    CreateLease {
+        /// Its time to live.
+        ttl: Duration,
+    },
+    /// Revoke a lease and remove every instance bound to it.
+    RevokeLease {
+        /// The lease.
+        id: LeaseId,
+    },
+    /// Apply what time has done: lapses, revivals, evictions, lease expiries.
+    Sweep,
+    /// End self-preservation by an operator's decision.
+    EndSelfPreservation,
+}
+
+/// What a command did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Applied {
+    /// An instance was registered or replaced.
+    Registered {
+        /// The instance's modify index.
+        index: u64,
+        /// Whether it is new.
+        created: bool,
+    },
+    /// Nothing visible changed; the index given is the object's current one.
+    Unchanged {
+        /// Current index of the object.
+        index: u64,
+    },
+    /// The instance was removed.
+    Deregistered {
+        /// The index of the removal.
+        index: u64,
+    },
+    /// Maintenance was switched.
+    MaintenanceSet {
+        /// The instance's modify index.
+        index: u64,
+    },
+    /// A lease was created.
+    LeaseCreated {
+        /// Its id.
+        id: LeaseId,
+        /// The index of its creation.
+        index: u64,
+    },
+    /// A lease was revoked.
+    LeaseRevoked {
+        /// The index of the revocation.
+        index: u64,
+        /// How many instances went with it.
+        instances: usize,
+    },
+    /// A sweep ran.
+    Swept(SweepReport),
+    /// Self-preservation was ended (or was not on).
+    PreservationEnded {
+        /// Whether it was on.
+        was_active: bool,
+    },
+}
+
+/// What a sweep did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SweepReport {
+    /// Instances that turned critical because their TTL lapsed.
+    pub lapsed: usize,
+    /// Critical instances that heartbeated again.
+    pub revived: usize,
+    /// Instances removed after being critical for `evict_after`.
+    pub evicted: usize,
+    /// Leases that expired.
+    pub leases_expired: usize,
+    /// Instances removed with expired leases.
+    pub lease_instances_removed: usize,
+    /// Expirations held back by self-preservation.
+    pub held_back: usize,
+    /// A change of self-preservation mode.
+    pub transition: Option<Transition>,
+}
+
+/// Why a command was refused. Nothing changed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// A field is invalid.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// No such instance.
+    #[error("instance {id:?} of service {service:?} is not registered")]
+    UnknownInstance {
+        /// Service.
+        service: String,
+        /// Instance id.
+        id: String,
+    },
+    /// No such lease.
+    #[error("lease {0} does not exist (it expired, was revoked, or was never created)")]
+    UnknownLease(LeaseId),
+}
+
+/// An instance as the store keeps it: what survives a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredInstance {
+    /// Service.
+    pub service: String,
+    /// Instance id.
+    pub id: String,
+    /// What was registered.
+    pub spec: InstanceSpec,
+    /// Maintenance reason, if on.
+    pub maintenance: Option<String>,
+    /// Index of first registration.
+    pub create_index: u64,
+    /// Index of last change.
+    pub modify_index: u64,
+}
+
+/// A lease as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredLease {
+    /// Its id.
+    pub id: LeaseId,
+    /// Its TTL in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// A change the store must make durable.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mutation {
+    /// Write an instance.
+    PutInstance(StoredInstance),
+    /// Remove an instance.
+    DeleteInstance {
+        /// Service.
+        service: String,
+        /// Instance id.
+        id: String,
+    },
+    /// Write a lease.
+    PutLease(StoredLease),
+    /// Remove a lease.
+    DeleteLease(LeaseId),
+}
+
+/// The registry: current state plus what the writer needs to persist and decide.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    state: Snapshot,
+    config: RegistryConfig,
+    preservation: Preservation,
+    mutations: Vec<Mutation>,
+    persisted_index: u64,
+}
+
+type Key = (ServiceName, InstanceId);
+
+impl Registry {
+    /// An empty registry. Its index starts at 1: readers never see 0.
+    pub fn new(config: RegistryConfig) -> Registry {
+        let preservation = Preservation::new(config.preservation.clone());
+        Registry {
+            state: Snapshot {
+                index: 1,
+                ..Snapshot::default()
+            },
+            config,
+            preservation,
+            mutations: Vec::new(),
+            persisted_index: 0,
+        }
+    }
+
+    /// Rebuilds the registry from what the store held. Every instance and lease gets one TTL
+    /// of grace from `now`, and the index moves one past the stored one, since health seen
+    /// before the restart is forgotten. Records that no longer validate are skipped and
+    /// reported.
+    pub fn restore(
+        config: RegistryConfig,
+        index: u64,
+        instances: Vec<StoredInstance>,
+        leases: Vec<StoredLease>,
+        now: Time,
+    ) -> (Registry, Vec<String>) {
+        let mut reg = Registry::new(config);
+        let mut warnings = Vec::new();
+        let index = index + 1;
+        reg.state.index = index;
+        reg.state.replay_horizon = index;
+        for l in leases {
+            let ttl = Duration::from_millis(l.ttl_ms);
+            reg.state.leases.insert(
+                l.id,
+                Arc::new(Lease {
+                    id: l.id,
+                    ttl,
+                    instances: Default::default(),
+                    liveness: Arc::new(Liveness::new(now + ttl)),
+                }),
+            );
+        }
+        for s in instances {
+            let parsed = ServiceName::parse(&s.service)
+                .and_then(|n| InstanceId::parse(&s.id).map(|i| (n, i)));
+            let Ok((service, id)) = parsed else {
+                warnings.push(format!(
+                    "skipped stored instance {}/{}: invalid name",
+                    s.service, s.id
+                ));
+                continue;
+            };
+            let liveness = match s.spec.keep_alive {
+                KeepAlive::Ttl(ttl) => Arc::new(Liveness::new(now + ttl)),
+                KeepAlive::Lease(lid) => match reg.state.leases.get_mut(&lid) {
+                    Some(lease) => {
+                        let lease = Arc::make_mut(lease);
+                        lease.instances.insert((service.clone(), id.clone()));
+                        lease.liveness.clone()
+                    }
+                    None => {
+                        warnings.push(format!(
+                            "skipped stored instance {service}/{id}: its lease {lid} is gone"
+                        ));
+                        reg.mutations.push(Mutation::DeleteInstance {
+                            service: s.service,
+                            id: s.id,
+                        });
+                        continue;
+                    }
+                },
+            };
+            let instance = Instance {
+                service: service.clone(),
+                id: id.clone(),
+                spec: s.spec,
+                maintenance: s.maintenance,
+                status: Status::Passing,
+                critical_since: None,
+                create_index: s.create_index,
+                modify_index: s.modify_index,
+                liveness,
+            };
+            let svc = reg
+                .state
+                .services
+                .entry(service.clone())
+                .or_insert_with(|| Arc::new(Service::new(service)));
+            let svc = Arc::make_mut(svc);
+            svc.index = svc.index.max(instance.modify_index);
+            svc.instances.insert(id, Arc::new(instance));
+        }
+        (reg, warnings)
+    }
+
+    /// The current global index.
+    pub fn index(&self) -> u64 {
+        self.state.index
+    }
+
+    /// The limits registrations are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// An immutable view of the current state, cheap to make.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::new(self.state.clone())
+    }
+
+    /// Self-preservation's state after the last sweep.
+    pub fn preservation(&self) -> PreservationState {
+        self.preservation.state()
+    }
+
+    /// What must be made durable before the current state is shown to anyone: the mutations
+    /// since the last call and the index, or `None` when the store is already up to date.
+    pub fn take_commit(&mut self) -> Option<(Vec<Mutation>, u64)> {
+        if self.mutations.is_empty() && self.persisted_index == self.state.index {
+            return None;
+        }
+        self.persisted_index = self.state.index;
+        Some((std::mem::take(&mut self.mutations), self.state.index))
+    }
+
+    /// Applies `command` at `now`. On error nothing changed.
+    pub fn apply(&mut self, command: Command, now: Time) -> Result<Applied, RegistryError> {
+        match command {
+            Command::Register { service, id, spec } => self.register(service, id, spec, now),
+            Command::Deregister { service, id } => {
+                self.require(&service, &id)?;
+                let index = self.bump();
+                self.remove_instance(&service, &id, index);
+                Ok(Applied::Deregistered { index })
+            }
+            Command::SetMaintenance {
+                service,
+                id,
+                reason,
+            } => self.set_maintenance(service, id, reason),
+            Command::CreateLease { ttl } => {
+                let limits = &self.config.limits;
+                if ttl < limits.min_ttl || ttl > limits.max_ttl {
+                    return Err(ValidationError::new(
+                        "ttl",
+                        format!(
+                            "must be between {} and {}, got {}",
+                            humantime::format_duration(limits.min_ttl),
+                            humantime::format_duration(limits.max_ttl),
+                            humantime::format_duration(ttl)
+                        ),
+                    )
+                    .into());
+                }
+                let index = self.bump();
+                let lease = Lease {
+                    id: index,
+                    ttl,
+                    instances: Default::default(),
+                    liveness: Arc::new(Liveness::new(now + ttl)),
+                };
+                self.mutations.push(Mutation::PutLease(StoredLease {
+                    id: index,
+                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                }));
+                self.state.leases.insert(index, Arc::new(lease));
+                Ok(Applied::LeaseCreated { id: index, index })
+            }
+            Command::RevokeLease { id } => {
+                if !self.state.leases.contains_key(&id) {
+                    return Err(RegistryError::UnknownLease(id));
+                }
+                let index = self.bump();
+                let instances = self.remove_lease(id, index);
+                Ok(Applied::LeaseRevoked { index, instances })
+            }
+            Command::Sweep => Ok(Applied::Swept(self.sweep(now))),
+            Command::EndSelfPreservation => {
+                let was_active = self.preservation.active();
+                self.preservation.end(now);
+                self.state.self_preservation = false;
+                Ok(Applied::PreservationEnded { was_active })
+            }
+        }
+    }
+
+    fn require(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<&Arc<Instance>, RegistryError> {
+        self.state
+            .instance(service.as_str(), id.as_str())
+            .ok_or_else(|| RegistryError::UnknownInstance {
+                service: service.to_string(),
+                id: id.to_string(),
+            })
+    }
+
+    fn bump(&mut self) -> u64 {
+        self.state.index += 1;
+        self.state.index
+    }
+
+    fn register(
+        &mut self,
+        service: ServiceName,
+        id: InstanceId,
+        spec: InstanceSpec,
+        now: Time,
+    ) -> Result<Applied, RegistryError> {
+        spec.validate(&self.config.limits)?;
+        let lease_liveness = match spec.keep_alive {
+            KeepAlive::Lease(lid) => Some(
+                self.state
+                    .leases
+                    .get(&lid)
+                    .ok_or(RegistryError::UnknownLease(lid))?
+                    .liveness
+                    .clone(),
+            ),
+            KeepAlive::Ttl(_) => None,
+        };
+        let old = self.state.instance(service.as_str(), id.as_str()).cloned();
+
+        // A registration is the first heartbeat.
+        let liveness = match (spec.keep_alive, &old) {
+            (KeepAlive::Ttl(ttl), Some(old))
+                if matches!(old.spec.keep_alive, KeepAlive::Ttl(_)) =>
+            {
+                old.liveness.reset(now + ttl);
+                old.liveness.clone()
+            }
+            (KeepAlive::Ttl(ttl), _) => Arc::new(Liveness::new(now + ttl)),
+            (KeepAlive::Lease(lid), _) => {
+                let liveness = lease_liveness.unwrap_or_else(|| Arc::new(Liveness::new(now)));
+                if let Some(lease) = self.state.leases.get(&lid) {
+                    liveness.renew(now + lease.ttl);
+                }
+                liveness
+            }
+        };
+
+        if let Some(old) = &old
+            && old.spec == spec
+            && old.status != Status::Critical
+        {
+            return Ok(Applied::Unchanged {
+                index: old.modify_index,
+            });
+        }
+
+        let index = self.bump();
+        if let Some(KeepAlive::Lease(old_lease)) = old.as_ref().map(|o| o.spec.keep_alive)
+            && spec.keep_alive != KeepAlive::Lease(old_lease)
+        {
+            self.unbind(old_lease, &(service.clone(), id.clone()));
+        }
+        if let KeepAlive::Lease(lid) = spec.keep_alive
+            && let Some(lease) = self.state.leases.get_mut(&lid)
+        {
+            Arc::make_mut(lease)
+                .instances
+                .insert((service.clone(), id.clone()));
+        }
+        let instance = Instance {
+            service: service.clone(),
+            id: id.clone(),
+            spec,
+            maintenance: old.as_ref().and_then(|o| o.maintenance.clone()),
+            status: Status::Passing,
+            critical_since: None,
+            create_index: old.as_ref().map_or(index, |o| o.create_index),
+            modify_index: index,
+            liveness,
+        };
+        self.put_instance(instance, index);
+        Ok(Applied::Registered {
+            index,
+            created: old.is_none(),
+        })
+    }
+
+    fn set_maintenance(
+        &mut self,
+        service: ServiceName,
+        id: InstanceId,
+        reason: Option<String>,
+    ) -> Result<Applied, RegistryError> {
+        if let Some(r) = &reason
+            && (r.len() > 1024 || r.chars().any(char::is_control))
+        {
+            return Err(ValidationError::new(
+                "reason",
+                "must be at most 1024 bytes without control characters",
+            )
+            .into());
+        }
+        let old = self.require(&service, &id)?.clone();
+        if old.maintenance == reason {
+            return Ok(Applied::Unchanged {
+                index: old.modify_index,
+            });
+        }
+        let index = self.bump();
+        let instance = Instance {
+            maintenance: reason,
+            modify_index: index,
+            ..clone_instance(&old)
+        };
+        self.put_instance(instance, index);
+        Ok(Applied::MaintenanceSet { index })
+    }
+
+    /// Inserts or replaces an instance, persisting it and bumping its service's index.
+    fn put_instance(&mut self, instance: Instance, index: u64) {
+        self.mutations.push(Mutation::PutInstance(StoredInstance {
+            service: instance.service.to_string(),
+            id: instance.id.to_string(),
+            spec: instance.spec.clone(),
+            maintenance: instance.maintenance.clone(),
+            create_index: instance.create_index,
+            modify_index: instance.modify_index,
+        }));
+        self.state.tombstones.remove(instance.service.as_str());
+        let name = instance.service.clone();
+        let svc = self
+            .state
+            .services
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(Service::new(name)));
+        let svc = Arc::make_mut(svc);
+        svc.index = index;
+        svc.instances
+            .insert(instance.id.clone(), Arc::new(instance));
+    }
+
+    /// Changes an instance's health without persisting it (health is not stored).
+    fn set_status(&mut self, key: &Key, status: Status, since: Option<Time>, index: u64) {
+        let Some(svc) = self.state.services.get_mut(key.0.as_str()) else {
+            return;
+        };
+        let svc = Arc::make_mut(svc);
+        let Some(inst) = svc.instances.get_mut(key.1.as_str()) else {
+            return;
+        };
+        *inst = Arc::new(Instance {
+            status,
+            critical_since: since,
+            modify_index: index,
+            ..clone_instance(inst)
+        });
+        svc.index = index;
+    }
+
+    fn remove_instance(&mut self, service: &ServiceName, id: &InstanceId, index: u64) {
+        let Some(svc) = self.state.services.get_mut(service.as_str()) else {
+            return;
+        };
+        let svc_mut = Arc::make_mut(svc);
+        let Some(old) = svc_mut.instances.remove(id.as_str()) else {
+            return;
+        };
+        svc_mut.index = index;
+        let now_empty = svc_mut.instances.is_empty();
+        if now_empty {
+            self.state.services.remove(service.as_str());
+            self.add_tombstone(service.clone(), index);
+        }
+        if let KeepAlive::Lease(lid) = old.spec.keep_alive {
+            self.unbind(lid, &(service.clone(), id.clone()));
+        }
+        self.mutations.push(Mutation::DeleteInstance {
+            service: service.to_string(),
+            id: id.to_string(),
+        });
+    }
+
+    fn add_tombstone(&mut self, name: ServiceName, index: u64) {
+        self.state.tombstones.insert(name.clone(), index);
+        self.state.tombstone_order.push_back((index, name));
+        while self.state.tombstone_order.len() > TOMBSTONE_CAPACITY {
+            let Some((idx, name)) = self.state.tombstone_order.pop_front() else {
+                break;
+            };
+            if self.state.tombstones.get(name.as_str()) == Some(&idx) {
+                self.state.tombstones.remove(name.as_str());
+            }
+            self.state.replay_horizon = self.state.replay_horizon.max(idx);
+        }
+    }
+
+    fn unbind(&mut self, lease: LeaseId, key: &Key) {
+        if let Some(l) = self.state.leases.get_mut(&lease) {
+            Arc::make_mut(l).instances.remove(key);
+        }
+    }
+
+    /// Removes a lease and its instances; returns how many instances went.
+    fn remove_lease(&mut self, id: LeaseId, index: u64) -> usize {
+        let Some(lease) = self.state.leases.remove(&id) else {
+            return 0;
+        };
+        for (service, inst) in &lease.instances {
+            self.remove_instance(service, inst, index);
+        }
+        self.mutations.push(Mutation::DeleteLease(id));
+        lease.instances.len()
+    }
+
+    fn sweep(&mut self, now: Time) -> SweepReport {
+        let mut counts = RenewalCounts::default();
+        let mut revive = Vec::new();
+        let mut lapse = Vec::new();
+        let mut evict = Vec::new();
+        for svc in self.state.services.values() {
+            for inst in svc.instances.values() {
+                if !matches!(inst.spec.keep_alive, KeepAlive::Ttl(_)) {
+                    continue;
+                }
+                let key = || (inst.service.clone(), inst.id.clone());
+                if !inst.liveness.lapsed(now) {
+                    counts.alive += 1;
+                    if inst.status == Status::Critical {
+                        revive.push(key());
+                    }
+                } else if inst.status != Status::Critical {
+                    counts.pending += 1;
+                    lapse.push(key());
+                } else if inst
+                    .critical_since
+                    .is_some_and(|t| now.since(t) >= self.config.evict_after)
+                {
+                    evict.push(key());
+                }
+            }
+        }
+        let mut expire = Vec::new();
+        for lease in self.state.leases.values() {
+            if lease.liveness.lapsed(now) {
+                counts.pending += 1;
+                expire.push(lease.id);
+            } else {
+                counts.alive += 1;
+            }
+        }
+
+        let (apply, transition) = self.preservation.evaluate(now, counts);
+        self.state.self_preservation = self.preservation.active();
+        let mut report = SweepReport {
+            transition,
+            ..SweepReport::default()
+        };
+        let changes = revive.len()
+            + if apply {
+                lapse.len() + evict.len() + expire.len()
+            } else {
+                0
+            };
+        if changes == 0 {
+            report.held_back = lapse.len() + evict.len() + expire.len();
+            return report;
+        }
+        let index = self.bump();
+        report.revived = revive.len();
+        for key in &revive {
+            self.set_status(key, Status::Passing, None, index);
+        }
+        if !apply {
+            report.held_back = lapse.len() + evict.len() + expire.len();
+            return report;
+        }
+        report.lapsed = lapse.len();
+        for key in &lapse {
+            self.set_status(key, Status::Critical, Some(now), index);
+        }
+        report.evicted = evict.len();
+        for (service, id) in &evict {
+            self.remove_instance(service, id, index);
+        }
+        report.leases_expired = expire.len();
+        for id in expire {
+            report.lease_instances_removed += self.remove_lease(id, index);
+        }
+        self.preservation
+            .record_lapses(now, report.lapsed + report.leases_expired);
+        report
+    }
+}
+
+fn clone_instance(i: &Instance) -> Instance {
+    Instance {
+        service: i.service.clone(),
+        id: i.id.clone(),
+        spec: i.spec.clone(),
+        maintenance: i.maintenance.clone(),
+        status: i.status,
+        critical_since: i.critical_since,
+        create_index: i.create_index,
+        modify_index: i.modify_index,
+        liveness: i.liveness.clone(),
+    }
+}

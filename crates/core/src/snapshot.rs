@@ -1,0 +1,181 @@
+//! The immutable view every reader uses.
+//!
+//! A [`Snapshot`] is built from persistent maps, so publishing one after a write costs O(1)
+//! and a reader holding an old one never blocks the writer. A [`Service`] is replaced as a
+//! whole when anything in it changes, which is what lets readers cache its rendered answers
+//! (see [`Service::rendered`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use imbl::OrdMap;
+
+use crate::{Filter, Instance, InstanceId, LeaseId, Liveness, ServiceName};
+
+/// A service and its instances. It exists while it has instances.
+#[derive(Debug)]
+pub struct Service {
+    /// The service name.
+    pub name: ServiceName,
+    /// The index of the last change to this service, deletions of its instances included,
+    /// so it never goes backwards while the service exists.
+    pub index: u64,
+    /// Instances by id.
+    pub instances: BTreeMap<InstanceId, Arc<Instance>>,
+    rendered: OnceLock<Bytes>,
+}
+
+impl Clone for Service {
+    /// A copy for the writer to change: the rendered cache is not carried over.
+    fn clone(&self) -> Service {
+        Service {
+            name: self.name.clone(),
+            index: self.index,
+            instances: self.instances.clone(),
+            rendered: OnceLock::new(),
+        }
+    }
+}
+
+impl Service {
+    pub(crate) fn new(name: ServiceName) -> Service {
+        Service {
+            name,
+            index: 0,
+            instances: BTreeMap::new(),
+            rendered: OnceLock::new(),
+        }
+    }
+
+    /// Instances that pass `filter`, in id order.
+    pub fn matching<'a>(&'a self, filter: &'a Filter) -> impl Iterator<Item = &'a Arc<Instance>> {
+        self.instances.values().filter(|i| filter.matches(i))
+    }
+
+    /// Instances discovery returns by default.
+    pub fn healthy(&self) -> impl Iterator<Item = &Arc<Instance>> {
+        self.instances.values().filter(|i| i.is_healthy())
+    }
+
+    /// The union of the tags of its instances.
+    pub fn tags(&self) -> BTreeSet<&str> {
+        self.instances
+            .values()
+            .flat_map(|i| i.spec.tags.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// The default discovery answer, rendered once per change of this service by `render`
+    /// and shared by every read until the service changes again.
+    pub fn rendered(&self, render: impl FnOnce(&Service) -> Bytes) -> Bytes {
+        self.rendered.get_or_init(|| render(self)).clone()
+    }
+}
+
+/// A TTL object instances can be bound to, like an etcd lease or a ZooKeeper session.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    /// Its id.
+    pub id: LeaseId,
+    /// Its time to live.
+    pub ttl: Duration,
+    /// The instances bound to it.
+    pub instances: BTreeSet<(ServiceName, InstanceId)>,
+    /// Its deadline.
+    pub liveness: Arc<Liveness>,
+}
+
+/// How many removed services the registry remembers, so a stream can tell a reconnecting
+/// client which services went away. Older gaps are answered with a fresh snapshot.
+pub const TOMBSTONE_CAPACITY: usize = 10_000;
+
+/// Everything a reader sees at one index.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The global index: bumped by every change a reader could see.
+    pub index: u64,
+    /// Services by name.
+    pub services: OrdMap<ServiceName, Arc<Service>>,
+    /// Leases by id.
+    pub leases: OrdMap<LeaseId, Arc<Lease>>,
+    /// Removed services and the index that removed them.
+    pub(crate) tombstones: OrdMap<ServiceName, u64>,
+    /// Removal order, oldest first, for trimming `tombstones`.
+    pub(crate) tombstone_order: imbl::Vector<(u64, ServiceName)>,
+    /// Changes at or below this index can no longer be replayed.
+    pub replay_horizon: u64,
+    /// Whether self-preservation is holding back expirations.
+    pub self_preservation: bool,
+}
+
+/// What changed for one service since a given index.
+#[derive(Debug)]
+pub enum Change<'a> {
+    /// The service exists and changed.
+    Updated(&'a Arc<Service>),
+    /// The service was removed.
+    Removed(&'a ServiceName),
+}
+
+impl Snapshot {
+    /// A service by name.
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    /// The index a read of `name` answers with: the service's own index, or, for a service
+    /// that does not exist, the global index (never less than its removal).
+    pub fn service_index(&self, name: &str) -> u64 {
+        self.services.get(name).map_or(self.index, |s| s.index)
+    }
+
+    /// An instance by service and id.
+    pub fn instance(&self, service: &str, id: &str) -> Option<&Arc<Instance>> {
+        self.services.get(service)?.instances.get(id)
+    }
+
+    /// The number of instances in all services.
+    pub fn instance_count(&self) -> usize {
+        self.services.values().map(|s| s.instances.len()).sum()
+    }
+
+    /// Services among `names` (every service when `names` is empty) that changed after
+    /// `since`, or `None` when that point is older than what can be replayed.
+    pub fn changes_since<'a>(
+        &'a self,
+        since: u64,
+        names: &'a [ServiceName],
+    ) -> Option<Vec<Change<'a>>> {
+        if since < self.replay_horizon {
+            return None;
+        }
+        let mut out = Vec::new();
+        if names.is_empty() {
+            out.extend(
+                self.services
+                    .values()
+                    .filter(|s| s.index > since)
+                    .map(Change::Updated),
+            );
+            out.extend(
+                self.tombstones
+                    .iter()
+                    .filter(|(_, idx)| **idx > since)
+                    .map(|(name, _)| Change::Removed(name)),
+            );
+        } else {
+            for name in names {
+                if let Some(s) = self.services.get(name) {
+                    if s.index > since {
+                        out.push(Change::Updated(s));
+                    }
+                } else if self.tombstones.get(name).is_some_and(|idx| *idx > since) {
+                    out.push(Change::Removed(name));
+                }
+            }
+        }
+        Some(out)
+    }
+}

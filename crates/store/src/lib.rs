@@ -1,0 +1,138 @@
+//! Durable storage for muster behind one trait.
+//!
+//! The registry decides *what* changes ([`muster_core::Mutation`]); a [`Store`] makes a batch
+//! of them and the new index durable in one transaction, and hands everything back at start.
+//!
+//! # Layout
+//!
+//! - [`memory`]: keeps nothing across restarts; for `--dev` and tests.
+//! - [`redb`]: the default, an embedded copy-on-write B-tree that fsyncs every commit.
+
+pub mod memory;
+pub mod redb;
+
+use muster_core::{Mutation, StoredInstance, StoredLease};
+
+pub use crate::memory::MemoryStore;
+pub use crate::redb::RedbStore;
+
+/// What a store holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Loaded {
+    /// The last committed index (0 for a new store).
+    pub index: u64,
+    /// Every registered instance.
+    pub instances: Vec<StoredInstance>,
+    /// Every lease.
+    pub leases: Vec<StoredLease>,
+}
+
+/// A storage failure. The batch that hit it was not applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be opened.
+    #[error("cannot open the data directory {path}: {message}")]
+    Open {
+        /// The path.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A read or commit failed.
+    #[error("storage failure: {0}")]
+    Io(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record {key:?}: {message}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// The decoding error.
+        message: String,
+    },
+}
+
+/// Durable storage. Calls block: the agent runs them off the async runtime.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Everything stored.
+    fn load(&self) -> Result<Loaded, StoreError>;
+
+    /// Applies `mutations` and records `index`, all or nothing, durable when it returns.
+    fn commit(&self, mutations: &[Mutation], index: u64) -> Result<(), StoreError>;
+}
+
+/// The key an instance is stored under: service, a NUL, the id (neither may hold NUL).
+pub(crate) fn instance_key(service: &str, id: &str) -> String {
+    format!("{service}\0{id}")
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! Checks every store must pass.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+
+    use muster_core::{InstanceSpec, KeepAlive};
+
+    use super::*;
+
+    pub(crate) fn instance(service: &str, id: &str, port: u16) -> StoredInstance {
+        StoredInstance {
+            service: service.into(),
+            id: id.into(),
+            spec: InstanceSpec {
+                address: "10.0.0.1".into(),
+                port,
+                tags: BTreeSet::from(["a".to_string()]),
+                meta: BTreeMap::from([("k".to_string(), "v".to_string())]),
+                zone: Some("z1".into()),
+                weight: 3,
+                keep_alive: KeepAlive::Ttl(Duration::from_secs(15)),
+            },
+            maintenance: None,
+            create_index: 2,
+            modify_index: 2,
+        }
+    }
+
+    pub(crate) fn commits_are_read_back(store: &dyn Store) {
+        assert_eq!(store.load().unwrap(), Loaded::default());
+        let a = instance("web", "a", 80);
+        let b = instance("web", "b", 81);
+        store
+            .commit(
+                &[
+                    Mutation::PutInstance(a.clone()),
+                    Mutation::PutInstance(b.clone()),
+                    Mutation::PutLease(StoredLease {
+                        id: 9,
+                        ttl_ms: 5000,
+                    }),
+                ],
+                9,
+            )
+            .unwrap();
+        store
+            .commit(
+                &[Mutation::DeleteInstance {
+                    service: "web".into(),
+                    id: "a".into(),
+                }],
+                10,
+            )
+            .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.index, 10);
+        assert_eq!(loaded.instances, vec![b]);
+        assert_eq!(
+            loaded.leases,
+            vec![StoredLease {
+                id: 9,
+                ttl_ms: 5000
+            }]
+        );
+        store.commit(&[Mutation::DeleteLease(9)], 11).unwrap();
+        assert!(store.load().unwrap().leases.is_empty());
+    }
+}

@@ -1,0 +1,151 @@
+//! The default store: redb, an embedded B-tree with durable (fsynced) commits.
+//!
+//! Records are JSON: a few hundred bytes each, written once per registration, readable with
+//! any redb tool when an operator needs to look inside.
+
+use std::path::Path;
+
+use muster_core::{Mutation, StoredInstance, StoredLease};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::{Loaded, Store, StoreError, instance_key};
+
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const INDEX_KEY: &str = "index";
+
+/// A redb database in the data directory.
+#[derive(Debug)]
+pub struct RedbStore {
+    db: Database,
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+impl RedbStore {
+    /// Opens (or creates) `dir/muster.redb`, creating `dir` if needed.
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
+        let db = Database::create(dir.join("muster.redb")).map_err(|e| open_err(&e))?;
+        // Create the tables so a fresh store loads as empty.
+        let txn = db.begin_write().map_err(|e| open_err(&e))?;
+        {
+            txn.open_table(INSTANCES).map_err(|e| open_err(&e))?;
+            txn.open_table(LEASES).map_err(|e| open_err(&e))?;
+            txn.open_table(META).map_err(|e| open_err(&e))?;
+        }
+        txn.commit().map_err(|e| open_err(&e))?;
+        Ok(RedbStore { db })
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: String, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key,
+        message: e.to_string(),
+    })
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let meta = txn.open_table(META).map_err(io)?;
+        let index = meta.get(INDEX_KEY).map_err(io)?.map_or(0, |v| v.value());
+        let mut instances = Vec::new();
+        for row in txn.open_table(INSTANCES).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            instances.push(decode::<StoredInstance>(
+                k.value().replace('\0', "/"),
+                v.value(),
+            )?);
+        }
+        let mut leases = Vec::new();
+        for row in txn.open_table(LEASES).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            leases.push(decode::<StoredLease>(
+                format!("lease {}", k.value()),
+                v.value(),
+            )?);
+        }
+        Ok(Loaded {
+            index,
+            instances,
+            leases,
+        })
+    }
+
+    fn commit(&self, mutations: &[Mutation], index: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut instances = txn.open_table(INSTANCES).map_err(io)?;
+            let mut leases = txn.open_table(LEASES).map_err(io)?;
+            for m in mutations {
+                match m {
+                    Mutation::PutInstance(i) => {
+                        let bytes = serde_json::to_vec(i).map_err(io)?;
+                        instances
+                            .insert(instance_key(&i.service, &i.id).as_str(), bytes.as_slice())
+                            .map_err(io)?;
+                    }
+                    Mutation::DeleteInstance { service, id } => {
+                        instances
+                            .remove(instance_key(service, id).as_str())
+                            .map_err(io)?;
+                    }
+                    Mutation::PutLease(l) => {
+                        let bytes = serde_json::to_vec(l).map_err(io)?;
+                        leases.insert(l.id, bytes.as_slice()).map_err(io)?;
+                    }
+                    Mutation::DeleteLease(id) => {
+                        leases.remove(*id).map_err(io)?;
+                    }
+                }
+            }
+            txn.open_table(META)
+                .map_err(io)?
+                .insert(INDEX_KEY, index)
+                .map_err(io)?;
+        }
+        txn.commit().map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redb_store_reads_back_its_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::contract::commits_are_read_back(&RedbStore::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn redb_store_keeps_commits_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            let i = crate::contract::instance("api", "x", 8080);
+            store.commit(&[Mutation::PutInstance(i)], 42).unwrap();
+        }
+        let loaded = RedbStore::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(loaded.index, 42);
+        assert_eq!(loaded.instances.len(), 1);
+        assert_eq!(loaded.instances[0].spec.port, 8080);
+    }
+
+    #[test]
+    fn opening_a_file_that_is_not_a_database_names_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("muster.redb"), b"not a database at all").unwrap();
+        let err = RedbStore::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+}
