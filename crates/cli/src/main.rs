@@ -1,1 +1,65 @@
-fn main() {}
+//! `muster`: the agent and the command-line client in one binary.
+//!
+//! # Layout
+//!
+//! - [`args`]: the command line (clap), phase one: raw flags.
+//! - [`agent`]: `muster agent`, which builds the config (file, then flags) and serves.
+//! - [`client`]: the HTTP calls the other commands make.
+//! - [`commands`]: register, deregister, heartbeat, services, discover, watch, status.
+//! - [`run`]: `muster run`, which keeps a child process registered while it lives.
+
+mod agent;
+mod args;
+mod client;
+mod commands;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+
+/// Where the agent listens, and where the client commands look for it, by default.
+const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let http_addr = cli.http_addr;
+        let target = http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR);
+        match cli.command {
+            Command::Agent(a) => agent::run(http_addr.as_deref(), a)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Run(r) => run::run(target, r).await,
+            other => commands::dispatch(target, other)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // A closed pipe (`muster services | head`) is not an error.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -321,7 +321,9 @@ impl Registry {
                 .entry(service.clone())
                 .or_insert_with(|| Arc::new(Service::new(service)));
             let svc = Arc::make_mut(svc);
-            svc.index = svc.index.max(instance.modify_index);
+            // Health seen before the restart is gone, so every service reads as changed at
+            // the restart's index: a blocking query parked on the old state wakes up.
+            svc.index = index;
             svc.instances.insert(id, Arc::new(instance));
         }
         (reg, warnings)

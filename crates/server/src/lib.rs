@@ -1,1 +1,166 @@
+//! The muster agent: the registry served over HTTP.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings from the config file and flags.
+//! - [`writer`]: the single writer; group commit to the store, then snapshot publication.
+//! - [`sweeper`]: the timer that asks the writer to apply lapses, evictions and expiries.
+//! - [`http`]: the router: native API, watches, metrics, health.
+//! - [`telemetry`]: metric names and the Prometheus recorder.
+//! - [`clock`]: tokio's clock as the registry's time.
+//!
+//! [`Agent::open`] loads the store and starts the writer and sweeper; [`Agent::serve`] takes
+//! an already bound listener and a shutdown token, so tests bind port 0 and run many agents
+//! in one process.
 
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod sweeper;
+pub mod telemetry;
+pub mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use muster_core::{Registry, Snapshot, Time};
+use muster_store::{Store, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+pub use crate::config::AgentConfig;
+pub use crate::writer::Writer;
+
+/// Shared state of the HTTP handlers: a cheap `Clone` handle.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    writer: Writer,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    clock: Clock,
+    config: AgentConfig,
+    watchers: AtomicUsize,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// The latest published snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshots.borrow().clone()
+    }
+
+    /// The writer.
+    pub fn writer(&self) -> &Writer {
+        &self.inner.writer
+    }
+
+    /// The agent's current time.
+    pub fn now(&self) -> Time {
+        self.inner.clock.now()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.config
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving failed.
+    #[error("HTTP server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running registry: writer and sweeper started, ready to serve.
+#[derive(Debug)]
+pub struct Agent {
+    state: AppState,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Loads `store` and starts the writer and the sweeper. `shutdown` stops them, ends
+    /// parked watchers and streams, and drains the HTTP server.
+    pub async fn open(
+        mut config: AgentConfig,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> Result<Agent, ServerError> {
+        if config.node.is_empty() {
+            config.node = "muster".into();
+        }
+        let clock = Clock::start();
+        let loader = store.clone();
+        let loaded = tokio::task::spawn_blocking(move || loader.load())
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))??;
+        let (count, index) = (loaded.instances.len(), loaded.index);
+        let (registry, warnings) = Registry::restore(
+            config.registry(),
+            loaded.index,
+            loaded.instances,
+            loaded.leases,
+            clock.now(),
+        );
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(
+            instances = count,
+            leases = registry.snapshot().leases.len(),
+            index,
+            "registry loaded"
+        );
+        let (writer, snapshots, writer_task) = Writer::spawn(registry, store, clock);
+        let sweeper_task = tokio::spawn(sweeper::run(
+            writer.clone(),
+            config.sweep_interval,
+            shutdown.clone(),
+        ));
+        telemetry::handle();
+        Ok(Agent {
+            state: AppState {
+                inner: Arc::new(Inner {
+                    writer,
+                    snapshots,
+                    clock,
+                    config,
+                    watchers: AtomicUsize::new(0),
+                    shutdown,
+                }),
+            },
+            tasks: vec![writer_task, sweeper_task],
+        })
+    }
+
+    /// The handlers' state (for tests that call the router directly).
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves HTTP on `listener` until the shutdown token is cancelled, then drains.
+    pub async fn serve(self, listener: TcpListener) -> Result<(), ServerError> {
+        let shutdown = self.state.inner.shutdown.clone();
+        let app = http::app(self.state.clone());
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
+        drop(self.state);
+        for t in self.tasks {
+            t.abort();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// muster: service registry and discovery.
+///
+/// Run `muster agent` to start a registry, then register and discover services with the
+/// other commands, or over HTTP at /api/v1/.
+#[derive(Debug, Parser)]
+#[command(name = "muster", version, propagate_version = true)]
+pub struct Cli {
+    /// The agent's HTTP address: where `agent` listens and where the other commands
+    /// connect (host:port, or an http:// URL for the client commands) [default: 127.0.0.1:8500].
+    #[arg(long, global = true, env = "MUSTER_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the registry agent (HTTP API, TTL sweeper, durable store).
+    Agent(AgentArgs),
+    /// Register (or replace) an instance.
+    Register(RegisterArgs),
+    /// Remove an instance.
+    Deregister(InstanceArgs),
+    /// Renew an instance's TTL once.
+    Heartbeat(InstanceArgs),
+    /// List services with their instance counts and tags.
+    Services(OutputArgs),
+    /// Show a service's instances (healthy ones unless --health says otherwise).
+    Discover(DiscoverArgs),
+    /// Print changes to services as they happen, until interrupted.
+    Watch(WatchArgs),
+    /// Show the agent's node, index, counts and self-preservation state.
+    Status(OutputArgs),
+    /// Put an instance into maintenance (hidden from discovery), or take it out with --off.
+    Maintenance(MaintenanceArgs),
+    /// Start a command, keep it registered while it runs, deregister it when it exits.
+    ///
+    /// Heartbeats at a third of the TTL with jitter. Ctrl-C or TERM deregisters first, then
+    /// passes the signal on to the command. Exits with the command's exit code.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Config file (TOML); flags given here override it.
+    #[arg(long, env = "MUSTER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory for the durable store [default: ./muster-data].
+    #[arg(long, env = "MUSTER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep everything in memory: nothing survives a restart. For development.
+    #[arg(long)]
+    pub dev: bool,
+    /// Datacenter name [default: dc1].
+    #[arg(long)]
+    pub datacenter: Option<String>,
+    /// Node name [default: the host name].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// How long an instance whose TTL lapsed stays (critical) before removal [default: 1m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub evict_after: Option<Duration>,
+    /// Largest request body in bytes [default: 65536].
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Most blocking queries and stream subscribers at once [default: 65536].
+    #[arg(long)]
+    pub max_watchers: Option<usize>,
+    /// Never hold back expirations, whatever share of heartbeats stops.
+    #[arg(long)]
+    pub disable_self_preservation: bool,
+    /// Share of renewers that must renew in time, else self-preservation engages [default: 0.85].
+    #[arg(long)]
+    pub self_preservation_threshold: Option<f64>,
+    /// Fewer renewers than this and self-preservation never engages [default: 5].
+    #[arg(long)]
+    pub self_preservation_min: Option<usize>,
+    /// Log filter, e.g. info or muster_server=debug [default: info].
+    #[arg(long, env = "MUSTER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InstanceArgs {
+    /// Service name.
+    pub service: String,
+    /// Instance id.
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print the agent's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Service name (lowercase letters, digits, '-').
+    pub service: String,
+    /// Instance id (unique within the service).
+    pub id: String,
+    /// IP address or host name.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: String,
+    /// Port.
+    #[arg(long)]
+    pub port: u16,
+    /// A tag; repeat for more.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Metadata as key=value; repeat for more.
+    #[arg(long = "meta", value_parser = parse_key_value)]
+    pub meta: Vec<(String, String)>,
+    /// Zone (locality).
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Weight [default: 1].
+    #[arg(long)]
+    pub weight: Option<u16>,
+    /// TTL: heartbeat at least this often or turn critical [default: 15s].
+    #[arg(long, conflicts_with = "lease")]
+    pub ttl: Option<String>,
+    /// Bind to a lease instead of a TTL.
+    #[arg(long)]
+    pub lease: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    /// Service name.
+    pub service: String,
+    /// Only instances with this tag; repeat to require several.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Only instances in this zone.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Only instances with this metadata, key=value; repeatable.
+    #[arg(long = "meta", value_parser = parse_key_value)]
+    pub meta: Vec<(String, String)>,
+    /// healthy (default), passing, or any.
+    #[arg(long)]
+    pub health: Option<String>,
+    /// Print the agent's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Services to watch; none watches every service.
+    pub services: Vec<String>,
+    /// Print each event's JSON instead of a summary line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MaintenanceArgs {
+    /// Service name.
+    pub service: String,
+    /// Instance id.
+    pub id: String,
+    /// Why (shown to operators).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// End maintenance instead.
+    #[arg(long)]
+    pub off: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Service name to register under.
+    #[arg(long)]
+    pub service: String,
+    /// Port the command listens on.
+    #[arg(long)]
+    pub port: u16,
+    /// Instance id [default: SERVICE-HOSTNAME-PORT].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Address to register [default: 127.0.0.1].
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: String,
+    /// A tag; repeat for more.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Metadata as key=value; repeatable.
+    #[arg(long = "meta", value_parser = parse_key_value)]
+    pub meta: Vec<(String, String)>,
+    /// Zone.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// TTL; heartbeats go out at a third of it.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} must be written key=value"))
+}

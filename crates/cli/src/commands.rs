@@ -1,0 +1,358 @@
+//! The client commands.
+
+use std::io::Write;
+
+use anyhow::Context;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::args::{Command, DiscoverArgs, RegisterArgs, WatchArgs};
+use crate::client::{Client, api_error};
+
+/// Percent-encodes one path segment.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b'@') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The path of an instance.
+pub fn instance_path(service: &str, id: &str) -> String {
+    format!(
+        "/api/v1/services/{}/instances/{}",
+        segment(service),
+        segment(id)
+    )
+}
+
+/// The registration body for the native API.
+pub fn register_body(
+    address: &str,
+    port: u16,
+    tags: &[String],
+    meta: &[(String, String)],
+    zone: Option<&str>,
+) -> Value {
+    json!({
+        "address": address,
+        "port": port,
+        "tags": tags,
+        "meta": meta.iter().cloned().collect::<std::collections::BTreeMap<String, String>>(),
+        "zone": zone,
+    })
+}
+
+pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
+    let client = Client::new(addr);
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Register(a) => register(&client, a, &mut out).await,
+        Command::Deregister(a) => {
+            client
+                .call(Method::DELETE, &instance_path(&a.service, &a.id), None)
+                .await?;
+            writeln!(out, "deregistered {}/{}", a.service, a.id)?;
+            Ok(())
+        }
+        Command::Heartbeat(a) => {
+            let v = client
+                .call(
+                    Method::PUT,
+                    &format!("{}/heartbeat", instance_path(&a.service, &a.id)),
+                    None,
+                )
+                .await?;
+            writeln!(
+                out,
+                "{}/{}: {}",
+                a.service,
+                a.id,
+                v["health"].as_str().unwrap_or("?")
+            )?;
+            Ok(())
+        }
+        Command::Maintenance(a) => {
+            let path = format!("{}/maintenance", instance_path(&a.service, &a.id));
+            if a.off {
+                client.call(Method::DELETE, &path, None).await?;
+                writeln!(out, "{}/{}: maintenance off", a.service, a.id)?;
+            } else {
+                let body = json!({"reason": a.reason});
+                client.call(Method::PUT, &path, Some(&body)).await?;
+                writeln!(out, "{}/{}: in maintenance", a.service, a.id)?;
+            }
+            Ok(())
+        }
+        Command::Services(o) => {
+            let v = client.call(Method::GET, "/api/v1/services", None).await?;
+            if o.json {
+                return print_json(&mut out, &v);
+            }
+            let rows: Vec<Vec<String>> = v["services"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    vec![
+                        text(&s["name"]),
+                        text(&s["healthy"]),
+                        text(&s["instances"]),
+                        join(&s["tags"]),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                &["SERVICE", "HEALTHY", "INSTANCES", "TAGS"],
+                &rows,
+            )
+        }
+        Command::Discover(a) => discover(&client, a, &mut out).await,
+        Command::Watch(a) => watch(&client, a, &mut out).await,
+        Command::Status(o) => {
+            let v = client.call(Method::GET, "/api/v1/status", None).await?;
+            if o.json {
+                return print_json(&mut out, &v);
+            }
+            let p = &v["self_preservation"];
+            writeln!(out, "node:              {}", text(&v["node"]))?;
+            writeln!(out, "datacenter:        {}", text(&v["datacenter"]))?;
+            writeln!(out, "version:           {}", text(&v["version"]))?;
+            writeln!(out, "index:             {}", text(&v["index"]))?;
+            writeln!(out, "services:          {}", text(&v["services"]))?;
+            writeln!(out, "instances:         {}", text(&v["instances"]))?;
+            writeln!(out, "leases:            {}", text(&v["leases"]))?;
+            writeln!(
+                out,
+                "self-preservation: {} ({} of {} renewers in time, threshold {})",
+                if p["active"] == true {
+                    "ACTIVE"
+                } else if p["enabled"] == true {
+                    "off"
+                } else {
+                    "disabled"
+                },
+                text(&p["renewers_alive"]),
+                text(&p["renewers_expected"]),
+                text(&p["threshold"]),
+            )?;
+            Ok(())
+        }
+        Command::Agent(_) | Command::Run(_) => unreachable_command(),
+    }
+}
+
+fn unreachable_command() -> anyhow::Result<()> {
+    anyhow::bail!("this command is handled elsewhere")
+}
+
+async fn register(client: &Client, a: RegisterArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut body = register_body(&a.address, a.port, &a.tags, &a.meta, a.zone.as_deref());
+    if let Some(w) = a.weight {
+        body["weight"] = json!(w);
+    }
+    if let Some(ttl) = &a.ttl {
+        body["ttl"] = json!(ttl);
+    }
+    if let Some(lease) = a.lease {
+        body["lease"] = json!(lease);
+    }
+    let v = client
+        .call(Method::PUT, &instance_path(&a.service, &a.id), Some(&body))
+        .await?;
+    let verb = if v["created"] == true {
+        "registered"
+    } else {
+        "updated"
+    };
+    writeln!(
+        out,
+        "{verb} {}/{} at {}:{}",
+        a.service, a.id, a.address, a.port
+    )?;
+    Ok(())
+}
+
+async fn discover(client: &Client, a: DiscoverArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut query: Vec<(&str, String)> = a.tags.iter().map(|t| ("tag", t.clone())).collect();
+    if let Some(z) = &a.zone {
+        query.push(("zone", z.clone()));
+    }
+    for (k, v) in &a.meta {
+        query.push(("meta", format!("{k}:{v}")));
+    }
+    if let Some(h) = &a.health {
+        query.push(("health", h.clone()));
+    }
+    let qs = serde_urlencoded_pairs(&query);
+    let path = format!("/api/v1/services/{}{qs}", segment(&a.service));
+    let v = client.call(Method::GET, &path, None).await?;
+    if a.json {
+        return print_json(out, &v);
+    }
+    let rows: Vec<Vec<String>> = v["instances"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|i| {
+            vec![
+                text(&i["id"]),
+                format!("{}:{}", text(&i["address"]), text(&i["port"])),
+                text(&i["health"]),
+                text(&i["zone"]),
+                join(&i["tags"]),
+            ]
+        })
+        .collect();
+    table(out, &["ID", "ADDRESS", "HEALTH", "ZONE", "TAGS"], &rows)
+}
+
+fn serde_urlencoded_pairs(pairs: &[(&str, String)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let encoded: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", segment(v)))
+        .collect();
+    format!("?{}", encoded.join("&"))
+}
+
+async fn watch(client: &Client, a: WatchArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let pairs: Vec<(&str, String)> = a.services.iter().map(|s| ("service", s.clone())).collect();
+    let path = format!("/api/v1/watch{}", serde_urlencoded_pairs(&pairs));
+    let resp = client.send(Method::GET, &path, None).await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(api_error(status, &text));
+    }
+    let mut bytes = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut event = SseEvent::default();
+    while let Some(chunk) = bytes.next().await {
+        let chunk = chunk.context("the agent closed the stream")?;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(pos) = buf.find('\n') {
+            let line = buf[..pos].trim_end_matches('\r').to_string();
+            buf.drain(..=pos);
+            if line.is_empty() {
+                if !event.data.is_empty() {
+                    print_event(out, &event, a.json)?;
+                    out.flush()?;
+                }
+                event = SseEvent::default();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                event.kind = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                event.data.push_str(v.trim_start());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct SseEvent {
+    kind: String,
+    data: String,
+}
+
+fn print_event(out: &mut impl Write, e: &SseEvent, json: bool) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", e.data)?;
+        return Ok(());
+    }
+    let v: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
+    let index = text(&v["index"]);
+    if let Some(services) = v["services"].as_object() {
+        if services.is_empty() {
+            writeln!(out, "[{index}] {}: no services", e.kind)?;
+        }
+        for (name, instances) in services {
+            let list: Vec<String> = instances
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{}@{}:{}",
+                        text(&i["id"]),
+                        text(&i["address"]),
+                        text(&i["port"])
+                    )
+                })
+                .collect();
+            writeln!(
+                out,
+                "[{index}] {} {name}: {} instance(s) {}",
+                e.kind,
+                list.len(),
+                list.join(" ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn print_json(out: &mut impl Write, v: &Value) -> anyhow::Result<()> {
+    writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
+fn join(v: &Value) -> String {
+    let items: Vec<String> = v
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(text)
+        .collect();
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
+    }
+}
+
+fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}

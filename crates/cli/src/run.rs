@@ -1,0 +1,123 @@
+//! `muster run`: keep a child process registered for as long as it lives.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::Method;
+use tokio::process::Command;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::args::RunArgs;
+use crate::client::Client;
+use crate::commands::{instance_path, register_body};
+
+/// Registers, starts the command, heartbeats, and deregisters when it ends.
+pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(addr);
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let id = args.id.clone().unwrap_or_else(|| {
+        let host: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("{}-{host}-{}", args.service, args.port)
+    });
+    let path = instance_path(&args.service, &id);
+    let mut body = register_body(
+        &args.address,
+        args.port,
+        &args.tags,
+        &args.meta,
+        args.zone.as_deref(),
+    );
+    body["ttl"] = serde_json::json!(humantime::format_duration(args.ttl).to_string());
+
+    let mut child = Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", args.command[0]))?;
+    if let Err(e) = client.call(Method::PUT, &path, Some(&body)).await {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(e.context("registration failed; the command was stopped"));
+    }
+    eprintln!("muster: registered {}/{id}", args.service);
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let heartbeat_path = format!("{path}/heartbeat");
+    let period = args.ttl / 3;
+    let mut next = tokio::time::Instant::now() + jittered(period);
+    let outcome = loop {
+        tokio::select! {
+            status = child.wait() => break Outcome::Exited(status?),
+            _ = term.recv() => break Outcome::Signal(Signal::SIGTERM),
+            _ = int.recv() => break Outcome::Signal(Signal::SIGINT),
+            () = tokio::time::sleep_until(next) => {
+                next = tokio::time::Instant::now() + jittered(period);
+                match client.send(Method::PUT, &heartbeat_path, None).await {
+                    Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+                        // The agent forgot us (evicted, or a wiped agent): register again.
+                        if let Err(e) = client.call(Method::PUT, &path, Some(&body)).await {
+                            eprintln!("muster: re-registration failed: {e:#}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("muster: heartbeat failed: {e:#}"),
+                }
+            }
+        }
+    };
+
+    if let Err(e) = client.call(Method::DELETE, &path, None).await {
+        eprintln!("muster: deregistration failed: {e:#}");
+    } else {
+        eprintln!("muster: deregistered {}/{id}", args.service);
+    }
+    match outcome {
+        Outcome::Exited(status) => Ok(exit_code(status)),
+        Outcome::Signal(sig) => {
+            if let Some(pid) = child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), sig);
+            }
+            let status = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                Ok(s) => s?,
+                Err(_) => {
+                    let _ = child.start_kill();
+                    child.wait().await?
+                }
+            };
+            Ok(exit_code(status))
+        }
+    }
+}
+
+enum Outcome {
+    Exited(std::process::ExitStatus),
+    Signal(Signal),
+}
+
+/// A period with up to ±10% jitter, so many instances do not heartbeat in lockstep.
+fn jittered(period: Duration) -> Duration {
+    let spread = period.as_millis() as u64 / 5;
+    period.saturating_sub(Duration::from_millis(spread / 2))
+        + Duration::from_millis(fastrand::u64(0..=spread))
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (None, Some(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+        _ => ExitCode::from(1),
+    }
+}

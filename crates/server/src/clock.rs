@@ -1,0 +1,25 @@
+//! The agent's clock: tokio's, so tests can pause and advance it.
+
+use muster_core::Time;
+use tokio::time::Instant;
+
+/// Converts tokio instants into the registry's [`Time`].
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    /// A clock whose zero is now.
+    pub fn start() -> Clock {
+        Clock {
+            start: Instant::now(),
+        }
+    }
+
+    /// Time since the agent started.
+    pub fn now(&self) -> Time {
+        let ms = self.start.elapsed().as_millis();
+        Time::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+}

@@ -1,0 +1,126 @@
+//! HTTP: the router, request metrics, and the operational endpoints.
+//!
+//! - [`native`]: `/api/v1/` handlers.
+//! - [`watch`]: blocking queries and the push stream.
+//! - [`body`]: body and query parsing that names fields.
+//! - [`render`]: the JSON shapes.
+//! - [`error`]: the error shape and status mapping.
+
+pub mod body;
+pub mod error;
+pub mod native;
+pub mod render;
+pub mod watch;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use tokio::time::Instant;
+
+use self::error::ApiError;
+use crate::AppState;
+use crate::telemetry as m;
+
+/// The agent's whole HTTP surface, ready to serve or to call with `oneshot` in tests.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/services", get(native::list_services))
+        .route("/services/{service}", get(native::discover))
+        .route(
+            "/services/{service}/instances/{id}",
+            get(native::get_instance)
+                .put(native::register)
+                .delete(native::deregister),
+        )
+        .route(
+            "/services/{service}/instances/{id}/heartbeat",
+            put(native::heartbeat),
+        )
+        .route(
+            "/services/{service}/instances/{id}/maintenance",
+            put(native::enable_maintenance).delete(native::disable_maintenance),
+        )
+        .route(
+            "/leases",
+            get(native::list_leases).post(native::create_lease),
+        )
+        .route(
+            "/leases/{id}",
+            get(native::get_lease).delete(native::revoke_lease),
+        )
+        .route("/leases/{id}/renew", put(native::renew_lease))
+        .route("/watch", get(watch::stream))
+        .route("/status", get(native::status))
+        .route(
+            "/self-preservation",
+            axum::routing::delete(native::end_self_preservation),
+        )
+        .route("/openapi.json", get(openapi));
+
+    let body_limit = state.config().max_body_bytes;
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/metrics", get(prometheus))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(count_requests))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; the native API is under /api/v1/")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method",
+    )
+}
+
+async fn prometheus() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m::handle().render(),
+    )
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.inner.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+}
+
+/// Counts requests by matched route (not raw path, to keep label cardinality bounded).
+async fn count_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let method = req.method().as_str().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::histogram!(m::HTTP_SECONDS, "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    resp
+}

@@ -1,0 +1,499 @@
+//! The native API under `/api/v1/`: registration, heartbeats, maintenance, leases,
+//! discovery with blocking queries.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use muster_core::model::{DEFAULT_TTL, DEFAULT_WEIGHT};
+use muster_core::{
+    Applied, Command, Filter, HealthFilter, InstanceId, InstanceSpec, KeepAlive, LeaseId,
+    ServiceName, Snapshot, Status,
+};
+use serde_json::json;
+
+use super::body::{self, query_pairs};
+use super::error::ApiError;
+use super::render;
+use super::watch::{Block, wait_for};
+use crate::AppState;
+use crate::telemetry as m;
+
+/// `X-Muster-Index`: the index a read answers at.
+pub const INDEX_HEADER: &str = "x-muster-index";
+/// `X-Muster-Self-Preservation`: `true` while expirations are held back.
+pub const PRESERVATION_HEADER: &str = "x-muster-self-preservation";
+
+fn names(service: &str, id: &str) -> Result<(ServiceName, InstanceId), ApiError> {
+    Ok((ServiceName::parse(service)?, InstanceId::parse(id)?))
+}
+
+/// A JSON answer with the index and self-preservation headers.
+pub fn json_response(status: StatusCode, index: u64, preserving: bool, body: Bytes) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(INDEX_HEADER, HeaderValue::from(index));
+    headers.insert(
+        PRESERVATION_HEADER,
+        HeaderValue::from_static(if preserving { "true" } else { "false" }),
+    );
+    (status, headers, body).into_response()
+}
+
+fn value_response(status: StatusCode, snap: &Snapshot, v: serde_json::Value) -> Response {
+    let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+    json_response(status, snap.index, snap.self_preservation, body)
+}
+
+/// Filters and blocking parameters of a read.
+struct ReadQuery {
+    filter: Filter,
+    block: Option<Block>,
+}
+
+fn read_query(raw: Option<&str>, filters_allowed: bool) -> Result<ReadQuery, ApiError> {
+    let mut filter = Filter::default();
+    let mut index = None;
+    let mut wait = None;
+    for (key, value) in query_pairs(raw)? {
+        match key.as_str() {
+            "index" => {
+                index = Some(value.parse::<u64>().map_err(|_| {
+                    ApiError::invalid("index", format!("{value:?} is not a non-negative integer"))
+                })?)
+            }
+            "wait" => wait = Some(body::duration("wait", &value)?),
+            "tag" if filters_allowed => filter.tags.push(value),
+            "zone" if filters_allowed => filter.zone = Some(value),
+            "meta" if filters_allowed => {
+                let (k, v) = value.split_once(':').ok_or_else(|| {
+                    ApiError::invalid("meta", format!("{value:?} must be written key:value"))
+                })?;
+                filter.meta.push((k.to_string(), v.to_string()));
+            }
+            "health" if filters_allowed => {
+                filter.health = match value.as_str() {
+                    "passing" => HealthFilter::Passing,
+                    "any" => HealthFilter::Any,
+                    "healthy" => HealthFilter::Healthy,
+                    other => {
+                        return Err(ApiError::invalid(
+                            "health",
+                            format!("{other:?} is not one of: healthy (default), passing, any"),
+                        ));
+                    }
+                }
+            }
+            other => {
+                let known = if filters_allowed {
+                    "index, wait, tag, zone, meta, health"
+                } else {
+                    "index, wait"
+                };
+                return Err(ApiError::invalid(
+                    other,
+                    format!("unknown query parameter; expected one of: {known}"),
+                ));
+            }
+        }
+    }
+    Ok(ReadQuery {
+        filter,
+        block: Block::from_params(index, wait),
+    })
+}
+
+/// `GET /api/v1/services/{service}`: the service's instances, healthy ones by default.
+pub async fn discover(
+    State(state): State<AppState>,
+    Path(service): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let name = ServiceName::parse(&service)?;
+    let q = read_query(raw.as_deref(), true)?;
+    let snap = wait_for(&state, q.block, |s| s.service_index(name.as_str())).await?;
+    let body = render::discovery(name.as_str(), &snap, &q.filter);
+    Ok(json_response(
+        StatusCode::OK,
+        snap.service_index(name.as_str()),
+        snap.self_preservation,
+        body,
+    ))
+}
+
+/// `GET /api/v1/services`: every service with its instance counts and tags.
+pub async fn list_services(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = read_query(raw.as_deref(), false)?;
+    let snap = wait_for(&state, q.block, |s| s.index).await?;
+    let services: Vec<_> = snap
+        .services
+        .values()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "instances": s.instances.len(),
+                "healthy": s.healthy().count(),
+                "tags": s.tags(),
+                "index": s.index,
+            })
+        })
+        .collect();
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        json!({"index": snap.index, "services": services}),
+    ))
+}
+
+/// `GET /api/v1/services/{service}/instances/{id}`.
+pub async fn get_instance(
+    State(state): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (service, id) = names(&service, &id)?;
+    let snap = state.snapshot();
+    let inst = snap
+        .instance(service.as_str(), id.as_str())
+        .ok_or_else(|| unknown_instance(&service, &id))?;
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        render::instance(inst),
+    ))
+}
+
+fn unknown_instance(service: &ServiceName, id: &InstanceId) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_instance",
+        format!("instance {id:?} of service {service:?} is not registered; register it again"),
+    )
+}
+
+const REGISTER_FIELDS: &[&str] = &[
+    "address", "port", "tags", "meta", "zone", "weight", "ttl", "lease",
+];
+
+/// `PUT /api/v1/services/{service}/instances/{id}`: register or replace an instance.
+pub async fn register(
+    State(state): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (service, id) = names(&service, &id)?;
+    let f = body::object(body)?;
+    f.only(REGISTER_FIELDS)?;
+    let keep_alive = match (f.opt_duration("ttl")?, f.opt_int("lease", 1, u64::MAX)?) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "lease",
+                "give either ttl or lease, not both",
+            ));
+        }
+        (Some(ttl), None) => KeepAlive::Ttl(ttl),
+        (None, Some(lease)) => KeepAlive::Lease(lease),
+        (None, None) => KeepAlive::Ttl(DEFAULT_TTL),
+    };
+    let spec = InstanceSpec {
+        address: f.string("address")?,
+        port: f
+            .opt_int("port", 1, 65535)?
+            .ok_or_else(|| ApiError::invalid("port", "is required"))? as u16,
+        tags: f.string_set("tags")?,
+        meta: f.string_map("meta")?,
+        zone: f.opt_string("zone")?,
+        weight: f
+            .opt_int("weight", 0, 65535)?
+            .map_or(DEFAULT_WEIGHT, |w| w as u16),
+        keep_alive,
+    };
+    let applied = state
+        .writer()
+        .submit(Command::Register {
+            service: service.clone(),
+            id: id.clone(),
+            spec,
+        })
+        .await
+        .map_err(|e| match e {
+            crate::writer::WriteError::Rejected(muster_core::RegistryError::UnknownLease(l)) => {
+                ApiError::invalid(
+                    "lease",
+                    format!("lease {l} does not exist; create one first"),
+                )
+            }
+            e => e.into(),
+        })?;
+    let snap = state.snapshot();
+    let (status, created) = match applied {
+        Applied::Registered { created: true, .. } => (StatusCode::CREATED, true),
+        _ => (StatusCode::OK, false),
+    };
+    let inst = snap
+        .instance(service.as_str(), id.as_str())
+        .map(|i| render::instance(i));
+    Ok(value_response(
+        status,
+        &snap,
+        json!({"created": created, "instance": inst}),
+    ))
+}
+
+/// `DELETE /api/v1/services/{service}/instances/{id}`.
+pub async fn deregister(
+    State(state): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (service, id) = names(&service, &id)?;
+    let applied = state
+        .writer()
+        .submit(Command::Deregister { service, id })
+        .await?;
+    let index = match applied {
+        Applied::Deregistered { index } => index,
+        _ => state.snapshot().index,
+    };
+    let snap = state.snapshot();
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        json!({"index": index}),
+    ))
+}
+
+/// `PUT /api/v1/services/{service}/instances/{id}/heartbeat`: renew the TTL (or the lease
+/// the instance is bound to). Touches memory only; 404 tells the client to register again.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (service, id) = names(&service, &id)?;
+    let snap = state.snapshot();
+    let Some(inst) = snap.instance(service.as_str(), id.as_str()) else {
+        metrics::counter!(m::HEARTBEATS, "result" => "unknown").increment(1);
+        return Err(unknown_instance(&service, &id));
+    };
+    let now = state.now();
+    match inst.spec.keep_alive {
+        KeepAlive::Ttl(ttl) => inst.liveness.renew(now + ttl),
+        KeepAlive::Lease(lease) => {
+            if let Some(l) = snap.leases.get(&lease) {
+                l.liveness.renew(now + l.ttl);
+            }
+        }
+    }
+    metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
+    if inst.status == Status::Critical {
+        // Bring it back into discovery now rather than at the next sweep.
+        state.writer().submit(Command::Sweep).await?;
+    }
+    let snap = state.snapshot();
+    let health = snap
+        .instance(service.as_str(), id.as_str())
+        .map(|i| render::instance(i)["health"].clone());
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        json!({"health": health}),
+    ))
+}
+
+/// `PUT .../maintenance` with an optional `{"reason": "..."}`: hide the instance from
+/// discovery until maintenance is ended.
+pub async fn enable_maintenance(
+    State(state): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (service, id) = names(&service, &id)?;
+    let f = body::object(body)?;
+    f.only(&["reason"])?;
+    let reason = f
+        .opt_string("reason")?
+        .unwrap_or_else(|| "maintenance mode".to_string());
+    set_maintenance(state, service, id, Some(reason)).await
+}
+
+/// `DELETE .../maintenance`: return the instance to discovery.
+pub async fn disable_maintenance(
+    State(state): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (service, id) = names(&service, &id)?;
+    set_maintenance(state, service, id, None).await
+}
+
+async fn set_maintenance(
+    state: AppState,
+    service: ServiceName,
+    id: InstanceId,
+    reason: Option<String>,
+) -> Result<Response, ApiError> {
+    state
+        .writer()
+        .submit(Command::SetMaintenance {
+            service: service.clone(),
+            id: id.clone(),
+            reason,
+        })
+        .await?;
+    let snap = state.snapshot();
+    let inst = snap
+        .instance(service.as_str(), id.as_str())
+        .map(|i| render::instance(i));
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        json!({"instance": inst}),
+    ))
+}
+
+fn lease_id(text: &str) -> Result<LeaseId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::invalid("lease", format!("{text:?} is not a lease id")))
+}
+
+fn unknown_lease(id: LeaseId) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_lease",
+        format!("lease {id} does not exist (expired, revoked or never created); create a new one"),
+    )
+}
+
+/// `POST /api/v1/leases` with `{"ttl": "30s"}`.
+pub async fn create_lease(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let f = body::object(body)?;
+    f.only(&["ttl"])?;
+    let ttl = f
+        .opt_duration("ttl")?
+        .ok_or_else(|| ApiError::invalid("ttl", "is required, e.g. \"30s\""))?;
+    let applied = state.writer().submit(Command::CreateLease { ttl }).await?;
+    let Applied::LeaseCreated { id, .. } = applied else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "lease creation returned no lease",
+        ));
+    };
+    let snap = state.snapshot();
+    let body = snap
+        .leases
+        .get(&id)
+        .map(|l| render::lease(l, state.now()))
+        .unwrap_or_else(|| json!({"id": id}));
+    Ok(value_response(StatusCode::CREATED, &snap, body))
+}
+
+/// `GET /api/v1/leases`.
+pub async fn list_leases(State(state): State<AppState>) -> Response {
+    let snap = state.snapshot();
+    let now = state.now();
+    let leases: Vec<_> = snap
+        .leases
+        .values()
+        .map(|l| render::lease(l, now))
+        .collect();
+    value_response(StatusCode::OK, &snap, json!({"leases": leases}))
+}
+
+/// `GET /api/v1/leases/{id}`.
+pub async fn get_lease(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = lease_id(&id)?;
+    let snap = state.snapshot();
+    let l = snap.leases.get(&id).ok_or_else(|| unknown_lease(id))?;
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        render::lease(l, state.now()),
+    ))
+}
+
+/// `PUT /api/v1/leases/{id}/renew`: keep the lease and all its instances alive.
+pub async fn renew_lease(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = lease_id(&id)?;
+    let snap = state.snapshot();
+    let l = snap.leases.get(&id).ok_or_else(|| unknown_lease(id))?;
+    let now = state.now();
+    l.liveness.renew(now + l.ttl);
+    metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
+    Ok(value_response(StatusCode::OK, &snap, render::lease(l, now)))
+}
+
+/// `DELETE /api/v1/leases/{id}`: revoke the lease and remove every instance bound to it.
+pub async fn revoke_lease(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = lease_id(&id)?;
+    let applied = state
+        .writer()
+        .submit(Command::RevokeLease { id })
+        .await
+        .map_err(|e| match e {
+            crate::writer::WriteError::Rejected(muster_core::RegistryError::UnknownLease(l)) => {
+                unknown_lease(l)
+            }
+            e => e.into(),
+        })?;
+    let removed = match applied {
+        Applied::LeaseRevoked { instances, .. } => instances,
+        _ => 0,
+    };
+    let snap = state.snapshot();
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        json!({"revoked": id, "instances_removed": removed}),
+    ))
+}
+
+/// `GET /api/v1/status`: node, version, index, counts and self-preservation.
+pub async fn status(State(state): State<AppState>) -> Response {
+    let snap = state.snapshot();
+    let p = state.writer().preservation();
+    let body = json!({
+        "node": state.config().node,
+        "datacenter": state.config().datacenter,
+        "version": env!("CARGO_PKG_VERSION"),
+        "index": snap.index,
+        "services": snap.services.len(),
+        "instances": snap.instance_count(),
+        "leases": snap.leases.len(),
+        "uptime_seconds": Duration::from_millis(state.now().as_millis()).as_secs(),
+        "self_preservation": p,
+    });
+    value_response(StatusCode::OK, &snap, body)
+}
+
+/// `DELETE /api/v1/self-preservation`: an operator ends the mode; held-back expirations
+/// are applied at once.
+pub async fn end_self_preservation(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let applied = state.writer().submit(Command::EndSelfPreservation).await?;
+    state.writer().submit(Command::Sweep).await?;
+    let was_active = matches!(applied, Applied::PreservationEnded { was_active: true });
+    let snap = state.snapshot();
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        json!({"was_active": was_active, "self_preservation": state.writer().preservation()}),
+    ))
+}

@@ -1,0 +1,280 @@
+//! Change notification: blocking queries and the server-sent-events stream.
+//!
+//! Both park on the snapshot channel. A change wakes every parked reader; each compares the
+//! index relevant to it and parks again if its data did not move, which costs a map lookup.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use muster_core::snapshot::Change;
+use muster_core::{Filter, HealthFilter, ServiceName, Snapshot};
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::body::query_pairs;
+use super::error::ApiError;
+use super::render;
+use crate::AppState;
+use crate::telemetry as m;
+
+/// Consul's rules: at most ten minutes, five by default.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// The wait when a blocking query names none.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+
+/// A blocking query: hold the answer until the relevant index passes `index`.
+#[derive(Clone, Copy, Debug)]
+pub struct Block {
+    index: u64,
+    wait: Duration,
+}
+
+impl Block {
+    /// `index` absent or 0 answers at once, as in Consul.
+    pub fn from_params(index: Option<u64>, wait: Option<Duration>) -> Option<Block> {
+        match index {
+            None | Some(0) => None,
+            Some(index) => Some(Block {
+                index,
+                wait: wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT),
+            }),
+        }
+    }
+}
+
+/// Counts a parked watcher for as long as it lives.
+#[derive(Debug)]
+pub struct WatcherGuard {
+    state: AppState,
+    gauge: &'static str,
+}
+
+impl WatcherGuard {
+    /// Takes a watcher slot, or answers 429 when all are taken.
+    pub fn acquire(state: &AppState, gauge: &'static str) -> Result<WatcherGuard, ApiError> {
+        let limit = state.config().max_watchers;
+        let watchers = &state.inner.watchers;
+        if watchers.fetch_add(1, Ordering::Relaxed) >= limit {
+            watchers.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!(m::WATCHERS_REFUSED).increment(1);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_watchers",
+                format!("the agent already holds {limit} watchers (max_watchers); retry later"),
+            ));
+        }
+        metrics::gauge!(gauge).increment(1.0);
+        Ok(WatcherGuard {
+            state: state.clone(),
+            gauge,
+        })
+    }
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.state.inner.watchers.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(self.gauge).decrement(1.0);
+    }
+}
+
+/// The snapshot to answer with: at once without `block`, else once `relevant` passes the
+/// client's index, the wait (plus up to wait/16 of jitter) ends, or the agent shuts down.
+/// An index ahead of the agent's (a client that saw another agent, or a wiped one) answers
+/// at once so the client resets.
+pub async fn wait_for(
+    state: &AppState,
+    block: Option<Block>,
+    relevant: impl Fn(&Snapshot) -> u64,
+) -> Result<Arc<Snapshot>, ApiError> {
+    let mut rx = state.inner.snapshots.clone();
+    let snap = rx.borrow_and_update().clone();
+    let Some(block) = block else {
+        return Ok(snap);
+    };
+    if relevant(&snap) > block.index || block.index > snap.index {
+        return Ok(snap);
+    }
+    let _guard = WatcherGuard::acquire(state, m::PARKED)?;
+    let jitter_cap = (block.wait / 16).as_millis() as u64;
+    let jitter = Duration::from_millis(fastrand::u64(0..jitter_cap.max(1)));
+    let deadline = tokio::time::sleep_until(Instant::now() + block.wait + jitter);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break },
+            () = &mut deadline => break,
+            () = state.inner.shutdown.cancelled() => break,
+        }
+        let snap = rx.borrow_and_update().clone();
+        if relevant(&snap) > block.index {
+            return Ok(snap);
+        }
+    }
+    Ok(rx.borrow().clone())
+}
+
+/// What a stream subscriber watches.
+struct Subscription {
+    names: Vec<ServiceName>,
+    filter: Filter,
+}
+
+impl Subscription {
+    fn services_json(&self, snap: &Snapshot, changes: &[Change<'_>]) -> Value {
+        let mut map = Map::new();
+        for c in changes {
+            match c {
+                Change::Updated(s) => {
+                    map.insert(
+                        s.name.to_string(),
+                        Value::Array(render::instances(Some(s), &self.filter)),
+                    );
+                }
+                Change::Removed(name) => {
+                    map.insert(name.to_string(), Value::Array(Vec::new()));
+                }
+            }
+        }
+        json!({"index": snap.index, "services": map})
+    }
+
+    /// Every watched service's current instances.
+    fn snapshot_event(&self, snap: &Snapshot) -> Event {
+        let mut map = Map::new();
+        if self.names.is_empty() {
+            for s in snap.services.values() {
+                map.insert(
+                    s.name.to_string(),
+                    Value::Array(render::instances(Some(s), &self.filter)),
+                );
+            }
+        } else {
+            for name in &self.names {
+                map.insert(
+                    name.to_string(),
+                    Value::Array(render::instances(snap.service(name.as_str()), &self.filter)),
+                );
+            }
+        }
+        event(
+            "snapshot",
+            snap.index,
+            &json!({"index": snap.index, "services": map}),
+        )
+    }
+
+    /// The event that brings a client at `since` up to `snap`, if anything changed.
+    fn catch_up(&self, snap: &Snapshot, since: u64) -> Option<Event> {
+        match snap.changes_since(since, &self.names) {
+            None => Some(self.snapshot_event(snap)),
+            Some(changes) if changes.is_empty() => None,
+            Some(changes) => Some(event(
+                "change",
+                snap.index,
+                &self.services_json(snap, &changes),
+            )),
+        }
+    }
+}
+
+fn event(kind: &str, index: u64, data: &Value) -> Event {
+    Event::default()
+        .event(kind)
+        .id(index.to_string())
+        .data(data.to_string())
+}
+
+/// `GET /api/v1/watch?service=a&service=b`: a server-sent-events stream. The first event is
+/// a `snapshot` of the watched services (all services when none is named); each later
+/// `change` event carries the services that changed with their full instance lists. The
+/// event id is the index: reconnecting with `Last-Event-ID` resumes without loss or
+/// duplicates, or starts over with a `snapshot` when that point is too old to replay.
+pub async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let mut names = Vec::new();
+    let mut filter = Filter::default();
+    let mut since = None;
+    for (key, value) in query_pairs(raw.as_deref())? {
+        match key.as_str() {
+            "service" => names.push(ServiceName::parse(&value)?),
+            "health" => {
+                filter.health = match value.as_str() {
+                    "passing" => HealthFilter::Passing,
+                    "any" => HealthFilter::Any,
+                    "healthy" => HealthFilter::Healthy,
+                    other => {
+                        return Err(ApiError::invalid(
+                            "health",
+                            format!("{other:?} is not one of: healthy (default), passing, any"),
+                        ));
+                    }
+                }
+            }
+            "index" => since = Some(parse_index("index", &value)?),
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    "unknown query parameter; expected one of: service, health, index",
+                ));
+            }
+        }
+    }
+    if let Some(v) = headers.get("last-event-id") {
+        let text = v.to_str().unwrap_or("");
+        since = Some(parse_index("Last-Event-ID", text)?);
+    }
+    let guard = WatcherGuard::acquire(&state, m::STREAMS)?;
+    let sub = Subscription { names, filter };
+    let rx = state.inner.snapshots.clone();
+    let shutdown = state.inner.shutdown.clone();
+
+    struct Cursor {
+        rx: watch::Receiver<Arc<Snapshot>>,
+        sub: Subscription,
+        sent: Option<u64>,
+        _guard: WatcherGuard,
+    }
+    let cursor = Cursor {
+        rx,
+        sub,
+        sent: since,
+        _guard: guard,
+    };
+    let events = futures::stream::unfold(cursor, |mut c| async move {
+        loop {
+            let snap = c.rx.borrow_and_update().clone();
+            let next = match c.sent {
+                None => Some(c.sub.snapshot_event(&snap)),
+                Some(since) if since > snap.index => Some(c.sub.snapshot_event(&snap)),
+                Some(since) if since == snap.index => None,
+                Some(since) => c.sub.catch_up(&snap, since),
+            };
+            c.sent = Some(snap.index);
+            if let Some(e) = next {
+                return Some((Ok(e), c));
+            }
+            if c.rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    });
+    let events = futures::StreamExt::take_until(events, shutdown.cancelled_owned());
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+fn parse_index(field: &str, text: &str) -> Result<u64, ApiError> {
+    text.trim()
+        .parse()
+        .map_err(|_| ApiError::invalid(field, format!("{text:?} is not an index")))
+}

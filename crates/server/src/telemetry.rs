@@ -1,0 +1,75 @@
+//! Metrics: names in one place, a Prometheus recorder installed once per process.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Registrations accepted (new or changed).
+pub const REGISTRATIONS: &str = "muster_registrations_total";
+/// Deregistrations, by `reason` (`api`, `evicted`, `lease`).
+pub const DEREGISTRATIONS: &str = "muster_deregistrations_total";
+/// Heartbeats by `result` (`ok`, `unknown`).
+pub const HEARTBEATS: &str = "muster_heartbeats_total";
+/// TTL lapses applied (instances turned critical).
+pub const LAPSES: &str = "muster_ttl_lapses_total";
+/// Instances evicted after being critical too long.
+pub const EVICTIONS: &str = "muster_evictions_total";
+/// Leases that expired.
+pub const LEASE_EXPIRIES: &str = "muster_lease_expirations_total";
+/// Blocking queries waiting right now.
+pub const PARKED: &str = "muster_parked_watchers";
+/// Push-stream subscribers right now.
+pub const STREAMS: &str = "muster_stream_subscribers";
+/// Watch requests refused because the watcher limit was reached.
+pub const WATCHERS_REFUSED: &str = "muster_watchers_refused_total";
+/// HTTP requests by `route`, `method`, `status`.
+pub const HTTP_REQUESTS: &str = "muster_http_requests_total";
+/// HTTP request latency by `route`.
+pub const HTTP_SECONDS: &str = "muster_http_request_duration_seconds";
+/// Time to make one batch durable.
+pub const COMMIT_SECONDS: &str = "muster_store_commit_duration_seconds";
+/// Commands per durable batch.
+pub const COMMIT_BATCH: &str = "muster_store_commit_batch_size";
+/// Failed commits (each fails every write in its batch with 503).
+pub const COMMIT_FAILURES: &str = "muster_store_commit_failures_total";
+/// 1 while self-preservation holds back expirations.
+pub const PRESERVATION: &str = "muster_self_preservation_active";
+/// Expirations held back by self-preservation at the last sweep.
+pub const HELD_BACK: &str = "muster_self_preservation_held_back";
+/// Current global index.
+pub const INDEX: &str = "muster_index";
+/// Registered instances.
+pub const INSTANCES: &str = "muster_instances";
+/// Services with at least one instance.
+pub const SERVICES: &str = "muster_services";
+
+/// The process-wide recorder. Installed on first use; several agents in one process (tests)
+/// share it.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_seconds".into()),
+                &[
+                    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    5.0,
+                ],
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(COMMIT_BATCH.into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0, 1024.0],
+                )
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program's); then ours
+        // still renders what is recorded through it, which is nothing, and that is its call.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}

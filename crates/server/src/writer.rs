@@ -1,0 +1,234 @@
+//! The single writer: applies commands in order, makes each batch durable with one commit,
+//! and only then answers the callers and publishes the next snapshot.
+//!
+//! Group commit falls out of the loop: while one batch is being fsynced, new requests queue
+//! up, and the next iteration takes all of them into one transaction. If the store fails,
+//! the registry is rolled back to before the batch (an O(1) clone of persistent maps), every
+//! caller in it gets 503, and nothing half-applied is ever published.
+
+use std::sync::Arc;
+
+use muster_core::preservation::Transition;
+use muster_core::{Applied, Command, PreservationState, Registry, RegistryError, Snapshot};
+use muster_store::Store;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::telemetry as m;
+
+/// Most commands taken into one commit.
+const MAX_BATCH: usize = 1024;
+
+/// Queue depth before callers wait for room (back-pressure instead of unbounded memory).
+const QUEUE: usize = 8192;
+
+/// Why a write was not applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The registry refused the command; nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] RegistryError),
+    /// The store could not make the batch durable; nothing changed.
+    #[error("the store could not commit: {0}")]
+    Store(String),
+    /// The agent is shutting down.
+    #[error("the agent is shutting down")]
+    Closed,
+}
+
+struct Request {
+    command: Command,
+    reply: oneshot::Sender<Result<Applied, WriteError>>,
+}
+
+/// A handle to submit commands to the writer. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    tx: mpsc::Sender<Request>,
+    preservation: watch::Receiver<PreservationState>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.command.fmt(f)
+    }
+}
+
+impl Writer {
+    /// Starts the writer task over `registry`. Returns the handle and the snapshot channel
+    /// readers subscribe to.
+    pub fn spawn(
+        registry: Registry,
+        store: Arc<dyn Store>,
+        clock: Clock,
+    ) -> (
+        Writer,
+        watch::Receiver<Arc<Snapshot>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (snap_tx, snap_rx) = watch::channel(registry.snapshot());
+        let (pres_tx, pres_rx) = watch::channel(registry.preservation());
+        let task = tokio::spawn(run(registry, store, clock, rx, snap_tx, pres_tx));
+        (
+            Writer {
+                tx,
+                preservation: pres_rx,
+            },
+            snap_rx,
+            task,
+        )
+    }
+
+    /// Applies `command`; returns once it is durable and visible.
+    pub async fn submit(&self, command: Command) -> Result<Applied, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request { command, reply })
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        rx.await.map_err(|_| WriteError::Closed)?
+    }
+
+    /// Self-preservation's state after the last sweep.
+    pub fn preservation(&self) -> PreservationState {
+        self.preservation.borrow().clone()
+    }
+}
+
+async fn run(
+    mut registry: Registry,
+    store: Arc<dyn Store>,
+    clock: Clock,
+    mut rx: mpsc::Receiver<Request>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    preservation: watch::Sender<PreservationState>,
+) {
+    // Whatever restoring changed (the index moved past the stored one) is made durable
+    // before the first read sees it.
+    if let Some((mutations, index)) = registry.take_commit()
+        && let Err(e) = commit(&store, mutations, index).await
+    {
+        tracing::error!(error = %e, "cannot record the index at start-up");
+    }
+    publish(&registry, &snapshots, &preservation);
+
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let before = registry.clone();
+        let now = clock.now();
+        let mut replies = Vec::with_capacity(batch.len());
+        for Request { command, reply } in batch.drain(..) {
+            let result = registry.apply(command, now);
+            if let Ok(applied) = &result {
+                record(applied);
+            }
+            replies.push((reply, result));
+        }
+        metrics::histogram!(m::COMMIT_BATCH).record(replies.len() as f64);
+        if let Some((mutations, index)) = registry.take_commit()
+            && let Err(e) = commit(&store, mutations, index).await
+        {
+            tracing::error!(error = %e, "store commit failed; the batch was rolled back");
+            metrics::counter!(m::COMMIT_FAILURES).increment(1);
+            registry = before;
+            for (reply, _) in replies {
+                let _ = reply.send(Err(WriteError::Store(e.clone())));
+            }
+            continue;
+        }
+        publish(&registry, &snapshots, &preservation);
+        for (reply, result) in replies {
+            let _ = reply.send(result.map_err(WriteError::from));
+        }
+    }
+}
+
+async fn commit(
+    store: &Arc<dyn Store>,
+    mutations: Vec<muster_core::Mutation>,
+    index: u64,
+) -> Result<(), String> {
+    let store = store.clone();
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || store.commit(&mutations, index))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+    result
+}
+
+fn publish(
+    registry: &Registry,
+    snapshots: &watch::Sender<Arc<Snapshot>>,
+    preservation: &watch::Sender<PreservationState>,
+) {
+    let current = snapshots.borrow().clone();
+    if current.index != registry.index() {
+        let snap = registry.snapshot();
+        metrics::gauge!(m::INDEX).set(snap.index as f64);
+        metrics::gauge!(m::SERVICES).set(snap.services.len() as f64);
+        metrics::gauge!(m::INSTANCES).set(snap.instance_count() as f64);
+        snapshots.send_replace(snap);
+    }
+    let state = registry.preservation();
+    metrics::gauge!(m::PRESERVATION).set(if state.active { 1.0 } else { 0.0 });
+    preservation.send_if_modified(|old| {
+        let changed = *old != state;
+        *old = state;
+        changed
+    });
+}
+
+/// Counts and logs what a command did.
+fn record(applied: &Applied) {
+    match applied {
+        Applied::Registered { .. } => metrics::counter!(m::REGISTRATIONS).increment(1),
+        Applied::Deregistered { .. } => {
+            metrics::counter!(m::DEREGISTRATIONS, "reason" => "api").increment(1);
+        }
+        Applied::LeaseRevoked { instances, .. } => {
+            metrics::counter!(m::DEREGISTRATIONS, "reason" => "lease").increment(*instances as u64);
+        }
+        Applied::Swept(r) => {
+            metrics::counter!(m::LAPSES).increment(r.lapsed as u64);
+            metrics::counter!(m::EVICTIONS).increment(r.evicted as u64);
+            metrics::counter!(m::DEREGISTRATIONS, "reason" => "evicted")
+                .increment(r.evicted as u64);
+            metrics::counter!(m::DEREGISTRATIONS, "reason" => "lease")
+                .increment(r.lease_instances_removed as u64);
+            metrics::counter!(m::LEASE_EXPIRIES).increment(r.leases_expired as u64);
+            metrics::gauge!(m::HELD_BACK).set(r.held_back as f64);
+            if r.lapsed > 0 || r.evicted > 0 || r.leases_expired > 0 {
+                tracing::info!(
+                    lapsed = r.lapsed,
+                    evicted = r.evicted,
+                    leases_expired = r.leases_expired,
+                    "applied expirations"
+                );
+            }
+            match r.transition {
+                Some(Transition::Entered) => tracing::warn!(
+                    held_back = r.held_back,
+                    "self-preservation ON: too many renewals stopped at once; \
+                     expirations are held back until renewals recover"
+                ),
+                Some(Transition::Recovered) => {
+                    tracing::warn!("self-preservation OFF: renewals recovered")
+                }
+                Some(Transition::TimedOut) => tracing::warn!(
+                    "self-preservation OFF after its maximum duration: \
+                     the missing instances are taken as gone"
+                ),
+                Some(Transition::Reset) | None => {}
+            }
+        }
+        Applied::PreservationEnded { was_active: true } => {
+            tracing::warn!("self-preservation OFF: ended by an operator")
+        }
+        _ => {}
+    }
+}
