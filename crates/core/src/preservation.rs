@@ -88,7 +88,8 @@ pub(crate) struct Preservation {
     since: Option<Time>,
     /// When applied lapses happened, oldest first, within `window`.
     recent: VecDeque<Time>,
-    /// Lapses applied at or before this time no longer count (operator reset, time-out).
+    /// Lapses applied at or before this time, and renewers whose deadline passed at or before
+    /// it, no longer count (operator reset, time-out).
     floor: Option<Time>,
     last: RenewalCounts,
     last_expected: usize,
@@ -121,6 +122,12 @@ impl Preservation {
 
     pub(crate) fn active(&self) -> bool {
         self.since.is_some()
+    }
+
+    /// Whether a renewer whose deadline is `deadline` was written off when the mode last
+    /// ended: it lapsed before that, so it no longer counts as missing, pending or applied.
+    pub(crate) fn written_off(&self, deadline: Time) -> bool {
+        self.floor.is_some_and(|f| deadline <= f)
     }
 
     /// Records lapses applied at `now`.
@@ -165,8 +172,8 @@ impl Preservation {
         }
     }
 
-    /// Ends the mode and forgets the lapses that caused it, so it does not engage again on
-    /// their account.
+    /// Ends the mode and forgets the lapses that caused it, applied or still held back, so it
+    /// does not engage again on their account.
     pub(crate) fn end(&mut self, now: Time) {
         self.since = None;
         self.floor = Some(now);

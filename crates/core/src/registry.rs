@@ -649,6 +649,9 @@ impl Registry {
         let mut revive = Vec::new();
         let mut lapse = Vec::new();
         let mut evict = Vec::new();
+        // Lapses that self-preservation's last end took as gone: applied, but not counted.
+        let mut written_off = 0;
+        let preservation = &self.preservation;
         for svc in self.state.services.values() {
             for inst in svc.instances.values() {
                 if !matches!(inst.spec.keep_alive, KeepAlive::Ttl(_)) {
@@ -661,7 +664,11 @@ impl Registry {
                         revive.push(key());
                     }
                 } else if inst.status != Status::Critical {
-                    counts.pending += 1;
+                    if preservation.written_off(inst.liveness.deadline()) {
+                        written_off += 1;
+                    } else {
+                        counts.pending += 1;
+                    }
                     lapse.push(key());
                 } else if inst
                     .critical_since
@@ -674,7 +681,11 @@ impl Registry {
         let mut expire = Vec::new();
         for lease in self.state.leases.values() {
             if lease.liveness.lapsed(now) {
-                counts.pending += 1;
+                if preservation.written_off(lease.liveness.deadline()) {
+                    written_off += 1;
+                } else {
+                    counts.pending += 1;
+                }
                 expire.push(lease.id);
             } else {
                 counts.alive += 1;
@@ -718,8 +729,10 @@ impl Registry {
         for id in expire {
             report.lease_instances_removed += self.remove_lease(id, index);
         }
-        self.preservation
-            .record_lapses(now, report.lapsed + report.leases_expired);
+        self.preservation.record_lapses(
+            now,
+            (report.lapsed + report.leases_expired).saturating_sub(written_off),
+        );
         report
     }
 }

@@ -167,14 +167,16 @@ fn publish(
     preservation: &watch::Sender<PreservationState>,
 ) {
     let current = snapshots.borrow().clone();
-    if current.index != registry.index() {
+    let state = registry.preservation();
+    // Entering or leaving self-preservation changes no data and no index, but every read
+    // must report it, so it republishes too.
+    if current.index != registry.index() || current.self_preservation != state.active {
         let snap = registry.snapshot();
         metrics::gauge!(m::INDEX).set(snap.index as f64);
         metrics::gauge!(m::SERVICES).set(snap.services.len() as f64);
         metrics::gauge!(m::INSTANCES).set(snap.instance_count() as f64);
         snapshots.send_replace(snap);
     }
-    let state = registry.preservation();
     metrics::gauge!(m::PRESERVATION).set(if state.active { 1.0 } else { 0.0 });
     preservation.send_if_modified(|old| {
         let changed = *old != state;

@@ -1,0 +1,6 @@
+//! The agent end to end: HTTP requests against an agent in this process.
+
+mod api;
+mod expiry;
+mod support;
+mod watch;

@@ -1,0 +1,194 @@
+//! Starting agents and calling them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use muster_server::{Agent, AgentConfig, AppState};
+use muster_store::{MemoryStore, Store};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// An agent whose router is called directly.
+pub struct TestAgent {
+    pub app: Router,
+    pub state: AppState,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Defaults for tests: self-preservation off unless a test turns it on.
+pub fn config() -> AgentConfig {
+    let mut c = AgentConfig {
+        dev: true,
+        sweep_interval: Duration::from_millis(100),
+        ..AgentConfig::default()
+    };
+    c.self_preservation.enabled = false;
+    c
+}
+
+pub async fn agent(config: AgentConfig) -> TestAgent {
+    agent_on(config, Arc::new(MemoryStore::new())).await
+}
+
+pub async fn agent_on(config: AgentConfig, store: Arc<dyn Store>) -> TestAgent {
+    let shutdown = CancellationToken::new();
+    let agent = Agent::open(config, store, shutdown.clone()).await.unwrap();
+    let state = agent.state();
+    TestAgent {
+        app: muster_server::http::app(state.clone()),
+        state,
+        shutdown,
+    }
+}
+
+/// An agent serving on a real socket (port 0). Returns its address; it stops when the
+/// token is cancelled.
+pub async fn serve(config: AgentConfig) -> (SocketAddr, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let agent = Agent::open(config, Arc::new(MemoryStore::new()), shutdown.clone())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(agent.serve(listener));
+    (addr, shutdown)
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn index(&self) -> u64 {
+        self.headers["x-muster-index"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// The ids of the instances in a discovery answer.
+    pub fn ids(&self) -> Vec<String> {
+        self.body["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn error_code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    pub fn error_message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+}
+
+impl TestAgent {
+    pub async fn raw(&self, method: Method, uri: &str, body: impl Into<Body>) -> Answer {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(body.into())
+            .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> Answer {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.raw(method, uri, body).await
+    }
+
+    pub async fn get(&self, uri: &str) -> Answer {
+        self.call(Method::GET, uri, None).await
+    }
+
+    pub async fn register(&self, service: &str, id: &str, body: Value) -> Answer {
+        let a = self
+            .call(
+                Method::PUT,
+                &format!("/api/v1/services/{service}/instances/{id}"),
+                Some(body),
+            )
+            .await;
+        assert!(
+            a.status.is_success(),
+            "register {service}/{id}: {:?}",
+            a.body
+        );
+        a
+    }
+
+    pub async fn heartbeat(&self, service: &str, id: &str) -> Answer {
+        self.call(
+            Method::PUT,
+            &format!("/api/v1/services/{service}/instances/{id}/heartbeat"),
+            None,
+        )
+        .await
+    }
+
+    pub async fn healthy_ids(&self, service: &str) -> Vec<String> {
+        self.get(&format!("/api/v1/services/{service}")).await.ids()
+    }
+}
+
+pub fn instance(port: u16) -> Value {
+    json!({"address": "10.0.0.1", "port": port})
+}
+
+pub fn with_ttl(port: u16, ttl: &str) -> Value {
+    json!({"address": "10.0.0.1", "port": port, "ttl": ttl})
+}
+
+impl TestAgent {
+    /// Moves the paused clock forward by `d` in 50 ms steps. After each step a sweep is
+    /// submitted and awaited: the writer handles commands in order, so when it answers,
+    /// everything time has done up to that step is published.
+    pub async fn pass(&self, d: Duration) {
+        let step = Duration::from_millis(50);
+        let mut left = d;
+        while !left.is_zero() {
+            let s = step.min(left);
+            tokio::time::advance(s).await;
+            self.state
+                .writer()
+                .submit(muster_core::Command::Sweep)
+                .await
+                .unwrap();
+            left -= s;
+        }
+    }
+}
