@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
+use muster_core::HealthFilter;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -171,6 +172,19 @@ pub fn duration(field: &str, text: &str) -> Result<Duration, ApiError> {
             format!("{text:?} is not a duration ({e}); write it like \"15s\", \"500ms\" or \"1m\""),
         )
     })
+}
+
+/// The `health` query parameter of discovery reads and streams.
+pub fn health_filter(value: &str) -> Result<HealthFilter, ApiError> {
+    match value {
+        "healthy" => Ok(HealthFilter::Healthy),
+        "passing" => Ok(HealthFilter::Passing),
+        "any" => Ok(HealthFilter::Any),
+        other => Err(ApiError::invalid(
+            "health",
+            format!("{other:?} is not one of: healthy (default), passing, any"),
+        )),
+    }
 }
 
 /// Query-string pairs in order, repeated keys kept.

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use muster_core::model::{DEFAULT_TTL, DEFAULT_WEIGHT};
 use muster_core::{
-    Applied, Command, Filter, HealthFilter, InstanceId, InstanceSpec, KeepAlive, LeaseId,
+    Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, LeaseId,
     ServiceName, Snapshot, Status,
 };
 use serde_json::json;
@@ -77,19 +77,7 @@ fn read_query(raw: Option<&str>, filters_allowed: bool) -> Result<ReadQuery, Api
                 })?;
                 filter.meta.push((k.to_string(), v.to_string()));
             }
-            "health" if filters_allowed => {
-                filter.health = match value.as_str() {
-                    "passing" => HealthFilter::Passing,
-                    "any" => HealthFilter::Any,
-                    "healthy" => HealthFilter::Healthy,
-                    other => {
-                        return Err(ApiError::invalid(
-                            "health",
-                            format!("{other:?} is not one of: healthy (default), passing, any"),
-                        ));
-                    }
-                }
-            }
+            "health" if filters_allowed => filter.health = body::health_filter(&value)?,
             other => {
                 let known = if filters_allowed {
                     "index, wait, tag, zone, meta, health"
@@ -292,19 +280,17 @@ pub async fn heartbeat(
         }
     }
     metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
-    if inst.status == Status::Critical {
-        // Bring it back into discovery now rather than at the next sweep.
-        state.writer().submit(Command::Sweep).await?;
+    if inst.status != Status::Critical {
+        let health = render::health(inst.health());
+        return Ok(value_response(StatusCode::OK, &snap, json!({"health": health})));
     }
+    // Bring it back into discovery now rather than at the next sweep.
+    state.writer().submit(Command::Sweep).await?;
     let snap = state.snapshot();
     let health = snap
         .instance(service.as_str(), id.as_str())
-        .map(|i| render::instance(i)["health"].clone());
-    Ok(value_response(
-        StatusCode::OK,
-        &snap,
-        json!({"health": health}),
-    ))
+        .map(|i| render::health(i.health()));
+    Ok(value_response(StatusCode::OK, &snap, json!({"health": health})))
 }
 
 /// `PUT .../maintenance` with an optional `{"reason": "..."}`: hide the instance from

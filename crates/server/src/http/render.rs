@@ -30,7 +30,8 @@ pub fn instance(i: &Instance) -> Value {
     })
 }
 
-fn health(h: Health) -> &'static str {
+/// The wire name of a health.
+pub fn health(h: Health) -> &'static str {
     match h {
         Health::Passing => "passing",
         Health::Warning => "warning",

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use muster_core::snapshot::Change;
-use muster_core::{Filter, HealthFilter, ServiceName, Snapshot};
+use muster_core::{Filter, ServiceName, Snapshot};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -208,19 +208,7 @@ pub async fn stream(
     for (key, value) in query_pairs(raw.as_deref())? {
         match key.as_str() {
             "service" => names.push(ServiceName::parse(&value)?),
-            "health" => {
-                filter.health = match value.as_str() {
-                    "passing" => HealthFilter::Passing,
-                    "any" => HealthFilter::Any,
-                    "healthy" => HealthFilter::Healthy,
-                    other => {
-                        return Err(ApiError::invalid(
-                            "health",
-                            format!("{other:?} is not one of: healthy (default), passing, any"),
-                        ));
-                    }
-                }
-            }
+            "health" => filter.health = super::body::health_filter(&value)?,
             "index" => since = Some(parse_index("index", &value)?),
             other => {
                 return Err(ApiError::invalid(
