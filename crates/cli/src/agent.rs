@@ -124,3 +124,72 @@ async fn wait_for_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn agent_args(argv: &[&str]) -> (Option<String>, AgentArgs) {
+        let cli = Cli::try_parse_from(argv).unwrap();
+        match cli.command {
+            Command::Agent(a) => (cli.http_addr, a),
+            _ => panic!("not the agent command"),
+        }
+    }
+
+    #[test]
+    fn flags_override_the_config_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("muster.toml");
+        std::fs::write(
+            &file,
+            "http_addr = \"127.0.0.1:9000\"\nevict_after = \"5m\"\ndatacenter = \"eu\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let (http, args) =
+            agent_args(&["muster", "agent", "--config", path, "--evict-after", "2m"]);
+        let c = config(http.as_deref(), &args).unwrap();
+        assert_eq!(
+            c.evict_after,
+            Duration::from_secs(120),
+            "flag wins over file"
+        );
+        assert_eq!(c.http_addr.port(), 9000, "file wins over default");
+        assert_eq!(c.datacenter, "eu");
+        assert_eq!(c.max_body_bytes, AgentConfig::default().max_body_bytes);
+
+        let (http, args) = agent_args(&[
+            "muster",
+            "--http-addr",
+            "127.0.0.1:9100",
+            "agent",
+            "--config",
+            path,
+        ]);
+        assert_eq!(
+            config(http.as_deref(), &args).unwrap().http_addr.port(),
+            9100
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_reason() {
+        let (http, args) = agent_args(&["muster", "--http-addr", "localhost", "agent"]);
+        let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());
+        assert!(err.contains("--http-addr"), "{err}");
+
+        let (http, args) = agent_args(&["muster", "agent", "--self-preservation-threshold", "1.5"]);
+        let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());
+        assert!(err.contains("threshold"), "{err}");
+
+        let (http, args) = agent_args(&["muster", "agent", "--config", "/nonexistent/muster.toml"]);
+        let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());
+        assert!(err.contains("/nonexistent/muster.toml"), "{err}");
+    }
+}
