@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use muster_core::preservation::Transition;
+use muster_core::snapshot::Change;
 use muster_core::{
-    Applied, Command, InstanceSpec, KeepAlive, LeaseId, Registry, RegistryConfig,
-    RegistryError, Status, SweepReport,
+    Applied, Command, InstanceSpec, KeepAlive, LeaseId, Registry, RegistryConfig, RegistryError,
+    Status, SweepReport,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -139,9 +140,10 @@ impl Rejection {
     fn matches(&self, err: &RegistryError) -> bool {
         match (self, err) {
             (Rejection::Invalid(field), RegistryError::Invalid(e)) => e.field == *field,
-            (Rejection::UnknownInstance((s, i)), RegistryError::UnknownInstance { service, id }) => {
-                s == service && i == id
-            }
+            (
+                Rejection::UnknownInstance((s, i)),
+                RegistryError::UnknownInstance { service, id },
+            ) => s == service && i == id,
             (Rejection::UnknownLease(a), RegistryError::UnknownLease(b)) => a == b,
             _ => false,
         }
@@ -178,6 +180,11 @@ pub struct Model {
     services: BTreeMap<String, u64>,
     instances: BTreeMap<Key, ModelInstance>,
     leases: BTreeMap<LeaseId, ModelLease>,
+    /// When self-preservation last ended by time-out or by hand: renewers that lapsed (and
+    /// lapses applied) at or before this no longer count as missing.
+    preservation_floor: Option<u64>,
+    /// When sweeps applied lapses or lease expiries.
+    applied_lapses: Vec<u64>,
 }
 
 fn ttl_ms(spec: &InstanceSpec) -> Option<u64> {
@@ -196,7 +203,38 @@ impl Model {
             services: BTreeMap::new(),
             instances: BTreeMap::new(),
             leases: BTreeMap::new(),
+            preservation_floor: None,
+            applied_lapses: Vec::new(),
         }
+    }
+
+    /// Self-preservation ended now (by hand or by time-out).
+    pub fn end_preservation(&mut self) {
+        self.preservation_floor = Some(self.now);
+    }
+
+    /// Whether any renewer can count as missing for self-preservation at a sweep now: one
+    /// whose lapse is pending, or a lapse applied within `window`, in both cases after the
+    /// mode last ended.
+    pub fn renewers_missing(&self, window: Duration) -> bool {
+        let now = self.now;
+        let after_floor = |t: u64| self.preservation_floor.is_none_or(|f| t > f);
+        let window = u64::try_from(window.as_millis()).expect("fits");
+        let pending_instance = self.instances.values().any(|i| {
+            ttl_ms(&i.spec).is_some()
+                && i.critical_since.is_none()
+                && i.deadline <= now
+                && after_floor(i.deadline)
+        });
+        let pending_lease = self
+            .leases
+            .values()
+            .any(|l| l.deadline <= now && after_floor(l.deadline));
+        let applied = self
+            .applied_lapses
+            .iter()
+            .any(|t| after_floor(*t) && t + window >= now);
+        pending_instance || pending_lease || applied
     }
 
     fn bump(&mut self) -> u64 {
@@ -287,7 +325,10 @@ impl Model {
     }
 
     fn remove_instance(&mut self, key: &Key, index: u64) {
-        let old = self.instances.remove(key).expect("removing a present instance");
+        let old = self
+            .instances
+            .remove(key)
+            .expect("removing a present instance");
         if let KeepAlive::Lease(lid) = old.spec.keep_alive
             && let Some(lease) = self.leases.get_mut(&lid)
         {
@@ -465,6 +506,9 @@ impl Model {
         for id in expire {
             report.lease_instances_removed += self.remove_lease(id, index);
         }
+        if report.lapsed + report.leases_expired > 0 {
+            self.applied_lapses.push(now);
+        }
         report
     }
 
@@ -474,6 +518,8 @@ impl Model {
     pub fn restart(&mut self) {
         let now = self.now;
         self.index += 1;
+        self.preservation_floor = None;
+        self.applied_lapses.clear();
         for inst in self.instances.values_mut() {
             inst.critical_since = None;
             inst.modify_index = inst.stored_modify_index;
@@ -493,7 +539,9 @@ impl Model {
     pub fn healthy(&self, service: &str) -> Vec<String> {
         self.instances
             .iter()
-            .filter(|((s, _), i)| s == service && i.maintenance.is_none() && i.critical_since.is_none())
+            .filter(|((s, _), i)| {
+                s == service && i.maintenance.is_none() && i.critical_since.is_none()
+            })
             .map(|((_, id), _)| id.clone())
             .collect()
     }
@@ -566,6 +614,10 @@ pub struct Harness {
     store: MapStore,
     /// Every lease id ever created, in order.
     created: Vec<LeaseId>,
+    /// Every index shown since the last restart, oldest first.
+    shown: Vec<u64>,
+    /// Since the last restart: each change's index and the services it touched.
+    touched: Vec<(u64, BTreeSet<String>)>,
 }
 
 fn key(service: usize, id: usize) -> Key {
@@ -586,6 +638,8 @@ impl Harness {
             reg,
             store,
             created: Vec::new(),
+            shown: vec![1],
+            touched: Vec::new(),
         }
     }
 
@@ -604,6 +658,7 @@ impl Harness {
         let before = Dump::of(&before_snapshot);
         let now = at(self.model.now);
         let mut sweep_alive = None;
+        let missing = self.model.renewers_missing(self.config.preservation.window);
 
         let expect = match op {
             Op::Register {
@@ -638,7 +693,11 @@ impl Harness {
             }
             Op::Heartbeat { service, id } => {
                 let found = heartbeat(&self.reg.snapshot(), SERVICES[*service], IDS[*id], now);
-                assert_eq!(found, self.model.heartbeat(&key(*service, *id)), "heartbeat found");
+                assert_eq!(
+                    found,
+                    self.model.heartbeat(&key(*service, *id)),
+                    "heartbeat found"
+                );
                 Expect::Other
             }
             Op::CreateLease { ttl_ms } => {
@@ -677,7 +736,10 @@ impl Harness {
                     },
                     now,
                 );
-                Expect::Command(actual, self.model.set_maintenance(key(*service, *id), *reason))
+                Expect::Command(
+                    actual,
+                    self.model.set_maintenance(key(*service, *id), *reason),
+                )
             }
             Op::Advance(ms) => {
                 self.model.now += ms;
@@ -690,12 +752,22 @@ impl Harness {
                     Ok(Applied::Swept(report)) => report.transition,
                     other => panic!("a sweep answered {other:?}"),
                 };
+                if transition == Some(Transition::Entered) {
+                    assert!(
+                        missing,
+                        "self-preservation engaged though no renewer went missing since it last ended"
+                    );
+                }
                 let apply = !self.reg.snapshot().self_preservation;
                 let expected = self.model.sweep(apply, transition);
+                if transition == Some(Transition::TimedOut) {
+                    self.model.end_preservation();
+                }
                 Expect::Command(actual, Ok(Applied::Swept(expected)))
             }
             Op::EndSelfPreservation => {
                 let actual = self.reg.apply(Command::EndSelfPreservation, now);
+                self.model.end_preservation();
                 let expected = Applied::PreservationEnded {
                     was_active: before.self_preservation,
                 };
@@ -732,20 +804,37 @@ impl Harness {
             assert_eq!(after, before, "a refused {op:?} left a trace");
         }
         check_structure(&after_snapshot, &after);
-        check_indices(&before_snapshot, &before, &after_snapshot, &after, matches!(op, Op::Restart));
+        let touched = check_indices(
+            &before_snapshot,
+            &before,
+            &after_snapshot,
+            &after,
+            matches!(op, Op::Restart),
+        );
+        self.check_streams(&after_snapshot, &after, touched);
 
         if !self.config.preservation.enabled {
-            assert!(!after.self_preservation, "self-preservation engaged while disabled");
+            assert!(
+                !after.self_preservation,
+                "self-preservation engaged while disabled"
+            );
         }
         if let Some(alive) = sweep_alive {
             self.check_preservation_decision(alive, &after);
         }
         if matches!(op, Op::EndSelfPreservation) {
-            assert!(!after.self_preservation, "still in self-preservation after ending it");
+            assert!(
+                !after.self_preservation,
+                "still in self-preservation after ending it"
+            );
         }
 
         // The registry is what the model says it is.
-        assert_eq!(after, self.model.dump(after.self_preservation), "state after {op:?}");
+        assert_eq!(
+            after,
+            self.model.dump(after.self_preservation),
+            "state after {op:?}"
+        );
         for service in SERVICES {
             assert_eq!(
                 healthy_ids(&after_snapshot, service),
@@ -756,9 +845,49 @@ impl Harness {
 
         // Persist like the writer does: something to commit exactly when the index moved.
         let committed = self.store.commit(&mut self.reg);
-        assert_eq!(committed, after.index != before.index, "commit after {op:?}");
+        assert_eq!(
+            committed,
+            after.index != before.index,
+            "commit after {op:?}"
+        );
         assert_eq!(self.store.index, self.reg.index());
         self.check_restore(&after);
+    }
+
+    /// A stream resuming from any index shown since the last restart is told exactly which
+    /// services changed since, and whether each still exists.
+    fn check_streams(
+        &mut self,
+        snapshot: &muster_core::Snapshot,
+        after: &Dump,
+        touched: Option<BTreeSet<String>>,
+    ) {
+        let Some(touched) = touched else {
+            self.shown = vec![after.index];
+            self.touched.clear();
+            return;
+        };
+        if !touched.is_empty() {
+            self.touched.push((after.index, touched));
+        }
+        if self.shown.last() != Some(&after.index) {
+            self.shown.push(after.index);
+        }
+        for &since in &self.shown {
+            let expected: BTreeMap<String, bool> = self
+                .touched
+                .iter()
+                .filter(|(index, _)| *index > since)
+                .flat_map(|(_, names)| names.iter())
+                .map(|name| (name.clone(), after.services.contains_key(name)))
+                .collect();
+            assert_eq!(
+                stream_changes(snapshot, since),
+                expected,
+                "changes since {since} at {}",
+                after.index
+            );
+        }
     }
 
     /// Self-preservation's decision must follow from the counts it reports, and count the
@@ -772,7 +901,9 @@ impl Harness {
         if state.active {
             assert!(config.enabled);
             assert!(state.renewers_expected >= config.min_renewers.max(1));
-            assert!((state.renewers_alive as f64) < config.threshold * state.renewers_expected as f64);
+            assert!(
+                (state.renewers_alive as f64) < config.threshold * state.renewers_expected as f64
+            );
         }
     }
 
@@ -798,8 +929,15 @@ impl Harness {
             assert_eq!(got.spec, want.spec, "{key:?}");
             assert_eq!(got.maintenance, want.maintenance, "{key:?}");
             assert_eq!(got.create_index, want.create_index, "{key:?}");
-            assert_eq!(got.modify_index, self.store.instances[key].modify_index, "{key:?}");
-            assert_eq!(got.status, Status::Passing, "{key:?}: restored health is forgotten");
+            assert_eq!(
+                got.modify_index, self.store.instances[key].modify_index,
+                "{key:?}"
+            );
+            assert_eq!(
+                got.status,
+                Status::Passing,
+                "{key:?}: restored health is forgotten"
+            );
             assert_eq!(got.critical_since, None);
             let grace = match got.spec.keep_alive {
                 KeepAlive::Ttl(ttl) => u64::try_from(ttl.as_millis()).expect("fits"),
@@ -811,7 +949,11 @@ impl Harness {
             let want = &live.leases[id];
             assert_eq!(got.ttl_ms, want.ttl_ms, "lease {id}");
             assert_eq!(got.instances, want.instances, "lease {id}");
-            assert_eq!(got.deadline, now + got.ttl_ms, "lease {id}: one TTL of grace");
+            assert_eq!(
+                got.deadline,
+                now + got.ttl_ms,
+                "lease {id}: one TTL of grace"
+            );
         }
         for (name, index) in &r.services {
             let before = live.services[name];
@@ -847,8 +989,15 @@ fn check_structure(snapshot: &muster_core::Snapshot, dump: &Dump) {
                 .leases
                 .get(&lid)
                 .unwrap_or_else(|| panic!("{key:?} is bound to missing lease {lid}"));
-            assert!(lease.instances.contains(key), "lease {lid} does not list {key:?}");
-            assert_ne!(inst.status, Status::Critical, "lease-bound instances never lapse");
+            assert!(
+                lease.instances.contains(key),
+                "lease {lid} does not list {key:?}"
+            );
+            assert_ne!(
+                inst.status,
+                Status::Critical,
+                "lease-bound instances never lapse"
+            );
             let shared = Arc::ptr_eq(
                 &snapshot.instance(&key.0, &key.1).expect("present").liveness,
                 &snapshot.leases[&lid].liveness,
@@ -876,20 +1025,34 @@ fn check_indices(
     after_snapshot: &muster_core::Snapshot,
     after: &Dump,
     restart: bool,
-) {
+) -> Option<BTreeSet<String>> {
     assert!(after.index >= before.index, "index went back");
     for name in SERVICES {
-        let (b, a) = (before_snapshot.service_index(name), after_snapshot.service_index(name));
+        let (b, a) = (
+            before_snapshot.service_index(name),
+            after_snapshot.service_index(name),
+        );
         assert!(a >= b, "service_index({name}) went back from {b} to {a}");
     }
     for (name, index) in &after.services {
         if let Some(b) = before.services.get(name) {
-            assert!(index >= b, "index of service {name} went back from {b} to {index}");
+            assert!(
+                index >= b,
+                "index of service {name} went back from {b} to {index}"
+            );
         }
     }
     if restart {
-        assert_eq!(after.index, before.index + 1, "a restart moves the index one past");
-        return;
+        assert_eq!(
+            after.index,
+            before.index + 1,
+            "a restart moves the index one past"
+        );
+        assert!(
+            after_snapshot.changes_since(before.index, &[]).is_none(),
+            "a stream cannot resume across a restart"
+        );
+        return None;
     }
     let (bv, av) = (before.visible(), after.visible());
     let changed = bv != av;
@@ -901,23 +1064,39 @@ fn check_indices(
         after.index
     );
     if !changed {
-        assert_eq!(after.services, before.services, "service indices moved without a change");
+        assert_eq!(
+            after.services, before.services,
+            "service indices moved without a change"
+        );
         for (key, a) in &after.instances {
             assert_eq!(a.modify_index, before.instances[key].modify_index);
         }
-        return;
+        return Some(BTreeSet::new());
     }
-    assert_eq!(after.index, before.index + 1, "one command bumps the index once");
+    assert_eq!(
+        after.index,
+        before.index + 1,
+        "one command bumps the index once"
+    );
     let mut touched: BTreeSet<&str> = BTreeSet::new();
     for (key, a) in &after.instances {
         match bv.instances.get(key) {
             Some(b) if *b == av.instances[key] => {
-                assert_eq!(a.modify_index, before.instances[key].modify_index, "{key:?}");
-                assert_eq!(a.create_index, before.instances[key].create_index, "{key:?}");
+                assert_eq!(
+                    a.modify_index, before.instances[key].modify_index,
+                    "{key:?}"
+                );
+                assert_eq!(
+                    a.create_index, before.instances[key].create_index,
+                    "{key:?}"
+                );
             }
             Some(_) => {
                 assert_eq!(a.modify_index, after.index, "{key:?} changed");
-                assert_eq!(a.create_index, before.instances[key].create_index, "{key:?}");
+                assert_eq!(
+                    a.create_index, before.instances[key].create_index,
+                    "{key:?}"
+                );
                 touched.insert(&key.0);
             }
             None => {
@@ -936,7 +1115,51 @@ fn check_indices(
         if touched.contains(name.as_str()) {
             assert_eq!(*index, after.index, "service {name} changed");
         } else {
-            assert_eq!(Some(index), before.services.get(name), "service {name} did not change");
+            assert_eq!(
+                Some(index),
+                before.services.get(name),
+                "service {name} did not change"
+            );
         }
     }
+    Some(touched.into_iter().map(str::to_string).collect())
+}
+
+/// What `changes_since(since)` reports, asked for every service and for each name in turn:
+/// service name to whether it still exists. Panics when a name is reported twice.
+fn stream_changes(snapshot: &muster_core::Snapshot, since: u64) -> BTreeMap<String, bool> {
+    let collect = |changes: Vec<Change<'_>>| {
+        let mut out = BTreeMap::new();
+        for change in changes {
+            let (name, exists) = match change {
+                Change::Updated(s) => (s.name.to_string(), true),
+                Change::Removed(name) => (name.to_string(), false),
+            };
+            assert!(
+                out.insert(name.clone(), exists).is_none(),
+                "{name} reported twice"
+            );
+        }
+        out
+    };
+    let all = collect(
+        snapshot
+            .changes_since(since, &[])
+            .expect("within the replay horizon"),
+    );
+    let names: Vec<_> = SERVICES.iter().map(|s| svc(s)).collect();
+    let mut each = BTreeMap::new();
+    for name in &names {
+        let one = collect(
+            snapshot
+                .changes_since(since, std::slice::from_ref(name))
+                .expect("within the replay horizon"),
+        );
+        each.extend(one);
+    }
+    assert_eq!(
+        all, each,
+        "asking by name disagrees with asking for everything"
+    );
+    all
 }

@@ -24,7 +24,7 @@ use crate::support::{config_with_preservation, config_without_preservation};
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 256,
+        cases: 512,
         max_shrink_iters: 20_000,
         ..ProptestConfig::default()
     })]
