@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use muster_core::model::{DEFAULT_TTL, DEFAULT_WEIGHT};
 use muster_core::{
-    Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, LeaseId,
-    ServiceName, Snapshot, Status,
+    Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, LeaseId, ServiceName, Snapshot,
+    Status,
 };
 use serde_json::json;
 
@@ -282,7 +282,11 @@ pub async fn heartbeat(
     metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
     if inst.status != Status::Critical {
         let health = render::health(inst.health());
-        return Ok(value_response(StatusCode::OK, &snap, json!({"health": health})));
+        return Ok(value_response(
+            StatusCode::OK,
+            &snap,
+            json!({"health": health}),
+        ));
     }
     // Bring it back into discovery now rather than at the next sweep.
     state.writer().submit(Command::Sweep).await?;
@@ -290,7 +294,11 @@ pub async fn heartbeat(
     let health = snap
         .instance(service.as_str(), id.as_str())
         .map(|i| render::health(i.health()));
-    Ok(value_response(StatusCode::OK, &snap, json!({"health": health})))
+    Ok(value_response(
+        StatusCode::OK,
+        &snap,
+        json!({"health": health}),
+    ))
 }
 
 /// `PUT .../maintenance` with an optional `{"reason": "..."}`: hide the instance from

@@ -2,5 +2,6 @@
 
 mod api;
 mod expiry;
+mod openapi;
 mod support;
 mod watch;
