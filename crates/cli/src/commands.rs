@@ -258,7 +258,9 @@ async fn watch(client: &Client, a: WatchArgs, out: &mut impl Write) -> anyhow::R
             }
         }
     }
-    Ok(())
+    // The stream only ends when the agent ends it (e.g. it shut down): that is a failure
+    // for a command that runs until interrupted.
+    anyhow::bail!("the agent closed the stream")
 }
 
 #[derive(Debug, Default)]

@@ -41,19 +41,26 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     body["ttl"] = serde_json::json!(humantime::format_duration(args.ttl).to_string());
 
+    // Listen for TERM and INT before the child exists, so a signal that arrives while
+    // registering still reaches the child instead of orphaning it.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut child = Command::new(&args.command[0])
         .args(&args.command[1..])
         .spawn()
         .with_context(|| format!("cannot start {:?}", args.command[0]))?;
-    if let Err(e) = client.call(Method::PUT, &path, Some(&body)).await {
+    let registered = tokio::select! {
+        r = bounded(args.ttl, client.call(Method::PUT, &path, Some(&body))) => r.map(|_| ()),
+        _ = term.recv() => Err(anyhow::anyhow!("interrupted by TERM")),
+        _ = int.recv() => Err(anyhow::anyhow!("interrupted by INT")),
+    };
+    if let Err(e) = registered {
         let _ = child.start_kill();
         let _ = child.wait().await;
         return Err(e.context("registration failed; the command was stopped"));
     }
     eprintln!("muster: registered {}/{id}", args.service);
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let heartbeat_path = format!("{path}/heartbeat");
     let period = args.ttl / 3;
     let mut next = tokio::time::Instant::now() + jittered(period);
@@ -64,10 +71,14 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = int.recv() => break Outcome::Signal(Signal::SIGINT),
             () = tokio::time::sleep_until(next) => {
                 next = tokio::time::Instant::now() + jittered(period);
-                match client.send(Method::PUT, &heartbeat_path, None).await {
+                // A heartbeat later than the period is worthless; bounding the calls keeps an
+                // agent that stopped answering from blocking child exits and signals.
+                let beat = client.send(Method::PUT, &heartbeat_path, None);
+                match bounded(period, beat).await {
                     Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
                         // The agent forgot us (evicted, or a wiped agent): register again.
-                        if let Err(e) = client.call(Method::PUT, &path, Some(&body)).await {
+                        let again = client.call(Method::PUT, &path, Some(&body));
+                        if let Err(e) = bounded(period, again).await {
                             eprintln!("muster: re-registration failed: {e:#}");
                         }
                     }
@@ -78,7 +89,9 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    if let Err(e) = client.call(Method::DELETE, &path, None).await {
+    // Past the TTL the instance lapses anyway; do not wait longer for the agent.
+    let deregister = client.call(Method::DELETE, &path, None);
+    if let Err(e) = bounded(args.ttl, deregister).await {
         eprintln!("muster: deregistration failed: {e:#}");
     } else {
         eprintln!("muster: deregistered {}/{id}", args.service);
@@ -99,6 +112,16 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
             Ok(exit_code(status))
         }
     }
+}
+
+/// `call`, failing if it takes longer than `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the agent did not answer within {limit:?}")))
 }
 
 enum Outcome {

@@ -1,0 +1,280 @@
+//! The client commands against a running agent.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{Agent, free_port, muster, muster_command, run_cmd};
+
+/// The rows of a table the CLI printed, cells split on whitespace, header checked and skipped.
+fn rows(table: &str, header: &[&str]) -> Vec<Vec<String>> {
+    let mut lines = table.lines();
+    let head: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(head, header, "unexpected table header in:\n{table}");
+    lines
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+const DISCOVER_HEADER: &[&str] = &["ID", "ADDRESS", "HEALTH", "ZONE", "TAGS"];
+
+/// The rows of `muster discover SERVICE [extra]`.
+async fn discover_rows(agent: &Agent, service: &str, extra: &[&str]) -> Vec<Vec<String>> {
+    let mut args = vec!["discover", service];
+    args.extend_from_slice(extra);
+    let out = muster(&agent.addr, &args).await.ok();
+    rows(&out.stdout, DISCOVER_HEADER)
+}
+
+async fn register_web_1(agent: &Agent) {
+    let out = muster(
+        &agent.addr,
+        &[
+            "register", "web", "web-1", "--port", "8080", "--tag", "v1", "--meta", "ver=1",
+            "--zone", "a", "--ttl", "30s",
+        ],
+    )
+    .await
+    .ok();
+    assert!(
+        out.stdout
+            .contains("registered web/web-1 at 127.0.0.1:8080"),
+        "{out:#?}"
+    );
+}
+
+#[tokio::test]
+async fn registered_instance_shows_in_discover_services_and_status() {
+    let agent = Agent::dev().await;
+    register_web_1(&agent).await;
+
+    // The table.
+    let table = discover_rows(&agent, "web", &[]).await;
+    assert_eq!(
+        table,
+        vec![vec!["web-1", "127.0.0.1:8080", "passing", "a", "v1"]],
+        "discover web"
+    );
+
+    // The JSON answer, with everything the flags set.
+    let out = muster(&agent.addr, &["discover", "web", "--json"])
+        .await
+        .ok();
+    let v: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("discover --json is not JSON ({e}):\n{}", out.stdout));
+    let instances = v["instances"].as_array().expect("instances array");
+    assert_eq!(instances.len(), 1, "{v:#}");
+    let i = &instances[0];
+    assert_eq!(i["id"], "web-1");
+    assert_eq!(i["port"], 8080);
+    assert_eq!(i["address"], "127.0.0.1");
+    assert_eq!(i["tags"], json!(["v1"]));
+    assert_eq!(i["meta"], json!({"ver": "1"}));
+    assert_eq!(i["zone"], "a");
+    assert_eq!(i["ttl"], "30s");
+    assert_eq!(i["health"], "passing");
+
+    // services: web with 1 healthy of 1.
+    let out = muster(&agent.addr, &["services"]).await.ok();
+    assert_eq!(
+        rows(&out.stdout, &["SERVICE", "HEALTHY", "INSTANCES", "TAGS"]),
+        vec![vec!["web", "1", "1", "v1"]],
+        "services"
+    );
+
+    // status: the agent's node and its current index.
+    let index = agent.index().await;
+    assert!(index > 0);
+    let out = muster(&agent.addr, &["status"]).await.ok();
+    let field = |name: &str| {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("status prints no {name}:\n{}", out.stdout))
+    };
+    assert_eq!(field("index"), index.to_string());
+    assert_eq!(field("node"), agent.node);
+    assert_eq!(field("services"), "1");
+    assert_eq!(field("instances"), "1");
+}
+
+#[tokio::test]
+async fn maintenance_hides_an_instance_from_discover_until_turned_off() {
+    let agent = Agent::dev().await;
+    register_web_1(&agent).await;
+    assert_eq!(discover_rows(&agent, "web", &[]).await.len(), 1);
+
+    let out = muster(
+        &agent.addr,
+        &["maintenance", "web", "web-1", "--reason", "upgrade"],
+    )
+    .await
+    .ok();
+    assert!(out.stdout.contains("web/web-1: in maintenance"), "{out:#?}");
+    assert!(
+        discover_rows(&agent, "web", &[]).await.is_empty(),
+        "an instance in maintenance must not be discovered"
+    );
+    // Still registered, and says why.
+    let all = discover_rows(&agent, "web", &["--health", "any"]).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0][0], "web-1");
+    assert_eq!(all[0][2], "maintenance");
+    let (_, v) = agent.get_json("/api/v1/services/web/instances/web-1").await;
+    assert_eq!(v["maintenance_reason"], "upgrade");
+
+    let out = muster(&agent.addr, &["maintenance", "web", "web-1", "--off"])
+        .await
+        .ok();
+    assert!(
+        out.stdout.contains("web/web-1: maintenance off"),
+        "{out:#?}"
+    );
+    let table = discover_rows(&agent, "web", &[]).await;
+    assert_eq!(table.len(), 1, "{table:?}");
+    assert_eq!(table[0][0], "web-1");
+    assert_eq!(table[0][2], "passing");
+}
+
+#[tokio::test]
+async fn deregister_removes_the_instance() {
+    let agent = Agent::dev().await;
+    register_web_1(&agent).await;
+
+    let out = muster(&agent.addr, &["deregister", "web", "web-1"])
+        .await
+        .ok();
+    assert!(out.stdout.contains("deregistered web/web-1"), "{out:#?}");
+    assert!(
+        discover_rows(&agent, "web", &["--health", "any"])
+            .await
+            .is_empty()
+    );
+    let r = agent
+        .http
+        .get(agent.url("/api/v1/services/web/instances/web-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let out = muster(&agent.addr, &["services"]).await.ok();
+    assert_eq!(out.stdout.lines().count(), 1, "only the header: {out:#?}");
+
+    // Deregistering what is not there is an error that names it.
+    let out = muster(&agent.addr, &["deregister", "web", "web-1"]).await;
+    assert_ne!(out.code, 0, "{out:#?}");
+    assert!(out.stderr.contains("web-1"), "{out:#?}");
+}
+
+#[tokio::test]
+async fn muster_http_addr_env_var_points_commands_at_the_agent() {
+    let agent = Agent::dev().await;
+    let mut cmd = muster_command(&["register", "env", "env-1", "--port", "7000"]);
+    cmd.env("MUSTER_HTTP_ADDR", &agent.addr);
+    run_cmd(cmd).await.ok();
+    assert_eq!(agent.instance_ids("env", None).await, vec!["env-1"]);
+
+    let mut cmd = muster_command(&["discover", "env"]);
+    cmd.env("MUSTER_HTTP_ADDR", &agent.addr);
+    let out = run_cmd(cmd).await.ok();
+    assert_eq!(
+        rows(&out.stdout, DISCOVER_HEADER),
+        vec![vec!["env-1", "127.0.0.1:7000", "passing", "-", "-"]]
+    );
+
+    // An http:// URL works as well as host:port.
+    let url = format!("http://{}/", agent.addr);
+    let out = muster(&url, &["discover", "env"]).await.ok();
+    assert!(out.stdout.contains("env-1"), "{out:#?}");
+}
+
+#[tokio::test]
+async fn rejected_requests_exit_nonzero_naming_the_field() {
+    let agent = Agent::dev().await;
+
+    let cases: &[(&[&str], &str)] = &[
+        (&["register", "web", "web-1", "--port", "0"], "port"),
+        (&["register", "Web", "web-1", "--port", "80"], "service"),
+        (
+            &["register", "web", "web-1", "--port", "80", "--ttl", "soon"],
+            "ttl",
+        ),
+        (&["discover", "web", "--health", "sometimes"], "health"),
+    ];
+    for (args, field) in cases {
+        let out = muster(&agent.addr, args).await;
+        assert_ne!(out.code, 0, "muster {args:?} must fail: {out:#?}");
+        assert!(
+            out.stderr.contains("400") && out.stderr.contains(&format!("{field}:")),
+            "muster {args:?}: stderr should name the field {field:?}: {out:#?}"
+        );
+        assert!(out.stdout.is_empty(), "{out:#?}");
+    }
+    // Nothing was registered by any of them.
+    let (_, v) = agent.get_json("/api/v1/services").await;
+    assert_eq!(v["services"], json!([]), "{v:#}");
+}
+
+#[tokio::test]
+async fn commands_without_an_agent_fail_and_say_to_start_one() {
+    // Nothing listens on a port that was just released.
+    let addr = format!("127.0.0.1:{}", free_port());
+    for args in [
+        &["services"][..],
+        &["discover", "web"],
+        &["register", "web", "web-1", "--port", "80"],
+        &["status"],
+    ] {
+        let out = muster(&addr, args).await;
+        assert_ne!(out.code, 0, "muster {args:?}: {out:#?}");
+        assert!(
+            out.stderr.contains("muster agent") && out.stderr.contains(&addr),
+            "muster {args:?} should point at `muster agent` and the address: {out:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn help_describes_the_commands_and_the_agent_flags() {
+    let out = run_cmd(muster_command(&["--help"])).await.ok();
+    for command in [
+        "agent",
+        "register",
+        "deregister",
+        "heartbeat",
+        "services",
+        "discover",
+        "watch",
+        "status",
+        "maintenance",
+        "run",
+    ] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{command} "))),
+            "`muster --help` does not list {command}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stdout.contains("--http-addr"), "{}", out.stdout);
+
+    let out = run_cmd(muster_command(&["agent", "--help"])).await.ok();
+    for flag in [
+        "--http-addr",
+        "--data-dir",
+        "--dev",
+        "--log",
+        "--evict-after",
+    ] {
+        assert!(
+            out.stdout.contains(flag),
+            "`muster agent --help` does not mention {flag}:\n{}",
+            out.stdout
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! Integration tests that drive the real `muster` binary as a process: the agent, the client
+//! commands, `muster watch`, `muster run`, and crash/restart durability.
+//!
+//! Every test starts its own agent on a free port and kills every process it started when it
+//! ends (see `support`). Nothing waits a fixed time for something to happen: conditions are
+//! polled against a deadline.
+
+mod cli;
+mod crash;
+mod restart;
+mod run;
+mod support;
+mod watch;
