@@ -31,6 +31,10 @@ pub struct Limits {
     /// Longest TTL accepted.
     #[serde(with = "humantime_serde_compat")]
     pub max_ttl: Duration,
+    /// Most instances the registry holds; registering a new one beyond is refused.
+    pub max_instances: usize,
+    /// Most leases the registry holds.
+    pub max_leases: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +47,8 @@ impl Default for Limits {
             max_meta_value_len: 512,
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(24 * 3600),
+            max_instances: 1_000_000,
+            max_leases: 100_000,
         }
     }
 }

@@ -172,6 +172,16 @@ pub enum RegistryError {
     /// No such lease.
     #[error("lease {0} does not exist (it expired, was revoked, or was never created)")]
     UnknownLease(LeaseId),
+    /// A configured capacity is reached.
+    #[error("the registry already holds {limit} {what} ({setting}); deregister some or raise the limit")]
+    Full {
+        /// What is full: "instances" or "leases".
+        what: &'static str,
+        /// The configured limit.
+        limit: usize,
+        /// The setting that raises it.
+        setting: &'static str,
+    },
 }
 
 /// An instance as the store keeps it: what survives a restart.
@@ -324,7 +334,9 @@ impl Registry {
             // Health seen before the restart is gone, so every service reads as changed at
             // the restart's index: a blocking query parked on the old state wakes up.
             svc.index = index;
-            svc.instances.insert(id, Arc::new(instance));
+            if svc.instances.insert(id, Arc::new(instance)).is_none() {
+                reg.state.instance_total += 1;
+            }
         }
         (reg, warnings)
     }
@@ -376,6 +388,13 @@ impl Registry {
             } => self.set_maintenance(service, id, reason),
             Command::CreateLease { ttl } => {
                 let limits = &self.config.limits;
+                if self.state.leases.len() >= limits.max_leases {
+                    return Err(RegistryError::Full {
+                        what: "leases",
+                        limit: limits.max_leases,
+                        setting: "limits.max_leases",
+                    });
+                }
                 if ttl < limits.min_ttl || ttl > limits.max_ttl {
                     return Err(ValidationError::new(
                         "ttl",
@@ -458,6 +477,14 @@ impl Registry {
             KeepAlive::Ttl(_) => None,
         };
         let old = self.state.instance(service.as_str(), id.as_str()).cloned();
+        let limit = self.config.limits.max_instances;
+        if old.is_none() && self.state.instance_total >= limit {
+            return Err(RegistryError::Full {
+                what: "instances",
+                limit,
+                setting: "limits.max_instances",
+            });
+        }
 
         // A registration is the first heartbeat.
         let liveness = match (spec.keep_alive, &old) {
@@ -567,8 +594,13 @@ impl Registry {
             .or_insert_with(|| Arc::new(Service::new(name)));
         let svc = Arc::make_mut(svc);
         svc.index = index;
-        svc.instances
-            .insert(instance.id.clone(), Arc::new(instance));
+        if svc
+            .instances
+            .insert(instance.id.clone(), Arc::new(instance))
+            .is_none()
+        {
+            self.state.instance_total += 1;
+        }
     }
 
     /// Changes an instance's health without persisting it (health is not stored).
@@ -597,6 +629,7 @@ impl Registry {
         let Some(old) = svc_mut.instances.remove(id.as_str()) else {
             return;
         };
+        self.state.instance_total -= 1;
         svc_mut.index = index;
         let now_empty = svc_mut.instances.is_empty();
         if now_empty {

@@ -108,6 +108,8 @@ pub struct Snapshot {
     pub replay_horizon: u64,
     /// Whether self-preservation is holding back expirations.
     pub self_preservation: bool,
+    /// Instances in all services, kept as they come and go.
+    pub(crate) instance_total: usize,
 }
 
 /// What changed for one service since a given index.
@@ -138,7 +140,7 @@ impl Snapshot {
 
     /// The number of instances in all services.
     pub fn instance_count(&self) -> usize {
-        self.services.values().map(|s| s.instances.len()).sum()
+        self.instance_total
     }
 
     /// Services among `names` (every service when `names` is empty) that changed after

@@ -974,6 +974,11 @@ fn check_structure(snapshot: &muster_core::Snapshot, dump: &Dump) {
         with_instances,
         "services without instances, or instances without a service"
     );
+    assert_eq!(
+        snapshot.instance_count(),
+        dump.instances.len(),
+        "the kept instance count drifted from the instances held"
+    );
     for (id, lease) in &dump.leases {
         for key in &lease.instances {
             let inst = dump
