@@ -43,6 +43,9 @@ pub const INSTANCES: &str = "muster_instances";
 /// Services with at least one instance.
 pub const SERVICES: &str = "muster_services";
 
+/// How often queued histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The process-wide recorder. Installed on first use; several agents in one process (tests)
 /// share it.
 pub fn handle() -> &'static PrometheusHandle {
@@ -70,6 +73,20 @@ pub fn handle() -> &'static PrometheusHandle {
         // Another recorder may already be installed (an embedding program's); then ours
         // still renders what is recorded through it, which is nothing, and that is its call.
         let _ = metrics::set_global_recorder(recorder);
+        // Histogram samples queue up until drained; without a scrape they would grow with
+        // traffic (about 16 bytes a request). Drain them on a timer, off the runtime.
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start metrics upkeep; histograms drain only when scraped");
+        }
         handle
     })
 }
