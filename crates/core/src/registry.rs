@@ -173,7 +173,9 @@ pub enum RegistryError {
     #[error("lease {0} does not exist (it expired, was revoked, or was never created)")]
     UnknownLease(LeaseId),
     /// A configured capacity is reached.
-    #[error("the registry already holds {limit} {what} ({setting}); deregister some or raise the limit")]
+    #[error(
+        "the registry already holds {limit} {what} ({setting}); deregister some or raise the limit"
+    )]
     Full {
         /// What is full: "instances" or "leases".
         what: &'static str,
@@ -211,7 +213,8 @@ pub struct StoredLease {
 }
 
 /// A change the store must make durable.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mutation {
     /// Write an instance.
     PutInstance(StoredInstance),

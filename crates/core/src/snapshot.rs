@@ -5,7 +5,7 @@
 //! whole when anything in it changes, which is what lets readers cache its rendered answers
 //! (see [`Service::rendered`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -22,8 +22,9 @@ pub struct Service {
     /// The index of the last change to this service, deletions of its instances included,
     /// so it never goes backwards while the service exists.
     pub index: u64,
-    /// Instances by id.
-    pub instances: BTreeMap<InstanceId, Arc<Instance>>,
+    /// Instances by id. A persistent map: changing one instance of a large service copies
+    /// O(log n) of it, not the whole service.
+    pub instances: OrdMap<InstanceId, Arc<Instance>>,
     rendered: OnceLock<Bytes>,
 }
 
@@ -44,7 +45,7 @@ impl Service {
         Service {
             name,
             index: 0,
-            instances: BTreeMap::new(),
+            instances: OrdMap::new(),
             rendered: OnceLock::new(),
         }
     }

@@ -6,10 +6,11 @@
 //! # Layout
 //!
 //! - [`memory`]: keeps nothing across restarts; for `--dev` and tests.
-//! - [`redb`]: the default, an embedded copy-on-write B-tree that fsyncs every commit.
+//! - [`redb`]: the default, an embedded copy-on-write B-tree behind a write-ahead log.
 
 pub mod memory;
 pub mod redb;
+mod wal;
 
 use muster_core::{Mutation, StoredInstance, StoredLease};
 

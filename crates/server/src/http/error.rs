@@ -53,9 +53,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::UnknownLease(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_lease", e.to_string())
             }
-            RegistryError::Full { .. } => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "registry_full", e.to_string())
-            }
+            RegistryError::Full { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "registry_full",
+                e.to_string(),
+            ),
             _ => ApiError::new(StatusCode::BAD_REQUEST, "rejected", e.to_string()),
         }
     }

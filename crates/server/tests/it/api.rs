@@ -458,7 +458,11 @@ async fn registry_capacity_is_enforced_with_429_and_replacements_still_work() {
     a.register("web", "w1", instance(80)).await;
     a.register("web", "w2", instance(81)).await;
     let r = a
-        .call(Method::PUT, "/api/v1/services/web/instances/w3", Some(instance(82)))
+        .call(
+            Method::PUT,
+            "/api/v1/services/web/instances/w3",
+            Some(instance(82)),
+        )
         .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.error_code(), "registry_full");
@@ -466,14 +470,20 @@ async fn registry_capacity_is_enforced_with_429_and_replacements_still_work() {
     assert_eq!(a.healthy_ids("web").await, ["w1", "w2"]);
 
     // Replacing an existing instance is not growth; freeing a slot lets a new one in.
-    a.register("web", "w2", json!({"address": "10.0.0.2", "port": 81})).await;
-    a.call(Method::DELETE, "/api/v1/services/web/instances/w1", None).await;
+    a.register("web", "w2", json!({"address": "10.0.0.2", "port": 81}))
+        .await;
+    a.call(Method::DELETE, "/api/v1/services/web/instances/w1", None)
+        .await;
     a.register("web", "w3", instance(82)).await;
     assert_eq!(a.get("/api/v1/status").await.body["instances"], 2);
 
-    let first = a.call(Method::POST, "/api/v1/leases", Some(json!({"ttl": "30s"}))).await;
+    let first = a
+        .call(Method::POST, "/api/v1/leases", Some(json!({"ttl": "30s"})))
+        .await;
     assert_eq!(first.status, StatusCode::CREATED);
-    let second = a.call(Method::POST, "/api/v1/leases", Some(json!({"ttl": "30s"}))).await;
+    let second = a
+        .call(Method::POST, "/api/v1/leases", Some(json!({"ttl": "30s"})))
+        .await;
     assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(second.error_message().contains("limits.max_leases"));
 }
