@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use muster_server::{Agent, AgentConfig};
 use muster_store::{MemoryStore, RedbStore, Store};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -26,6 +26,23 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
         c.http_addr = addr.parse().with_context(|| {
             format!("--http-addr {addr:?} must be an IP address and port, e.g. 127.0.0.1:8500")
         })?;
+    }
+    if let Some(addr) = &args.dns_addr {
+        c.dns_addr = addr.parse().with_context(|| {
+            format!("--dns-addr {addr:?} must be an IP address and port, e.g. 127.0.0.1:8600")
+        })?;
+    }
+    if let Some(d) = &args.dns_domain {
+        c.dns_domain = d.clone();
+    }
+    c.dns.only_passing |= args.dns_only_passing;
+    if !args.dns_recursors.is_empty() {
+        c.dns.recursors = args
+            .dns_recursors
+            .iter()
+            .map(|r| muster_server::config::parse_recursor(r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--dns-recursor: {e}"))?;
     }
     if let Some(d) = &args.data_dir {
         c.data_dir = d.clone();
@@ -92,6 +109,15 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             config.http_addr
         )
     })?;
+    let dns_hint = |proto: &str| {
+        format!(
+            "cannot listen for DNS on {} ({proto}); is another agent or a DNS server using it? \
+             choose another with --dns-addr",
+            config.dns_addr
+        )
+    };
+    let (udp, tcp) = bind_dns(config.dns_addr, dns_hint).await?;
+    let dns_addr = udp.local_addr()?;
     let shutdown = CancellationToken::new();
     let addr = listener.local_addr()?;
     let data = if config.dev {
@@ -99,8 +125,10 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
     } else {
         config.data_dir.display().to_string()
     };
-    let agent = Agent::open(config, store, shutdown.clone()).await?;
-    tracing::info!(http = %addr, data = %data, "muster agent ready");
+    let domain = config.dns_domain.clone();
+    let mut agent = Agent::open(config, store, shutdown.clone()).await?;
+    agent.serve_dns(udp, tcp)?;
+    tracing::info!(http = %addr, dns = %dns_addr, domain = %domain, data = %data, "muster agent ready");
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
@@ -108,6 +136,24 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
     });
     agent.serve(listener).await?;
     Ok(())
+}
+
+/// Binds UDP and TCP on one address. With port 0, TCP takes the port the kernel gave UDP,
+/// trying a few times in case that port is taken for TCP.
+async fn bind_dns(
+    addr: std::net::SocketAddr,
+    hint: impl Fn(&str) -> String,
+) -> anyhow::Result<(UdpSocket, TcpListener)> {
+    let mut attempts = if addr.port() == 0 { 10 } else { 1 };
+    loop {
+        let udp = UdpSocket::bind(addr).await.with_context(|| hint("UDP"))?;
+        let bound = udp.local_addr()?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(_) if attempts > 1 => attempts -= 1,
+            Err(e) => return Err(e).with_context(|| hint("TCP")),
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -179,6 +225,43 @@ mod tests {
     }
 
     #[test]
+    fn dns_flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("muster.toml");
+        std::fs::write(
+            &file,
+            "dns_domain = \"example\"\n[dns]\nonly_passing = false\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let (http, args) = agent_args(&[
+            "muster",
+            "agent",
+            "--config",
+            path,
+            "--dns-addr",
+            "127.0.0.1:5353",
+            "--dns-domain",
+            "consul",
+            "--dns-only-passing",
+            "--dns-recursor",
+            "192.0.2.1",
+            "--dns-recursor",
+            "192.0.2.2:5300",
+        ]);
+        let c = config(http.as_deref(), &args).unwrap();
+        assert_eq!(c.dns_addr.port(), 5353);
+        assert_eq!(c.dns_domain, "consul");
+        assert!(c.dns.only_passing);
+        assert_eq!(c.dns.recursors.len(), 2);
+        assert_eq!(c.dns.recursors[0].port(), 53);
+        let (http, args) = agent_args(&["muster", "agent"]);
+        let c = config(http.as_deref(), &args).unwrap();
+        assert_eq!(c.dns_addr.to_string(), "127.0.0.1:8600");
+        assert_eq!(c.dns_domain, "muster");
+    }
+
+    #[test]
     fn bad_settings_are_refused_with_the_reason() {
         let (http, args) = agent_args(&["muster", "--http-addr", "localhost", "agent"]);
         let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());
@@ -187,6 +270,14 @@ mod tests {
         let (http, args) = agent_args(&["muster", "agent", "--self-preservation-threshold", "1.5"]);
         let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());
         assert!(err.contains("threshold"), "{err}");
+
+        let (http, args) = agent_args(&["muster", "agent", "--dns-addr", "8600"]);
+        let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());
+        assert!(err.contains("--dns-addr"), "{err}");
+
+        let (http, args) = agent_args(&["muster", "agent", "--dns-recursor", "dns.google"]);
+        let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());
+        assert!(err.contains("--dns-recursor"), "{err}");
 
         let (http, args) = agent_args(&["muster", "agent", "--config", "/nonexistent/muster.toml"]);
         let err = format!("{:#}", config(http.as_deref(), &args).unwrap_err());

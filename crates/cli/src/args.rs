@@ -83,6 +83,19 @@ pub struct AgentArgs {
     /// Fewer renewers than this and self-preservation never engages [default: 5].
     #[arg(long)]
     pub self_preservation_min: Option<usize>,
+    /// DNS address, UDP and TCP (IP:port) [default: 127.0.0.1:8600].
+    #[arg(long, env = "MUSTER_DNS_ADDR")]
+    pub dns_addr: Option<String>,
+    /// DNS domain answered [default: muster]; `consul` makes muster a drop-in for Consul DNS.
+    #[arg(long)]
+    pub dns_domain: Option<String>,
+    /// Serve only passing instances over DNS (by default warning ones are served too).
+    #[arg(long)]
+    pub dns_only_passing: bool,
+    /// Resolver to forward names outside the DNS domain to (IP or IP:port); repeatable.
+    /// Without one, such names are refused.
+    #[arg(long = "dns-recursor")]
+    pub dns_recursors: Vec<String>,
     /// Log filter, e.g. info or muster_server=debug [default: info].
     #[arg(long, env = "MUSTER_LOG", default_value = "info")]
     pub log: String,

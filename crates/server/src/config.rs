@@ -1,6 +1,7 @@
 //! The agent's settings: a config file (`--config muster.toml`) whose values command-line
 //! flags override. Every bound a client can hit is here, with its default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +16,12 @@ use serde::{Deserialize, Serialize};
 pub struct AgentConfig {
     /// HTTP listener.
     pub http_addr: SocketAddr,
+    /// DNS listener, UDP and TCP on the same address.
+    pub dns_addr: SocketAddr,
+    /// The DNS domain answered (`muster`; `consul` for drop-in use with Consul DNS setups).
+    pub dns_domain: String,
+    /// DNS answers: TTLs, health filter, recursors, size and connection bounds.
+    pub dns: DnsConfig,
     /// Where redb keeps its file.
     pub data_dir: PathBuf,
     /// Keep everything in memory, nothing on disk.
@@ -43,6 +50,9 @@ impl Default for AgentConfig {
     fn default() -> AgentConfig {
         AgentConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8500)),
+            dns_addr: SocketAddr::from(([127, 0, 0, 1], 8600)),
+            dns_domain: "muster".into(),
+            dns: DnsConfig::default(),
             data_dir: PathBuf::from("./muster-data"),
             dev: false,
             datacenter: "dc1".into(),
@@ -54,6 +64,130 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             self_preservation: PreservationConfig::default(),
         }
+    }
+}
+
+/// How the DNS interface answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// TTL of service answers unless `service_ttl` names the service.
+    #[serde(with = "humantime_serde_compat")]
+    pub ttl: Duration,
+    /// TTL per service name; a trailing `*` matches a prefix (`web*`), the longest match wins.
+    #[serde(with = "duration_map")]
+    pub service_ttl: BTreeMap<String, Duration>,
+    /// TTL of node, addr, SOA and NS answers.
+    #[serde(with = "humantime_serde_compat")]
+    pub node_ttl: Duration,
+    /// Serve passing instances only (by default warning instances are served too).
+    pub only_passing: bool,
+    /// Resolvers that names outside the domain are forwarded to, in order (`ip` or `ip:port`).
+    /// None: such names are refused.
+    #[serde(with = "recursor_list")]
+    pub recursors: Vec<SocketAddr>,
+    /// How long one recursor has to answer before the next is tried.
+    #[serde(with = "humantime_serde_compat")]
+    pub recursor_timeout: Duration,
+    /// Most A/AAAA/SRV records in a UDP answer to a query without EDNS; 0: as many as fit in
+    /// 512 bytes. Consul's default is 3. Records left out this way do not set TC.
+    pub udp_answer_limit: usize,
+    /// A TCP connection with no complete query for this long is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub tcp_idle_timeout: Duration,
+    /// Most TCP connections served at once; more are closed on accept.
+    pub max_tcp_connections: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> DnsConfig {
+        DnsConfig {
+            ttl: Duration::ZERO,
+            service_ttl: BTreeMap::new(),
+            node_ttl: Duration::ZERO,
+            only_passing: false,
+            recursors: Vec::new(),
+            recursor_timeout: Duration::from_secs(2),
+            udp_answer_limit: 0,
+            tcp_idle_timeout: Duration::from_secs(10),
+            max_tcp_connections: 512,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The TTL of `service`'s answers.
+    pub fn ttl_of(&self, service: &str) -> Duration {
+        if let Some(ttl) = self.service_ttl.get(service) {
+            return *ttl;
+        }
+        self.service_ttl
+            .iter()
+            .filter_map(|(k, v)| {
+                let prefix = k.strip_suffix('*')?;
+                service.starts_with(prefix).then_some((prefix.len(), *v))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map_or(self.ttl, |(_, v)| v)
+    }
+}
+
+/// Parses a recursor as `ip` (port 53) or `ip:port`.
+pub fn parse_recursor(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    text.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("recursor {text:?} must be an IP address, optionally with :port"))
+}
+
+mod recursor_list {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[SocketAddr], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|a| a.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|t| super::parse_recursor(t).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+mod duration_map {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        v: &BTreeMap<String, Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            v.iter()
+                .map(|(k, d)| (k, humantime::format_duration(*d).to_string())),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                humantime::parse_duration(&v)
+                    .map(|d| (k, d))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
     }
 }
 
@@ -96,6 +230,31 @@ mod tests {
         assert_eq!(c.limits.max_meta, Limits::default().max_meta);
         assert_eq!(c.self_preservation.threshold, 0.5);
         assert!(c.self_preservation.enabled);
+    }
+
+    #[test]
+    fn dns_settings_have_defaults_and_per_service_ttls() {
+        let c = AgentConfig::from_toml(
+            r#"
+            dns_domain = "consul"
+            [dns]
+            ttl = "5s"
+            recursors = ["192.0.2.1", "192.0.2.2:5353"]
+            [dns.service_ttl]
+            "web*" = "30s"
+            "web-admin" = "1s"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.dns_addr.port(), 8600);
+        assert_eq!(c.dns_domain, "consul");
+        assert_eq!(c.dns.ttl_of("db"), Duration::from_secs(5));
+        assert_eq!(c.dns.ttl_of("web-api"), Duration::from_secs(30));
+        assert_eq!(c.dns.ttl_of("web-admin"), Duration::from_secs(1));
+        assert_eq!(c.dns.recursors[0].port(), 53);
+        assert_eq!(c.dns.recursors[1].port(), 5353);
+        assert_eq!(AgentConfig::default().dns.ttl_of("x"), Duration::ZERO);
+        assert!(AgentConfig::from_toml("[dns]\nrecursors = [\"nope\"]").is_err());
     }
 
     #[test]

@@ -6,15 +6,17 @@
 //! - [`writer`]: the single writer; group commit to the store, then snapshot publication.
 //! - [`sweeper`]: the timer that asks the writer to apply lapses, evictions and expiries.
 //! - [`http`]: the router: native API, watches, metrics, health.
+//! - [`dns`]: the DNS interface (UDP and TCP), answering from the same snapshots.
 //! - [`telemetry`]: metric names and the Prometheus recorder.
 //! - [`clock`]: tokio's clock as the registry's time.
 //!
-//! [`Agent::open`] loads the store and starts the writer and sweeper; [`Agent::serve`] takes
-//! an already bound listener and a shutdown token, so tests bind port 0 and run many agents
-//! in one process.
+//! [`Agent::open`] loads the store and starts the writer and sweeper; [`Agent::serve_dns`]
+//! and [`Agent::serve`] take already bound sockets and stop on the shutdown token, so tests
+//! bind port 0 and run many agents in one process.
 
 pub mod clock;
 pub mod config;
+pub mod dns;
 pub mod http;
 pub mod sweeper;
 pub mod telemetry;
@@ -25,7 +27,7 @@ use std::sync::atomic::AtomicUsize;
 
 use muster_core::{Registry, Snapshot, Time};
 use muster_store::{Store, StoreError};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -81,6 +83,10 @@ pub enum ServerError {
     /// Serving failed.
     #[error("HTTP server failed: {0}")]
     Io(#[from] std::io::Error),
+    /// DNS cannot be served: the domain or datacenter is no valid DNS name, or the socket
+    /// cannot be set up.
+    #[error("DNS: {0}")]
+    Dns(#[from] dns::answer::DnsSettingError),
 }
 
 /// A running registry: writer and sweeper started, ready to serve.
@@ -148,6 +154,19 @@ impl Agent {
     /// The handlers' state (for tests that call the router directly).
     pub fn state(&self) -> AppState {
         self.state.clone()
+    }
+
+    /// Starts answering DNS on `udp` and `tcp` (bound to the same address, usually) until
+    /// the shutdown token is cancelled. Call before [`Agent::serve`], which ends them too.
+    pub fn serve_dns(&mut self, udp: UdpSocket, tcp: TcpListener) -> Result<(), ServerError> {
+        let tasks = dns::spawn(
+            self.state.clone(),
+            udp,
+            tcp,
+            self.state.inner.shutdown.clone(),
+        )?;
+        self.tasks.extend(tasks);
+        Ok(())
     }
 
     /// Serves HTTP on `listener` until the shutdown token is cancelled, then drains.

@@ -42,6 +42,14 @@ pub const INDEX: &str = "muster_index";
 pub const INSTANCES: &str = "muster_instances";
 /// Services with at least one instance.
 pub const SERVICES: &str = "muster_services";
+/// DNS queries answered, by question `type` (A, AAAA, SRV, ..., other) and `rcode`.
+pub const DNS_QUERIES: &str = "muster_dns_queries_total";
+/// DNS answers cut to fit (TC set).
+pub const DNS_TRUNCATED: &str = "muster_dns_truncated_total";
+/// Queries for names outside the domain sent to recursors, by `result` (`ok`, `failed`).
+pub const DNS_FORWARDED: &str = "muster_dns_forwarded_total";
+/// DNS TCP connections closed on accept because the connection cap was reached.
+pub const DNS_TCP_REFUSED: &str = "muster_dns_tcp_refused_total";
 
 /// How often queued histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);

@@ -24,6 +24,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_muster");
 /// Environment variables the binary reads; cleared so the caller's shell cannot leak in.
 const MUSTER_ENV: &[&str] = &[
     "MUSTER_HTTP_ADDR",
+    "MUSTER_DNS_ADDR",
     "MUSTER_DATA_DIR",
     "MUSTER_CONFIG",
     "MUSTER_LOG",
@@ -260,6 +261,9 @@ impl Agent {
                 "agent",
                 "--http-addr",
                 &addr,
+                // Agents run side by side: each picks its own DNS port.
+                "--dns-addr",
+                "127.0.0.1:0",
                 "--node",
                 &node,
                 "--log",

@@ -192,3 +192,33 @@ impl TestAgent {
         }
     }
 }
+
+/// An agent answering HTTP (called directly) and DNS on real sockets, UDP and TCP on the
+/// same port 0 address. Returns the agent and the DNS address.
+pub async fn agent_with_dns(config: AgentConfig) -> (TestAgent, SocketAddr) {
+    let shutdown = CancellationToken::new();
+    let mut agent = Agent::open(config, Arc::new(MemoryStore::new()), shutdown.clone())
+        .await
+        .unwrap();
+    // TCP on the port the kernel picked for UDP; another test may hold it, so retry.
+    let (udp, tcp) = loop {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
+            break (udp, tcp);
+        }
+    };
+    let dns = udp.local_addr().unwrap();
+    agent.serve_dns(udp, tcp).unwrap();
+    let state = agent.state();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(agent.serve(listener));
+    (
+        TestAgent {
+            app: muster_server::http::app(state.clone()),
+            state,
+            shutdown,
+        },
+        dns,
+    )
+}
