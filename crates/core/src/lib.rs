@@ -34,5 +34,5 @@ pub use registry::{
     Applied, Command, Mutation, Registry, RegistryConfig, RegistryError, StoredInstance,
     StoredLease, SweepReport,
 };
-pub use snapshot::{Lease, Service, Snapshot};
+pub use snapshot::{Lease, Rendering, Service, Snapshot};
 pub use time::Time;

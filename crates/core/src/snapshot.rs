@@ -25,7 +25,16 @@ pub struct Service {
     /// Instances by id. A persistent map: changing one instance of a large service copies
     /// O(log n) of it, not the whole service.
     pub instances: OrdMap<InstanceId, Arc<Instance>>,
-    rendered: OnceLock<Bytes>,
+    rendered: [OnceLock<Bytes>; 2],
+}
+
+/// The answers readers cache per change of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rendering {
+    /// The default discovery answer.
+    Discovery = 0,
+    /// The list of healthy instances alone, as push-stream events carry it.
+    InstanceList = 1,
 }
 
 impl Clone for Service {
@@ -35,7 +44,7 @@ impl Clone for Service {
             name: self.name.clone(),
             index: self.index,
             instances: self.instances.clone(),
-            rendered: OnceLock::new(),
+            rendered: Default::default(),
         }
     }
 }
@@ -46,7 +55,7 @@ impl Service {
             name,
             index: 0,
             instances: OrdMap::new(),
-            rendered: OnceLock::new(),
+            rendered: Default::default(),
         }
     }
 
@@ -68,10 +77,12 @@ impl Service {
             .collect()
     }
 
-    /// The default discovery answer, rendered once per change of this service by `render`
+    /// One of the default answers, rendered once per change of this service by `render`
     /// and shared by every read until the service changes again.
-    pub fn rendered(&self, render: impl FnOnce(&Service) -> Bytes) -> Bytes {
-        self.rendered.get_or_init(|| render(self)).clone()
+    pub fn rendered(&self, which: Rendering, render: impl FnOnce(&Service) -> Bytes) -> Bytes {
+        self.rendered[which as usize]
+            .get_or_init(|| render(self))
+            .clone()
     }
 }
 

@@ -19,6 +19,11 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use crate::wal::{Frame, Wal};
 use crate::{Loaded, Store, StoreError, instance_key};
 
+/// redb's page cache. The registry reads the store once, at start-up, and serves every read
+/// from memory after that, so a large cache (redb's default is 1 GiB) only holds pages that
+/// are never read again.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Log size that triggers a checkpoint: bounds replay at start-up to a fraction of a second.
 pub const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -48,7 +53,10 @@ impl RedbStore {
             message: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
-        let db = Database::create(dir.join("muster.redb")).map_err(|e| open_err(&e))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join("muster.redb"))
+            .map_err(|e| open_err(&e))?;
         let (wal, frames) = Wal::open(&dir.join("muster.wal"))?;
         let store = RedbStore {
             db,

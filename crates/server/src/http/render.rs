@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use muster_core::{Filter, Health, Instance, KeepAlive, Lease, Service, Snapshot, Time};
+use muster_core::{Filter, Health, Instance, KeepAlive, Lease, Rendering, Service, Snapshot, Time};
 use serde_json::{Value, json};
 
 /// One instance.
@@ -47,6 +47,19 @@ pub fn instances<'a>(service: Option<&'a Arc<Service>>, filter: &'a Filter) -> V
         .unwrap_or_default()
 }
 
+/// The instances of one service that pass `filter`, as a JSON array; cached per change of
+/// the service for the default filter, since every stream subscriber sends the same bytes.
+pub fn instance_list(service: Option<&Arc<Service>>, filter: &Filter) -> Bytes {
+    let render = |s: Option<&Arc<Service>>| {
+        Bytes::from(serde_json::to_vec(&instances(s, filter)).unwrap_or_default())
+    };
+    match service {
+        Some(s) if filter.is_default() => s.rendered(Rendering::InstanceList, |_| render(Some(s))),
+        None => Bytes::from_static(b"[]"),
+        _ => render(service),
+    }
+}
+
 /// A discovery answer: `{"service", "index", "instances"}`.
 pub fn discovery(name: &str, snap: &Snapshot, filter: &Filter) -> Bytes {
     let service = snap.service(name);
@@ -60,7 +73,7 @@ pub fn discovery(name: &str, snap: &Snapshot, filter: &Filter) -> Bytes {
     };
     match service {
         // The default answer is rendered once per change of the service and reused.
-        Some(s) if filter.is_default() => s.rendered(|_| body(Some(s))),
+        Some(s) if filter.is_default() => s.rendered(Rendering::Discovery, |_| body(Some(s))),
         _ => body(service),
     }
 }

@@ -13,8 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use muster_core::snapshot::Change;
-use muster_core::{Filter, ServiceName, Snapshot};
-use serde_json::{Map, Value, json};
+use muster_core::{Filter, Service, ServiceName, Snapshot};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -128,47 +127,40 @@ struct Subscription {
 }
 
 impl Subscription {
-    fn services_json(&self, snap: &Snapshot, changes: &[Change<'_>]) -> Value {
-        let mut map = Map::new();
-        for c in changes {
-            match c {
-                Change::Updated(s) => {
-                    map.insert(
-                        s.name.to_string(),
-                        Value::Array(render::instances(Some(s), &self.filter)),
-                    );
-                }
-                Change::Removed(name) => {
-                    map.insert(name.to_string(), Value::Array(Vec::new()));
-                }
+    /// `{"index": N, "services": {"a": [...], ...}}`, spliced from each service's cached
+    /// instance list: one change reaches every subscriber without rendering JSON for each.
+    fn data<'a>(
+        &self,
+        index: u64,
+        services: impl Iterator<Item = (&'a ServiceName, Option<&'a Arc<Service>>)>,
+    ) -> String {
+        let mut out = format!("{{\"index\":{index},\"services\":{{");
+        for (i, (name, service)) in services.enumerate() {
+            if i > 0 {
+                out.push(',');
             }
+            // Service names are DNS labels: nothing in them needs escaping.
+            out.push('"');
+            out.push_str(name.as_str());
+            out.push_str("\":");
+            let list = render::instance_list(service, &self.filter);
+            out.push_str(std::str::from_utf8(&list).unwrap_or("[]"));
         }
-        json!({"index": snap.index, "services": map})
+        out.push_str("}}");
+        out
     }
 
     /// Every watched service's current instances.
     fn snapshot_event(&self, snap: &Snapshot) -> Event {
-        let mut map = Map::new();
-        if self.names.is_empty() {
-            for s in snap.services.values() {
-                map.insert(
-                    s.name.to_string(),
-                    Value::Array(render::instances(Some(s), &self.filter)),
-                );
-            }
+        let data = if self.names.is_empty() {
+            self.data(snap.index, snap.services.iter().map(|(n, s)| (n, Some(s))))
         } else {
-            for name in &self.names {
-                map.insert(
-                    name.to_string(),
-                    Value::Array(render::instances(snap.service(name.as_str()), &self.filter)),
-                );
-            }
-        }
-        event(
-            "snapshot",
-            snap.index,
-            &json!({"index": snap.index, "services": map}),
-        )
+            self.data(
+                snap.index,
+                self.names.iter().map(|n| (n, snap.service(n.as_str()))),
+            )
+        };
+        event("snapshot", snap.index, data)
     }
 
     /// The event that brings a client at `since` up to `snap`, if anything changed.
@@ -176,20 +168,22 @@ impl Subscription {
         match snap.changes_since(since, &self.names) {
             None => Some(self.snapshot_event(snap)),
             Some(changes) if changes.is_empty() => None,
-            Some(changes) => Some(event(
-                "change",
-                snap.index,
-                &self.services_json(snap, &changes),
-            )),
+            Some(changes) => {
+                let entries = changes.iter().map(|c| match c {
+                    Change::Updated(s) => (&s.name, Some(*s)),
+                    Change::Removed(name) => (*name, None),
+                });
+                Some(event("change", snap.index, self.data(snap.index, entries)))
+            }
         }
     }
 }
 
-fn event(kind: &str, index: u64, data: &Value) -> Event {
+fn event(kind: &str, index: u64, data: String) -> Event {
     Event::default()
         .event(kind)
         .id(index.to_string())
-        .data(data.to_string())
+        .data(data)
 }
 
 /// `GET /api/v1/watch?service=a&service=b`: a server-sent-events stream. The first event is
