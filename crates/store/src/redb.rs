@@ -24,8 +24,9 @@ use crate::{Loaded, Store, StoreError, instance_key};
 /// are never read again.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
-/// Log size that triggers a checkpoint: bounds replay at start-up to a fraction of a second.
-pub const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+/// Log size that triggers a checkpoint. It bounds replay at start-up, and the memory redb
+/// holds for commits not yet made durable in its own file (about 3x the log's size).
+pub const CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
