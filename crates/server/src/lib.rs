@@ -173,7 +173,7 @@ impl Agent {
     pub async fn serve(self, listener: TcpListener) -> Result<(), ServerError> {
         let shutdown = self.state.inner.shutdown.clone();
         let app = http::app(self.state.clone());
-        axum::serve(listener, app)
+        axum::serve(listener, app.into_make_service())
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
         drop(self.state);
