@@ -1,0 +1,250 @@
+# shellcheck shell=bash disable=SC2034  # sourced; callers use the *_PID variables set here
+# Shared helpers for the bench scripts. Source it from a script that runs with
+# `set -euo pipefail`; it installs a trap that stops every server started through it.
+#
+# Environment:
+#   MUSTER_BIN       the agent binary (default: target/release/muster)
+#   BENCH_NO_BUILD=1 do not run `cargo build --release -p muster` (run-all.sh builds once)
+#   BENCH_KEEP=1     keep the scratch directory (logs, data dirs) after the run
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+MUSTER_BIN=${MUSTER_BIN:-$REPO_DIR/target/release/muster}
+DRIVER="$BENCH_DIR/driver.py"
+WORK=$(mktemp -d /tmp/muster-bench.XXXXXX)
+BENCH_PIDS=()
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+bench_cleanup() {
+    local pid i
+    for ((i = ${#BENCH_PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${BENCH_PIDS[$i]}
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${BENCH_PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    BENCH_PIDS=()
+    if [[ -z "${BENCH_KEEP:-}" ]]; then
+        rm -rf "$WORK"
+    else
+        log "kept $WORK"
+    fi
+}
+trap bench_cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- installing what is missing -----------------------------------------------------------
+
+_apt_updated=
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep package scripts from starting system services (nginx, etcd) on default ports.
+    local guard=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        guard=1
+    fi
+    if [[ -z "$_apt_updated" ]]; then
+        apt-get update -qq >/dev/null
+        _apt_updated=1
+    fi
+    apt-get install -y -qq "$@" >/dev/null
+    [[ -n "$guard" ]] && rm -f /usr/sbin/policy-rc.d
+    return 0
+}
+
+# need BINARY PACKAGE...: install PACKAGE... when BINARY is not on the PATH.
+need() {
+    local bin=$1
+    shift
+    command -v "$bin" >/dev/null 2>&1 && return 0
+    log "installing $* (for $bin)"
+    apt_install "$@"
+    command -v "$bin" >/dev/null 2>&1 || die "$bin still missing after installing $*"
+}
+
+need_python() { need python3 python3; }
+need_wrk() { need wrk wrk; }
+need_nginx() {
+    command -v nginx >/dev/null 2>&1 && return 0
+    log "installing nginx"
+    apt_install nginx-light || apt_install nginx
+    command -v nginx >/dev/null 2>&1 || die "nginx still missing"
+}
+need_etcd() { need etcd etcd-server; }
+
+# Builds the agent (unless BENCH_NO_BUILD=1) and runs it from a private copy, so a rebuild of
+# target/ by someone else during the run cannot swap the binary between measurements.
+build_muster() {
+    if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
+        log "cargo build --release -p muster"
+        (cd "$REPO_DIR" && cargo build --release -p muster --quiet)
+    fi
+    [[ -x "$MUSTER_BIN" ]] || die "no agent binary at $MUSTER_BIN"
+    cp "$MUSTER_BIN" "$WORK/muster"
+    MUSTER_BIN="$WORK/muster"
+    log "agent binary sha256 $(sha256sum "$MUSTER_BIN" | cut -c1-16)"
+}
+
+# --- processes ------------------------------------------------------------------------------
+
+# A free TCP port on 127.0.0.1 (bound once by the kernel, then released).
+pick_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_http URL [SECONDS]: until URL answers 2xx.
+wait_http() {
+    local url=$1 secs=${2:-20}
+    local deadline=$((SECONDS + secs))
+    until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
+        ((SECONDS < deadline)) || die "$url did not answer within ${secs}s"
+        sleep 0.05
+    done
+}
+
+# spawn NAME CMD...: start CMD in the background, logs in $WORK/NAME.log; sets SPAWNED_PID.
+spawn() {
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 &
+    SPAWNED_PID=$!
+    BENCH_PIDS+=("$SPAWNED_PID")
+}
+
+# stop PID: TERM, wait up to 10 s, then KILL; drops it from the cleanup list.
+stop() {
+    local pid=$1 p keep=()
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${BENCH_PIDS[@]}"; do [[ "$p" == "$pid" ]] || keep+=("$p"); done
+    BENCH_PIDS=("${keep[@]+"${keep[@]}"}")
+}
+
+# muster_cmd PORT ARGS...: sets MUSTER_CMD, the agent on 127.0.0.1:PORT with ARGS. Agents
+# that also serve DNS get a picked port for it, so runs never collide on the default 8600.
+_muster_has_dns=
+muster_cmd() {
+    local port=$1
+    shift
+    if [[ -z "$_muster_has_dns" ]]; then
+        if "$MUSTER_BIN" agent --help 2>/dev/null | grep -q -- '--dns-addr'; then
+            _muster_has_dns=yes
+        else
+            _muster_has_dns=no
+        fi
+    fi
+    MUSTER_CMD=("$MUSTER_BIN" agent --http-addr "127.0.0.1:$port" --log warn)
+    [[ "$_muster_has_dns" == yes ]] && MUSTER_CMD+=(--dns-addr "127.0.0.1:$(pick_port)")
+    MUSTER_CMD+=("$@")
+}
+
+# start_muster NAME PORT ARGS...: the agent on 127.0.0.1:PORT; sets MUSTER_PID.
+start_muster() {
+    local name=$1 port=$2
+    shift 2
+    muster_cmd "$port" "$@"
+    spawn "$name" "${MUSTER_CMD[@]}"
+    MUSTER_PID=$SPAWNED_PID
+    wait_http "http://127.0.0.1:$port/readyz" 30
+}
+
+# start_nginx PORT ROOT: static files from ROOT, keep-alive, no access log; sets NGINX_PID.
+start_nginx() {
+    local port=$1 root=$2 dir="$WORK/nginx"
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+user root;
+worker_processes 2;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+    open_file_cache max=100 inactive=60s;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    types { application/json json; }
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$port;
+        root $root;
+    }
+}
+EOF
+    spawn nginx nginx -c "$dir/nginx.conf" -e "$dir/error.log"
+    NGINX_PID=$SPAWNED_PID
+}
+
+# etcd_cmd CLIENT_PORT PEER_PORT [DATA_DIR]: sets ETCD_CMD, a one-member etcd with its data
+# in DATA_DIR (default $WORK/etcd-data).
+etcd_cmd() {
+    local cport=$1 pport=$2 data=${3:-$WORK/etcd-data}
+    ETCD_CMD=(etcd --name bench --data-dir "$data"
+        --listen-client-urls "http://127.0.0.1:$cport"
+        --advertise-client-urls "http://127.0.0.1:$cport"
+        --listen-peer-urls "http://127.0.0.1:$pport"
+        --initial-advertise-peer-urls "http://127.0.0.1:$pport"
+        --initial-cluster "bench=http://127.0.0.1:$pport"
+        --logger zap --log-level warn)
+}
+
+# start_etcd CLIENT_PORT PEER_PORT [DATA_DIR]: sets ETCD_PID.
+start_etcd() {
+    etcd_cmd "$@"
+    spawn etcd "${ETCD_CMD[@]}"
+    ETCD_PID=$SPAWNED_PID
+    wait_http "http://127.0.0.1:$1/health" 30
+}
+
+# Resident set size of PID in KiB.
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# --- wrk ------------------------------------------------------------------------------------
+
+# run_wrk OUT.json LUA THREADS CONNS SECONDS URL [PID]: one wrk run; its lua script is LUA
+# followed by lua/report.lua, whose done() prints one JSON line (rps, ok_rps, latency
+# percentiles). With PID, the CPU time and bytes written of PID and its descendants during
+# the run are added (cpu_us_per_req, write_bytes_per_req).
+run_wrk() {
+    local out=$1 lua=$2 threads=$3 conns=$4 secs=$5 url=$6 pid=${7:-} script u0='' u1=''
+    script="$WORK/$(basename "$lua" .lua)-run.lua"
+    cat "$lua" "$BENCH_DIR/lua/report.lua" >"$script"
+    [[ -z "$pid" ]] || u0=$(python3 "$DRIVER" usage "$pid")
+    timeout $((secs + 30)) wrk -t"$threads" -c"$conns" -d"${secs}s" --latency -s "$script" "$url" \
+        >"$out.txt" 2>&1 || die "wrk failed: $(tail -5 "$out.txt")"
+    [[ -z "$pid" ]] || u1=$(python3 "$DRIVER" usage "$pid")
+    grep '^WRKJSON ' "$out.txt" | tail -1 | cut -d' ' -f2- >"$out"
+    [[ -s "$out" ]] || die "wrk printed no result: $(tail -5 "$out.txt")"
+    # shellcheck disable=SC2086 # u0/u1 are "cpu_seconds write_bytes"
+    [[ -z "$pid" ]] || python3 "$DRIVER" annotate "$out" $u0 $u1
+}
+
+# Machine description, one line each.
+machine_info() {
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), nproc $(nproc)"
+    echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "kernel: $(uname -r)"
+}

@@ -1,0 +1,1 @@
+-- A plain GET of the URL given to wrk (wrk's pre-built request; no per-request Lua).
