@@ -23,7 +23,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the registry agent (HTTP API, TTL sweeper, durable store).
+    /// Run the registry agent: HTTP API, DNS, TTL sweeper, durable store.
     Agent(AgentArgs),
     /// Register (or replace) an instance.
     Register(RegisterArgs),
@@ -122,21 +122,8 @@ pub struct RegisterArgs {
     pub service: String,
     /// Instance id (unique within the service).
     pub id: String,
-    /// IP address or host name.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub address: String,
-    /// Port.
-    #[arg(long)]
-    pub port: u16,
-    /// A tag; repeat for more.
-    #[arg(long = "tag")]
-    pub tags: Vec<String>,
-    /// Metadata as key=value; repeat for more.
-    #[arg(long = "meta", value_parser = parse_key_value)]
-    pub meta: Vec<(String, String)>,
-    /// Zone (locality).
-    #[arg(long)]
-    pub zone: Option<String>,
+    #[command(flatten)]
+    pub instance: InstanceFields,
     /// Weight [default: 1].
     #[arg(long)]
     pub weight: Option<u16>,
@@ -197,30 +184,50 @@ pub struct RunArgs {
     /// Service name to register under.
     #[arg(long)]
     pub service: String,
-    /// Port the command listens on.
-    #[arg(long)]
-    pub port: u16,
     /// Instance id [default: SERVICE-HOSTNAME-PORT].
     #[arg(long)]
     pub id: Option<String>,
-    /// Address to register [default: 127.0.0.1].
-    #[arg(long, default_value = "127.0.0.1")]
-    pub address: String,
-    /// A tag; repeat for more.
-    #[arg(long = "tag")]
-    pub tags: Vec<String>,
-    /// Metadata as key=value; repeatable.
-    #[arg(long = "meta", value_parser = parse_key_value)]
-    pub meta: Vec<(String, String)>,
-    /// Zone.
-    #[arg(long)]
-    pub zone: Option<String>,
+    #[command(flatten)]
+    pub instance: InstanceFields,
     /// TTL; heartbeats go out at a third of it.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// Where and how an instance is registered: shared by `register` and `run`.
+#[derive(Debug, Args)]
+pub struct InstanceFields {
+    /// IP address or host name the instance serves on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: String,
+    /// Port the instance serves on.
+    #[arg(long)]
+    pub port: u16,
+    /// A tag; repeat for more.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Metadata as key=value; repeat for more.
+    #[arg(long = "meta", value_parser = parse_key_value)]
+    pub meta: Vec<(String, String)>,
+    /// Zone (locality).
+    #[arg(long)]
+    pub zone: Option<String>,
+}
+
+impl InstanceFields {
+    /// The registration body for the native API, without the keep-alive.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "address": self.address,
+            "port": self.port,
+            "tags": self.tags,
+            "meta": self.meta.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "zone": self.zone,
+        })
+    }
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

@@ -32,23 +32,6 @@ pub fn instance_path(service: &str, id: &str) -> String {
     )
 }
 
-/// The registration body for the native API.
-pub fn register_body(
-    address: &str,
-    port: u16,
-    tags: &[String],
-    meta: &[(String, String)],
-    zone: Option<&str>,
-) -> Value {
-    json!({
-        "address": address,
-        "port": port,
-        "tags": tags,
-        "meta": meta.iter().cloned().collect::<std::collections::BTreeMap<String, String>>(),
-        "zone": zone,
-    })
-}
-
 pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
     let client = Client::new(addr);
     let mut out = std::io::stdout().lock();
@@ -155,7 +138,7 @@ fn unreachable_command() -> anyhow::Result<()> {
 }
 
 async fn register(client: &Client, a: RegisterArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let mut body = register_body(&a.address, a.port, &a.tags, &a.meta, a.zone.as_deref());
+    let mut body = a.instance.body();
     if let Some(w) = a.weight {
         body["weight"] = json!(w);
     }
@@ -176,7 +159,7 @@ async fn register(client: &Client, a: RegisterArgs, out: &mut impl Write) -> any
     writeln!(
         out,
         "{verb} {}/{} at {}:{}",
-        a.service, a.id, a.address, a.port
+        a.service, a.id, a.instance.address, a.instance.port
     )?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::args::RunArgs;
 use crate::client::Client;
-use crate::commands::{instance_path, register_body};
+use crate::commands::instance_path;
 
 /// Registers, starts the command, heartbeats, and deregisters when it ends.
 pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -29,16 +29,10 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             })
             .collect();
-        format!("{}-{host}-{}", args.service, args.port)
+        format!("{}-{host}-{}", args.service, args.instance.port)
     });
     let path = instance_path(&args.service, &id);
-    let mut body = register_body(
-        &args.address,
-        args.port,
-        &args.tags,
-        &args.meta,
-        args.zone.as_deref(),
-    );
+    let mut body = args.instance.body();
     body["ttl"] = serde_json::json!(humantime::format_duration(args.ttl).to_string());
 
     // Listen for TERM and INT before the child exists, so a signal that arrives while
