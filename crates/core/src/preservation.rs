@@ -104,8 +104,6 @@ pub enum Transition {
     Recovered,
     /// It held for `max_duration`.
     TimedOut,
-    /// An operator ended it.
-    Reset,
 }
 
 impl Preservation {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use imbl::OrdMap;
 
-use crate::{Filter, Instance, InstanceId, LeaseId, Liveness, ServiceName};
+use crate::{Filter, Instance, InstanceId, KeepAlive, LeaseId, Liveness, ServiceName, Time};
 
 /// A service and its instances. It exists while it has instances.
 #[derive(Debug)]
@@ -148,6 +148,26 @@ impl Snapshot {
     /// An instance by service and id.
     pub fn instance(&self, service: &str, id: &str) -> Option<&Arc<Instance>> {
         self.services.get(service)?.instances.get(id)
+    }
+
+    /// A heartbeat: renews the instance's TTL, or the lease it is bound to, from `now`.
+    /// Touches only the shared deadline cell. `None` for an unknown instance.
+    pub fn heartbeat(&self, service: &str, id: &str, now: Time) -> Option<&Arc<Instance>> {
+        let inst = self.instance(service, id)?;
+        match inst.spec.keep_alive {
+            KeepAlive::Ttl(ttl) => inst.liveness.renew(now + ttl),
+            KeepAlive::Lease(lease) => {
+                self.renew_lease(lease, now);
+            }
+        }
+        Some(inst)
+    }
+
+    /// Renews a lease, and so every instance bound to it, from `now`.
+    pub fn renew_lease(&self, id: LeaseId, now: Time) -> Option<&Arc<Lease>> {
+        let lease = self.leases.get(&id)?;
+        lease.liveness.renew(now + lease.ttl);
+        Some(lease)
     }
 
     /// The number of instances in all services.

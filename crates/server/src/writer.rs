@@ -225,7 +225,7 @@ fn record(applied: &Applied) {
                     "self-preservation OFF after its maximum duration: \
                      the missing instances are taken as gone"
                 ),
-                Some(Transition::Reset) | None => {}
+                None => {}
             }
         }
         Applied::PreservationEnded { was_active: true } => {

@@ -75,32 +75,14 @@ pub fn config_with_preservation(
     }
 }
 
-/// What the heartbeat handler does: finds the instance in the current snapshot and pushes its
-/// deadline out by its TTL, or its lease's. Returns whether the instance was found.
+/// A heartbeat, as the handler sends it. Returns whether the instance was found.
 pub fn heartbeat(snapshot: &Snapshot, service: &str, id: &str, now: Time) -> bool {
-    let Some(inst) = snapshot.instance(service, id) else {
-        return false;
-    };
-    match inst.spec.keep_alive {
-        KeepAlive::Ttl(ttl) => inst.liveness.renew(now + ttl),
-        KeepAlive::Lease(lid) => {
-            let lease = snapshot
-                .leases
-                .get(&lid)
-                .expect("a lease-bound instance's lease exists");
-            lease.liveness.renew(now + lease.ttl);
-        }
-    }
-    true
+    snapshot.heartbeat(service, id, now).is_some()
 }
 
-/// What the lease keep-alive handler does. Returns whether the lease was found.
+/// A lease keep-alive, as the handler sends it. Returns whether the lease was found.
 pub fn renew_lease(snapshot: &Snapshot, lease: LeaseId, now: Time) -> bool {
-    let Some(lease) = snapshot.leases.get(&lease) else {
-        return false;
-    };
-    lease.liveness.renew(now + lease.ttl);
-    true
+    snapshot.renew_lease(lease, now).is_some()
 }
 
 /// Ids of the instances default discovery returns for `service`.

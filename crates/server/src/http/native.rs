@@ -246,11 +246,11 @@ pub async fn deregister(
         .writer()
         .submit(Command::Deregister { service, id })
         .await?;
+    let snap = state.snapshot();
     let index = match applied {
         Applied::Deregistered { index } => index,
-        _ => state.snapshot().index,
+        _ => snap.index,
     };
-    let snap = state.snapshot();
     Ok(value_response(
         StatusCode::OK,
         &snap,
@@ -266,19 +266,10 @@ pub async fn heartbeat(
 ) -> Result<Response, ApiError> {
     let (service, id) = names(&service, &id)?;
     let snap = state.snapshot();
-    let Some(inst) = snap.instance(service.as_str(), id.as_str()) else {
+    let Some(inst) = snap.heartbeat(service.as_str(), id.as_str(), state.now()) else {
         metrics::counter!(m::HEARTBEATS, "result" => "unknown").increment(1);
         return Err(unknown_instance(&service, &id));
     };
-    let now = state.now();
-    match inst.spec.keep_alive {
-        KeepAlive::Ttl(ttl) => inst.liveness.renew(now + ttl),
-        KeepAlive::Lease(lease) => {
-            if let Some(l) = snap.leases.get(&lease) {
-                l.liveness.renew(now + l.ttl);
-            }
-        }
-    }
     metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
     if inst.status != Status::Critical {
         let health = render::health(inst.health());
@@ -425,9 +416,8 @@ pub async fn renew_lease(
 ) -> Result<Response, ApiError> {
     let id = lease_id(&id)?;
     let snap = state.snapshot();
-    let l = snap.leases.get(&id).ok_or_else(|| unknown_lease(id))?;
     let now = state.now();
-    l.liveness.renew(now + l.ttl);
+    let l = snap.renew_lease(id, now).ok_or_else(|| unknown_lease(id))?;
     metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
     Ok(value_response(StatusCode::OK, &snap, render::lease(l, now)))
 }
