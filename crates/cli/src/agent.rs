@@ -66,6 +66,7 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
     if let Some(v) = args.max_watchers {
         c.max_watchers = v;
     }
+    c.enable_script_checks |= args.enable_script_checks;
     if args.disable_self_preservation {
         c.self_preservation.enabled = false;
     }

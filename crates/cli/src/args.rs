@@ -35,6 +35,8 @@ pub enum Command {
     Services(OutputArgs),
     /// Show a service's instances (healthy ones unless --health says otherwise).
     Discover(DiscoverArgs),
+    /// Show the health checks of a service's instances: status, last run, output.
+    Checks(ChecksArgs),
     /// Print changes to services as they happen, until interrupted.
     Watch(WatchArgs),
     /// Show the agent's node, index, counts and self-preservation state.
@@ -96,6 +98,10 @@ pub struct AgentArgs {
     /// Without one, such names are refused.
     #[arg(long = "dns-recursor")]
     pub dns_recursors: Vec<String>,
+    /// Accept and run script checks. They execute commands on this host as the agent's
+    /// user, so they are refused unless this is given.
+    #[arg(long)]
+    pub enable_script_checks: bool,
     /// Log filter, e.g. info or muster_server=debug [default: info].
     #[arg(long, env = "MUSTER_LOG", default_value = "info")]
     pub log: String,
@@ -133,6 +139,36 @@ pub struct RegisterArgs {
     /// Bind to a lease instead of a TTL.
     #[arg(long)]
     pub lease: Option<u64>,
+    /// An HTTP health check on this URL (2xx passing, 429 warning, else critical).
+    /// With checks and no --ttl, the instance needs no heartbeat.
+    #[arg(long, value_name = "URL")]
+    pub check_http: Option<String>,
+    /// A TCP health check: host:port must accept a connection.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub check_tcp: Option<String>,
+    /// A gRPC health check (grpc.health.v1) on host:port.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub check_grpc: Option<String>,
+    /// Interval of the --check-http/--check-tcp/--check-grpc checks [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub check_interval: Option<String>,
+    /// Timeout of those checks [default: 10s or the interval].
+    #[arg(long, value_name = "DURATION")]
+    pub check_timeout: Option<String>,
+    /// A check as JSON, with every setting the API takes, e.g.
+    /// '{"http":"http://127.0.0.1:8080/health","interval":"5s","failures_before_critical":3}';
+    /// repeatable.
+    #[arg(long = "check", value_name = "JSON", value_parser = parse_json_object)]
+    pub checks: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChecksArgs {
+    /// Service name.
+    pub service: String,
+    /// Print the agent's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +263,14 @@ impl InstanceFields {
             "meta": self.meta.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "zone": self.zone,
         })
+    }
+}
+
+fn parse_json_object(s: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err("must be a JSON object, e.g. '{\"tcp\":\"127.0.0.1:5432\"}'".into()),
+        Err(e) => Err(format!("is not valid JSON: {e}")),
     }
 }
 

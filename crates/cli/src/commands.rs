@@ -7,7 +7,7 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::args::{Command, DiscoverArgs, RegisterArgs, WatchArgs};
+use crate::args::{ChecksArgs, Command, DiscoverArgs, RegisterArgs, WatchArgs};
 use crate::client::{Client, api_error};
 
 /// Percent-encodes one path segment.
@@ -99,6 +99,7 @@ pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
             )
         }
         Command::Discover(a) => discover(&client, a, &mut out).await,
+        Command::Checks(a) => checks(&client, a, &mut out).await,
         Command::Watch(a) => watch(&client, a, &mut out).await,
         Command::Status(o) => {
             let v = client.call(Method::GET, "/api/v1/status", None).await?;
@@ -148,6 +149,26 @@ async fn register(client: &Client, a: RegisterArgs, out: &mut impl Write) -> any
     if let Some(lease) = a.lease {
         body["lease"] = json!(lease);
     }
+    let mut checks = a.checks.clone();
+    for (kind, target) in [
+        ("http", &a.check_http),
+        ("tcp", &a.check_tcp),
+        ("grpc", &a.check_grpc),
+    ] {
+        if let Some(target) = target {
+            let mut check = json!({ kind: target });
+            if let Some(i) = &a.check_interval {
+                check["interval"] = json!(i);
+            }
+            if let Some(t) = &a.check_timeout {
+                check["timeout"] = json!(t);
+            }
+            checks.push(check);
+        }
+    }
+    if !checks.is_empty() {
+        body["checks"] = json!(checks);
+    }
     let v = client
         .call(Method::PUT, &instance_path(&a.service, &a.id), Some(&body))
         .await?;
@@ -162,6 +183,40 @@ async fn register(client: &Client, a: RegisterArgs, out: &mut impl Write) -> any
         a.service, a.id, a.instance.address, a.instance.port
     )?;
     Ok(())
+}
+
+async fn checks(client: &Client, a: ChecksArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let path = format!("/api/v1/services/{}/checks", segment(&a.service));
+    let v = client.call(Method::GET, &path, None).await?;
+    if a.json {
+        return print_json(out, &v);
+    }
+    let rows: Vec<Vec<String>> = v["checks"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let output = c["output"].as_str().unwrap_or_default();
+            let mut first: String = output.lines().next().unwrap_or_default().to_string();
+            if first.chars().count() > 60 {
+                first = first.chars().take(59).collect::<String>() + "…";
+            }
+            vec![
+                text(&c["instance"]),
+                text(&c["name"]),
+                text(&c["kind"]),
+                text(&c["status"]),
+                text(&c["last_run"]),
+                first,
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["INSTANCE", "CHECK", "KIND", "STATUS", "LAST RUN", "OUTPUT"],
+        &rows,
+    )
 }
 
 async fn discover(client: &Client, a: DiscoverArgs, out: &mut impl Write) -> anyhow::Result<()> {

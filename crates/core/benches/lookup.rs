@@ -39,6 +39,7 @@ fn registry() -> Registry {
                 zone: Some(format!("zone-{}", i % 3)),
                 weight: 1,
                 keep_alive: KeepAlive::Ttl(Duration::from_secs(ttl)),
+                checks: Vec::new(),
             };
             let applied = reg.apply(
                 Command::Register {

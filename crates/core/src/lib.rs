@@ -11,12 +11,14 @@
 //! - [`registry`]: the state machine. One writer applies [`Command`]s; each change bumps the
 //!   index and yields the [`Mutation`]s the store must make durable.
 //! - [`snapshot`]: the immutable view readers use. Cloning one is O(1).
+//! - [`check`]: health check definitions and the cells their results land in.
 //! - [`liveness`]: heartbeat deadlines shared by readers and the writer. Renewing one is an
 //!   atomic store, never a write.
 //! - [`preservation`]: self-preservation, the guard against mass eviction when the fault is
 //!   more likely the registry's own network.
 //! - [`time`]: the injected clock value.
 
+pub mod check;
 pub mod liveness;
 pub mod model;
 pub mod preservation;
@@ -24,10 +26,11 @@ pub mod registry;
 pub mod snapshot;
 pub mod time;
 
+pub use check::{CheckCell, CheckKind, CheckSpec, HttpCheck, Probe};
 pub use liveness::Liveness;
 pub use model::{
-    Filter, Health, HealthFilter, Instance, InstanceId, InstanceSpec, KeepAlive, LeaseId, Limits,
-    ServiceName, Status, ValidationError,
+    CheckState, Filter, Health, HealthFilter, Instance, InstanceId, InstanceSpec, KeepAlive,
+    LeaseId, Limits, ServiceName, Status, ValidationError,
 };
 pub use preservation::{PreservationConfig, PreservationState};
 pub use registry::{

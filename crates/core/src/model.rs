@@ -199,6 +199,9 @@ pub enum KeepAlive {
     Ttl(#[serde(with = "humantime_serde_compat")] Duration),
     /// The instance lives as long as the lease.
     Lease(LeaseId),
+    /// No heartbeat: the instance stays until deregistered, its checks alone judging its
+    /// health (and removing it, with `deregister_critical_after`).
+    None,
 }
 
 /// What a client registers: everything about an instance except what the registry assigns.
@@ -216,8 +219,11 @@ pub struct InstanceSpec {
     pub zone: Option<String>,
     /// Relative share of traffic (DNS SRV weight, balancer weight).
     pub weight: u16,
-    /// TTL heartbeats or a lease.
+    /// TTL heartbeats, a lease, or neither.
     pub keep_alive: KeepAlive,
+    /// Health checks the agent runs (or, for TTL checks, the client reports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckSpec>,
 }
 
 /// The default TTL when a registration names neither a TTL nor a lease.
@@ -307,6 +313,25 @@ impl InstanceSpec {
                 ));
             }
         }
+        if self.checks.len() > MAX_CHECKS {
+            return Err(ValidationError::new(
+                "checks",
+                format!(
+                    "{} checks is more than the limit of {MAX_CHECKS}",
+                    self.checks.len()
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, check) in self.checks.iter().enumerate() {
+            check.validate(&format!("checks[{i}]"), limits)?;
+            if !names.insert(check.name.as_str()) {
+                return Err(ValidationError::new(
+                    format!("checks[{i}].name"),
+                    format!("{:?} is used by another check of this instance", check.name),
+                ));
+            }
+        }
         if let KeepAlive::Ttl(ttl) = self.keep_alive
             && (ttl < limits.min_ttl || ttl > limits.max_ttl)
         {
@@ -342,15 +367,20 @@ fn check_text(field: &str, text: &str, max: usize) -> Result<(), ValidationError
 
 /// Accepts an IP address or a host name (RFC 1123 labels, 253 characters at most).
 fn validate_address(address: &str) -> Result<(), ValidationError> {
-    if address.parse::<IpAddr>().is_ok() {
-        return Ok(());
-    }
-    let bad = || {
+    check_host(address).map_err(|()| {
         ValidationError::new(
             "address",
             format!("{address:?} is neither an IP address nor a valid host name"),
         )
-    };
+    })
+}
+
+/// Whether `address` is an IP address or a host name.
+pub(crate) fn check_host(address: &str) -> Result<(), ()> {
+    if address.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || ();
     if address.is_empty() || address.len() > 253 {
         return Err(bad());
     }
@@ -412,10 +442,14 @@ pub struct Instance {
     pub spec: InstanceSpec,
     /// Operator override: the reason, while the instance is in maintenance.
     pub maintenance: Option<String>,
-    /// The check status. Today the TTL is the only check.
+    /// The overall status: the worst of the heartbeat's and the checks'.
     pub status: Status,
-    /// When the status last turned critical, while it is.
+    /// The heartbeat's status: critical once the TTL lapsed (always passing without a TTL).
+    pub heartbeat: Status,
+    /// When the heartbeat lapsed, while it is critical.
     pub critical_since: Option<Time>,
+    /// The checks' shown statuses, in the order of `spec.checks`.
+    pub checks: Vec<CheckState>,
     /// The index at which it was first registered.
     pub create_index: u64,
     /// The index of its last visible change.
@@ -424,9 +458,34 @@ pub struct Instance {
     pub liveness: Arc<Liveness>,
 }
 
+use crate::check::{CheckCell, CheckSpec, MAX_CHECKS};
 use crate::{Liveness, Time};
 
+/// A check's status as readers see it; its live results are in `cell`.
+#[derive(Clone, Debug)]
+pub struct CheckState {
+    /// The shown status.
+    pub status: Status,
+    /// When it turned critical, while it is.
+    pub critical_since: Option<Time>,
+    /// Results as the checker records them.
+    pub cell: Arc<CheckCell>,
+}
+
 impl Instance {
+    /// The worst of the heartbeat's and the checks' statuses.
+    pub fn worst(heartbeat: Status, checks: &[CheckState]) -> Status {
+        checks
+            .iter()
+            .map(|c| c.status)
+            .fold(heartbeat, std::cmp::Ord::max)
+    }
+
+    /// The spec and state of each check.
+    pub fn check_pairs(&self) -> impl Iterator<Item = (&CheckSpec, &CheckState)> {
+        self.spec.checks.iter().zip(&self.checks)
+    }
+
     /// The effective health: maintenance wins over the check status.
     pub fn health(&self) -> Health {
         if self.maintenance.is_some() {
@@ -448,7 +507,7 @@ impl Instance {
     pub fn ttl(&self) -> Option<Duration> {
         match self.spec.keep_alive {
             KeepAlive::Ttl(ttl) => Some(ttl),
-            KeepAlive::Lease(_) => None,
+            KeepAlive::Lease(_) | KeepAlive::None => None,
         }
     }
 }
@@ -517,6 +576,7 @@ mod tests {
             zone: None,
             weight: 1,
             keep_alive: KeepAlive::Ttl(DEFAULT_TTL),
+            checks: Vec::new(),
         }
     }
 

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::check::{CheckCell, CheckKind, CheckSpec};
 use crate::preservation::{Preservation, RenewalCounts, Transition};
 use crate::snapshot::TOMBSTONE_CAPACITY;
 use crate::{
-    Instance, InstanceId, InstanceSpec, KeepAlive, Lease, LeaseId, Limits, Liveness,
+    CheckState, Instance, InstanceId, InstanceSpec, KeepAlive, Lease, LeaseId, Limits, Liveness,
     PreservationConfig, PreservationState, Service, ServiceName, Snapshot, Status, Time,
     ValidationError,
 };
@@ -31,6 +32,8 @@ pub struct RegistryConfig {
     pub evict_after: Duration,
     /// Self-preservation.
     pub preservation: PreservationConfig,
+    /// Whether script checks are accepted (they run commands on the agent's host).
+    pub script_checks: bool,
 }
 
 impl RegistryConfig {
@@ -81,7 +84,15 @@ pub enum Command {
         /// The lease.
         id: LeaseId,
     },
-    /// Apply what time has done: lapses, revivals, evictions, lease expiries.
+    /// Show what an instance's checks now report, where that is an answer from the
+    /// instance or a recovery. Failures that are silence wait for the next sweep.
+    UpdateChecks {
+        /// Service.
+        service: ServiceName,
+        /// Instance id.
+        id: InstanceId,
+    },
+    /// Apply what time has done: lapses, revivals, evictions, lease expiries, check results.
     Sweep,
     /// End self-preservation by an operator's decision.
     EndSelfPreservation,
@@ -105,6 +116,11 @@ pub enum Applied {
     /// The instance was removed.
     Deregistered {
         /// The index of the removal.
+        index: u64,
+    },
+    /// Check statuses changed.
+    ChecksUpdated {
+        /// The instance's modify index.
         index: u64,
     },
     /// Maintenance was switched.
@@ -148,6 +164,10 @@ pub struct SweepReport {
     pub leases_expired: usize,
     /// Instances removed with expired leases.
     pub lease_instances_removed: usize,
+    /// Check statuses that changed.
+    pub checks_changed: usize,
+    /// Instances removed because a check stayed critical for its `deregister_critical_after`.
+    pub check_deregistered: usize,
     /// Expirations held back by self-preservation.
     pub held_back: usize,
     /// A change of self-preservation mode.
@@ -299,6 +319,7 @@ impl Registry {
             };
             let liveness = match s.spec.keep_alive {
                 KeepAlive::Ttl(ttl) => Arc::new(Liveness::new(now + ttl)),
+                KeepAlive::None => Arc::new(Liveness::new(NEVER)),
                 KeepAlive::Lease(lid) => match reg.state.leases.get_mut(&lid) {
                     Some(lease) => {
                         let lease = Arc::make_mut(lease);
@@ -317,12 +338,22 @@ impl Registry {
                     }
                 },
             };
+            // Check results are not stored: like heartbeats, checks get one run of grace
+            // (passing, unless the registration gave another initial status).
+            let checks: Vec<CheckState> = s
+                .spec
+                .checks
+                .iter()
+                .map(|c| new_check(c, c.initial_status.unwrap_or(Status::Passing), now))
+                .collect();
             let instance = Instance {
                 service: service.clone(),
                 id: id.clone(),
+                status: Instance::worst(Status::Passing, &checks),
+                checks,
                 spec: s.spec,
                 maintenance: s.maintenance,
-                status: Status::Passing,
+                heartbeat: Status::Passing,
                 critical_since: None,
                 create_index: s.create_index,
                 modify_index: s.modify_index,
@@ -432,6 +463,24 @@ impl Registry {
                 let instances = self.remove_lease(id, index);
                 Ok(Applied::LeaseRevoked { index, instances })
             }
+            Command::UpdateChecks { service, id } => {
+                let inst = self.require(&service, &id)?;
+                let mut changes = Vec::new();
+                for (i, (_, st)) in inst.check_pairs().enumerate() {
+                    let (wanted, cause, since) = st.cell.observe(now);
+                    if wanted != st.status && !(cause.is_silence() && wanted > st.status) {
+                        changes.push((i, wanted, since));
+                    }
+                }
+                if changes.is_empty() {
+                    return Ok(Applied::Unchanged {
+                        index: inst.modify_index,
+                    });
+                }
+                let index = self.bump();
+                self.set_checks(&(service, id), &changes, index);
+                Ok(Applied::ChecksUpdated { index })
+            }
             Command::Sweep => Ok(Applied::Swept(self.sweep(now))),
             Command::EndSelfPreservation => {
                 let was_active = self.preservation.active();
@@ -468,6 +517,19 @@ impl Registry {
         now: Time,
     ) -> Result<Applied, RegistryError> {
         spec.validate(&self.config.limits)?;
+        if !self.config.script_checks
+            && let Some(i) = spec
+                .checks
+                .iter()
+                .position(|c| matches!(c.kind, CheckKind::Script { .. }))
+        {
+            return Err(ValidationError::new(
+                format!("checks[{i}].script"),
+                "script checks are disabled on this agent; start it with \
+                 --enable-script-checks to allow them",
+            )
+            .into());
+        }
         let lease_liveness = match spec.keep_alive {
             KeepAlive::Lease(lid) => Some(
                 self.state
@@ -477,7 +539,7 @@ impl Registry {
                     .liveness
                     .clone(),
             ),
-            KeepAlive::Ttl(_) => None,
+            KeepAlive::Ttl(_) | KeepAlive::None => None,
         };
         let old = self.state.instance(service.as_str(), id.as_str()).cloned();
         let limit = self.config.limits.max_instances;
@@ -498,6 +560,7 @@ impl Registry {
                 old.liveness.clone()
             }
             (KeepAlive::Ttl(ttl), _) => Arc::new(Liveness::new(now + ttl)),
+            (KeepAlive::None, _) => Arc::new(Liveness::new(NEVER)),
             (KeepAlive::Lease(lid), _) => {
                 let liveness = lease_liveness.unwrap_or_else(|| Arc::new(Liveness::new(now)));
                 if let Some(lease) = self.state.leases.get(&lid) {
@@ -509,7 +572,7 @@ impl Registry {
 
         if let Some(old) = &old
             && old.spec == spec
-            && old.status != Status::Critical
+            && old.heartbeat != Status::Critical
         {
             return Ok(Applied::Unchanged {
                 index: old.modify_index,
@@ -529,13 +592,26 @@ impl Registry {
                 .instances
                 .insert((service.clone(), id.clone()));
         }
+        // A check the registration repeats unchanged keeps its state and its running probe;
+        // a new or changed one starts from its initial status.
+        let checks: Vec<CheckState> = spec
+            .checks
+            .iter()
+            .map(|c| {
+                old.as_ref()
+                    .and_then(|o| o.check_pairs().find(|(s, _)| *s == c))
+                    .map_or_else(|| new_check(c, c.initial(), now), |(_, st)| st.clone())
+            })
+            .collect();
         let instance = Instance {
             service: service.clone(),
             id: id.clone(),
             spec,
             maintenance: old.as_ref().and_then(|o| o.maintenance.clone()),
-            status: Status::Passing,
+            status: Instance::worst(Status::Passing, &checks),
+            heartbeat: Status::Passing,
             critical_since: None,
+            checks,
             create_index: old.as_ref().map_or(index, |o| o.create_index),
             modify_index: index,
             liveness,
@@ -597,17 +673,43 @@ impl Registry {
             .or_insert_with(|| Arc::new(Service::new(name)));
         let svc = Arc::make_mut(svc);
         svc.index = index;
-        if svc
+        let has_checks = !instance.checks.is_empty();
+        match svc
             .instances
             .insert(instance.id.clone(), Arc::new(instance))
-            .is_none()
         {
-            self.state.instance_total += 1;
+            None => self.state.instance_total += 1,
+            Some(old) if !old.checks.is_empty() => self.state.checks_epoch += 1,
+            Some(_) => {}
+        }
+        if has_checks {
+            self.state.checks_epoch += 1;
         }
     }
 
-    /// Changes an instance's health without persisting it (health is not stored).
+    /// Changes an instance's heartbeat status without persisting it (health is not stored).
     fn set_status(&mut self, key: &Key, status: Status, since: Option<Time>, index: u64) {
+        self.change_instance(key, index, |inst| {
+            inst.heartbeat = status;
+            inst.critical_since = since;
+        });
+    }
+
+    /// Changes check statuses: `(position, status, since)`.
+    fn set_checks(&mut self, key: &Key, changes: &[(usize, Status, Time)], index: u64) {
+        self.change_instance(key, index, |inst| {
+            for &(i, status, since) in changes {
+                if let Some(c) = inst.checks.get_mut(i) {
+                    c.status = status;
+                    c.critical_since = (status == Status::Critical).then_some(since);
+                }
+            }
+        });
+    }
+
+    /// Replaces an instance with a changed copy at `index`, keeping its overall status in
+    /// step with its parts. Health is not persisted.
+    fn change_instance(&mut self, key: &Key, index: u64, change: impl FnOnce(&mut Instance)) {
         let Some(svc) = self.state.services.get_mut(key.0.as_str()) else {
             return;
         };
@@ -615,12 +717,11 @@ impl Registry {
         let Some(inst) = svc.instances.get_mut(key.1.as_str()) else {
             return;
         };
-        *inst = Arc::new(Instance {
-            status,
-            critical_since: since,
-            modify_index: index,
-            ..clone_instance(inst)
-        });
+        let mut next = clone_instance(inst);
+        change(&mut next);
+        next.status = Instance::worst(next.heartbeat, &next.checks);
+        next.modify_index = index;
+        *inst = Arc::new(next);
         svc.index = index;
     }
 
@@ -633,6 +734,9 @@ impl Registry {
             return;
         };
         self.state.instance_total -= 1;
+        if !old.checks.is_empty() {
+            self.state.checks_epoch += 1;
+        }
         svc_mut.index = index;
         let now_empty = svc_mut.instances.is_empty();
         if now_empty {
@@ -685,21 +789,68 @@ impl Registry {
         let mut revive = Vec::new();
         let mut lapse = Vec::new();
         let mut evict = Vec::new();
+        // Check changes that are answers or recoveries, applied whatever the mode; and
+        // failures that are silence, applied only when self-preservation allows.
+        let mut checks_sure: Vec<(Key, Vec<(usize, Status, Time)>)> = Vec::new();
+        let mut checks_silent: Vec<(Key, Vec<(usize, Status, Time)>)> = Vec::new();
+        let mut check_evict_sure = Vec::new();
+        let mut check_evict_silent = Vec::new();
         // Lapses that self-preservation's last end took as gone: applied, but not counted.
         let mut written_off = 0;
         let preservation = &self.preservation;
         for svc in self.state.services.values() {
             for inst in svc.instances.values() {
+                let key = || (inst.service.clone(), inst.id.clone());
+                if !inst.checks.is_empty() {
+                    let mut sure = Vec::new();
+                    let mut silent = Vec::new();
+                    let mut deregister = None;
+                    for (i, (spec, st)) in inst.check_pairs().enumerate() {
+                        let (wanted, cause, since) = st.cell.observe(now);
+                        let silence = cause.is_silence() && wanted > Status::Passing;
+                        if silence && wanted > st.status {
+                            if preservation.written_off(since) {
+                                written_off += 1;
+                            } else {
+                                counts.pending += 1;
+                            }
+                            silent.push((i, wanted, since));
+                        } else if !silence {
+                            counts.alive += 1;
+                            if wanted != st.status {
+                                sure.push((i, wanted, since));
+                            }
+                        }
+                        if let (Some(limit), Some(t)) =
+                            (spec.deregister_critical_after, st.critical_since)
+                            && wanted == Status::Critical
+                            && now.since(t) >= limit
+                        {
+                            // Silence anywhere holds the removal back with the mode.
+                            deregister = Some(deregister.unwrap_or(false) || silence);
+                        }
+                    }
+                    if !sure.is_empty() {
+                        checks_sure.push((key(), sure));
+                    }
+                    if !silent.is_empty() {
+                        checks_silent.push((key(), silent));
+                    }
+                    match deregister {
+                        Some(false) => check_evict_sure.push(key()),
+                        Some(true) => check_evict_silent.push(key()),
+                        None => {}
+                    }
+                }
                 if !matches!(inst.spec.keep_alive, KeepAlive::Ttl(_)) {
                     continue;
                 }
-                let key = || (inst.service.clone(), inst.id.clone());
                 if !inst.liveness.lapsed(now) {
                     counts.alive += 1;
-                    if inst.status == Status::Critical {
+                    if inst.heartbeat == Status::Critical {
                         revive.push(key());
                     }
-                } else if inst.status != Status::Critical {
+                } else if inst.heartbeat != Status::Critical {
                     if preservation.written_off(inst.liveness.deadline()) {
                         written_off += 1;
                     } else {
@@ -734,14 +885,17 @@ impl Registry {
             transition,
             ..SweepReport::default()
         };
+        let held = lapse.len()
+            + evict.len()
+            + expire.len()
+            + checks_silent.len()
+            + check_evict_silent.len();
         let changes = revive.len()
-            + if apply {
-                lapse.len() + evict.len() + expire.len()
-            } else {
-                0
-            };
+            + checks_sure.len()
+            + check_evict_sure.len()
+            + if apply { held } else { 0 };
         if changes == 0 {
-            report.held_back = lapse.len() + evict.len() + expire.len();
+            report.held_back = held;
             return report;
         }
         let index = self.bump();
@@ -749,16 +903,34 @@ impl Registry {
         for key in &revive {
             self.set_status(key, Status::Passing, None, index);
         }
+        for (key, changes) in &checks_sure {
+            report.checks_changed += changes.len();
+            self.set_checks(key, changes, index);
+        }
+        report.check_deregistered = check_evict_sure.len();
+        for (service, id) in &check_evict_sure {
+            self.remove_instance(service, id, index);
+        }
         if !apply {
-            report.held_back = lapse.len() + evict.len() + expire.len();
+            report.held_back = held;
             return report;
         }
         report.lapsed = lapse.len();
         for key in &lapse {
             self.set_status(key, Status::Critical, Some(now), index);
         }
+        let mut silent_applied = 0;
+        for (key, changes) in &checks_silent {
+            silent_applied += changes.len();
+            self.set_checks(key, changes, index);
+        }
+        report.checks_changed += silent_applied;
         report.evicted = evict.len();
         for (service, id) in &evict {
+            self.remove_instance(service, id, index);
+        }
+        report.check_deregistered += check_evict_silent.len();
+        for (service, id) in &check_evict_silent {
             self.remove_instance(service, id, index);
         }
         report.leases_expired = expire.len();
@@ -767,9 +939,24 @@ impl Registry {
         }
         self.preservation.record_lapses(
             now,
-            (report.lapsed + report.leases_expired).saturating_sub(written_off),
+            (report.lapsed + report.leases_expired + silent_applied).saturating_sub(written_off),
         );
         report
+    }
+}
+
+/// A deadline that never comes, for instances without a heartbeat.
+const NEVER: Time = Time::from_millis(u64::MAX);
+
+fn new_check(spec: &CheckSpec, status: Status, now: Time) -> CheckState {
+    let ttl = match spec.kind {
+        CheckKind::Ttl { ttl } => Some(ttl),
+        _ => None,
+    };
+    CheckState {
+        status,
+        critical_since: (status == Status::Critical).then_some(now),
+        cell: Arc::new(CheckCell::new(status, now, ttl)),
     }
 }
 
@@ -780,7 +967,9 @@ fn clone_instance(i: &Instance) -> Instance {
         spec: i.spec.clone(),
         maintenance: i.maintenance.clone(),
         status: i.status,
+        heartbeat: i.heartbeat,
         critical_since: i.critical_since,
+        checks: i.checks.clone(),
         create_index: i.create_index,
         modify_index: i.modify_index,
         liveness: i.liveness.clone(),

@@ -122,6 +122,9 @@ pub struct Snapshot {
     pub self_preservation: bool,
     /// Instances in all services, kept as they come and go.
     pub(crate) instance_total: usize,
+    /// Bumped whenever an instance with checks is registered, replaced or removed, so the
+    /// checker looks for checks to start or stop only when there can be some.
+    pub checks_epoch: u64,
 }
 
 /// What changed for one service since a given index.
@@ -159,6 +162,7 @@ impl Snapshot {
             KeepAlive::Lease(lease) => {
                 self.renew_lease(lease, now);
             }
+            KeepAlive::None => {}
         }
         Some(inst)
     }

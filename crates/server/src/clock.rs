@@ -1,5 +1,7 @@
 //! The agent's clock: tokio's, so tests can pause and advance it.
 
+use std::time::{Duration, SystemTime};
+
 use muster_core::Time;
 use tokio::time::Instant;
 
@@ -7,6 +9,7 @@ use tokio::time::Instant;
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
     start: Instant,
+    start_wall: SystemTime,
 }
 
 impl Clock {
@@ -14,6 +17,7 @@ impl Clock {
     pub fn start() -> Clock {
         Clock {
             start: Instant::now(),
+            start_wall: SystemTime::now(),
         }
     }
 
@@ -21,5 +25,10 @@ impl Clock {
     pub fn now(&self) -> Time {
         let ms = self.start.elapsed().as_millis();
         Time::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    /// The wall-clock time of `t`, for showing to people (never for deciding anything).
+    pub fn wall(&self, t: Time) -> SystemTime {
+        self.start_wall + Duration::from_millis(t.as_millis())
     }
 }

@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// Self-preservation.
     pub self_preservation: PreservationConfig,
+    /// Accept and run script checks. Off by default: they run commands on this host as the
+    /// agent's user.
+    pub enable_script_checks: bool,
 }
 
 impl Default for AgentConfig {
@@ -63,6 +66,7 @@ impl Default for AgentConfig {
             max_watchers: 65_536,
             limits: Limits::default(),
             self_preservation: PreservationConfig::default(),
+            enable_script_checks: false,
         }
     }
 }
@@ -203,6 +207,7 @@ impl AgentConfig {
             limits: self.limits.clone(),
             evict_after: self.evict_after,
             preservation: self.self_preservation.clone(),
+            script_checks: self.enable_script_checks,
         }
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: settings from the config file and flags.
 //! - [`writer`]: the single writer; group commit to the store, then snapshot publication.
+//! - [`checks`]: the health checker: HTTP, TCP, gRPC and script checks on their intervals.
 //! - [`sweeper`]: the timer that asks the writer to apply lapses, evictions and expiries.
 //! - [`http`]: the router: native API, watches, metrics, health.
 //! - [`dns`]: the DNS interface (UDP and TCP), answering from the same snapshots.
@@ -14,6 +15,7 @@
 //! and [`Agent::serve`] take already bound sockets and stop on the shutdown token, so tests
 //! bind port 0 and run many agents in one process.
 
+pub mod checks;
 pub mod clock;
 pub mod config;
 pub mod dns;
@@ -65,6 +67,11 @@ impl AppState {
     /// The agent's current time.
     pub fn now(&self) -> Time {
         self.inner.clock.now()
+    }
+
+    /// The wall-clock time of `t`, for display.
+    pub fn wall(&self, t: Time) -> std::time::SystemTime {
+        self.inner.clock.wall(t)
     }
 
     /// The configuration.
@@ -135,6 +142,13 @@ impl Agent {
             config.sweep_interval,
             shutdown.clone(),
         ));
+        let checker_task = tokio::spawn(checks::run(
+            writer.clone(),
+            snapshots.clone(),
+            clock,
+            config.enable_script_checks,
+            shutdown.clone(),
+        ));
         telemetry::handle();
         Ok(Agent {
             state: AppState {
@@ -147,7 +161,7 @@ impl Agent {
                     shutdown,
                 }),
             },
-            tasks: vec![writer_task, sweeper_task],
+            tasks: vec![writer_task, sweeper_task, checker_task],
         })
     }
 

@@ -6,7 +6,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Registrations accepted (new or changed).
 pub const REGISTRATIONS: &str = "muster_registrations_total";
-/// Deregistrations, by `reason` (`api`, `evicted`, `lease`).
+/// Deregistrations, by `reason` (`api`, `evicted`, `lease`, `check`).
 pub const DEREGISTRATIONS: &str = "muster_deregistrations_total";
 /// Heartbeats by `result` (`ok`, `unknown`).
 pub const HEARTBEATS: &str = "muster_heartbeats_total";
@@ -50,6 +50,18 @@ pub const DNS_TRUNCATED: &str = "muster_dns_truncated_total";
 pub const DNS_FORWARDED: &str = "muster_dns_forwarded_total";
 /// DNS TCP connections closed on accept because the connection cap was reached.
 pub const DNS_TCP_REFUSED: &str = "muster_dns_tcp_refused_total";
+
+/// Check runs, by `kind` (`http`, `tcp`, `grpc`, `script`) and `result` (`passing`,
+/// `warning`, `critical`, `unreachable`).
+pub const CHECKS_RUN: &str = "muster_checks_run_total";
+/// Check run latency, by `kind`.
+pub const CHECK_SECONDS: &str = "muster_check_duration_seconds";
+/// Checks the agent is running (probes scheduled).
+pub const CHECKS_ACTIVE: &str = "muster_checks_active";
+/// Check status changes shown to readers.
+pub const CHECK_CHANGES: &str = "muster_check_status_changes_total";
+/// Instances removed by `deregister_critical_after`.
+pub const CHECK_DEREGISTRATIONS: &str = "muster_check_deregistrations_total";
 
 /// How often queued histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);

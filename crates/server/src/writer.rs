@@ -203,6 +203,16 @@ fn record(applied: &Applied) {
             metrics::counter!(m::DEREGISTRATIONS, "reason" => "lease")
                 .increment(r.lease_instances_removed as u64);
             metrics::counter!(m::LEASE_EXPIRIES).increment(r.leases_expired as u64);
+            metrics::counter!(m::CHECK_CHANGES).increment(r.checks_changed as u64);
+            metrics::counter!(m::CHECK_DEREGISTRATIONS).increment(r.check_deregistered as u64);
+            metrics::counter!(m::DEREGISTRATIONS, "reason" => "check")
+                .increment(r.check_deregistered as u64);
+            if r.check_deregistered > 0 {
+                tracing::info!(
+                    instances = r.check_deregistered,
+                    "removed instances whose check stayed critical past deregister_critical_after"
+                );
+            }
             metrics::gauge!(m::HELD_BACK).set(r.held_back as f64);
             if r.lapsed > 0 || r.evicted > 0 || r.leases_expired > 0 {
                 tracing::info!(
@@ -228,6 +238,7 @@ fn record(applied: &Applied) {
                 None => {}
             }
         }
+        Applied::ChecksUpdated { .. } => metrics::counter!(m::CHECK_CHANGES).increment(1),
         Applied::PreservationEnded { was_active: true } => {
             tracing::warn!("self-preservation OFF: ended by an operator")
         }

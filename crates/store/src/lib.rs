@@ -90,6 +90,13 @@ pub(crate) mod contract {
                 zone: Some("z1".into()),
                 weight: 3,
                 keep_alive: KeepAlive::Ttl(Duration::from_secs(15)),
+                // A check, so its definition is seen to survive the store.
+                checks: vec![muster_core::CheckSpec::new(
+                    "db",
+                    muster_core::CheckKind::Tcp {
+                        address: "10.0.0.1:5432".into(),
+                    },
+                )],
             },
             maintenance: None,
             create_index: 2,

@@ -24,7 +24,7 @@ use proptest::sample::select;
 
 use crate::support::{
     Dump, InstanceDump, Key, LeaseDump, MapStore, at, healthy_ids, heartbeat, iid, lease_spec,
-    renew_lease, svc, ttl_spec,
+    renew_lease, spec, svc, ttl_spec,
 };
 
 pub const SERVICES: [&str; 3] = ["api", "db", "web"];
@@ -50,6 +50,8 @@ pub enum LeaseRef {
 pub enum Keep {
     Ttl(u64),
     Lease(LeaseRef),
+    /// No heartbeat at all.
+    None,
 }
 
 /// One step of a generated run.
@@ -99,6 +101,7 @@ fn keep() -> impl Strategy<Value = Keep> {
     prop_oneof![
         3 => select(TTLS_MS.to_vec()).prop_map(Keep::Ttl),
         2 => lease_ref().prop_map(Keep::Lease),
+        1 => Just(Keep::None),
     ]
 }
 
@@ -190,7 +193,7 @@ pub struct Model {
 fn ttl_ms(spec: &InstanceSpec) -> Option<u64> {
     match spec.keep_alive {
         KeepAlive::Ttl(ttl) => Some(u64::try_from(ttl.as_millis()).expect("ttl fits")),
-        KeepAlive::Lease(_) => None,
+        KeepAlive::Lease(_) | KeepAlive::None => None,
     }
 }
 
@@ -277,6 +280,7 @@ impl Model {
                 let lease = self.leases.get_mut(&lid).expect("checked");
                 lease.deadline = lease.deadline.max(now + lease.ttl_ms);
             }
+            KeepAlive::None => {}
         }
         let old = self.instances.get(&key).cloned();
         if let Some(old) = &old
@@ -419,6 +423,7 @@ impl Model {
                 let lease = self.leases.get_mut(&lid).expect("bound lease exists");
                 lease.deadline = lease.deadline.max(now + lease.ttl_ms);
             }
+            KeepAlive::None => {}
         }
         true
     }
@@ -559,6 +564,7 @@ impl Model {
                     let deadline = match i.spec.keep_alive {
                         KeepAlive::Ttl(_) => i.deadline,
                         KeepAlive::Lease(lid) => self.leases[&lid].deadline,
+                        KeepAlive::None => u64::MAX,
                     };
                     (
                         key.clone(),
@@ -670,6 +676,7 @@ impl Harness {
                 let spec = match keep {
                     Keep::Ttl(ms) => ttl_spec(*port, *ms),
                     Keep::Lease(r) => lease_spec(*port, self.lease(r)),
+                    Keep::None => spec(*port, KeepAlive::None),
                 };
                 let actual = self.reg.apply(
                     Command::Register {
@@ -942,6 +949,7 @@ impl Harness {
             let grace = match got.spec.keep_alive {
                 KeepAlive::Ttl(ttl) => u64::try_from(ttl.as_millis()).expect("fits"),
                 KeepAlive::Lease(lid) => r.leases[&lid].ttl_ms,
+                KeepAlive::None => u64::MAX - now,
             };
             assert_eq!(got.deadline, now + grace, "{key:?}: one TTL of grace");
         }

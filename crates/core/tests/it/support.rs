@@ -34,6 +34,7 @@ pub fn spec(port: u16, keep_alive: KeepAlive) -> InstanceSpec {
         zone: None,
         weight: 1,
         keep_alive,
+        checks: Vec::new(),
     }
 }
 

@@ -968,6 +968,7 @@ pub fn sample_snapshot() -> Arc<Snapshot> {
             zone: zone.map(str::to_string),
             weight: 1 + n as u16,
             keep_alive: KeepAlive::Ttl(std::time::Duration::from_secs(60)),
+            checks: Vec::new(),
         };
         let (Ok(service), Ok(id)) = (ServiceName::parse(service), InstanceId::parse(id)) else {
             continue;

@@ -29,10 +29,10 @@ pub fn object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
         }
     })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Fields(Map::new()));
+        return Ok(Fields::new(Map::new(), String::new()));
     }
     match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => Ok(Fields(map)),
+        Ok(Value::Object(map)) => Ok(Fields::new(map, String::new())),
         Ok(_) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
@@ -46,15 +46,43 @@ pub fn object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
     }
 }
 
-/// A JSON object read field by field.
+/// A JSON object read field by field. Errors name fields by their whole path
+/// (`checks[1].interval`).
 #[derive(Debug)]
-pub struct Fields(Map<String, Value>);
+pub struct Fields {
+    map: Map<String, Value>,
+    prefix: String,
+}
 
 impl Fields {
+    fn new(map: Map<String, Value>, prefix: String) -> Fields {
+        Fields { map, prefix }
+    }
+
+    /// The path of `field` as the client wrote it.
+    pub fn path(&self, field: &str) -> String {
+        format!("{}{field}", self.prefix)
+    }
+
+    /// A 400 naming `field`.
+    pub fn invalid(&self, field: &str, message: impl std::fmt::Display) -> ApiError {
+        ApiError::invalid(&self.path(field), message)
+    }
+
+    /// Whether `field` is present and not null.
+    pub fn has(&self, field: &str) -> bool {
+        self.get(field).is_some()
+    }
+
+    /// The fields present (nulls included), in the client's order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
     /// Rejects fields not in `allowed`, naming the first unknown one.
     pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
-        match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
-            Some(k) => Err(ApiError::invalid(
+        match self.map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(k) => Err(self.invalid(
                 k,
                 format!("unknown field; expected one of: {}", allowed.join(", ")),
             )),
@@ -63,13 +91,38 @@ impl Fields {
     }
 
     fn get(&self, field: &str) -> Option<&Value> {
-        self.0.get(field).filter(|v| !v.is_null())
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    /// An optional array of objects, each read as `Fields` named `field[i].`.
+    pub fn objects(&self, field: &str) -> Result<Vec<Fields>, ApiError> {
+        match self.get(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Object(m) => Ok(Fields::new(
+                        m.clone(),
+                        format!("{}{field}[{i}].", self.prefix),
+                    )),
+                    v => Err(self.invalid(
+                        &format!("{field}[{i}]"),
+                        format!("must be an object, got {}", kind(v)),
+                    )),
+                })
+                .collect(),
+            Some(v) => Err(self.invalid(
+                field,
+                format!("must be an array of objects, got {}", kind(v)),
+            )),
+        }
     }
 
     /// A required string.
     pub fn string(&self, field: &str) -> Result<String, ApiError> {
         self.opt_string(field)?
-            .ok_or_else(|| ApiError::invalid(field, "is required"))
+            .ok_or_else(|| self.invalid(field, "is required"))
     }
 
     /// An optional string.
@@ -77,10 +130,16 @@ impl Fields {
         match self.get(field) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(ApiError::invalid(
-                field,
-                format!("must be a string, got {}", kind(v)),
-            )),
+            Some(v) => Err(self.invalid(field, format!("must be a string, got {}", kind(v)))),
+        }
+    }
+
+    /// An optional boolean.
+    pub fn opt_bool(&self, field: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.invalid(field, format!("must be true or false, got {}", kind(v)))),
         }
     }
 
@@ -90,45 +149,47 @@ impl Fields {
             None => Ok(None),
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
-                _ => Err(ApiError::invalid(
+                _ => Err(self.invalid(
                     field,
                     format!("must be an integer from {min} to {max}, got {n}"),
                 )),
             },
-            Some(v) => Err(ApiError::invalid(
-                field,
-                format!("must be an integer, got {}", kind(v)),
-            )),
+            Some(v) => Err(self.invalid(field, format!("must be an integer, got {}", kind(v)))),
         }
     }
 
     /// An optional duration written as text ("15s", "1m30s").
     pub fn opt_duration(&self, field: &str) -> Result<Option<Duration>, ApiError> {
         self.opt_string(field)?
-            .map(|s| duration(field, &s))
+            .map(|s| duration(&self.path(field), &s))
             .transpose()
     }
 
-    /// An optional array of strings, as a set.
-    pub fn string_set(&self, field: &str) -> Result<BTreeSet<String>, ApiError> {
+    /// An optional array of strings, in order.
+    pub fn string_list(&self, field: &str) -> Result<Vec<String>, ApiError> {
         match self.get(field) {
-            None => Ok(BTreeSet::new()),
+            None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(s) => Ok(s.clone()),
-                    v => Err(ApiError::invalid(
+                    v => Err(self.invalid(
                         &format!("{field}[{i}]"),
                         format!("must be a string, got {}", kind(v)),
                     )),
                 })
                 .collect(),
-            Some(v) => Err(ApiError::invalid(
+            Some(v) => Err(self.invalid(
                 field,
                 format!("must be an array of strings, got {}", kind(v)),
             )),
         }
+    }
+
+    /// An optional array of strings, as a set.
+    pub fn string_set(&self, field: &str) -> Result<BTreeSet<String>, ApiError> {
+        Ok(self.string_list(field)?.into_iter().collect())
     }
 
     /// An optional object of string values.
@@ -139,16 +200,46 @@ impl Fields {
                 .iter()
                 .map(|(k, v)| match v {
                     Value::String(s) => Ok((k.clone(), s.clone())),
-                    v => Err(ApiError::invalid(
+                    v => Err(self.invalid(
                         &format!("{field}.{k}"),
                         format!("must be a string, got {}", kind(v)),
                     )),
                 })
                 .collect(),
-            Some(v) => Err(ApiError::invalid(
+            Some(v) => Err(self.invalid(
                 field,
                 format!("must be an object of strings, got {}", kind(v)),
             )),
+        }
+    }
+
+    /// An optional object whose values are a string or an array of strings (HTTP headers).
+    pub fn string_multimap(&self, field: &str) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+        match self.get(field) {
+            None => Ok(BTreeMap::new()),
+            Some(Value::Object(map)) => map
+                .iter()
+                .map(|(k, v)| {
+                    let values = match v {
+                        Value::String(s) => vec![s.clone()],
+                        Value::Array(items) => items
+                            .iter()
+                            .map(|i| i.as_str().map(str::to_string))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| {
+                                self.invalid(&format!("{field}.{k}"), "must be strings")
+                            })?,
+                        v => {
+                            return Err(self.invalid(
+                                &format!("{field}.{k}"),
+                                format!("must be a string or an array of strings, got {}", kind(v)),
+                            ));
+                        }
+                    };
+                    Ok((k.clone(), values))
+                })
+                .collect(),
+            Some(v) => Err(self.invalid(field, format!("must be an object, got {}", kind(v)))),
         }
     }
 }

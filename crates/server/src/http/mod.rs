@@ -2,11 +2,13 @@
 //!
 //! - [`native`]: `/api/v1/` handlers.
 //! - [`watch`]: blocking queries and the push stream.
+//! - [`checks`]: check definitions, results and TTL reports.
 //! - [`body`]: body and query parsing that names fields.
 //! - [`render`]: the JSON shapes.
 //! - [`error`]: the error shape and status mapping.
 
 pub mod body;
+pub mod checks;
 pub mod error;
 pub mod native;
 pub mod render;
@@ -38,6 +40,15 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/services/{service}/instances/{id}/heartbeat",
             put(native::heartbeat),
+        )
+        .route("/services/{service}/checks", get(checks::service_checks))
+        .route(
+            "/services/{service}/instances/{id}/checks",
+            get(checks::instance_checks),
+        )
+        .route(
+            "/services/{service}/instances/{id}/checks/{check}",
+            put(checks::report),
         )
         .route(
             "/services/{service}/instances/{id}/maintenance",

@@ -159,7 +159,8 @@ pub async fn get_instance(
     ))
 }
 
-fn unknown_instance(service: &ServiceName, id: &InstanceId) -> ApiError {
+/// 404 for an instance that is not registered.
+pub fn unknown_instance(service: &ServiceName, id: &InstanceId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "unknown_instance",
@@ -168,7 +169,7 @@ fn unknown_instance(service: &ServiceName, id: &InstanceId) -> ApiError {
 }
 
 const REGISTER_FIELDS: &[&str] = &[
-    "address", "port", "tags", "meta", "zone", "weight", "ttl", "lease",
+    "address", "port", "tags", "meta", "zone", "weight", "ttl", "lease", "checks",
 ];
 
 /// `PUT /api/v1/services/{service}/instances/{id}`: register or replace an instance.
@@ -180,6 +181,7 @@ pub async fn register(
     let (service, id) = names(&service, &id)?;
     let f = body::object(body)?;
     f.only(REGISTER_FIELDS)?;
+    let checks = super::checks::parse_checks(&f)?;
     let keep_alive = match (f.opt_duration("ttl")?, f.opt_int("lease", 1, u64::MAX)?) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -189,6 +191,8 @@ pub async fn register(
         }
         (Some(ttl), None) => KeepAlive::Ttl(ttl),
         (None, Some(lease)) => KeepAlive::Lease(lease),
+        // Checks judge an instance registered with them; it needs no heartbeat too.
+        (None, None) if !checks.is_empty() => KeepAlive::None,
         (None, None) => KeepAlive::Ttl(DEFAULT_TTL),
     };
     let spec = InstanceSpec {
@@ -203,6 +207,7 @@ pub async fn register(
             .opt_int("weight", 0, 65535)?
             .map_or(DEFAULT_WEIGHT, |w| w as u16),
         keep_alive,
+        checks,
     };
     let applied = state
         .writer()
@@ -271,7 +276,7 @@ pub async fn heartbeat(
         return Err(unknown_instance(&service, &id));
     };
     metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
-    if inst.status != Status::Critical {
+    if inst.heartbeat != Status::Critical {
         let health = render::health(inst.health());
         return Ok(value_response(
             StatusCode::OK,

@@ -11,6 +11,7 @@ pub fn instance(i: &Instance) -> Value {
     let (ttl, lease) = match i.spec.keep_alive {
         KeepAlive::Ttl(ttl) => (Some(humantime::format_duration(ttl).to_string()), None),
         KeepAlive::Lease(id) => (None, Some(id)),
+        KeepAlive::None => (None, None),
     };
     json!({
         "service": i.service,
@@ -24,6 +25,9 @@ pub fn instance(i: &Instance) -> Value {
         "ttl": ttl,
         "lease": lease,
         "health": health(i.health()),
+        "checks": i.check_pairs()
+            .map(|(spec, st)| super::checks::brief(spec, st))
+            .collect::<Vec<_>>(),
         "maintenance_reason": i.maintenance,
         "create_index": i.create_index,
         "modify_index": i.modify_index,

@@ -1,0 +1,243 @@
+//! The health checker: runs every active check of every instance on its interval.
+//!
+//! One task per check, started and stopped as snapshots come and go: a check is known by
+//! its [`CheckCell`], which a re-registration that repeats the check unchanged carries over,
+//! so its schedule and counters survive. Runs are spread over the interval (each check gets
+//! a random phase), never bunched; a new check runs within a second so that the instance
+//! does not wait a whole interval to become discoverable.
+//!
+//! A run records its result in the cell (no write). Only when the status the thresholds call
+//! for changes does the task ask the writer to show it ([`Command::UpdateChecks`]); failures
+//! that are silence are left to the sweep, which first asks self-preservation.
+
+pub mod probe;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use muster_core::snapshot::Change;
+use muster_core::{
+    CheckCell, CheckSpec, Command, InstanceId, Service, ServiceName, Snapshot, Status,
+};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use self::probe::Prober;
+use crate::clock::Clock;
+use crate::telemetry as m;
+use crate::writer::{WriteError, Writer};
+
+/// What every check task shares.
+#[derive(Debug)]
+struct Ctx {
+    writer: Writer,
+    clock: Clock,
+    prober: Prober,
+}
+
+/// Runs the checks of the registry published on `snapshots` until `shutdown`.
+pub async fn run(
+    writer: Writer,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    clock: Clock,
+    script_checks: bool,
+    shutdown: CancellationToken,
+) {
+    let ctx = Arc::new(Ctx {
+        writer,
+        clock,
+        prober: Prober::new(script_checks),
+    });
+    let mut tasks = Tasks::default();
+    let mut seen: Option<(u64, u64)> = None;
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        if seen.is_none_or(|(_, epoch)| epoch != snap.checks_epoch) {
+            tasks.reconcile(&ctx, &snap, seen.map(|(index, _)| index));
+        }
+        seen = Some((snap.index, snap.checks_epoch));
+        metrics::gauge!(m::CHECKS_ACTIVE).set(tasks.count as f64);
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { break },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    tasks.stop_all();
+    metrics::gauge!(m::CHECKS_ACTIVE).set(0.0);
+}
+
+/// Running check tasks, by service and by cell.
+#[derive(Debug, Default)]
+struct Tasks {
+    by_service: HashMap<ServiceName, HashMap<usize, AbortHandle>>,
+    count: usize,
+}
+
+fn cell_key(cell: &Arc<CheckCell>) -> usize {
+    Arc::as_ptr(cell) as usize
+}
+
+impl Tasks {
+    /// Starts and stops tasks to match `snap`, looking only at services changed after
+    /// `since` when that can be replayed.
+    fn reconcile(&mut self, ctx: &Arc<Ctx>, snap: &Snapshot, since: Option<u64>) {
+        match since.and_then(|i| snap.changes_since(i, &[])) {
+            Some(changes) => {
+                for change in changes {
+                    match change {
+                        Change::Updated(svc) => self.sync(ctx, svc),
+                        Change::Removed(name) => self.drop_service(name),
+                    }
+                }
+            }
+            None => {
+                for svc in snap.services.values() {
+                    self.sync(ctx, svc);
+                }
+                let gone: Vec<ServiceName> = self
+                    .by_service
+                    .keys()
+                    .filter(|n| !snap.services.contains_key(n.as_str()))
+                    .cloned()
+                    .collect();
+                for name in &gone {
+                    self.drop_service(name);
+                }
+            }
+        }
+    }
+
+    fn sync(&mut self, ctx: &Arc<Ctx>, svc: &Service) {
+        let running = self.by_service.entry(svc.name.clone()).or_default();
+        let mut live = HashSet::new();
+        for inst in svc.instances.values() {
+            for (spec, st) in inst.check_pairs() {
+                if !spec.kind.is_active() {
+                    continue;
+                }
+                let key = cell_key(&st.cell);
+                live.insert(key);
+                running.entry(key).or_insert_with(|| {
+                    self.count += 1;
+                    tokio::spawn(check_loop(
+                        ctx.clone(),
+                        inst.service.clone(),
+                        inst.id.clone(),
+                        spec.clone(),
+                        st.cell.clone(),
+                    ))
+                    .abort_handle()
+                });
+            }
+        }
+        running.retain(|key, task| {
+            let keep = live.contains(key);
+            if !keep {
+                task.abort();
+                self.count -= 1;
+            }
+            keep
+        });
+        if running.is_empty() {
+            self.by_service.remove(svc.name.as_str());
+        }
+    }
+
+    fn drop_service(&mut self, name: &ServiceName) {
+        if let Some(running) = self.by_service.remove(name.as_str()) {
+            self.count -= running.len();
+            for task in running.values() {
+                task.abort();
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for running in self.by_service.values() {
+            for task in running.values() {
+                task.abort();
+            }
+        }
+        self.by_service.clear();
+        self.count = 0;
+    }
+}
+
+/// A random duration in `[0, max)`.
+fn jitter(max: Duration) -> Duration {
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(fastrand::u64(0..ms.max(1)))
+}
+
+async fn check_loop(
+    ctx: Arc<Ctx>,
+    service: ServiceName,
+    id: InstanceId,
+    spec: CheckSpec,
+    cell: Arc<CheckCell>,
+) {
+    let interval = spec.interval;
+    let rt = cell.runtime();
+    let fresh = rt.last_run.is_none() && rt.wanted == Status::Critical;
+    // A new check is critical until its first result: run it soon. One carried over a
+    // restart has a run of grace: start anywhere in the interval.
+    let first = Instant::now()
+        + if fresh {
+            jitter(interval.min(Duration::from_secs(1)))
+        } else {
+            jitter(interval)
+        };
+    // After the first run, a random phase keeps a burst of registrations from running in
+    // step forever.
+    let second = if fresh {
+        first + jitter(interval).max(Duration::from_secs(1))
+    } else {
+        first + interval
+    };
+    tokio::time::sleep_until(first).await;
+    run_once(&ctx, &service, &id, &spec, &cell).await;
+    let mut ticks = tokio::time::interval_at(second, interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        run_once(&ctx, &service, &id, &spec, &cell).await;
+    }
+}
+
+async fn run_once(
+    ctx: &Ctx,
+    service: &ServiceName,
+    id: &InstanceId,
+    spec: &CheckSpec,
+    cell: &CheckCell,
+) {
+    let kind = spec.kind.name();
+    let started = Instant::now();
+    let result = ctx.prober.run(spec).await;
+    metrics::histogram!(m::CHECK_SECONDS, "kind" => kind).record(started.elapsed().as_secs_f64());
+    let label = match (result.status, result.unreachable) {
+        (Status::Passing, _) => "passing",
+        (Status::Warning, _) => "warning",
+        (Status::Critical, true) => "unreachable",
+        (Status::Critical, false) => "critical",
+    };
+    metrics::counter!(m::CHECKS_RUN, "kind" => kind, "result" => label).increment(1);
+    if cell.record(spec, result, ctx.clock.now()) {
+        let command = Command::UpdateChecks {
+            service: service.clone(),
+            id: id.clone(),
+        };
+        match ctx.writer.submit(command).await {
+            Ok(_) | Err(WriteError::Closed) => {}
+            // Removed meanwhile: this task is about to be stopped.
+            Err(WriteError::Rejected(_)) => {}
+            Err(e) => tracing::warn!(
+                service = %service, instance = %id, check = %spec.name, error = %e,
+                "cannot show a check's new status; the next sweep will"
+            ),
+        }
+    }
+}
