@@ -3,8 +3,10 @@
 //! - [`properties`]: random operation sequences run against the registry and a plain model
 //!   ([`model`]), with every property checked after every step.
 //! - [`behaviour`]: deterministic tests that pin down one behaviour each.
+//! - [`checks`]: health check results and how the registry shows them.
 
 mod behaviour;
+mod checks;
 mod model;
 mod properties;
 mod support;

@@ -15,6 +15,9 @@ const SERVED: &[(&str, &str)] = &[
     ("PUT", "/services/{service}/instances/{id}"),
     ("DELETE", "/services/{service}/instances/{id}"),
     ("PUT", "/services/{service}/instances/{id}/heartbeat"),
+    ("GET", "/services/{service}/checks"),
+    ("GET", "/services/{service}/instances/{id}/checks"),
+    ("PUT", "/services/{service}/instances/{id}/checks/{check}"),
     ("PUT", "/services/{service}/instances/{id}/maintenance"),
     ("DELETE", "/services/{service}/instances/{id}/maintenance"),
     ("GET", "/leases"),
@@ -58,7 +61,9 @@ fn uri(path: &str) -> String {
     let concrete = if path.starts_with("/leases/") {
         path.replace("{id}", "1")
     } else {
-        path.replace("{service}", "web").replace("{id}", "w1")
+        path.replace("{service}", "web")
+            .replace("{id}", "w1")
+            .replace("{check}", "app")
     };
     assert!(!concrete.contains('{'), "unsubstituted parameter in {path}");
     format!("/api/v1{concrete}")
