@@ -3,7 +3,9 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Agent, free_port, muster, muster_command, run_cmd};
+use std::time::Duration;
+
+use crate::support::{Agent, free_port, muster, muster_command, run_cmd, wait_until};
 
 /// The rows of a table the CLI printed, cells split on whitespace, header checked and skipped.
 fn rows(table: &str, header: &[&str]) -> Vec<Vec<String>> {
@@ -277,4 +279,84 @@ async fn help_describes_the_commands_and_the_agent_flags() {
             out.stdout
         );
     }
+}
+
+#[tokio::test]
+async fn register_with_a_tcp_check_and_read_it_with_muster_checks() {
+    let agent = Agent::dev().await;
+    let target = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a check target");
+    let port = target.local_addr().expect("local addr").port().to_string();
+    let address = format!("127.0.0.1:{port}");
+    let out = muster(
+        &agent.addr,
+        &[
+            "register",
+            "db",
+            "db-1",
+            "--port",
+            &port,
+            "--check-tcp",
+            &address,
+            "--check-interval",
+            "1s",
+            "--check",
+            r#"{"ttl":"30s","name":"app","status":"passing"}"#,
+        ],
+    )
+    .await
+    .ok();
+    assert!(out.stdout.contains("registered db/db-1"), "{out:#?}");
+
+    // Checks alone keep it: no TTL, and it is served once the TCP check passes.
+    let registered = agent.instances("db", Some("any")).await;
+    assert_eq!(registered[0]["ttl"], Value::Null, "{registered:?}");
+    wait_until("the TCP check passes", Duration::from_secs(10), || async {
+        agent.instance_ids("db", None).await == ["db-1"]
+    })
+    .await;
+
+    let out = muster(&agent.addr, &["checks", "db"]).await.ok();
+    let table = rows(
+        &out.stdout,
+        &[
+            "INSTANCE", "CHECK", "KIND", "STATUS", "LAST", "RUN", "OUTPUT",
+        ],
+    );
+    let cells: Vec<(&str, &str, &str, &str)> = table
+        .iter()
+        .map(|r| (r[0].as_str(), r[1].as_str(), r[2].as_str(), r[3].as_str()))
+        .collect();
+    assert_eq!(
+        cells,
+        vec![
+            ("db-1", "app", "ttl", "passing"),
+            ("db-1", "tcp", "tcp", "passing"),
+        ],
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("TCP connect {address}: Success")),
+        "{}",
+        out.stdout
+    );
+
+    // A bad check is refused with the field named, and nothing is registered.
+    let out = muster(
+        &agent.addr,
+        &[
+            "register",
+            "db",
+            "db-2",
+            "--port",
+            "1",
+            "--check",
+            r#"{"tcp":"nowhere"}"#,
+        ],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:#?}");
+    assert!(out.stderr.contains("checks[0].tcp"), "{out:#?}");
+    assert_eq!(agent.instances("db", Some("any")).await.len(), 1);
 }
