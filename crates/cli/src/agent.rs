@@ -54,6 +54,9 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
     if let Some(v) = &args.node {
         c.node = v.clone();
     }
+    if let Some(v) = &args.advertise_addr {
+        c.advertise_addr = v.clone();
+    }
     if c.node.is_empty() {
         c.node = gethostname::gethostname().to_string_lossy().into_owned();
     }

@@ -67,6 +67,10 @@ pub struct AgentArgs {
     /// Node name [default: the host name].
     #[arg(long)]
     pub node: Option<String>,
+    /// The node's address in the Consul API: what clients connect to for services registered
+    /// without an address [default: 127.0.0.1].
+    #[arg(long)]
+    pub advertise_addr: Option<String>,
     /// How long an instance whose TTL lapsed stays (critical) before removal [default: 1m].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub evict_after: Option<Duration>,

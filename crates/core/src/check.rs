@@ -58,6 +58,12 @@ pub struct CheckSpec {
     pub deregister_critical_after: Option<Duration>,
     /// The status before the first result; critical when not given.
     pub initial_status: Option<Status>,
+    /// A name for people (Consul's check `Name`); the `name` above is the check's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Free-form notes for operators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
 }
 
 /// What a check probes.
@@ -137,6 +143,8 @@ impl CheckSpec {
             failures_before_critical: 0,
             deregister_critical_after: None,
             initial_status: None,
+            display_name: None,
+            notes: None,
         }
     }
 
@@ -149,6 +157,19 @@ impl CheckSpec {
     pub fn validate(&self, field: &str, limits: &Limits) -> Result<(), ValidationError> {
         let err = |sub: &str, msg: String| ValidationError::new(format!("{field}.{sub}"), msg);
         check_check_name(&self.name).map_err(|m| err("name", m))?;
+        for (sub, text, max) in [
+            ("display_name", &self.display_name, 256),
+            ("notes", &self.notes, 4096),
+        ] {
+            if let Some(t) = text
+                && (t.len() > max || t.chars().any(|c| c.is_control() && c != '\n'))
+            {
+                return Err(err(
+                    sub,
+                    format!("must be at most {max} bytes without control characters"),
+                ));
+            }
+        }
         match &self.kind {
             CheckKind::Http(h) => validate_http(h).map_err(|(sub, m)| err(sub, m))?,
             CheckKind::Tcp { address } => {

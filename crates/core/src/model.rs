@@ -107,6 +107,11 @@ impl ServiceName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A name that was not validated: only for lookups and range bounds.
+    pub(crate) fn from_raw(name: &str) -> ServiceName {
+        ServiceName(name.into())
+    }
 }
 
 fn check_dns_label(field: &str, name: &str) -> Result<(), ValidationError> {
@@ -163,6 +168,11 @@ impl InstanceId {
     /// The id.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// An id that was not validated: only for lookups and range bounds.
+    pub(crate) fn from_raw(id: &str) -> InstanceId {
+        InstanceId(id.into())
     }
 }
 
@@ -236,9 +246,8 @@ impl InstanceSpec {
     /// Checks every field against `limits`.
     pub fn validate(&self, limits: &Limits) -> Result<(), ValidationError> {
         validate_address(&self.address)?;
-        if self.port == 0 {
-            return Err(ValidationError::new("port", "must be 1 to 65535, got 0"));
-        }
+        // Port 0 means "no port" (Consul accepts services without one); the native API
+        // requires a port itself.
         if self.tags.len() > limits.max_tags {
             return Err(ValidationError::new(
                 "tags",
@@ -610,10 +619,6 @@ mod tests {
     #[test]
     fn spec_validation_names_the_field() {
         let limits = Limits::default();
-        let mut s = spec();
-        s.port = 0;
-        assert_eq!(s.validate(&limits).unwrap_err().field, "port");
-
         let mut s = spec();
         s.tags = (0..65).map(|i| format!("t{i}")).collect();
         assert_eq!(s.validate(&limits).unwrap_err().field, "tags");

@@ -368,9 +368,11 @@ impl Registry {
             // Health seen before the restart is gone, so every service reads as changed at
             // the restart's index: a blocking query parked on the old state wakes up.
             svc.index = index;
-            if svc.instances.insert(id, Arc::new(instance)).is_none() {
+            let instance = Arc::new(instance);
+            if svc.instances.insert(id, instance.clone()).is_none() {
                 reg.state.instance_total += 1;
             }
+            reg.state.index_instance(&instance);
         }
         (reg, warnings)
     }
@@ -674,10 +676,9 @@ impl Registry {
         let svc = Arc::make_mut(svc);
         svc.index = index;
         let has_checks = !instance.checks.is_empty();
-        match svc
-            .instances
-            .insert(instance.id.clone(), Arc::new(instance))
-        {
+        let instance = Arc::new(instance);
+        let old = svc.instances.insert(instance.id.clone(), instance.clone());
+        match &old {
             None => self.state.instance_total += 1,
             Some(old) if !old.checks.is_empty() => self.state.checks_epoch += 1,
             Some(_) => {}
@@ -685,6 +686,10 @@ impl Registry {
         if has_checks {
             self.state.checks_epoch += 1;
         }
+        if let Some(old) = &old {
+            self.state.unindex_instance(old);
+        }
+        self.state.index_instance(&instance);
     }
 
     /// Changes an instance's heartbeat status without persisting it (health is not stored).
@@ -739,6 +744,7 @@ impl Registry {
         }
         svc_mut.index = index;
         let now_empty = svc_mut.instances.is_empty();
+        self.state.unindex_instance(&old);
         if now_empty {
             self.state.services.remove(service.as_str());
             self.add_tombstone(service.clone(), index);

@@ -125,6 +125,11 @@ pub struct Snapshot {
     /// Bumped whenever an instance with checks is registered, replaced or removed, so the
     /// checker looks for checks to start or stop only when there can be some.
     pub checks_epoch: u64,
+    /// Instance ids and the services holding them, for APIs that name an instance by id alone
+    /// (Consul's service IDs are unique per agent).
+    pub(crate) by_id: OrdMap<(InstanceId, ServiceName), ()>,
+    /// Check names and the instances holding them (Consul's check IDs).
+    pub(crate) by_check: OrdMap<(Arc<str>, ServiceName, InstanceId), ()>,
 }
 
 /// What changed for one service since a given index.
@@ -137,6 +142,59 @@ pub enum Change<'a> {
 }
 
 impl Snapshot {
+    pub(crate) fn index_instance(&mut self, inst: &Instance) {
+        self.by_id
+            .insert((inst.id.clone(), inst.service.clone()), ());
+        for c in &inst.spec.checks {
+            self.by_check.insert(
+                (
+                    c.name.as_str().into(),
+                    inst.service.clone(),
+                    inst.id.clone(),
+                ),
+                (),
+            );
+        }
+    }
+
+    pub(crate) fn unindex_instance(&mut self, inst: &Instance) {
+        self.by_id.remove(&(inst.id.clone(), inst.service.clone()));
+        for c in &inst.spec.checks {
+            self.by_check.remove(&(
+                c.name.as_str().into(),
+                inst.service.clone(),
+                inst.id.clone(),
+            ));
+        }
+    }
+
+    /// Instances with this id, in any service (in service order).
+    pub fn instances_with_id<'a>(&'a self, id: &str) -> impl Iterator<Item = &'a Arc<Instance>> {
+        let id = InstanceId::from_raw(id);
+        let low = (id.clone(), ServiceName::from_raw(""));
+        self.by_id
+            .range(low..)
+            .take_while(move |((i, _), ())| *i == id)
+            .filter_map(|((id, service), ())| self.instance(service.as_str(), id.as_str()))
+    }
+
+    /// Instances that have a check named `name`.
+    pub fn instances_with_check<'a>(
+        &'a self,
+        name: &str,
+    ) -> impl Iterator<Item = &'a Arc<Instance>> {
+        let key: Arc<str> = name.into();
+        let low = (
+            key.clone(),
+            ServiceName::from_raw(""),
+            InstanceId::from_raw(""),
+        );
+        self.by_check
+            .range(low..)
+            .take_while(move |((n, _, _), ())| *n == key)
+            .filter_map(|((_, service, id), ())| self.instance(service.as_str(), id.as_str()))
+    }
+
     /// A service by name.
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.get(name)

@@ -30,6 +30,9 @@ pub struct AgentConfig {
     pub datacenter: String,
     /// Node name (defaults to the host name).
     pub node: String,
+    /// The node's address as the Consul API shows it: what clients connect to when a service
+    /// registered without an address of its own.
+    pub advertise_addr: String,
     /// How long an instance stays critical from a lapsed TTL before it is removed.
     #[serde(with = "humantime_serde_compat")]
     pub evict_after: Duration,
@@ -60,6 +63,7 @@ impl Default for AgentConfig {
             dev: false,
             datacenter: "dc1".into(),
             node: String::new(),
+            advertise_addr: "127.0.0.1".into(),
             evict_after: Duration::from_secs(60),
             sweep_interval: Duration::from_millis(250),
             max_body_bytes: 64 * 1024,

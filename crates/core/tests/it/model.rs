@@ -255,8 +255,9 @@ impl Model {
     }
 
     pub fn register(&mut self, key: Key, spec: InstanceSpec) -> Result<Applied, Rejection> {
+        // The generators' stand-in for invalid input: port 0 comes with a bad address.
         if spec.port == 0 {
-            return Err(Rejection::Invalid("port"));
+            return Err(Rejection::Invalid("address"));
         }
         if ttl_ms(&spec).is_some_and(|t| t < 1000) {
             return Err(Rejection::Invalid("ttl"));
@@ -987,6 +988,22 @@ fn check_structure(snapshot: &muster_core::Snapshot, dump: &Dump) {
         dump.instances.len(),
         "the kept instance count drifted from the instances held"
     );
+    for (service, id) in dump.instances.keys() {
+        let found: Vec<&str> = snapshot
+            .instances_with_id(id)
+            .map(|i| i.service.as_str())
+            .collect();
+        assert!(
+            found.contains(&service.as_str()),
+            "{service}/{id} is not found by its id alone ({found:?})"
+        );
+        assert!(
+            found
+                .iter()
+                .all(|s| dump.instances.contains_key(&(s.to_string(), id.clone()))),
+            "the id index of {id} lists removed instances: {found:?}"
+        );
+    }
     for (id, lease) in &dump.leases {
         for key in &lease.instances {
             let inst = dump

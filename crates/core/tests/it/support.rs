@@ -27,7 +27,13 @@ pub fn at(ms: u64) -> Time {
 
 pub fn spec(port: u16, keep_alive: KeepAlive) -> InstanceSpec {
     InstanceSpec {
-        address: "10.0.0.1".into(),
+        // Port 0 is the generators' stand-in for an invalid registration.
+        address: if port == 0 {
+            "not an address!"
+        } else {
+            "10.0.0.1"
+        }
+        .into(),
         port,
         tags: BTreeSet::new(),
         meta: BTreeMap::new(),

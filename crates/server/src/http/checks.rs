@@ -163,6 +163,8 @@ fn parse_check(c: &Fields) -> Result<CheckSpec, ApiError> {
         failures_before_critical,
         deregister_critical_after: c.opt_duration("deregister_critical_after")?,
         initial_status: status,
+        display_name: None,
+        notes: None,
     })
 }
 

@@ -31,6 +31,11 @@ impl ApiError {
         ApiError::from(ValidationError::new(field, message.to_string()))
     }
 
+    /// The status and the message, for adapters that answer errors in another shape.
+    pub fn parts(self) -> (StatusCode, String) {
+        (self.status, self.message)
+    }
+
     /// 404.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)

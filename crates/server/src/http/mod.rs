@@ -2,6 +2,7 @@
 //!
 //! - [`native`]: `/api/v1/` handlers.
 //! - [`watch`]: blocking queries and the push stream.
+//! - [`consul`]: the Consul-compatible API under `/v1/`.
 //! - [`checks`]: check definitions, results and TTL reports.
 //! - [`body`]: body and query parsing that names fields.
 //! - [`render`]: the JSON shapes.
@@ -9,6 +10,7 @@
 
 pub mod body;
 pub mod checks;
+pub mod consul;
 pub mod error;
 pub mod native;
 pub mod render;
@@ -74,6 +76,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = state.config().max_body_bytes;
     Router::new()
         .nest("/api/v1", api)
+        .nest("/v1", consul::router())
         .route("/metrics", get(prometheus))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

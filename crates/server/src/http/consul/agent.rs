@@ -1,0 +1,628 @@
+//! `/v1/agent/...`: the agent's services and checks, maintenance, self and members.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use muster_core::check::DEFAULT_TIMEOUT;
+use muster_core::{
+    Applied, CheckKind, CheckSpec, Command, HttpCheck, Instance, InstanceId, InstanceSpec,
+    KeepAlive, ServiceName, Snapshot, Status,
+};
+use serde_json::{Map, Value, json};
+
+use super::body::{self, Obj};
+use super::render::{self, Node};
+use super::{ConsulError, Query, empty};
+use crate::AppState;
+
+fn unknown_service(id: &str) -> ConsulError {
+    ConsulError::not_found(format!(
+        "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
+    ))
+}
+
+fn unknown_check(id: &str) -> ConsulError {
+    ConsulError::not_found(format!(
+        "Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name."
+    ))
+}
+
+/// The instance a Consul service ID names (IDs are unique per agent in Consul).
+fn find(snap: &Snapshot, id: &str) -> Option<Arc<Instance>> {
+    snap.instances_with_id(id).next().cloned()
+}
+
+/// The instance holding check `id`, and the check's position.
+fn find_check(snap: &Snapshot, id: &str) -> Option<(Arc<Instance>, usize)> {
+    let inst = snap.instances_with_check(id).next()?.clone();
+    let pos = inst.spec.checks.iter().position(|c| c.name == id)?;
+    Some((inst, pos))
+}
+
+/// Reads one Consul check definition. `default_id` applies when it names none.
+fn parse_check(o: &Obj<'_>, default_id: String, service: &str) -> Result<CheckSpec, ConsulError> {
+    let id = o
+        .str(&["CheckID", "ID"])?
+        .filter(|s| !s.is_empty())
+        .unwrap_or(default_id);
+    let interval = o.duration(&["Interval"])?;
+    let need_interval = |kind: &str| {
+        interval.ok_or_else(|| {
+            ConsulError::bad_request(format!(
+                "Interval must be > 0 for Script, HTTP, H2PING, TCP or UDP checks ({kind} check {id:?})"
+            ))
+        })
+    };
+    let kind = if let Some(ttl) = o.duration(&["TTL"])? {
+        CheckKind::Ttl { ttl }
+    } else if let Some(url) = o.str(&["HTTP"])? {
+        need_interval("HTTP")?;
+        CheckKind::Http(HttpCheck {
+            url,
+            method: o
+                .str(&["Method"])?
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "GET".into()),
+            headers: o.string_lists(&["Header"])?,
+            body: o.str(&["Body"])?.filter(|b| !b.is_empty()),
+            tls_skip_verify: o.bool(&["TLSSkipVerify"])?.unwrap_or(false),
+        })
+    } else if let Some(address) = o.str(&["TCP"])? {
+        need_interval("TCP")?;
+        CheckKind::Tcp { address }
+    } else if let Some(target) = o.str(&["GRPC"])? {
+        need_interval("gRPC")?;
+        if o.bool(&["GRPCUseTLS"])?.unwrap_or(false) {
+            return Err(ConsulError::bad_request(
+                "gRPC checks over TLS (GRPCUseTLS) are not supported",
+            ));
+        }
+        let (address, service) = match target.split_once('/') {
+            Some((a, s)) => (a.to_string(), s.to_string()),
+            None => (target, String::new()),
+        };
+        CheckKind::Grpc { address, service }
+    } else if let Some(args) = Some(o.strings(&["ScriptArgs", "Args"])?).filter(|a| !a.is_empty()) {
+        need_interval("script")?;
+        CheckKind::Script { args }
+    } else if o
+        .get(&[
+            "UDP",
+            "H2PING",
+            "DockerContainerID",
+            "AliasNode",
+            "AliasService",
+        ])
+        .is_some()
+    {
+        return Err(ConsulError::bad_request(
+            "UDP, H2PING, Docker and alias checks are not supported; use TTL, HTTP, TCP, gRPC or script checks",
+        ));
+    } else {
+        return Err(ConsulError::bad_request(
+            "Must provide TTL or Script/DockerContainerID/HTTP/TCP and Interval",
+        ));
+    };
+    let interval = interval.unwrap_or(Duration::from_secs(10));
+    let status = match o.str(&["Status"])?.as_deref() {
+        None | Some("") => None,
+        Some("passing") => Some(Status::Passing),
+        Some("warning") => Some(Status::Warning),
+        Some("critical") => Some(Status::Critical),
+        Some(other) => {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid check status: {other:?}"
+            )));
+        }
+    };
+    let threshold = |names: &[&str]| -> Result<u32, ConsulError> {
+        Ok(o.uint(names)?.unwrap_or(0).min(u64::from(u32::MAX)) as u32)
+    };
+    let failures_before_critical = threshold(&["FailuresBeforeCritical"])?;
+    let spec = CheckSpec {
+        name: id,
+        kind,
+        interval,
+        timeout: o
+            .duration(&["Timeout"])?
+            .unwrap_or(DEFAULT_TIMEOUT)
+            .min(interval),
+        success_before_passing: threshold(&["SuccessBeforePassing"])?,
+        failures_before_warning: o
+            .uint(&["FailuresBeforeWarning"])?
+            .map_or(failures_before_critical, |v| {
+                v.min(u64::from(u32::MAX)) as u32
+            }),
+        failures_before_critical,
+        deregister_critical_after: o
+            .duration(&["DeregisterCriticalServiceAfter"])?
+            .filter(|d| !d.is_zero()),
+        initial_status: status,
+        display_name: o
+            .str(&["Name"])?
+            .filter(|n| !n.is_empty())
+            .or_else(|| Some(format!("Service '{service}' check"))),
+        notes: o.str(&["Notes"])?.filter(|n| !n.is_empty()),
+    };
+    Ok(spec)
+}
+
+fn invalid(e: muster_core::RegistryError) -> ConsulError {
+    match e {
+        muster_core::RegistryError::Invalid(v) => {
+            ConsulError::bad_request(format!("Invalid service registration: {v}"))
+        }
+        e => ApiErrorExt::into_consul(e),
+    }
+}
+
+trait ApiErrorExt {
+    fn into_consul(self) -> ConsulError;
+}
+
+impl ApiErrorExt for muster_core::RegistryError {
+    fn into_consul(self) -> ConsulError {
+        super::super::error::ApiError::from(self).into()
+    }
+}
+
+async fn submit(state: &AppState, command: Command) -> Result<Applied, ConsulError> {
+    state.writer().submit(command).await.map_err(|e| match e {
+        crate::writer::WriteError::Rejected(r) => invalid(r),
+        e => e.into(),
+    })
+}
+
+/// `PUT /v1/agent/service/register`.
+pub async fn register_service(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let replace = q.bool("replace-existing-checks")?.unwrap_or(false);
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    let name = o
+        .str(&["Name"])?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ConsulError::bad_request("Missing service name"))?;
+    let service = ServiceName::parse(&name.to_lowercase()).map_err(|e| {
+        ConsulError::bad_request(format!("Invalid service name {name:?}: {}", e.message))
+    })?;
+    let id_text = o
+        .str(&["ID"])?
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| name.clone());
+    let id = InstanceId::parse(&id_text).map_err(|e| {
+        ConsulError::bad_request(format!("Invalid service ID {id_text:?}: {}", e.message))
+    })?;
+    let node = Node::of(&state);
+    let address = match o.str(&["Address"])?.as_deref() {
+        None | Some("") => node.address.clone(),
+        Some("0.0.0.0" | "::" | "[::]") => {
+            return Err(ConsulError::bad_request("Invalid service address"));
+        }
+        Some(a) => a.to_string(),
+    };
+    let port = o.uint(&["Port"])?.unwrap_or(0);
+    let port = u16::try_from(port)
+        .map_err(|_| ConsulError::bad_request(format!("Invalid service port {port}")))?;
+    let weight = match o.obj(&["Weights"])? {
+        Some(w) => w.uint(&["Passing"])?.unwrap_or(1).clamp(1, 65535) as u16,
+        None => 1,
+    };
+
+    // Checks: `Check` first, then `Checks`; empty objects are ignored.
+    let mut defs: Vec<Obj<'_>> = Vec::new();
+    if let Some(c) = o.obj(&["Check"])?
+        && !c.is_empty()
+    {
+        defs.push(c);
+    }
+    defs.extend(o.objs(&["Checks"])?.into_iter().filter(|c| !c.is_empty()));
+    let mut checks = Vec::new();
+    for (n, def) in defs.iter().enumerate() {
+        let default_id = if defs.len() == 1 {
+            format!("service:{id}")
+        } else {
+            format!("service:{id}:{}", n + 1)
+        };
+        checks.push(parse_check(def, default_id, service.as_str())?);
+    }
+    // Without replace-existing-checks, checks registered earlier (by id) stay.
+    let snap = state.snapshot();
+    if !replace && let Some(old) = snap.instance(service.as_str(), id.as_str()) {
+        for c in &old.spec.checks {
+            if !checks.iter().any(|n| n.name == c.name) {
+                checks.push(c.clone());
+            }
+        }
+    }
+    let spec = InstanceSpec {
+        address,
+        port,
+        tags: o.strings(&["Tags"])?.into_iter().collect(),
+        meta: o.string_map(&["Meta"])?,
+        zone: None,
+        weight,
+        keep_alive: KeepAlive::None,
+        checks,
+    };
+    submit(&state, Command::Register { service, id, spec }).await?;
+    Ok(empty())
+}
+
+/// `PUT /v1/agent/service/deregister/:id`.
+pub async fn deregister_service(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ConsulError> {
+    let snap = state.snapshot();
+    let inst = find(&snap, &id).ok_or_else(|| unknown_service(&id))?;
+    submit(
+        &state,
+        Command::Deregister {
+            service: inst.service.clone(),
+            id: inst.id.clone(),
+        },
+    )
+    .await?;
+    Ok(empty())
+}
+
+/// `PUT /v1/agent/service/maintenance/:id?enable=true|false&reason=...`.
+pub async fn service_maintenance(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let enable = match q.get("enable") {
+        None => return Err(ConsulError::bad_request("Missing value for enable")),
+        Some(_) => q
+            .bool("enable")
+            .map_err(|_| ConsulError::bad_request("Invalid value for enable"))?
+            .unwrap_or(true),
+    };
+    let snap = state.snapshot();
+    let inst = find(&snap, &id).ok_or_else(|| unknown_service(&id))?;
+    let reason = enable.then(|| {
+        q.get("reason")
+            .filter(|r| !r.is_empty())
+            .unwrap_or("Maintenance mode is enabled for this service, but no reason was provided. This is a default message.")
+            .to_string()
+    });
+    submit(
+        &state,
+        Command::SetMaintenance {
+            service: inst.service.clone(),
+            id: inst.id.clone(),
+            reason,
+        },
+    )
+    .await?;
+    Ok(empty())
+}
+
+/// `GET /v1/agent/services`: `{ServiceID: AgentService}`.
+pub async fn services(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let _q = Query::parse(raw.as_deref())?;
+    let snap = state.snapshot();
+    let dc = &state.config().datacenter;
+    let mut out = Map::new();
+    for svc in snap.services.values() {
+        for i in svc.instances.values() {
+            out.insert(i.id.to_string(), render::agent_service(i, dc));
+        }
+    }
+    Ok(super::json(snap.index, &Value::Object(out)))
+}
+
+/// `GET /v1/agent/service/:id`.
+pub async fn service(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ConsulError> {
+    let snap = state.snapshot();
+    let inst = find(&snap, &id).ok_or_else(|| unknown_service(&id))?;
+    let mut v = render::agent_service(&inst, &state.config().datacenter);
+    let hash = render::uuid_from(&format!("{}:{}", inst.id, inst.modify_index));
+    v["ContentHash"] = json!(hash.replace('-', "")[..16]);
+    Ok(super::json(inst.modify_index, &v))
+}
+
+/// `GET /v1/agent/checks`: `{CheckID: HealthCheck}`.
+pub async fn checks(State(state): State<AppState>) -> Response {
+    let snap = state.snapshot();
+    let node = Node::of(&state);
+    let mut out = Map::new();
+    for svc in snap.services.values() {
+        for i in svc.instances.values() {
+            for c in render::instance_checks(&node, i) {
+                if let Some(id) = c["CheckID"].as_str() {
+                    out.insert(id.to_string(), c.clone());
+                }
+            }
+        }
+    }
+    super::json(snap.index, &Value::Object(out))
+}
+
+/// `PUT /v1/agent/check/register`: a check attached to a registered service.
+pub async fn register_check(
+    State(state): State<AppState>,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    let name = o
+        .str(&["Name"])?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ConsulError::bad_request("Missing check name"))?;
+    let service_id = o.str(&["ServiceID"])?.filter(|s| !s.is_empty()).ok_or_else(|| {
+        ConsulError::bad_request(
+            "Node-level checks (without ServiceID) are not supported; attach the check to a service",
+        )
+    })?;
+    let snap = state.snapshot();
+    let inst = find(&snap, &service_id).ok_or_else(|| {
+        ConsulError::not_found(format!("ServiceID {service_id:?} does not exist"))
+    })?;
+    let id = o
+        .str(&["CheckID", "ID"])?
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| name.clone());
+    let check = parse_check(&o, id, inst.service.as_str())?;
+    let mut spec = inst.spec.clone();
+    spec.checks.retain(|c| c.name != check.name);
+    spec.checks.push(check);
+    submit(
+        &state,
+        Command::Register {
+            service: inst.service.clone(),
+            id: inst.id.clone(),
+            spec,
+        },
+    )
+    .await?;
+    Ok(empty())
+}
+
+/// `PUT /v1/agent/check/deregister/:id`.
+pub async fn deregister_check(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ConsulError> {
+    let snap = state.snapshot();
+    let (inst, pos) = find_check(&snap, &id).ok_or_else(|| unknown_check(&id))?;
+    let mut spec = inst.spec.clone();
+    spec.checks.remove(pos);
+    submit(
+        &state,
+        Command::Register {
+            service: inst.service.clone(),
+            id: inst.id.clone(),
+            spec,
+        },
+    )
+    .await?;
+    Ok(empty())
+}
+
+/// Sets a TTL check's status: what pass, warn, fail and update share.
+async fn report(
+    state: &AppState,
+    id: &str,
+    status: Status,
+    output: String,
+) -> Result<Response, ConsulError> {
+    let snap = state.snapshot();
+    let (inst, pos) = find_check(&snap, id).ok_or_else(|| unknown_check(id))?;
+    let spec = &inst.spec.checks[pos];
+    let CheckKind::Ttl { ttl } = spec.kind else {
+        return Err(ConsulError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("CheckID {id:?} does not have associated TTL"),
+        ));
+    };
+    let st = &inst.checks[pos];
+    let changed = st.cell.report(status, output, ttl, state.now());
+    if changed || st.status != status {
+        submit(
+            state,
+            Command::UpdateChecks {
+                service: inst.service.clone(),
+                id: inst.id.clone(),
+            },
+        )
+        .await?;
+    }
+    Ok(empty())
+}
+
+fn note(raw: Option<&str>) -> Result<String, ConsulError> {
+    Ok(Query::parse(raw)?
+        .get("note")
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// `PUT /v1/agent/check/pass/:id?note=...`.
+pub async fn check_pass(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    report(&state, &id, Status::Passing, note(raw.as_deref())?).await
+}
+
+/// `PUT /v1/agent/check/warn/:id?note=...`.
+pub async fn check_warn(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    report(&state, &id, Status::Warning, note(raw.as_deref())?).await
+}
+
+/// `PUT /v1/agent/check/fail/:id?note=...`.
+pub async fn check_fail(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    report(&state, &id, Status::Critical, note(raw.as_deref())?).await
+}
+
+/// `PUT /v1/agent/check/update/:id` with `{"Status": "...", "Output": "..."}`.
+pub async fn check_update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    let status = match o.str(&["Status"])?.as_deref().unwrap_or("") {
+        "passing" => Status::Passing,
+        "warning" => Status::Warning,
+        "critical" => Status::Critical,
+        other => {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid check status: '{other}'"
+            )));
+        }
+    };
+    let output = o.str(&["Output"])?.unwrap_or_default();
+    report(&state, &id, status, output).await
+}
+
+fn health_answer(status: &str, body: Value, format_text: bool) -> Response {
+    let code = match status {
+        "passing" => StatusCode::OK,
+        "warning" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    if format_text {
+        return (code, status.to_string()).into_response();
+    }
+    let mut r = super::json(1, &body);
+    *r.status_mut() = code;
+    r
+}
+
+/// `GET /v1/agent/health/service/id/:id`: 200 passing, 429 warning, 503 critical.
+pub async fn health_by_id(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let snap = state.snapshot();
+    let inst = find(&snap, &id)
+        .ok_or_else(|| ConsulError::not_found(format!("ServiceId {id} not found")))?;
+    let node = Node::of(&state);
+    let status = render::aggregated(&inst);
+    let body = json!({
+        "AggregatedStatus": status,
+        "Service": render::agent_service(&inst, &node.datacenter),
+        "Checks": render::instance_checks(&node, &inst),
+    });
+    Ok(health_answer(status, body, q.get("format") == Some("text")))
+}
+
+/// `GET /v1/agent/health/service/name/:name`: the worst of the service's instances.
+pub async fn health_by_name(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let snap = state.snapshot();
+    let svc = snap
+        .service(&name.to_lowercase())
+        .cloned()
+        .ok_or_else(|| ConsulError::not_found(format!("ServiceName {name} Not Found")))?;
+    let node = Node::of(&state);
+    let rank = |s: &str| match s {
+        "passing" => 0,
+        "warning" => 1,
+        "critical" => 2,
+        _ => 3,
+    };
+    let mut worst = "passing";
+    let entries: Vec<Value> = svc
+        .instances
+        .values()
+        .map(|i| {
+            let status = render::aggregated(i);
+            if rank(status) > rank(worst) {
+                worst = status;
+            }
+            json!({
+                "AggregatedStatus": status,
+                "Service": render::agent_service(i, &node.datacenter),
+                "Checks": render::instance_checks(&node, i),
+            })
+        })
+        .collect();
+    Ok(health_answer(
+        worst,
+        Value::Array(entries),
+        q.get("format") == Some("text"),
+    ))
+}
+
+/// `GET /v1/agent/self`: every top-level value an object, as Go's client requires.
+pub async fn self_info(State(state): State<AppState>) -> Response {
+    let node = Node::of(&state);
+    let body = json!({
+        "Config": {
+            "Datacenter": node.datacenter,
+            "PrimaryDatacenter": node.datacenter,
+            "NodeName": node.name,
+            "NodeID": node.id,
+            "Server": true,
+            "Revision": "",
+            "Version": env!("CARGO_PKG_VERSION"),
+            "BuildDate": "",
+        },
+        "DebugConfig": {},
+        "Coord": {"Vec": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
+        "Member": member(&node),
+        "Stats": {"agent": {"check_monitors": "0"}, "muster": {"version": env!("CARGO_PKG_VERSION")}},
+        "Meta": {},
+        "xDS": {},
+    });
+    super::json(state.snapshot().index, &body)
+}
+
+fn member(node: &Node) -> Value {
+    json!({
+        "Name": node.name,
+        "Addr": node.address,
+        "Port": 8301,
+        "Tags": {"dc": node.datacenter, "role": "consul", "port": "8300", "id": node.id, "vsn": "2", "build": env!("CARGO_PKG_VERSION")},
+        "Status": 1,
+        "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2,
+        "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
+    })
+}
+
+/// `GET /v1/agent/members`: this node alone.
+pub async fn members(State(state): State<AppState>) -> Response {
+    let node = Node::of(&state);
+    super::json(state.snapshot().index, &json!([member(&node)]))
+}
+
+/// join, leave, force-leave, reload: a single-node agent has nothing to do.
+pub async fn stub() -> Response {
+    empty()
+}

@@ -1,0 +1,283 @@
+//! The Consul-compatible HTTP API under `/v1/`.
+//!
+//! An adapter at the edge: it translates Consul's requests onto the registry's commands and
+//! renders the registry's snapshots in Consul's shapes. It holds no state of its own, so an
+//! instance registered through either API is the same instance everywhere, DNS included.
+//! `shared/reference/consul.md` lists the behaviour reproduced here and what real clients
+//! break on: PascalCase answers, lenient request keys, `X-Consul-Index` on every read (never
+//! 0), text errors, GET/PUT/POST on agent writes.
+//!
+//! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
+//! - [`catalog`]: catalog, health and status reads.
+//! - [`render`]: Consul's JSON shapes.
+//! - [`body`]: lenient request bodies and Go durations.
+
+pub mod agent;
+pub mod body;
+pub mod catalog;
+pub mod render;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, any, get};
+
+use super::error::ApiError;
+use super::watch::Block;
+use crate::AppState;
+
+/// An error as Consul answers it: a status and a plain-text reason.
+#[derive(Debug)]
+pub struct ConsulError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ConsulError {
+    /// An error with `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ConsulError {
+        ConsulError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> ConsulError {
+        ConsulError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> ConsulError {
+        ConsulError::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl From<ApiError> for ConsulError {
+    fn from(e: ApiError) -> ConsulError {
+        let (status, message) = e.parts();
+        ConsulError::new(status, message)
+    }
+}
+
+impl From<crate::writer::WriteError> for ConsulError {
+    fn from(e: crate::writer::WriteError) -> ConsulError {
+        ApiError::from(e).into()
+    }
+}
+
+impl From<muster_core::ValidationError> for ConsulError {
+    fn from(e: muster_core::ValidationError) -> ConsulError {
+        ConsulError::bad_request(e.to_string())
+    }
+}
+
+impl IntoResponse for ConsulError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            self.message,
+        )
+            .into_response()
+    }
+}
+
+/// `X-Consul-Index` (never 0), `X-Consul-KnownLeader`, `X-Consul-LastContact`.
+pub fn meta_headers(index: u64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-consul-index", HeaderValue::from(index.max(1)));
+    h.insert("x-consul-knownleader", HeaderValue::from_static("true"));
+    h.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
+    h
+}
+
+/// A JSON answer with the blocking-query headers.
+pub fn json(index: u64, body: &serde_json::Value) -> Response {
+    let mut headers = meta_headers(index);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    (StatusCode::OK, headers, bytes).into_response()
+}
+
+/// 200 with an empty body: what Consul's agent writes answer.
+pub fn empty() -> Response {
+    StatusCode::OK.into_response()
+}
+
+/// Query parameters, read as Consul reads them: flags by presence, booleans with Go's
+/// spellings, unknown parameters ignored.
+#[derive(Debug, Default)]
+pub struct Query {
+    pairs: Vec<(String, String)>,
+}
+
+impl Query {
+    /// Parses the raw query string.
+    pub fn parse(raw: Option<&str>) -> Result<Query, ConsulError> {
+        let pairs = super::body::query_pairs(raw).map_err(ConsulError::from)?;
+        let q = Query { pairs };
+        if q.has("stale") && q.has("consistent") {
+            return Err(ConsulError::bad_request(
+                "Cannot specify ?stale with ?consistent, conflicting semantics.",
+            ));
+        }
+        if q.has("cached") && q.has("consistent") {
+            return Err(ConsulError::bad_request(
+                "Cannot specify ?cached with ?consistent, conflicting semantics.",
+            ));
+        }
+        Ok(q)
+    }
+
+    /// Whether `name` is present, with any value.
+    pub fn has(&self, name: &str) -> bool {
+        self.pairs.iter().any(|(k, _)| k == name)
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `name`.
+    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.pairs
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A boolean parameter: absent is `None`, empty is true, else Go's `ParseBool`.
+    pub fn bool(&self, name: &str) -> Result<Option<bool>, ConsulError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some("" | "1" | "t" | "T" | "TRUE" | "true" | "True") => Ok(Some(true)),
+            Some("0" | "f" | "F" | "FALSE" | "false" | "False") => Ok(Some(false)),
+            Some(_) => Err(ConsulError::bad_request(format!(
+                "Invalid value for ?{name}"
+            ))),
+        }
+    }
+
+    /// The blocking parameters `index` and `wait`.
+    pub fn block(&self) -> Result<Option<Block>, ConsulError> {
+        let index = match self.get("index") {
+            None | Some("") => None,
+            Some(v) => Some(
+                v.parse::<u64>()
+                    .map_err(|_| ConsulError::bad_request("Invalid index"))?,
+            ),
+        };
+        let wait = match self.get("wait") {
+            None | Some("") => None,
+            Some(v) => Some(wait_time(v)?),
+        };
+        Ok(Block::from_params(index, wait))
+    }
+
+    /// `dc`: the local datacenter or nothing; Consul answers others with 500.
+    pub fn check_dc(&self, local: &str) -> Result<(), ConsulError> {
+        match self.get("dc") {
+            None | Some("") => Ok(()),
+            Some(dc) if dc.eq_ignore_ascii_case(local) => Ok(()),
+            Some(_) => Err(ConsulError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "No path to datacenter",
+            )),
+        }
+    }
+
+    /// `tag` values (all must match, case-insensitively).
+    pub fn tags(&self) -> Vec<String> {
+        self.all("tag").map(str::to_lowercase).collect()
+    }
+
+    /// `node-meta=key:value` pairs.
+    pub fn node_meta(&self) -> Vec<(String, String)> {
+        self.all("node-meta")
+            .map(|v| match v.split_once(':') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (v.to_string(), String::new()),
+            })
+            .collect()
+    }
+}
+
+/// A `wait` value: a Go duration, or a bare number of seconds.
+fn wait_time(v: &str) -> Result<Duration, ConsulError> {
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    body::go_duration(v).map_err(|_| ConsulError::bad_request("Invalid wait time"))
+}
+
+/// GET, PUT and POST: what Consul's clients use, between them, for agent writes.
+fn lenient<H, T>(handler: H) -> MethodRouter<AppState>
+where
+    H: axum::handler::Handler<T, AppState> + Clone,
+    T: 'static,
+{
+    get(handler.clone()).put(handler.clone()).post(handler)
+}
+
+/// The `/v1` router.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/agent/service/register", lenient(agent::register_service))
+        .route(
+            "/agent/service/deregister/{id}",
+            lenient(agent::deregister_service),
+        )
+        .route(
+            "/agent/service/maintenance/{id}",
+            lenient(agent::service_maintenance),
+        )
+        .route("/agent/service/{id}", get(agent::service))
+        .route("/agent/services", get(agent::services))
+        .route("/agent/checks", get(agent::checks))
+        .route("/agent/check/register", lenient(agent::register_check))
+        .route(
+            "/agent/check/deregister/{id}",
+            lenient(agent::deregister_check),
+        )
+        .route("/agent/check/pass/{id}", lenient(agent::check_pass))
+        .route("/agent/check/warn/{id}", lenient(agent::check_warn))
+        .route("/agent/check/fail/{id}", lenient(agent::check_fail))
+        .route("/agent/check/update/{id}", lenient(agent::check_update))
+        .route("/agent/health/service/id/{id}", get(agent::health_by_id))
+        .route(
+            "/agent/health/service/name/{name}",
+            get(agent::health_by_name),
+        )
+        .route("/agent/self", get(agent::self_info))
+        .route("/agent/members", get(agent::members))
+        .route("/agent/join/{addr}", lenient(agent::stub))
+        .route("/agent/leave", lenient(agent::stub))
+        .route("/agent/force-leave/{node}", lenient(agent::stub))
+        .route("/agent/reload", lenient(agent::stub))
+        .route("/catalog/services", get(catalog::services))
+        .route("/catalog/service/{service}", get(catalog::service))
+        .route("/catalog/nodes", get(catalog::nodes))
+        .route("/catalog/node/{node}", get(catalog::node))
+        .route("/catalog/datacenters", get(catalog::datacenters))
+        .route("/health/service/{service}", get(catalog::health_service))
+        .route("/health/checks/{service}", get(catalog::health_checks))
+        .route("/health/state/{state}", get(catalog::health_state))
+        .route("/health/node/{node}", get(catalog::health_node))
+        .route("/status/leader", get(catalog::leader))
+        .route("/status/peers", get(catalog::peers))
+        .fallback(any(unknown))
+}
+
+async fn unknown() -> ConsulError {
+    ConsulError::not_found("Unsupported endpoint")
+}

@@ -1,0 +1,330 @@
+//! Consul's JSON shapes, key casing exact, types as Consul's Go API structs decode them.
+
+use std::hash::{Hash, Hasher};
+
+use muster_core::{
+    CheckKind, CheckSpec, CheckState, Health, Instance, KeepAlive, Service, Snapshot, Status,
+};
+use serde_json::{Map, Value, json};
+
+use super::body::go_format;
+use crate::AppState;
+
+/// The node the agent presents: its name, a stable UUID, its address and datacenter.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// A UUID derived from the name, so it stays the same across restarts.
+    pub id: String,
+    /// The address clients connect to when a service has none of its own.
+    pub address: String,
+    /// Datacenter.
+    pub datacenter: String,
+}
+
+impl Node {
+    /// The agent's node.
+    pub fn of(state: &AppState) -> Node {
+        let c = state.config();
+        Node {
+            name: c.node.clone(),
+            id: uuid_from(&c.node),
+            address: c.advertise_addr.clone(),
+            datacenter: c.datacenter.clone(),
+        }
+    }
+
+    /// Whether `name` names this node (case-insensitively, as Consul matches).
+    pub fn is(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+    }
+}
+
+/// A stable UUID-shaped id from a name.
+pub fn uuid_from(name: &str) -> String {
+    let half = |seed: u64| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        seed.hash(&mut h);
+        name.hash(&mut h);
+        h.finish()
+    };
+    let (a, b) = (half(1), half(2));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// `Node`: catalog nodes, `health/service` entries.
+pub fn node(n: &Node, snap: &Snapshot) -> Value {
+    json!({
+        "ID": n.id,
+        "Node": n.name,
+        "Address": n.address,
+        "Datacenter": n.datacenter,
+        "TaggedAddresses": {"lan": n.address, "lan_ipv4": n.address, "wan": n.address, "wan_ipv4": n.address},
+        "Meta": {"consul-network-segment": "", "muster-version": env!("CARGO_PKG_VERSION")},
+        "CreateIndex": 1,
+        "ModifyIndex": snap.index.max(1),
+    })
+}
+
+fn weights(i: &Instance) -> Value {
+    json!({"Passing": i.spec.weight.max(1), "Warning": 1})
+}
+
+/// `AgentService`: `/agent/services`, `health/service` entries, catalog node services.
+pub fn agent_service(i: &Instance, dc: &str) -> Value {
+    json!({
+        "ID": i.id,
+        "Service": i.service,
+        "Tags": i.spec.tags,
+        "Meta": i.spec.meta,
+        "Port": i.spec.port,
+        "Address": i.spec.address,
+        "Weights": weights(i),
+        "EnableTagOverride": false,
+        "Datacenter": dc,
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
+    })
+}
+
+/// `CatalogService`: `/catalog/service/:name` items.
+pub fn catalog_service(n: &Node, i: &Instance) -> Value {
+    json!({
+        "ID": n.id,
+        "Node": n.name,
+        "Address": n.address,
+        "Datacenter": n.datacenter,
+        "TaggedAddresses": {"lan": n.address, "wan": n.address},
+        "NodeMeta": {"consul-network-segment": ""},
+        "ServiceKind": "",
+        "ServiceID": i.id,
+        "ServiceName": i.service,
+        "ServiceTags": i.spec.tags,
+        "ServiceAddress": i.spec.address,
+        "ServiceWeights": weights(i),
+        "ServiceMeta": i.spec.meta,
+        "ServicePort": i.spec.port,
+        "ServiceEnableTagOverride": false,
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
+    })
+}
+
+/// The wire name of a status.
+pub fn status(s: Status) -> &'static str {
+    match s {
+        Status::Passing => "passing",
+        Status::Warning => "warning",
+        Status::Critical => "critical",
+    }
+}
+
+/// The check ID of an instance's maintenance.
+pub fn maintenance_check_id(i: &Instance) -> String {
+    format!("_service_maintenance:{}", i.id)
+}
+
+/// The check ID of an instance's heartbeat (native TTL and lease instances).
+pub fn heartbeat_check_id(i: &Instance) -> String {
+    format!("muster:heartbeat:{}", i.id)
+}
+
+/// The node's own check, as every Consul agent reports it.
+pub fn serf_health(n: &Node) -> Value {
+    json!({
+        "Node": n.name,
+        "CheckID": "serfHealth",
+        "Name": "Serf Health Status",
+        "Status": "passing",
+        "Notes": "",
+        "Output": "Agent alive and reachable",
+        "ServiceID": "",
+        "ServiceName": "",
+        "ServiceTags": [],
+        "Type": "",
+        "Interval": "",
+        "Timeout": "",
+        "ExposedPort": 0,
+        "Definition": definition(None),
+        "CreateIndex": 1,
+        "ModifyIndex": 1,
+    })
+}
+
+fn definition(spec: Option<&CheckSpec>) -> Value {
+    let mut d = Map::new();
+    let (mut interval, mut timeout, mut dereg) = (None, None, None);
+    if let Some(spec) = spec {
+        match &spec.kind {
+            CheckKind::Http(h) => {
+                d.insert("HTTP".into(), json!(h.url));
+                d.insert("Method".into(), json!(h.method));
+                d.insert("Header".into(), json!(h.headers));
+                d.insert("Body".into(), json!(h.body.clone().unwrap_or_default()));
+                d.insert("TLSSkipVerify".into(), json!(h.tls_skip_verify));
+            }
+            CheckKind::Tcp { address } => {
+                d.insert("TCP".into(), json!(address));
+            }
+            CheckKind::Grpc { address, service } => {
+                let target = if service.is_empty() {
+                    address.clone()
+                } else {
+                    format!("{address}/{service}")
+                };
+                d.insert("GRPC".into(), json!(target));
+            }
+            CheckKind::Script { args } => {
+                d.insert("ScriptArgs".into(), json!(args));
+            }
+            CheckKind::Ttl { .. } => {}
+        }
+        if spec.kind.is_active() {
+            interval = Some(spec.interval);
+            timeout = Some(spec.timeout);
+        }
+        dereg = spec.deregister_critical_after;
+    }
+    d.insert("TLSServerName".into(), json!(""));
+    d.insert(
+        "Interval".into(),
+        json!(go_format(interval.unwrap_or_default())),
+    );
+    d.insert(
+        "Timeout".into(),
+        json!(go_format(timeout.unwrap_or_default())),
+    );
+    d.insert(
+        "DeregisterCriticalServiceAfter".into(),
+        json!(go_format(dereg.unwrap_or_default())),
+    );
+    Value::Object(d)
+}
+
+struct CheckView<'a> {
+    id: String,
+    name: String,
+    status: Status,
+    notes: &'a str,
+    output: String,
+    kind: &'static str,
+    spec: Option<&'a CheckSpec>,
+}
+
+fn check_value(n: &Node, i: &Instance, c: CheckView<'_>) -> Value {
+    let (interval, timeout) = match c.spec {
+        Some(s) if s.kind.is_active() => (go_format(s.interval), go_format(s.timeout)),
+        _ => (String::new(), String::new()),
+    };
+    json!({
+        "Node": n.name,
+        "CheckID": c.id,
+        "Name": c.name,
+        "Status": status(c.status),
+        "Notes": c.notes,
+        "Output": c.output,
+        "ServiceID": i.id,
+        "ServiceName": i.service,
+        "ServiceTags": i.spec.tags,
+        "Type": c.kind,
+        "Interval": interval,
+        "Timeout": timeout,
+        "ExposedPort": 0,
+        "Definition": definition(c.spec),
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
+    })
+}
+
+/// One of an instance's own checks.
+pub fn service_check(n: &Node, i: &Instance, spec: &CheckSpec, st: &CheckState) -> Value {
+    let default_name = format!("Service '{}' check", i.service);
+    check_value(
+        n,
+        i,
+        CheckView {
+            id: spec.name.clone(),
+            name: spec.display_name.clone().unwrap_or(default_name),
+            status: st.status,
+            notes: spec.notes.as_deref().unwrap_or(""),
+            output: st.cell.runtime().output,
+            kind: spec.kind.name(),
+            spec: Some(spec),
+        },
+    )
+}
+
+/// Every check of an instance as Consul shows it: its own checks, its heartbeat when it
+/// has one (a TTL check), and its maintenance as the `_service_maintenance:` check.
+pub fn instance_checks(n: &Node, i: &Instance) -> Vec<Value> {
+    let mut out: Vec<Value> = i
+        .check_pairs()
+        .map(|(spec, st)| service_check(n, i, spec, st))
+        .collect();
+    if !matches!(i.spec.keep_alive, KeepAlive::None) {
+        let output = if i.heartbeat == Status::Critical {
+            "TTL expired: no heartbeat in time"
+        } else {
+            "heartbeats arriving"
+        };
+        out.push(check_value(
+            n,
+            i,
+            CheckView {
+                id: heartbeat_check_id(i),
+                name: "muster heartbeat".into(),
+                status: i.heartbeat,
+                notes: "",
+                output: output.into(),
+                kind: "ttl",
+                spec: None,
+            },
+        ));
+    }
+    if let Some(reason) = &i.maintenance {
+        out.push(check_value(
+            n,
+            i,
+            CheckView {
+                id: maintenance_check_id(i),
+                name: "Service Maintenance Mode".into(),
+                status: Status::Critical,
+                notes: reason,
+                output: String::new(),
+                kind: "maintenance",
+                spec: None,
+            },
+        ));
+    }
+    out
+}
+
+/// The `Status` Consul's `AggregatedStatus` gives an instance.
+pub fn aggregated(i: &Instance) -> &'static str {
+    match i.health() {
+        Health::Maintenance => "maintenance",
+        Health::Critical => "critical",
+        Health::Warning => "warning",
+        Health::Passing => "passing",
+    }
+}
+
+/// Whether the instance passes a `tag` filter (every tag, case-insensitively).
+pub fn has_tags(i: &Instance, tags: &[String]) -> bool {
+    tags.iter()
+        .all(|t| i.spec.tags.iter().any(|have| have.eq_ignore_ascii_case(t)))
+}
+
+/// A service's instances sorted as Consul sorts them (node, then service ID): one node, so
+/// by ID.
+pub fn sorted(s: &Service) -> impl Iterator<Item = &std::sync::Arc<Instance>> {
+    s.instances.values()
+}
