@@ -12,6 +12,7 @@
 //!   index and yields the [`Mutation`]s the store must make durable.
 //! - [`snapshot`]: the immutable view readers use. Cloning one is O(1).
 //! - [`check`]: health check definitions and the cells their results land in.
+//! - [`kv`]: the key/value store and sessions (Consul's KV and locks).
 //! - [`liveness`]: heartbeat deadlines shared by readers and the writer. Renewing one is an
 //!   atomic store, never a write.
 //! - [`preservation`]: self-preservation, the guard against mass eviction when the fault is
@@ -19,6 +20,7 @@
 //! - [`time`]: the injected clock value.
 
 pub mod check;
+pub mod kv;
 pub mod liveness;
 pub mod model;
 pub mod preservation;
@@ -27,6 +29,7 @@ pub mod snapshot;
 pub mod time;
 
 pub use check::{CheckCell, CheckKind, CheckSpec, HttpCheck, Probe};
+pub use kv::{KvEntry, KvPut, Session, SessionBehavior, SessionSpec, StoredKv, StoredSession};
 pub use liveness::Liveness;
 pub use model::{
     CheckState, Filter, Health, HealthFilter, Instance, InstanceId, InstanceSpec, KeepAlive,

@@ -35,6 +35,12 @@ pub struct Limits {
     pub max_instances: usize,
     /// Most leases the registry holds.
     pub max_leases: usize,
+    /// Largest KV value, in bytes (Consul's default is 512 KiB).
+    pub max_kv_value_bytes: usize,
+    /// Most KV entries.
+    pub max_kv_entries: usize,
+    /// Most sessions.
+    pub max_sessions: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +55,9 @@ impl Default for Limits {
             max_ttl: Duration::from_secs(24 * 3600),
             max_instances: 1_000_000,
             max_leases: 100_000,
+            max_kv_value_bytes: 512 * 1024,
+            max_kv_entries: 1_000_000,
+            max_sessions: 100_000,
         }
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::check::{CheckCell, CheckKind, CheckSpec};
+use crate::kv::{KvEntry, KvPut, Session, SessionBehavior, SessionSpec, StoredKv, StoredSession};
 use crate::preservation::{Preservation, RenewalCounts, Transition};
 use crate::snapshot::TOMBSTONE_CAPACITY;
 use crate::{
@@ -96,6 +97,29 @@ pub enum Command {
     Sweep,
     /// End self-preservation by an operator's decision.
     EndSelfPreservation,
+    /// Write a key (with Consul's cas, acquire and release).
+    KvPut(KvPut),
+    /// Delete a key, or every key under a prefix.
+    KvDelete {
+        /// Key or prefix.
+        key: String,
+        /// Delete every key starting with `key`.
+        recurse: bool,
+        /// Only if the entry's modify index is this (0: only if absent).
+        cas: Option<u64>,
+    },
+    /// Create a session.
+    CreateSession {
+        /// Its id.
+        id: String,
+        /// Its settings.
+        spec: SessionSpec,
+    },
+    /// End a session: release (or delete) its locks.
+    DestroySession {
+        /// Its id.
+        id: String,
+    },
 }
 
 /// What a command did.
@@ -149,6 +173,24 @@ pub enum Applied {
         /// Whether it was on.
         was_active: bool,
     },
+    /// A KV write or delete: `ok` is false when a cas, acquire or release condition failed
+    /// (nothing changed then).
+    Kv {
+        /// Whether it was applied.
+        ok: bool,
+        /// The index after it.
+        index: u64,
+    },
+    /// A session was created.
+    SessionCreated {
+        /// The index of its creation.
+        index: u64,
+    },
+    /// A session ended.
+    SessionDestroyed {
+        /// The index of its end.
+        index: u64,
+    },
 }
 
 /// What a sweep did.
@@ -192,6 +234,17 @@ pub enum RegistryError {
     /// No such lease.
     #[error("lease {0} does not exist (it expired, was revoked, or was never created)")]
     UnknownLease(LeaseId),
+    /// No such session.
+    #[error("invalid session {0:?}: it does not exist (it expired or was destroyed)")]
+    UnknownSession(String),
+    /// A value is larger than allowed.
+    #[error("value is {size} bytes, more than the limit of {limit} (limits.max_kv_value_bytes)")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A configured capacity is reached.
     #[error(
         "the registry already holds {limit} {what} ({setting}); deregister some or raise the limit"
@@ -249,6 +302,14 @@ pub enum Mutation {
     PutLease(StoredLease),
     /// Remove a lease.
     DeleteLease(LeaseId),
+    /// Write a KV entry.
+    PutKv(StoredKv),
+    /// Remove a KV entry.
+    DeleteKv(String),
+    /// Write a session.
+    PutSession(StoredSession),
+    /// Remove a session.
+    DeleteSession(String),
 }
 
 /// The registry: current state plus what the writer needs to persist and decide.
@@ -484,6 +545,17 @@ impl Registry {
                 Ok(Applied::ChecksUpdated { index })
             }
             Command::Sweep => Ok(Applied::Swept(self.sweep(now))),
+            Command::KvPut(put) => self.kv_put(put),
+            Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas),
+            Command::CreateSession { id, spec } => self.create_session(id, spec, now),
+            Command::DestroySession { id } => {
+                if !self.state.sessions.contains_key(id.as_str()) {
+                    return Err(RegistryError::UnknownSession(id));
+                }
+                let index = self.bump();
+                self.end_session(&id, index);
+                Ok(Applied::SessionDestroyed { index })
+            }
             Command::EndSelfPreservation => {
                 let was_active = self.preservation.active();
                 self.preservation.end(now);
@@ -786,6 +858,16 @@ impl Registry {
         for (service, inst) in &lease.instances {
             self.remove_instance(service, inst, index);
         }
+        let sessions: Vec<Arc<str>> = self
+            .state
+            .sessions
+            .values()
+            .filter(|s| s.lease == Some(id))
+            .map(|s| s.id.clone())
+            .collect();
+        for s in sessions {
+            self.end_session(&s, index);
+        }
         self.mutations.push(Mutation::DeleteLease(id));
         lease.instances.len()
     }
@@ -948,6 +1030,299 @@ impl Registry {
             (report.lapsed + report.leases_expired + silent_applied).saturating_sub(written_off),
         );
         report
+    }
+
+    /// Adds what the store held of the KV store and sessions to a restored registry.
+    /// Sessions whose lease is gone end (their locks released); records that no longer
+    /// decode are skipped and reported.
+    pub fn restore_kv(&mut self, kv: Vec<StoredKv>, sessions: Vec<StoredSession>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for s in sessions {
+            if s.lease.is_some_and(|l| !self.state.leases.contains_key(&l)) {
+                warnings.push(format!("session {} ended: its lease is gone", s.id));
+                self.mutations.push(Mutation::DeleteSession(s.id));
+                continue;
+            }
+            let id: Arc<str> = s.id.as_str().into();
+            self.state.sessions.insert(
+                id.clone(),
+                Arc::new(Session {
+                    id,
+                    spec: s.spec,
+                    lease: s.lease,
+                    create_index: s.create_index,
+                }),
+            );
+        }
+        for stored in kv {
+            let key = stored.key.clone();
+            let Some(mut entry) = KvEntry::from_stored(stored) else {
+                warnings.push(format!(
+                    "skipped stored key {key:?}: its value is not base64"
+                ));
+                continue;
+            };
+            if entry
+                .session
+                .as_ref()
+                .is_some_and(|s| !self.state.sessions.contains_key(s))
+            {
+                entry.session = None;
+                self.mutations.push(Mutation::PutKv(entry.stored()));
+            }
+            self.state.kv.insert(entry.key.clone(), Arc::new(entry));
+        }
+        warnings
+    }
+
+    fn kv_put(&mut self, put: KvPut) -> Result<Applied, RegistryError> {
+        crate::kv::validate_key(&put.key)?;
+        let limits = &self.config.limits;
+        let size = put.value.as_ref().map_or(0, |v| v.len());
+        if size > limits.max_kv_value_bytes {
+            return Err(RegistryError::TooLarge {
+                size,
+                limit: limits.max_kv_value_bytes,
+            });
+        }
+        if put.acquire.is_some() && put.release.is_some()
+            || put.cas.is_some() && (put.acquire.is_some() || put.release.is_some())
+        {
+            return Err(ValidationError::new(
+                "flags",
+                "Conflicting flags: give only one of cas, acquire and release",
+            )
+            .into());
+        }
+        let old = self.state.kv.get(put.key.as_str()).cloned();
+        if old.is_none() && self.state.kv.len() >= limits.max_kv_entries {
+            return Err(RegistryError::Full {
+                what: "keys",
+                limit: limits.max_kv_entries,
+                setting: "limits.max_kv_entries",
+            });
+        }
+        let refused = Ok(Applied::Kv {
+            ok: false,
+            index: self.state.index,
+        });
+        if let Some(cas) = put.cas {
+            let current = old.as_ref().map_or(0, |e| e.modify_index);
+            if current != cas {
+                return refused;
+            }
+        }
+        let mut session = old.as_ref().and_then(|e| e.session.clone());
+        let mut lock_index = old.as_ref().map_or(0, |e| e.lock_index);
+        if let Some(s) = &put.acquire {
+            if !self.state.sessions.contains_key(s.as_str()) {
+                return Err(RegistryError::UnknownSession(s.clone()));
+            }
+            match &session {
+                Some(holder) if **holder != **s => return refused,
+                Some(_) => {}
+                None => {
+                    lock_index += 1;
+                    session = Some(s.as_str().into());
+                }
+            }
+        }
+        if let Some(s) = &put.release {
+            if !self.state.sessions.contains_key(s.as_str()) {
+                return Err(RegistryError::UnknownSession(s.clone()));
+            }
+            match &session {
+                Some(holder) if **holder == **s => session = None,
+                _ => return refused,
+            }
+        }
+        let index = self.bump();
+        let key: Arc<str> = put.key.as_str().into();
+        let entry = KvEntry {
+            key: key.clone(),
+            value: put.value,
+            flags: put.flags,
+            lock_index,
+            session,
+            create_index: old.as_ref().map_or(index, |e| e.create_index),
+            modify_index: index,
+        };
+        self.mutations.push(Mutation::PutKv(entry.stored()));
+        self.state.kv_tombstones.remove(&key);
+        self.state.kv.insert(key, Arc::new(entry));
+        Ok(Applied::Kv { ok: true, index })
+    }
+
+    fn kv_delete(
+        &mut self,
+        key: &str,
+        recurse: bool,
+        cas: Option<u64>,
+    ) -> Result<Applied, RegistryError> {
+        if recurse && cas.is_some() {
+            return Err(ValidationError::new(
+                "cas",
+                "Conflicting flags: cas cannot be used with recurse",
+            )
+            .into());
+        }
+        if !recurse {
+            crate::kv::validate_key(key)?;
+        }
+        let doomed: Vec<Arc<str>> = if recurse {
+            self.state.kv_prefix(key).map(|e| e.key.clone()).collect()
+        } else {
+            let current = self.state.kv.get(key);
+            if let Some(cas) = cas
+                && current.map_or(0, |e| e.modify_index) != cas
+            {
+                return Ok(Applied::Kv {
+                    ok: false,
+                    index: self.state.index,
+                });
+            }
+            current.map(|e| e.key.clone()).into_iter().collect()
+        };
+        if doomed.is_empty() {
+            return Ok(Applied::Kv {
+                ok: true,
+                index: self.state.index,
+            });
+        }
+        let index = self.bump();
+        for k in doomed {
+            self.remove_kv(k, index);
+        }
+        Ok(Applied::Kv { ok: true, index })
+    }
+
+    fn remove_kv(&mut self, key: Arc<str>, index: u64) {
+        self.state.kv.remove(&key);
+        self.mutations.push(Mutation::DeleteKv(key.to_string()));
+        self.state.kv_tombstones.insert(key.clone(), index);
+        self.state.kv_tombstone_order.push_back((index, key));
+        while self.state.kv_tombstone_order.len() > TOMBSTONE_CAPACITY {
+            let Some((idx, k)) = self.state.kv_tombstone_order.pop_front() else {
+                break;
+            };
+            if self.state.kv_tombstones.get(&k) == Some(&idx) {
+                self.state.kv_tombstones.remove(&k);
+            }
+            self.state.kv_floor = self.state.kv_floor.max(idx);
+        }
+    }
+
+    fn create_session(
+        &mut self,
+        id: String,
+        spec: SessionSpec,
+        now: Time,
+    ) -> Result<Applied, RegistryError> {
+        if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()) {
+            return Err(ValidationError::new("id", "must be 1 to 128 characters").into());
+        }
+        if self.state.sessions.contains_key(id.as_str()) {
+            return Err(ValidationError::new("id", "a session with this id exists").into());
+        }
+        if spec.name.len() > 256 || spec.name.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "name",
+                "must be at most 256 bytes without control characters",
+            )
+            .into());
+        }
+        let limits = &self.config.limits;
+        if self.state.sessions.len() >= limits.max_sessions {
+            return Err(RegistryError::Full {
+                what: "sessions",
+                limit: limits.max_sessions,
+                setting: "limits.max_sessions",
+            });
+        }
+        if let Some(ttl) = spec.ttl {
+            if ttl < limits.min_ttl || ttl > limits.max_ttl {
+                return Err(ValidationError::new(
+                    "ttl",
+                    format!(
+                        "must be between {} and {}, got {}",
+                        humantime::format_duration(limits.min_ttl),
+                        humantime::format_duration(limits.max_ttl),
+                        humantime::format_duration(ttl)
+                    ),
+                )
+                .into());
+            }
+            if self.state.leases.len() >= limits.max_leases {
+                return Err(RegistryError::Full {
+                    what: "leases",
+                    limit: limits.max_leases,
+                    setting: "limits.max_leases",
+                });
+            }
+        }
+        let index = self.bump();
+        let lease = spec.ttl.map(|ttl| {
+            self.state.leases.insert(
+                index,
+                Arc::new(Lease {
+                    id: index,
+                    ttl,
+                    instances: Default::default(),
+                    liveness: Arc::new(Liveness::new(now + ttl)),
+                }),
+            );
+            self.mutations.push(Mutation::PutLease(StoredLease {
+                id: index,
+                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            }));
+            index
+        });
+        let id: Arc<str> = id.as_str().into();
+        let session = Session {
+            id: id.clone(),
+            spec,
+            lease,
+            create_index: index,
+        };
+        self.mutations.push(Mutation::PutSession(session.stored()));
+        self.state.sessions.insert(id, Arc::new(session));
+        Ok(Applied::SessionCreated { index })
+    }
+
+    /// Ends a session at `index`: its locks are released or its keys deleted, and its lease
+    /// (if it still exists) goes with it.
+    fn end_session(&mut self, id: &str, index: u64) {
+        let Some(session) = self.state.sessions.remove(id) else {
+            return;
+        };
+        self.mutations
+            .push(Mutation::DeleteSession(session.id.to_string()));
+        let held: Vec<Arc<KvEntry>> = self
+            .state
+            .kv
+            .values()
+            .filter(|e| e.session.as_deref() == Some(id))
+            .cloned()
+            .collect();
+        for e in held {
+            match session.spec.behavior {
+                SessionBehavior::Delete => self.remove_kv(e.key.clone(), index),
+                SessionBehavior::Release => {
+                    let released = KvEntry {
+                        session: None,
+                        modify_index: index,
+                        ..(*e).clone()
+                    };
+                    self.mutations.push(Mutation::PutKv(released.stored()));
+                    self.state.kv.insert(e.key.clone(), Arc::new(released));
+                }
+            }
+        }
+        if let Some(lease) = session.lease
+            && self.state.leases.remove(&lease).is_some()
+        {
+            self.mutations.push(Mutation::DeleteLease(lease));
+        }
     }
 }
 

@@ -12,7 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use imbl::OrdMap;
 
-use crate::{Filter, Instance, InstanceId, KeepAlive, LeaseId, Liveness, ServiceName, Time};
+use crate::kv::prefix_end;
+use crate::{
+    Filter, Instance, InstanceId, KeepAlive, KvEntry, LeaseId, Liveness, ServiceName, Session, Time,
+};
 
 /// A service and its instances. It exists while it has instances.
 #[derive(Debug)]
@@ -130,6 +133,16 @@ pub struct Snapshot {
     pub(crate) by_id: OrdMap<(InstanceId, ServiceName), ()>,
     /// Check names and the instances holding them (Consul's check IDs).
     pub(crate) by_check: OrdMap<(Arc<str>, ServiceName, InstanceId), ()>,
+    /// The key/value store.
+    pub kv: OrdMap<Arc<str>, Arc<KvEntry>>,
+    /// Deleted keys and the index that deleted them, so a prefix's index never goes back.
+    pub(crate) kv_tombstones: OrdMap<Arc<str>, u64>,
+    /// Deletion order, oldest first, for trimming `kv_tombstones`.
+    pub(crate) kv_tombstone_order: imbl::Vector<(u64, Arc<str>)>,
+    /// The newest deletion no longer remembered: every KV read answers at least this index.
+    pub(crate) kv_floor: u64,
+    /// Sessions by id.
+    pub sessions: OrdMap<Arc<str>, Arc<Session>>,
 }
 
 /// What changed for one service since a given index.
@@ -230,6 +243,54 @@ impl Snapshot {
         let lease = self.leases.get(&id)?;
         lease.liveness.renew(now + lease.ttl);
         Some(lease)
+    }
+
+    /// One key.
+    pub fn kv_get(&self, key: &str) -> Option<&Arc<KvEntry>> {
+        self.kv.get(key)
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn kv_prefix<'a>(
+        &'a self,
+        prefix: &str,
+    ) -> Box<dyn Iterator<Item = &'a Arc<KvEntry>> + 'a> {
+        let low: Arc<str> = prefix.into();
+        match prefix_end(prefix) {
+            Some(end) => {
+                let high: Arc<str> = end.into();
+                Box::new(self.kv.range(low..high).map(|(_, v)| v))
+            }
+            None => Box::new(self.kv.range(low..).map(|(_, v)| v)),
+        }
+    }
+
+    /// The index a KV read of `key` (or, with `recurse`, of every key under it) answers with:
+    /// the newest change or deletion there, never less than 1, never going back.
+    pub fn kv_index(&self, key: &str, recurse: bool) -> u64 {
+        let mut index = self.kv_floor.max(1);
+        if recurse {
+            index = index.max(
+                self.kv_prefix(key)
+                    .map(|e| e.modify_index)
+                    .max()
+                    .unwrap_or(0),
+            );
+            let low: Arc<str> = key.into();
+            let deleted = match prefix_end(key) {
+                Some(end) => {
+                    let high: Arc<str> = end.into();
+                    self.kv_tombstones.range(low..high).map(|(_, i)| *i).max()
+                }
+                None => self.kv_tombstones.range(low..).map(|(_, i)| *i).max(),
+            };
+            index = index.max(deleted.unwrap_or(0));
+        } else {
+            index = index
+                .max(self.kv.get(key).map_or(0, |e| e.modify_index))
+                .max(self.kv_tombstones.get(key).copied().unwrap_or(0));
+        }
+        index
     }
 
     /// The number of instances in all services.

@@ -120,13 +120,15 @@ impl Agent {
             .await
             .map_err(|e| StoreError::Io(e.to_string()))??;
         let (count, index) = (loaded.instances.len(), loaded.index);
-        let (registry, warnings) = Registry::restore(
+        let (mut registry, mut warnings) = Registry::restore(
             config.registry(),
             loaded.index,
             loaded.instances,
             loaded.leases,
             clock.now(),
         );
+        let keys = loaded.kv.len();
+        warnings.extend(registry.restore_kv(loaded.kv, loaded.sessions));
         for w in warnings {
             tracing::warn!("{w}");
         }
@@ -134,6 +136,7 @@ impl Agent {
             instances = count,
             leases = registry.snapshot().leases.len(),
             index,
+            keys,
             "registry loaded"
         );
         let (writer, snapshots, writer_task) = Writer::spawn(registry, store, clock);

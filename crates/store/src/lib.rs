@@ -12,7 +12,7 @@ pub mod memory;
 pub mod redb;
 mod wal;
 
-use muster_core::{Mutation, StoredInstance, StoredLease};
+use muster_core::{Mutation, StoredInstance, StoredKv, StoredLease, StoredSession};
 
 pub use crate::memory::MemoryStore;
 pub use crate::redb::RedbStore;
@@ -26,6 +26,10 @@ pub struct Loaded {
     pub instances: Vec<StoredInstance>,
     /// Every lease.
     pub leases: Vec<StoredLease>,
+    /// Every KV entry.
+    pub kv: Vec<StoredKv>,
+    /// Every session.
+    pub sessions: Vec<StoredSession>,
 }
 
 /// A storage failure. The batch that hit it was not applied.
@@ -142,5 +146,46 @@ pub(crate) mod contract {
         );
         store.commit(&[Mutation::DeleteLease(9)], 11).unwrap();
         assert!(store.load().unwrap().leases.is_empty());
+
+        // KV entries and sessions.
+        let kv = |key: &str, value: Option<&str>| StoredKv {
+            key: key.into(),
+            value: value.map(str::to_string),
+            flags: 3,
+            lock_index: 1,
+            session: Some("s1".into()),
+            create_index: 12,
+            modify_index: 12,
+        };
+        let session = StoredSession {
+            id: "s1".into(),
+            spec: muster_core::SessionSpec {
+                name: "lock".into(),
+                ttl: Some(Duration::from_secs(15)),
+                ..Default::default()
+            },
+            lease: Some(12),
+            create_index: 12,
+        };
+        store
+            .commit(
+                &[
+                    Mutation::PutSession(session.clone()),
+                    Mutation::PutKv(kv("a/b", Some("aGk="))),
+                    Mutation::PutKv(kv("a/c", None)),
+                ],
+                12,
+            )
+            .unwrap();
+        store
+            .commit(&[Mutation::DeleteKv("a/c".into())], 13)
+            .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.kv, vec![kv("a/b", Some("aGk="))]);
+        assert_eq!(loaded.sessions, vec![session]);
+        store
+            .commit(&[Mutation::DeleteSession("s1".into())], 14)
+            .unwrap();
+        assert!(store.load().unwrap().sessions.is_empty());
     }
 }

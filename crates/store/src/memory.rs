@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use muster_core::{LeaseId, Mutation, StoredInstance, StoredLease};
+use muster_core::{LeaseId, Mutation, StoredInstance, StoredKv, StoredLease, StoredSession};
 
 use crate::{Loaded, Store, StoreError, instance_key};
 
@@ -19,6 +19,8 @@ struct Inner {
     index: u64,
     instances: BTreeMap<String, StoredInstance>,
     leases: BTreeMap<LeaseId, StoredLease>,
+    kv: BTreeMap<String, StoredKv>,
+    sessions: BTreeMap<String, StoredSession>,
 }
 
 impl MemoryStore {
@@ -40,6 +42,8 @@ impl Store for MemoryStore {
             index: inner.index,
             instances: inner.instances.values().cloned().collect(),
             leases: inner.leases.values().cloned().collect(),
+            kv: inner.kv.values().cloned().collect(),
+            sessions: inner.sessions.values().cloned().collect(),
         })
     }
 
@@ -60,6 +64,18 @@ impl Store for MemoryStore {
                 }
                 Mutation::DeleteLease(id) => {
                     inner.leases.remove(id);
+                }
+                Mutation::PutKv(e) => {
+                    inner.kv.insert(e.key.clone(), e.clone());
+                }
+                Mutation::DeleteKv(key) => {
+                    inner.kv.remove(key);
+                }
+                Mutation::PutSession(s) => {
+                    inner.sessions.insert(s.id.clone(), s.clone());
+                }
+                Mutation::DeleteSession(id) => {
+                    inner.sessions.remove(id);
                 }
             }
         }

@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use muster_core::{Mutation, StoredInstance, StoredLease};
+use muster_core::{Mutation, StoredInstance, StoredKv, StoredLease, StoredSession};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::wal::{Frame, Wal};
@@ -31,6 +31,8 @@ pub const CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const INDEX_KEY: &str = "index";
 
 /// A redb database and its log in the data directory.
@@ -69,6 +71,8 @@ impl RedbStore {
             txn.open_table(INSTANCES).map_err(|e| open_err(&e))?;
             txn.open_table(LEASES).map_err(|e| open_err(&e))?;
             txn.open_table(META).map_err(|e| open_err(&e))?;
+            txn.open_table(KV).map_err(|e| open_err(&e))?;
+            txn.open_table(SESSIONS).map_err(|e| open_err(&e))?;
         }
         txn.commit().map_err(|e| open_err(&e))?;
         for frame in &frames {
@@ -101,6 +105,8 @@ impl RedbStore {
         {
             let mut instances = txn.open_table(INSTANCES).map_err(io)?;
             let mut leases = txn.open_table(LEASES).map_err(io)?;
+            let mut kv = txn.open_table(KV).map_err(io)?;
+            let mut sessions = txn.open_table(SESSIONS).map_err(io)?;
             for m in mutations {
                 match m {
                     Mutation::PutInstance(i) => {
@@ -120,6 +126,22 @@ impl RedbStore {
                     }
                     Mutation::DeleteLease(id) => {
                         leases.remove(*id).map_err(io)?;
+                    }
+                    Mutation::PutKv(e) => {
+                        let bytes = serde_json::to_vec(e).map_err(io)?;
+                        kv.insert(e.key.as_str(), bytes.as_slice()).map_err(io)?;
+                    }
+                    Mutation::DeleteKv(key) => {
+                        kv.remove(key.as_str()).map_err(io)?;
+                    }
+                    Mutation::PutSession(s) => {
+                        let bytes = serde_json::to_vec(s).map_err(io)?;
+                        sessions
+                            .insert(s.id.as_str(), bytes.as_slice())
+                            .map_err(io)?;
+                    }
+                    Mutation::DeleteSession(id) => {
+                        sessions.remove(id.as_str()).map_err(io)?;
                     }
                 }
             }
@@ -160,10 +182,25 @@ impl Store for RedbStore {
                 v.value(),
             )?);
         }
+        let mut kv = Vec::new();
+        for row in txn.open_table(KV).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            kv.push(decode::<StoredKv>(format!("key {}", k.value()), v.value())?);
+        }
+        let mut sessions = Vec::new();
+        for row in txn.open_table(SESSIONS).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            sessions.push(decode::<StoredSession>(
+                format!("session {}", k.value()),
+                v.value(),
+            )?);
+        }
         Ok(Loaded {
             index,
             instances,
             leases,
+            kv,
+            sessions,
         })
     }
 

@@ -128,6 +128,8 @@ impl MapStore {
                 Mutation::DeleteLease(id) => {
                     self.leases.remove(id);
                 }
+                // The model runs make no KV writes.
+                other => panic!("unexpected mutation in a registry run: {other:?}"),
             }
         }
         self.index = index;

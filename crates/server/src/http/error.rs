@@ -58,6 +58,12 @@ impl From<RegistryError> for ApiError {
             RegistryError::UnknownLease(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_lease", e.to_string())
             }
+            RegistryError::UnknownSession(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_session", e.to_string())
+            }
+            RegistryError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", e.to_string())
+            }
             RegistryError::Full { .. } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "registry_full",
