@@ -76,7 +76,10 @@ pub fn app(state: AppState) -> Router {
     let body_limit = state.config().max_body_bytes;
     Router::new()
         .nest("/api/v1", api)
-        .nest("/v1", consul::router())
+        .nest(
+            "/v1",
+            consul::router(state.config().limits.max_kv_value_bytes),
+        )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -9,20 +9,23 @@
 //!
 //! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
 //! - [`catalog`]: catalog, health and status reads.
+//! - [`kv`]: the key/value store and sessions.
 //! - [`render`]: Consul's JSON shapes.
 //! - [`body`]: lenient request bodies and Go durations.
 
 pub mod agent;
 pub mod body;
 pub mod catalog;
+pub mod kv;
 pub mod render;
 
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, any, get};
+use axum::routing::{MethodRouter, any, get, put};
 
 use super::error::ApiError;
 use super::watch::Block;
@@ -229,9 +232,36 @@ where
     get(handler.clone()).put(handler.clone()).post(handler)
 }
 
-/// The `/v1` router.
-pub fn router() -> Router<AppState> {
+/// The `/v1` router. KV writes take bodies up to `max_kv_value` bytes (and a byte more, so
+/// an oversized value is told apart and answered 413 by the registry's own check).
+pub fn router(max_kv_value: usize) -> Router<AppState> {
+    let kv_limit = DefaultBodyLimit::max(max_kv_value.saturating_add(1));
     Router::new()
+        .route(
+            "/kv/{*key}",
+            get(kv::get)
+                .put(kv::put)
+                .post(kv::put)
+                .delete(kv::delete)
+                .layer(kv_limit),
+        )
+        .route("/kv/", get(kv::get_root).delete(kv::delete_root))
+        .route("/kv", get(kv::get_root).delete(kv::delete_root))
+        .route(
+            "/session/create",
+            put(kv::create_session).post(kv::create_session),
+        )
+        .route(
+            "/session/destroy/{id}",
+            put(kv::destroy_session).post(kv::destroy_session),
+        )
+        .route(
+            "/session/renew/{id}",
+            put(kv::renew_session).post(kv::renew_session),
+        )
+        .route("/session/info/{id}", get(kv::session_info))
+        .route("/session/list", get(kv::list_sessions))
+        .route("/session/node/{node}", get(kv::node_sessions))
         .route("/agent/service/register", lenient(agent::register_service))
         .route(
             "/agent/service/deregister/{id}",

@@ -1,0 +1,396 @@
+//! `/v1/kv/...`, `/v1/session/...`: Consul's key/value store and sessions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use muster_core::{
+    Applied, Command, KvEntry, KvPut, RegistryError, Session, SessionBehavior, SessionSpec,
+};
+use serde_json::{Value, json};
+
+use super::body::{self, Obj, go_format};
+use super::render::Node;
+use super::{ConsulError, Query, meta_headers};
+use crate::AppState;
+use crate::http::watch::wait_for;
+use crate::writer::WriteError;
+
+fn kv_pair(e: &KvEntry) -> Value {
+    let mut v = json!({
+        "LockIndex": e.lock_index,
+        "Key": e.key,
+        "Flags": e.flags,
+        "Value": e.value.as_ref().map(|b| STANDARD.encode(b)),
+        "CreateIndex": e.create_index,
+        "ModifyIndex": e.modify_index,
+    });
+    if let Some(s) = &e.session {
+        v["Session"] = json!(s);
+    }
+    v
+}
+
+fn not_found(index: u64) -> Response {
+    (StatusCode::NOT_FOUND, meta_headers(index)).into_response()
+}
+
+fn registry_error(e: WriteError) -> ConsulError {
+    match e {
+        WriteError::Rejected(RegistryError::UnknownSession(s)) => ConsulError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("invalid session {s:?}"),
+        ),
+        WriteError::Rejected(RegistryError::TooLarge { size, limit }) => ConsulError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request body(KV value) of {size} bytes exceeds {limit} byte limit"),
+        ),
+        WriteError::Rejected(RegistryError::Invalid(v)) => ConsulError::bad_request(v.message),
+        e => e.into(),
+    }
+}
+
+/// `GET /v1/kv/` (the whole store with `recurse` or `keys`).
+pub async fn get_root(state: State<AppState>, raw: RawQuery) -> Result<Response, ConsulError> {
+    get(state, Path(String::new()), raw).await
+}
+
+/// `GET /v1/kv/:key` with `recurse`, `keys`, `separator`, `raw`; blocks on `index`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    let recurse = q.has("recurse");
+    let keys = q.has("keys");
+    if key.is_empty() && !recurse && !keys {
+        return Err(ConsulError::bad_request("Missing key name"));
+    }
+    let ranged = recurse || keys;
+    let block = q.block()?;
+    let snap = wait_for(&state, block, |s| s.kv_index(&key, ranged)).await?;
+    let index = snap.kv_index(&key, ranged);
+    if keys {
+        let separator = q
+            .get("separator")
+            .or_else(|| q.get("seperator"))
+            .unwrap_or("");
+        let mut out: Vec<String> = Vec::new();
+        for e in snap.kv_prefix(&key) {
+            let rest = &e.key[key.len()..];
+            let k = match rest.find(separator).filter(|_| !separator.is_empty()) {
+                Some(at) => format!("{key}{}", &rest[..at + separator.len()]),
+                None => e.key.to_string(),
+            };
+            if out.last() != Some(&k) {
+                out.push(k);
+            }
+        }
+        if out.is_empty() && !key.is_empty() {
+            return Ok(not_found(index));
+        }
+        return Ok(super::json(index, &json!(out)));
+    }
+    if recurse {
+        let list: Vec<Value> = snap.kv_prefix(&key).map(|e| kv_pair(e)).collect();
+        if list.is_empty() {
+            return Ok(not_found(index));
+        }
+        return Ok(super::json(index, &Value::Array(list)));
+    }
+    let Some(entry) = snap.kv_get(&key) else {
+        return Ok(not_found(index));
+    };
+    if q.has("raw") {
+        let mut headers = meta_headers(index);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(
+            "x-content-type-options",
+            HeaderValue::from_static("nosniff"),
+        );
+        headers.insert(
+            "content-security-policy",
+            HeaderValue::from_static("sandbox"),
+        );
+        let body = entry.value.clone().unwrap_or_default();
+        return Ok((StatusCode::OK, headers, body).into_response());
+    }
+    Ok(super::json(index, &json!([kv_pair(entry)])))
+}
+
+fn uint(q: &Query, name: &str) -> Result<Option<u64>, ConsulError> {
+    match q.get(name) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ConsulError::bad_request(format!("Invalid {name} value {v:?}"))),
+    }
+}
+
+fn bool_answer(ok: bool, index: u64) -> Response {
+    let mut r = super::json(index, &json!(ok));
+    r.headers_mut().remove("x-consul-knownleader");
+    r
+}
+
+/// `PUT /v1/kv/:key`: the body is the value; `flags`, `cas`, `acquire`, `release`.
+pub async fn put(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ConsulError> {
+    let limit = state.config().limits.max_kv_value_bytes;
+    let bytes = bytes.map_err(|_| {
+        ConsulError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request body(KV value) exceeds {limit} byte limit"),
+        )
+    })?;
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    if key.is_empty() {
+        return Err(ConsulError::bad_request("Missing key name"));
+    }
+    let acquire = q.get("acquire").map(str::to_string);
+    let release = q.get("release").map(str::to_string);
+    let cas = uint(&q, "cas")?;
+    if acquire.is_some() && release.is_some()
+        || cas.is_some() && (acquire.is_some() || release.is_some())
+    {
+        return Err(ConsulError::bad_request("Conflicting flags"));
+    }
+    let put = KvPut {
+        key,
+        // An empty body stores no value, as Consul does.
+        value: (!bytes.is_empty()).then_some(bytes),
+        flags: uint(&q, "flags")?.unwrap_or(0),
+        cas,
+        acquire,
+        release,
+    };
+    let applied = state
+        .writer()
+        .submit(Command::KvPut(put))
+        .await
+        .map_err(registry_error)?;
+    match applied {
+        Applied::Kv { ok, index } => Ok(bool_answer(ok, index)),
+        _ => Ok(bool_answer(false, state.snapshot().index)),
+    }
+}
+
+/// `DELETE /v1/kv/` with `recurse`: everything.
+pub async fn delete_root(state: State<AppState>, raw: RawQuery) -> Result<Response, ConsulError> {
+    delete(state, Path(String::new()), raw).await
+}
+
+/// `DELETE /v1/kv/:key` with `recurse`, `cas`.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    let recurse = q.has("recurse");
+    let cas = uint(&q, "cas")?;
+    if recurse && cas.is_some() {
+        return Err(ConsulError::bad_request("Conflicting flags"));
+    }
+    if key.is_empty() && !recurse {
+        return Err(ConsulError::bad_request("Missing key name"));
+    }
+    let applied = state
+        .writer()
+        .submit(Command::KvDelete { key, recurse, cas })
+        .await
+        .map_err(registry_error)?;
+    match applied {
+        Applied::Kv { ok, index } => Ok(bool_answer(ok, index)),
+        _ => Ok(bool_answer(false, state.snapshot().index)),
+    }
+}
+
+fn session_value(s: &Session) -> Value {
+    json!({
+        "ID": s.id,
+        "Name": s.spec.name,
+        "Node": s.spec.node,
+        "LockDelay": u64::try_from(s.spec.lock_delay.as_nanos()).unwrap_or(u64::MAX),
+        "Behavior": match s.spec.behavior {
+            SessionBehavior::Release => "release",
+            SessionBehavior::Delete => "delete",
+        },
+        "TTL": s.spec.ttl.map(go_format).unwrap_or_default(),
+        "NodeChecks": ["serfHealth"],
+        "ServiceChecks": null,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.create_index,
+    })
+}
+
+/// A random UUID (v4) for a new session.
+fn new_uuid() -> String {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// `PUT /v1/session/create` with `Name`, `Node`, `LockDelay`, `Behavior`, `TTL`.
+pub async fn create_session(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    let node = Node::of(&state);
+    if let Some(n) = o.str(&["Node"])?.filter(|n| !n.is_empty())
+        && !node.is(&n)
+    {
+        return Err(ConsulError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Missing node registration {n:?}"),
+        ));
+    }
+    let behavior = match o.str(&["Behavior"])?.as_deref() {
+        None | Some("" | "release") => SessionBehavior::Release,
+        Some("delete") => SessionBehavior::Delete,
+        Some(other) => {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid Behavior setting {other:?}"
+            )));
+        }
+    };
+    let ttl = o.duration(&["TTL"])?.filter(|d| !d.is_zero());
+    if let Some(ttl) = ttl
+        && (ttl < Duration::from_secs(10) || ttl > Duration::from_secs(86_400))
+    {
+        return Err(ConsulError::bad_request(format!(
+            "Invalid Session TTL '{}', must be between [10s=24h0m0s]",
+            go_format(ttl)
+        )));
+    }
+    // LockDelay is nanoseconds as a number, or a duration string.
+    let lock_delay = o
+        .duration(&["LockDelay"])?
+        .unwrap_or(Duration::from_secs(15));
+    let spec = SessionSpec {
+        name: o.str(&["Name"])?.unwrap_or_default(),
+        node: node.name.clone(),
+        lock_delay,
+        behavior,
+        ttl,
+    };
+    let id = new_uuid();
+    let applied = state
+        .writer()
+        .submit(Command::CreateSession {
+            id: id.clone(),
+            spec,
+        })
+        .await
+        .map_err(registry_error)?;
+    let index = match applied {
+        Applied::SessionCreated { index } => index,
+        _ => state.snapshot().index,
+    };
+    Ok(super::json(index, &json!({"ID": id})))
+}
+
+/// `PUT /v1/session/destroy/:id` → `true`.
+pub async fn destroy_session(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ConsulError> {
+    let applied = state.writer().submit(Command::DestroySession { id }).await;
+    let index = match applied {
+        Ok(Applied::SessionDestroyed { index }) => index,
+        // Destroying a session that is gone is done, as in Consul.
+        Err(WriteError::Rejected(RegistryError::UnknownSession(_))) | Ok(_) => {
+            state.snapshot().index
+        }
+        Err(e) => return Err(registry_error(e)),
+    };
+    Ok(bool_answer(true, index))
+}
+
+/// `PUT /v1/session/renew/:id` → `[Session]`, 404 when it is gone.
+pub async fn renew_session(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ConsulError> {
+    let snap = state.snapshot();
+    let s = snap
+        .sessions
+        .get(id.as_str())
+        .ok_or_else(|| ConsulError::not_found(format!("Session id '{id}' not found")))?;
+    if let Some(lease) = s.lease {
+        snap.renew_lease(lease, state.now());
+    }
+    Ok(super::json(snap.index, &json!([session_value(s)])))
+}
+
+fn sessions_answer(snap: &muster_core::Snapshot, list: Vec<&Arc<Session>>) -> Response {
+    let body: Vec<Value> = list.into_iter().map(|s| session_value(s)).collect();
+    super::json(snap.index, &Value::Array(body))
+}
+
+/// `GET /v1/session/info/:id` → `[Session]` or `[]`.
+pub async fn session_info(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let snap = wait_for(&state, q.block()?, |s| s.index).await?;
+    Ok(sessions_answer(
+        &snap,
+        snap.sessions.get(id.as_str()).into_iter().collect(),
+    ))
+}
+
+/// `GET /v1/session/list`.
+pub async fn list_sessions(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let snap = wait_for(&state, q.block()?, |s| s.index).await?;
+    Ok(sessions_answer(&snap, snap.sessions.values().collect()))
+}
+
+/// `GET /v1/session/node/:node`.
+pub async fn node_sessions(
+    State(state): State<AppState>,
+    Path(node): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let snap = wait_for(&state, q.block()?, |s| s.index).await?;
+    Ok(sessions_answer(
+        &snap,
+        snap.sessions
+            .values()
+            .filter(|s| s.spec.node.eq_ignore_ascii_case(&node))
+            .collect(),
+    ))
+}
