@@ -38,7 +38,7 @@ pub use model::{
 pub use preservation::{PreservationConfig, PreservationState};
 pub use registry::{
     Applied, Command, Mutation, Registry, RegistryConfig, RegistryError, StoredInstance,
-    StoredLease, SweepReport,
+    StoredLease, SweepReport, TxnOp,
 };
 pub use snapshot::{Lease, Rendering, Service, Snapshot};
 pub use time::Time;

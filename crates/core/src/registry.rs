@@ -99,6 +99,8 @@ pub enum Command {
     EndSelfPreservation,
     /// Write a key (with Consul's cas, acquire and release).
     KvPut(KvPut),
+    /// KV operations applied all or nothing at one index.
+    KvTxn(Vec<TxnOp>),
     /// Delete a key, or every key under a prefix.
     KvDelete {
         /// Key or prefix.
@@ -172,6 +174,15 @@ pub enum Applied {
     PreservationEnded {
         /// Whether it was on.
         was_active: bool,
+    },
+    /// A KV transaction: its results, or (with nothing changed) the failed operations.
+    Txn {
+        /// Entries the operations report, in order.
+        results: Vec<Arc<KvEntry>>,
+        /// `(operation position, what failed)`; empty when it was applied.
+        errors: Vec<(usize, String)>,
+        /// The index after it.
+        index: u64,
     },
     /// A KV write or delete: `ok` is false when a cas, acquire or release condition failed
     /// (nothing changed then).
@@ -320,6 +331,9 @@ pub struct Registry {
     preservation: Preservation,
     mutations: Vec<Mutation>,
     persisted_index: u64,
+    /// Inside a KV transaction: every change shares one index.
+    in_txn: bool,
+    txn_index: Option<u64>,
 }
 
 type Key = (ServiceName, InstanceId);
@@ -337,6 +351,8 @@ impl Registry {
             preservation,
             mutations: Vec::new(),
             persisted_index: 0,
+            in_txn: false,
+            txn_index: None,
         }
     }
 
@@ -546,6 +562,7 @@ impl Registry {
             }
             Command::Sweep => Ok(Applied::Swept(self.sweep(now))),
             Command::KvPut(put) => self.kv_put(put),
+            Command::KvTxn(ops) => self.kv_txn(ops),
             Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas),
             Command::CreateSession { id, spec } => self.create_session(id, spec, now),
             Command::DestroySession { id } => {
@@ -1075,6 +1092,110 @@ impl Registry {
         warnings
     }
 
+    /// The index a KV change lands at: one per command, shared by every operation of a
+    /// transaction.
+    fn kv_bump(&mut self) -> u64 {
+        match self.txn_index {
+            Some(i) => i,
+            None => {
+                let i = self.bump();
+                if self.in_txn {
+                    self.txn_index = Some(i);
+                }
+                i
+            }
+        }
+    }
+
+    /// Runs KV operations all or nothing: on the first failure every change made so far is
+    /// undone and the failures are returned.
+    fn kv_txn(&mut self, ops: Vec<TxnOp>) -> Result<Applied, RegistryError> {
+        let saved_state = self.state.clone();
+        let saved_mutations = self.mutations.len();
+        self.in_txn = true;
+        self.txn_index = None;
+        let mut results = Vec::new();
+        let mut errors = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            match self.txn_op(op) {
+                Ok(Some(entry)) => results.push(entry),
+                Ok(None) => {}
+                Err(what) => errors.push((i, what)),
+            }
+            if !errors.is_empty() {
+                break;
+            }
+        }
+        self.in_txn = false;
+        let index = self.txn_index.take();
+        if !errors.is_empty() {
+            self.state = saved_state;
+            self.mutations.truncate(saved_mutations);
+            return Ok(Applied::Txn {
+                results: Vec::new(),
+                errors,
+                index: self.state.index,
+            });
+        }
+        Ok(Applied::Txn {
+            results,
+            errors,
+            index: index.unwrap_or(self.state.index),
+        })
+    }
+
+    /// One operation of a transaction: the entry it reports, or why it failed.
+    fn txn_op(&mut self, op: TxnOp) -> Result<Option<Arc<KvEntry>>, String> {
+        let current = |reg: &Registry, key: &str| reg.state.kv.get(key).cloned();
+        let missing = |key: &str| format!("key {key:?} doesn't exist");
+        let put_result = |reg: &mut Registry, put: KvPut| -> Result<Option<Arc<KvEntry>>, String> {
+            let key = put.key.clone();
+            match reg.kv_put(put) {
+                Ok(Applied::Kv { ok: true, .. }) => Ok(reg.state.kv.get(key.as_str()).cloned()),
+                Ok(_) => Err(format!("failed to set key {key:?}: condition not met")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match op {
+            TxnOp::Set(put) => put_result(self, put).map(|e| e.map(strip_value)),
+            TxnOp::Get { key } => current(self, &key).map(Some).ok_or_else(|| missing(&key)),
+            TxnOp::GetTree { prefix } => {
+                // Reported as one result per key by the adapter; here only the check.
+                Ok(self.state.kv_prefix(&prefix).next().cloned())
+            }
+            TxnOp::CheckIndex { key, index } => match current(self, &key) {
+                Some(e) if e.modify_index == index => Ok(Some(strip_value(e))),
+                Some(e) => Err(format!(
+                    "current modify index {} != {index}",
+                    e.modify_index
+                )),
+                None => Err(missing(&key)),
+            },
+            TxnOp::CheckNotExists { key } => match current(self, &key) {
+                Some(_) => Err(format!("key {key:?} exists")),
+                None => Ok(None),
+            },
+            TxnOp::CheckSession { key, session } => match current(self, &key) {
+                Some(e) if e.session.as_deref() == Some(session.as_str()) => {
+                    Ok(Some(strip_value(e)))
+                }
+                Some(_) => Err(format!(
+                    "lock on key {key:?} is not held by session {session:?}"
+                )),
+                None => Err(missing(&key)),
+            },
+            TxnOp::Delete { key, cas } => match self.kv_delete(&key, false, cas) {
+                Ok(Applied::Kv { ok: true, .. }) => Ok(None),
+                Ok(_) => Err(format!("failed to delete key {key:?}: index is stale")),
+                Err(e) => Err(e.to_string()),
+            },
+            TxnOp::DeleteTree { prefix } => match self.kv_delete(&prefix, true, None) {
+                Ok(_) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+
     fn kv_put(&mut self, put: KvPut) -> Result<Applied, RegistryError> {
         crate::kv::validate_key(&put.key)?;
         let limits = &self.config.limits;
@@ -1136,7 +1257,7 @@ impl Registry {
                 _ => return refused,
             }
         }
-        let index = self.bump();
+        let index = self.kv_bump();
         let key: Arc<str> = put.key.as_str().into();
         let entry = KvEntry {
             key: key.clone(),
@@ -1189,7 +1310,7 @@ impl Registry {
                 index: self.state.index,
             });
         }
-        let index = self.bump();
+        let index = self.kv_bump();
         for k in doomed {
             self.remove_kv(k, index);
         }
@@ -1324,6 +1445,65 @@ impl Registry {
             self.mutations.push(Mutation::DeleteLease(lease));
         }
     }
+}
+
+/// A transaction's view of a written entry: Consul reports sets without their value.
+fn strip_value(e: Arc<KvEntry>) -> Arc<KvEntry> {
+    if e.value.is_none() {
+        return e;
+    }
+    Arc::new(KvEntry {
+        value: None,
+        ..(*e).clone()
+    })
+}
+
+/// One operation of a KV transaction (Consul's txn verbs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOp {
+    /// `set`, `cas`, `lock`, `unlock`: a write with its conditions.
+    Set(KvPut),
+    /// `get`: fails when absent.
+    Get {
+        /// Key.
+        key: String,
+    },
+    /// `get-tree`.
+    GetTree {
+        /// Prefix.
+        prefix: String,
+    },
+    /// `check-index`.
+    CheckIndex {
+        /// Key.
+        key: String,
+        /// Required modify index.
+        index: u64,
+    },
+    /// `check-not-exists`.
+    CheckNotExists {
+        /// Key.
+        key: String,
+    },
+    /// `check-session`.
+    CheckSession {
+        /// Key.
+        key: String,
+        /// Required holder.
+        session: String,
+    },
+    /// `delete`, `delete-cas`.
+    Delete {
+        /// Key.
+        key: String,
+        /// Required modify index.
+        cas: Option<u64>,
+    },
+    /// `delete-tree`.
+    DeleteTree {
+        /// Prefix.
+        prefix: String,
+    },
 }
 
 /// A deadline that never comes, for instances without a heartbeat.

@@ -51,6 +51,7 @@ struct Inner {
     config: AgentConfig,
     watchers: AtomicUsize,
     shutdown: CancellationToken,
+    events: http::consul::events::Events,
 }
 
 impl AppState {
@@ -72,6 +73,11 @@ impl AppState {
     /// The wall-clock time of `t`, for display.
     pub fn wall(&self, t: Time) -> std::time::SystemTime {
         self.inner.clock.wall(t)
+    }
+
+    /// Consul user events fired on this agent.
+    pub fn events(&self) -> &http::consul::events::Events {
+        &self.inner.events
     }
 
     /// The configuration.
@@ -162,6 +168,7 @@ impl Agent {
                     config,
                     watchers: AtomicUsize::new(0),
                     shutdown,
+                    events: Default::default(),
                 }),
             },
             tasks: vec![writer_task, sweeper_task, checker_task],

@@ -243,3 +243,58 @@ fn kv_and_sessions_survive_a_restart() {
     );
     assert!(snap.sessions.contains_key("s1"));
 }
+
+#[test]
+fn a_transaction_applies_all_at_one_index_or_nothing() {
+    use muster_core::TxnOp;
+    let mut reg = Registry::new(config_without_preservation(60_000));
+    let applied = apply(
+        &mut reg,
+        Command::KvTxn(vec![
+            TxnOp::Set(put("a", "1")),
+            TxnOp::Set(put("b", "2")),
+            TxnOp::Get { key: "a".into() },
+        ]),
+        0,
+    );
+    let Applied::Txn {
+        results,
+        errors,
+        index,
+    } = applied
+    else {
+        panic!("not a txn answer: {applied:?}");
+    };
+    assert!(errors.is_empty());
+    assert_eq!(results.len(), 3);
+    assert!(
+        results.iter().all(|e| e.modify_index == index),
+        "one index for all"
+    );
+    assert_eq!(reg.index(), index);
+
+    let failed = apply(
+        &mut reg,
+        Command::KvTxn(vec![
+            TxnOp::Set(put("c", "3")),
+            TxnOp::Delete {
+                key: "a".into(),
+                cas: None,
+            },
+            TxnOp::CheckNotExists { key: "b".into() },
+        ]),
+        0,
+    );
+    let Applied::Txn { errors, .. } = failed else {
+        panic!("not a txn answer: {failed:?}");
+    };
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].0, 2, "the failing operation is named");
+    assert_eq!(reg.index(), index, "nothing changed");
+    assert!(reg.snapshot().kv_get("c").is_none());
+    assert_eq!(value(&reg, "a").as_deref(), Some("1"));
+    assert!(reg.take_commit().is_some_and(|(m, _)| {
+        !m.iter()
+            .any(|m| matches!(m, Mutation::PutKv(e) if e.key == "c"))
+    }));
+}

@@ -61,9 +61,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::UnknownSession(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_session", e.to_string())
             }
-            RegistryError::TooLarge { .. } => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", e.to_string())
-            }
+            RegistryError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "value_too_large",
+                e.to_string(),
+            ),
             RegistryError::Full { .. } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "registry_full",

@@ -394,3 +394,145 @@ pub async fn node_sessions(
             .collect(),
     ))
 }
+
+/// The most operations one transaction may hold (Consul's limit).
+const MAX_TXN_OPS: usize = 64;
+
+fn txn_op(o: &Obj<'_>) -> Result<(muster_core::TxnOp, bool), ConsulError> {
+    use muster_core::TxnOp;
+    let Some(kv) = o.obj(&["KV"])? else {
+        return Err(ConsulError::bad_request(
+            "only KV operations are supported in transactions",
+        ));
+    };
+    let verb = kv.str(&["Verb"])?.unwrap_or_default();
+    let key = kv.str(&["Key"])?.unwrap_or_default();
+    let value = match kv.str(&["Value"])? {
+        Some(b) => Some(Bytes::from(STANDARD.decode(b).map_err(|e| {
+            ConsulError::bad_request(format!("failed to decode Value of {key:?}: {e}"))
+        })?)),
+        None => None,
+    };
+    let flags = kv.uint(&["Flags"])?.unwrap_or(0);
+    let index = kv.uint(&["Index"])?.unwrap_or(0);
+    let session = kv.str(&["Session"])?.unwrap_or_default();
+    let put = |cas, acquire, release| {
+        TxnOp::Set(KvPut {
+            key: key.clone(),
+            value: value.clone(),
+            flags,
+            cas,
+            acquire,
+            release,
+        })
+    };
+    let op = match verb.as_str() {
+        "set" => put(None, None, None),
+        "cas" => put(Some(index), None, None),
+        "lock" => put(None, Some(session.clone()), None),
+        "unlock" => put(None, None, Some(session.clone())),
+        "get" => TxnOp::Get { key: key.clone() },
+        "get-tree" => TxnOp::GetTree {
+            prefix: key.clone(),
+        },
+        "check-index" => TxnOp::CheckIndex {
+            key: key.clone(),
+            index,
+        },
+        "check-session" => TxnOp::CheckSession {
+            key: key.clone(),
+            session,
+        },
+        "check-not-exists" => TxnOp::CheckNotExists { key: key.clone() },
+        "delete" => TxnOp::Delete {
+            key: key.clone(),
+            cas: None,
+        },
+        "delete-cas" => TxnOp::Delete {
+            key: key.clone(),
+            cas: Some(index),
+        },
+        "delete-tree" => TxnOp::DeleteTree {
+            prefix: key.clone(),
+        },
+        other => {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid KV verb {other:?}"
+            )));
+        }
+    };
+    Ok((op, verb == "get-tree"))
+}
+
+/// `PUT /v1/txn`: KV operations applied all or nothing; 409 with the failures when any
+/// fails.
+pub async fn txn(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    let v = body::parse(&bytes)?;
+    let Value::Array(items) = &v else {
+        return Err(ConsulError::bad_request(
+            "Failed to parse body: expected an array of operations",
+        ));
+    };
+    if items.len() > MAX_TXN_OPS {
+        return Err(ConsulError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Transaction contains too many operations ({} > {MAX_TXN_OPS})",
+                items.len()
+            ),
+        ));
+    }
+    let mut ops = Vec::new();
+    let mut trees = Vec::new();
+    for item in items {
+        let (op, tree) = txn_op(&Obj::of(item, "an operation")?)?;
+        if let (true, muster_core::TxnOp::GetTree { prefix }) = (tree, &op) {
+            trees.push(prefix.clone());
+        }
+        ops.push(op);
+    }
+    let applied = state
+        .writer()
+        .submit(Command::KvTxn(ops))
+        .await
+        .map_err(registry_error)?;
+    let Applied::Txn {
+        results,
+        errors,
+        index,
+    } = applied
+    else {
+        return Err(ConsulError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "transaction returned no result",
+        ));
+    };
+    if !errors.is_empty() {
+        let errors: Vec<Value> = errors
+            .into_iter()
+            .map(|(i, what)| json!({"OpIndex": i, "What": what}))
+            .collect();
+        let mut r = super::json(index, &json!({"Results": null, "Errors": errors}));
+        *r.status_mut() = StatusCode::CONFLICT;
+        return Ok(r);
+    }
+    let snap = state.snapshot();
+    let mut out: Vec<Value> = Vec::new();
+    for e in results {
+        // A get-tree reports every key under its prefix.
+        if trees.iter().any(|p| e.key.starts_with(p.as_str())) {
+            continue;
+        }
+        out.push(json!({"KV": kv_pair(&e)}));
+    }
+    for prefix in trees {
+        out.extend(snap.kv_prefix(&prefix).map(|e| json!({"KV": kv_pair(e)})));
+    }
+    Ok(super::json(index, &json!({"Results": out, "Errors": null})))
+}

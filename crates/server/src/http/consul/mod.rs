@@ -9,6 +9,7 @@
 //!
 //! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
 //! - [`catalog`]: catalog, health and status reads.
+//! - [`events`]: user events, kept in memory.
 //! - [`kv`]: the key/value store and sessions.
 //! - [`render`]: Consul's JSON shapes.
 //! - [`body`]: lenient request bodies and Go durations.
@@ -16,6 +17,7 @@
 pub mod agent;
 pub mod body;
 pub mod catalog;
+pub mod events;
 pub mod kv;
 pub mod render;
 
@@ -247,6 +249,14 @@ pub fn router(max_kv_value: usize) -> Router<AppState> {
         )
         .route("/kv/", get(kv::get_root).delete(kv::delete_root))
         .route("/kv", get(kv::get_root).delete(kv::delete_root))
+        .route("/event/fire/{name}", put(events::fire).post(events::fire))
+        .route("/event/list", get(events::list))
+        .route(
+            "/txn",
+            put(kv::txn)
+                .post(kv::txn)
+                .layer(DefaultBodyLimit::max(max_kv_value.saturating_mul(2))),
+        )
         .route(
             "/session/create",
             put(kv::create_session).post(kv::create_session),

@@ -1,0 +1,134 @@
+//! `/v1/event/...`: Consul's user events. Consul gossips them and keeps the last 256 in
+//! memory; so does this agent (they are not stored, and a restart forgets them).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{ConsulError, Query};
+use crate::AppState;
+
+/// How many events are kept.
+const CAPACITY: usize = 256;
+/// The largest payload accepted (Consul's limit is about 512 bytes after encoding).
+const MAX_PAYLOAD: usize = 512;
+
+/// The events fired on this agent, newest last.
+#[derive(Debug)]
+pub struct Events {
+    ring: Mutex<VecDeque<Value>>,
+    ltime: watch::Sender<u64>,
+}
+
+impl Default for Events {
+    fn default() -> Events {
+        Events {
+            ring: Mutex::new(VecDeque::new()),
+            ltime: watch::channel(0).0,
+        }
+    }
+}
+
+impl Events {
+    fn ring(&self) -> std::sync::MutexGuard<'_, VecDeque<Value>> {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `PUT /v1/event/fire/:name` (the body is the payload; `node`, `service`, `tag` filters).
+pub async fn fire(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    if name.is_empty() {
+        return Err(ConsulError::bad_request("Missing name"));
+    }
+    if bytes.len() > MAX_PAYLOAD {
+        return Err(ConsulError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Payload of {} bytes exceeds {MAX_PAYLOAD} byte limit",
+                bytes.len()
+            ),
+        ));
+    }
+    let events = state.events();
+    let mut ltime = 0;
+    events.ltime.send_modify(|t| {
+        *t += 1;
+        ltime = *t;
+    });
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let event = json!({
+        "ID": format!("{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0xfff, ((b >> 48) & 0x3fff) | 0x8000, b & 0xffff_ffff_ffff),
+        "Name": name,
+        "Payload": (!bytes.is_empty()).then(|| STANDARD.encode(&bytes)),
+        "NodeFilter": q.get("node").unwrap_or(""),
+        "ServiceFilter": q.get("service").unwrap_or(""),
+        "TagFilter": q.get("tag").unwrap_or(""),
+        "Version": 1,
+        "LTime": ltime,
+    });
+    {
+        let mut ring = events.ring();
+        ring.push_back(event.clone());
+        while ring.len() > CAPACITY {
+            ring.pop_front();
+        }
+    }
+    Ok(super::json(ltime, &event))
+}
+
+/// `GET /v1/event/list?name=`: the kept events, oldest first; blocks on `index` (the
+/// newest event's LTime).
+pub async fn list(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let name = q.get("name").filter(|n| !n.is_empty()).map(str::to_string);
+    let events = state.events();
+    let mut rx = events.ltime.subscribe();
+    let index = q
+        .get("index")
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<u64>())
+        .transpose()
+        .map_err(|_| ConsulError::bad_request("Invalid index"))?
+        .unwrap_or(0);
+    if index > 0 && *rx.borrow() == index {
+        let wait = q
+            .get("wait")
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                super::body::go_duration(v)
+                    .map_err(|_| ConsulError::bad_request("Invalid wait time"))
+            })
+            .transpose()?
+            .unwrap_or(Duration::from_secs(300))
+            .min(Duration::from_secs(600));
+        let deadline = Instant::now() + wait + wait / 16;
+        let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+    }
+    let ltime = *events.ltime.borrow();
+    let list: Vec<Value> = events
+        .ring()
+        .iter()
+        .filter(|e| name.as_deref().is_none_or(|n| e["Name"] == n))
+        .cloned()
+        .collect();
+    Ok(super::json(ltime, &Value::Array(list)))
+}
