@@ -227,6 +227,22 @@ async fn grpc(address: &str, service: &str, timeout: Duration) -> Probe {
     }
 }
 
+/// Kills a script's process group when a run is dropped before it finished (a timeout).
+/// Until the script is reaped, its pid (the group's id) cannot be reused.
+struct GroupKill(Option<u32>);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // The group may already be gone; nothing to do then.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Reads all of `r`, keeping the first `MAX_OUTPUT` bytes, so the child never blocks on a
 /// full pipe and memory stays bounded.
 async fn read_bounded(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
@@ -250,12 +266,14 @@ async fn script(args: &[String]) -> Probe {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // A run that times out is dropped, and the child with it.
+        // Its own process group, so a run that times out takes its children with it.
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return answer(Status::Critical, format!("{what}: cannot start: {e}")),
     };
+    let mut group = GroupKill(child.id());
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let (out, err, exit) = tokio::join!(
@@ -273,6 +291,8 @@ async fn script(args: &[String]) -> Probe {
         },
         child.wait()
     );
+    // Finished: the child is reaped and its group may be gone, so leave it alone.
+    group.0 = None;
     let mut output = String::from_utf8_lossy(&out).into_owned();
     output.push_str(&String::from_utf8_lossy(&err));
     match exit {
