@@ -190,10 +190,10 @@ async fn check_loop(
         } else {
             jitter(interval)
         };
-    // After the first run, a random phase keeps a burst of registrations from running in
-    // step forever.
+    // After the first run, a random phase over a whole interval keeps a burst of
+    // registrations from running in step forever.
     let second = if fresh {
-        first + jitter(interval).max(Duration::from_secs(1))
+        first + interval.min(Duration::from_secs(1)) + jitter(interval)
     } else {
         first + interval
     };

@@ -60,11 +60,15 @@ impl Prober {
     }
 
     async fn probe(&self, spec: &CheckSpec) -> Probe {
+        // Each kind's future is boxed: a check's task then holds only what its own kind
+        // needs while it waits for the next run, not room for the largest kind.
         match &spec.kind {
-            CheckKind::Http(h) => self.http(h, spec.timeout).await,
-            CheckKind::Tcp { address } => tcp(address).await,
-            CheckKind::Grpc { address, service } => grpc(address, service, spec.timeout).await,
-            CheckKind::Script { args } if self.scripts => script(args).await,
+            CheckKind::Http(h) => Box::pin(self.http(h, spec.timeout)).await,
+            CheckKind::Tcp { address } => Box::pin(tcp(address)).await,
+            CheckKind::Grpc { address, service } => {
+                Box::pin(grpc(address, service, spec.timeout)).await
+            }
+            CheckKind::Script { args } if self.scripts => Box::pin(script(args)).await,
             CheckKind::Script { .. } => Probe {
                 status: Status::Critical,
                 unreachable: false,
