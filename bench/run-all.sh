@@ -8,7 +8,7 @@ REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 OUT="$BENCH_DIR/out"
 mkdir -p "$OUT"
 
-read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns}"
+read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks}"
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -25,6 +25,11 @@ BIN_DIR=$(mktemp -d /tmp/muster-bench-bin.XXXXXX)
 trap 'rm -rf "$BIN_DIR"' EXIT
 cp "$REPO_DIR/target/release/muster" "$BIN_DIR/muster"
 export MUSTER_BIN="$BIN_DIR/muster"
+# The target of bench/checks.sh: answers HTTP, TCP and gRPC health checks.
+echo "building: cargo build --release -p muster-server --example check_target" >&2
+(cd "$REPO_DIR" && cargo build --release -p muster-server --example check_target --quiet) 2>&1 | tail -20 >&2
+cp "$REPO_DIR/target/release/examples/check_target" "$BIN_DIR/check_target"
+export CHECK_TARGET_BIN="$BIN_DIR/check_target"
 {
     echo "commit at build: $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO_DIR" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || echo ' (with uncommitted changes under crates/)')"
     echo "agent binary sha256: $(sha256sum "$MUSTER_BIN" | cut -c1-16)"

@@ -40,6 +40,7 @@ fn registry() -> Registry {
                 weight: 1,
                 keep_alive: KeepAlive::Ttl(Duration::from_secs(ttl)),
                 checks: Vec::new(),
+                compat: None,
             };
             let applied = reg.apply(
                 Command::Register {

@@ -117,6 +117,29 @@ impl ServiceName {
         &self.0
     }
 
+    /// A name as other registries' APIs allow it (Consul's `node_exporter`, `api.v2`):
+    /// lowercased (names match case-insensitively), 1 to 128 characters from letters,
+    /// digits, `-`, `_` and `.`. Such a name is served over HTTP; over DNS only when it is
+    /// also a DNS label. Reads use it too, so every stored name can be looked up.
+    pub fn parse_lenient(name: &str) -> Result<ServiceName, ValidationError> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(ValidationError::new(
+                "service",
+                format!("must be 1 to 128 characters, got {}", name.len()),
+            ));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(ValidationError::new(
+                "service",
+                format!("{c:?} is not allowed: use letters, digits, '-', '_' and '.'"),
+            ));
+        }
+        Ok(ServiceName(name.to_ascii_lowercase().into()))
+    }
+
     /// A name that was not validated: only for lookups and range bounds.
     pub(crate) fn from_raw(name: &str) -> ServiceName {
         ServiceName(name.into())
@@ -223,6 +246,26 @@ pub enum KeepAlive {
     None,
 }
 
+/// Fields other registries' APIs register and report back, kept as given (boxed: most
+/// instances have none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CompatFields {
+    /// The service name as the client wrote it, when it differs from the stored
+    /// (lowercased) one; Consul answers with the case it was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// The weight while the instance is warning (Consul's `Weights.Warning`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning_weight: Option<u16>,
+    /// Named extra addresses (Consul's `TaggedAddresses`): name to (address, port).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tagged_addresses: BTreeMap<String, (String, u16)>,
+    /// Consul's `EnableTagOverride`, reported as registered.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub enable_tag_override: bool,
+}
+
 /// What a client registers: everything about an instance except what the registry assigns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
@@ -243,6 +286,9 @@ pub struct InstanceSpec {
     /// Health checks the agent runs (or, for TTL checks, the client reports).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckSpec>,
+    /// What other registries' APIs registered beyond the fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compat: Option<Box<CompatFields>>,
 }
 
 /// The default TTL when a registration names neither a TTL nor a lease.
@@ -398,9 +444,8 @@ pub(crate) fn check_host(address: &str) -> Result<(), ()> {
     if address.parse::<IpAddr>().is_ok() {
         return Ok(());
     }
-    let bad = || ();
     if address.is_empty() || address.len() > 253 {
-        return Err(bad());
+        return Err(());
     }
     let host = address.strip_suffix('.').unwrap_or(address);
     for label in host.split('.') {
@@ -410,7 +455,7 @@ pub(crate) fn check_host(address: &str) -> Result<(), ()> {
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
-            return Err(bad());
+            return Err(());
         }
     }
     // All-numeric dotted names are mistyped IPs, not host names.
@@ -418,7 +463,7 @@ pub(crate) fn check_host(address: &str) -> Result<(), ()> {
         .split('.')
         .all(|l| l.chars().all(|c| c.is_ascii_digit()))
     {
-        return Err(bad());
+        return Err(());
     }
     Ok(())
 }
@@ -595,6 +640,7 @@ mod tests {
             weight: 1,
             keep_alive: KeepAlive::Ttl(DEFAULT_TTL),
             checks: Vec::new(),
+            compat: None,
         }
     }
 

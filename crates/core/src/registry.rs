@@ -59,6 +59,19 @@ pub enum Command {
         /// What to register.
         spec: InstanceSpec,
     },
+    /// Register an instance under `service` that is registered under `from` now, in one
+    /// step (Consul's service IDs are unique per agent, so re-registering an ID under
+    /// another name moves it). Like `Register` when `from` is `service`.
+    Move {
+        /// The service it is in now.
+        from: ServiceName,
+        /// The service it moves to.
+        service: ServiceName,
+        /// Instance id.
+        id: InstanceId,
+        /// What to register.
+        spec: InstanceSpec,
+    },
     /// Remove an instance.
     Deregister {
         /// Service.
@@ -338,6 +351,9 @@ pub struct Registry {
 
 type Key = (ServiceName, InstanceId);
 
+/// A check status to show: its position in the instance, the status, since when.
+type CheckChange = (usize, Status, Time);
+
 impl Registry {
     /// An empty registry. Its index starts at 1: readers never see 0.
     pub fn new(config: RegistryConfig) -> Registry {
@@ -488,6 +504,22 @@ impl Registry {
     pub fn apply(&mut self, command: Command, now: Time) -> Result<Applied, RegistryError> {
         match command {
             Command::Register { service, id, spec } => self.register(service, id, spec, now),
+            Command::Move {
+                from,
+                service,
+                id,
+                spec,
+            } => {
+                if from == service {
+                    return self.register(service, id, spec, now);
+                }
+                self.require(&from, &id)?;
+                let applied = self.register(service, id.clone(), spec, now)?;
+                if let Applied::Registered { index, .. } = applied {
+                    self.remove_instance(&from, &id, index);
+                }
+                Ok(applied)
+            }
             Command::Deregister { service, id } => {
                 self.require(&service, &id)?;
                 let index = self.bump();
@@ -790,7 +822,7 @@ impl Registry {
     }
 
     /// Changes check statuses: `(position, status, since)`.
-    fn set_checks(&mut self, key: &Key, changes: &[(usize, Status, Time)], index: u64) {
+    fn set_checks(&mut self, key: &Key, changes: &[CheckChange], index: u64) {
         self.change_instance(key, index, |inst| {
             for &(i, status, since) in changes {
                 if let Some(c) = inst.checks.get_mut(i) {
@@ -896,8 +928,8 @@ impl Registry {
         let mut evict = Vec::new();
         // Check changes that are answers or recoveries, applied whatever the mode; and
         // failures that are silence, applied only when self-preservation allows.
-        let mut checks_sure: Vec<(Key, Vec<(usize, Status, Time)>)> = Vec::new();
-        let mut checks_silent: Vec<(Key, Vec<(usize, Status, Time)>)> = Vec::new();
+        let mut checks_sure: Vec<(Key, Vec<CheckChange>)> = Vec::new();
+        let mut checks_silent: Vec<(Key, Vec<CheckChange>)> = Vec::new();
         let mut check_evict_sure = Vec::new();
         let mut check_evict_silent = Vec::new();
         // Lapses that self-preservation's last end took as gone: applied, but not counted.

@@ -28,7 +28,7 @@ pub struct Service {
     /// Instances by id. A persistent map: changing one instance of a large service copies
     /// O(log n) of it, not the whole service.
     pub instances: OrdMap<InstanceId, Arc<Instance>>,
-    rendered: [OnceLock<Bytes>; 2],
+    rendered: [OnceLock<Bytes>; 4],
 }
 
 /// The answers readers cache per change of a service.
@@ -38,6 +38,10 @@ pub enum Rendering {
     Discovery = 0,
     /// The list of healthy instances alone, as push-stream events carry it.
     InstanceList = 1,
+    /// Consul's `/v1/health/service/:name`, every instance.
+    ConsulHealth = 2,
+    /// Consul's `/v1/health/service/:name?passing`.
+    ConsulHealthPassing = 3,
 }
 
 impl Clone for Service {

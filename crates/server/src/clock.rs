@@ -1,4 +1,6 @@
-//! The agent's clock: tokio's, so tests can pause and advance it.
+//! The agent's clock: tokio's, so tests can pause and advance it. The wall clock is read
+//! once, at start, only to show people when things happened.
+#![allow(clippy::disallowed_types)]
 
 use std::time::{Duration, SystemTime};
 

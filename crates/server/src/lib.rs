@@ -71,6 +71,7 @@ impl AppState {
     }
 
     /// The wall-clock time of `t`, for display.
+    #[allow(clippy::disallowed_types)]
     pub fn wall(&self, t: Time) -> std::time::SystemTime {
         self.inner.clock.wall(t)
     }

@@ -101,6 +101,10 @@ pub(crate) mod contract {
                         address: "10.0.0.1:5432".into(),
                     },
                 )],
+                compat: Some(Box::new(muster_core::model::CompatFields {
+                    display_name: Some("Web".into()),
+                    ..Default::default()
+                })),
             },
             maintenance: None,
             create_index: 2,

@@ -41,6 +41,7 @@ pub fn spec(port: u16, keep_alive: KeepAlive) -> InstanceSpec {
         weight: 1,
         keep_alive,
         checks: Vec::new(),
+        compat: None,
     }
 }
 

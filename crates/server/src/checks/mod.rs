@@ -166,6 +166,9 @@ impl Tasks {
     }
 }
 
+/// The longest a check restored after a restart waits for its first run.
+const RESTORED_FIRST_RUN: Duration = Duration::from_secs(10);
+
 /// A random duration in `[0, max)`.
 fn jitter(max: Duration) -> Duration {
     let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
@@ -181,18 +184,19 @@ async fn check_loop(
 ) {
     let interval = spec.interval;
     let rt = cell.runtime();
-    let fresh = rt.last_run.is_none() && rt.wanted == Status::Critical;
-    // A new check is critical until its first result: run it soon. One carried over a
-    // restart has a run of grace: start anywhere in the interval.
+    let never_run = rt.last_run.is_none();
+    // A new check is critical until its first result: run it within a second. One restored
+    // after a restart shows a status it has not verified: run it within 10 s (spread, so a
+    // restart does not burst), not a whole interval later.
     let first = Instant::now()
-        + if fresh {
-            jitter(interval.min(Duration::from_secs(1)))
-        } else {
-            jitter(interval)
+        + match (never_run, rt.wanted) {
+            (true, Status::Critical) => jitter(interval.min(Duration::from_secs(1))),
+            (true, _) => jitter(interval.min(RESTORED_FIRST_RUN)),
+            (false, _) => jitter(interval),
         };
     // After the first run, a random phase over a whole interval keeps a burst of
-    // registrations from running in step forever.
-    let second = if fresh {
+    // registrations (or a restart) from running in step forever.
+    let second = if never_run {
         first + interval.min(Duration::from_secs(1)) + jitter(interval)
     } else {
         first + interval

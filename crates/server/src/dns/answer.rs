@@ -969,6 +969,7 @@ pub fn sample_snapshot() -> Arc<Snapshot> {
             weight: 1 + n as u16,
             keep_alive: KeepAlive::Ttl(std::time::Duration::from_secs(60)),
             checks: Vec::new(),
+            compat: None,
         };
         let (Ok(service), Ok(id)) = (ServiceName::parse(service), InstanceId::parse(id)) else {
             continue;

@@ -1,7 +1,7 @@
 //! Checks in the native API: reading check definitions from a registration, showing
 //! results, and the endpoint TTL checks are reported through.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -253,8 +253,7 @@ pub fn brief(spec: &CheckSpec, st: &CheckState) -> Value {
 }
 
 fn rfc3339(state: &AppState, t: muster_core::Time) -> String {
-    let wall: SystemTime = state.wall(t);
-    humantime::format_rfc3339_millis(wall).to_string()
+    humantime::format_rfc3339_millis(state.wall(t)).to_string()
 }
 
 /// A check with its latest result: for the checks endpoints, read live (not cached).
@@ -283,7 +282,7 @@ pub async fn service_checks(
     State(state): State<AppState>,
     Path(service): Path<String>,
 ) -> Result<Response, ApiError> {
-    let name = ServiceName::parse(&service)?;
+    let name = ServiceName::parse_lenient(&service)?;
     let snap = state.snapshot();
     let checks: Vec<Value> = snap
         .service(name.as_str())
@@ -315,7 +314,10 @@ pub async fn instance_checks(
     State(state): State<AppState>,
     Path((service, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let (service, id) = (ServiceName::parse(&service)?, InstanceId::parse(&id)?);
+    let (service, id) = (
+        ServiceName::parse_lenient(&service)?,
+        InstanceId::parse(&id)?,
+    );
     let snap = state.snapshot();
     let inst = snap
         .instance(service.as_str(), id.as_str())
@@ -346,7 +348,10 @@ pub async fn report(
     Path((service, id, check)): Path<(String, String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (service, id) = (ServiceName::parse(&service)?, InstanceId::parse(&id)?);
+    let (service, id) = (
+        ServiceName::parse_lenient(&service)?,
+        InstanceId::parse(&id)?,
+    );
     let f = body::object(body)?;
     f.only(&["status", "output"])?;
     let wanted = status("status", &f.string("status")?)?;

@@ -27,8 +27,10 @@ pub const INDEX_HEADER: &str = "x-muster-index";
 /// `X-Muster-Self-Preservation`: `true` while expirations are held back.
 pub const PRESERVATION_HEADER: &str = "x-muster-self-preservation";
 
+/// Names in a path. Lenient, so instances registered through the Consul API (whose names
+/// may hold `_` or `.`) can be read and managed here too; registration is strict.
 fn names(service: &str, id: &str) -> Result<(ServiceName, InstanceId), ApiError> {
-    Ok((ServiceName::parse(service)?, InstanceId::parse(id)?))
+    Ok((ServiceName::parse_lenient(service)?, InstanceId::parse(id)?))
 }
 
 /// A JSON answer with the index and self-preservation headers.
@@ -103,7 +105,7 @@ pub async fn discover(
     Path(service): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let name = ServiceName::parse(&service)?;
+    let name = ServiceName::parse_lenient(&service)?;
     let q = read_query(raw.as_deref(), true)?;
     let snap = wait_for(&state, q.block, |s| s.service_index(name.as_str())).await?;
     let body = render::discovery(name.as_str(), &snap, &q.filter);
@@ -178,7 +180,7 @@ pub async fn register(
     Path((service, id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (service, id) = names(&service, &id)?;
+    let (service, id) = (ServiceName::parse(&service)?, InstanceId::parse(&id)?);
     let f = body::object(body)?;
     f.only(REGISTER_FIELDS)?;
     let checks = super::checks::parse_checks(&f)?;
@@ -208,6 +210,7 @@ pub async fn register(
             .map_or(DEFAULT_WEIGHT, |w| w as u16),
         keep_alive,
         checks,
+        compat: None,
     };
     let applied = state
         .writer()

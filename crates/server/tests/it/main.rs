@@ -1,6 +1,9 @@
 //! The agent end to end: HTTP requests against an agent in this process.
 
 mod api;
+mod checks;
+mod consul_compat;
+mod consul_shapes;
 mod dns;
 mod expiry;
 mod openapi;

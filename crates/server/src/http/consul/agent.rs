@@ -191,7 +191,7 @@ pub async fn register_service(
         .str(&["Name"])?
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ConsulError::bad_request("Missing service name"))?;
-    let service = ServiceName::parse(&name.to_lowercase()).map_err(|e| {
+    let service = ServiceName::parse_lenient(&name).map_err(|e| {
         ConsulError::bad_request(format!("Invalid service name {name:?}: {}", e.message))
     })?;
     let id_text = o
@@ -212,10 +212,29 @@ pub async fn register_service(
     let port = o.uint(&["Port"])?.unwrap_or(0);
     let port = u16::try_from(port)
         .map_err(|_| ConsulError::bad_request(format!("Invalid service port {port}")))?;
-    let weight = match o.obj(&["Weights"])? {
-        Some(w) => w.uint(&["Passing"])?.unwrap_or(1).clamp(1, 65535) as u16,
-        None => 1,
+    let (weight, warning_weight) = match o.obj(&["Weights"])? {
+        Some(w) => (
+            w.uint(&["Passing"])?.unwrap_or(1).clamp(1, 65535) as u16,
+            w.uint(&["Warning"])?.map(|v| v.min(65535) as u16),
+        ),
+        None => (1, None),
     };
+    let mut tagged_addresses = std::collections::BTreeMap::new();
+    if let Some(t) = o.obj(&["TaggedAddresses"])? {
+        for (k, v) in t.entries() {
+            let a = Obj::of(v, "TaggedAddresses")?;
+            let addr = a.str(&["Address"])?.unwrap_or_default();
+            let port = a.uint(&["Port"])?.unwrap_or(0).min(65535) as u16;
+            tagged_addresses.insert(k.clone(), (addr, port));
+        }
+    }
+    let compat = muster_core::model::CompatFields {
+        display_name: (name != service.as_str()).then(|| name.clone()),
+        warning_weight,
+        tagged_addresses,
+        enable_tag_override: o.bool(&["EnableTagOverride"])?.unwrap_or(false),
+    };
+    let compat = (compat != Default::default()).then(|| Box::new(compat));
 
     // Checks: `Check` first, then `Checks`; empty objects are ignored.
     let mut defs: Vec<Obj<'_>> = Vec::new();
@@ -232,11 +251,13 @@ pub async fn register_service(
         } else {
             format!("service:{id}:{}", n + 1)
         };
-        checks.push(parse_check(def, default_id, service.as_str())?);
+        checks.push(parse_check(def, default_id, &name)?);
     }
-    // Without replace-existing-checks, checks registered earlier (by id) stay.
+    // Service IDs are unique on an agent: an ID registered under another name moves.
     let snap = state.snapshot();
-    if !replace && let Some(old) = snap.instance(service.as_str(), id.as_str()) {
+    let existing = find(&snap, id.as_str());
+    // Without replace-existing-checks, checks registered earlier (by id) stay.
+    if !replace && let Some(old) = &existing {
         for c in &old.spec.checks {
             if !checks.iter().any(|n| n.name == c.name) {
                 checks.push(c.clone());
@@ -252,8 +273,18 @@ pub async fn register_service(
         weight,
         keep_alive: KeepAlive::None,
         checks,
+        compat,
     };
-    submit(&state, Command::Register { service, id, spec }).await?;
+    let command = match existing {
+        Some(old) => Command::Move {
+            from: old.service.clone(),
+            service,
+            id,
+            spec,
+        },
+        None => Command::Register { service, id, spec },
+    };
+    submit(&state, command).await?;
     Ok(empty())
 }
 
@@ -314,13 +345,17 @@ pub async fn services(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let _q = Query::parse(raw.as_deref())?;
+    let q = Query::parse(raw.as_deref())?;
+    let filter = super::catalog::filter(&q)?;
     let snap = state.snapshot();
     let dc = &state.config().datacenter;
     let mut out = Map::new();
     for svc in snap.services.values() {
         for i in svc.instances.values() {
-            out.insert(i.id.to_string(), render::agent_service(i, dc));
+            let v = render::agent_service(i, dc);
+            if filter.as_ref().is_none_or(|f| f.matches(&v)) {
+                out.insert(i.id.to_string(), v);
+            }
         }
     }
     Ok(super::json(snap.index, &Value::Object(out)))
@@ -340,20 +375,28 @@ pub async fn service(
 }
 
 /// `GET /v1/agent/checks`: `{CheckID: HealthCheck}`.
-pub async fn checks(State(state): State<AppState>) -> Response {
+pub async fn checks(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let filter = super::catalog::filter(&q)?;
     let snap = state.snapshot();
     let node = Node::of(&state);
     let mut out = Map::new();
     for svc in snap.services.values() {
         for i in svc.instances.values() {
             for c in render::instance_checks(&node, i) {
+                if filter.as_ref().is_some_and(|f| !f.matches(&c)) {
+                    continue;
+                }
                 if let Some(id) = c["CheckID"].as_str() {
                     out.insert(id.to_string(), c.clone());
                 }
             }
         }
     }
-    super::json(snap.index, &Value::Object(out))
+    Ok(super::json(snap.index, &Value::Object(out)))
 }
 
 /// `PUT /v1/agent/check/register`: a check attached to a registered service.
@@ -380,7 +423,7 @@ pub async fn register_check(
         .str(&["CheckID", "ID"])?
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| name.clone());
-    let check = parse_check(&o, id, inst.service.as_str())?;
+    let check = parse_check(&o, id, render::service_name(&inst))?;
     let mut spec = inst.spec.clone();
     spec.checks.retain(|c| c.name != check.name);
     spec.checks.push(check);

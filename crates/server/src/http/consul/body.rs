@@ -42,6 +42,11 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// Every field, nulls included, keys as written.
+    pub fn entries(&self) -> impl Iterator<Item = (&'a String, &'a Value)> {
+        self.map.iter()
+    }
+
     /// Whether the object has no fields (or only nulls).
     pub fn is_empty(&self) -> bool {
         self.map.values().all(Value::is_null)

@@ -4,32 +4,38 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
-use muster_core::{Health, Instance, Snapshot};
+use muster_core::{Health, Instance, Rendering, Snapshot};
 use serde_json::{Map, Value, json};
 
+use super::filter::Filter;
 use super::render::{self, Node};
 use super::{ConsulError, Query};
 use crate::AppState;
 use crate::http::watch::wait_for;
 
-/// Reads the query, refuses what is not supported, and checks `dc` and `node-meta`.
+/// Reads the query, and checks `dc`, `node-meta` and `filter`.
 struct Read {
     q: Query,
     node: Node,
     /// False when a `node-meta` filter excludes the agent's node (then every list is empty).
     node_matches: bool,
+    filter: Option<Filter>,
+}
+
+impl Read {
+    /// Whether an answer element passes the `filter` expression (all do without one).
+    fn keep(&self, item: &Value) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.matches(item))
+    }
 }
 
 fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
     let q = Query::parse(raw)?;
     q.check_dc(&state.config().datacenter)?;
-    if q.get("filter").is_some_and(|f| !f.is_empty()) {
-        return Err(ConsulError::bad_request(
-            "Failed to create boolean expression evaluator: filter expressions are not supported by this agent yet",
-        ));
-    }
+    let filter = filter(&q)?;
     let node = Node::of(state);
     let node_meta =
         json!({"consul-network-segment": "", "muster-version": env!("CARGO_PKG_VERSION")});
@@ -41,7 +47,20 @@ fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
         q,
         node,
         node_matches,
+        filter,
     })
+}
+
+/// The `filter` parameter, parsed; an empty one filters nothing, as in Consul.
+pub fn filter(q: &Query) -> Result<Option<Filter>, ConsulError> {
+    match q.get("filter") {
+        None | Some("") => Ok(None),
+        Some(text) => Filter::parse(text).map(Some).map_err(|e| {
+            ConsulError::bad_request(format!(
+                "Failed to create boolean expression evaluator: {e}"
+            ))
+        }),
+    }
 }
 
 async fn snapshot_for(
@@ -67,8 +86,21 @@ pub async fn services(
     let mut out = Map::new();
     if r.node_matches {
         for s in snap.services.values() {
+            if r.filter.is_some()
+                && !s
+                    .instances
+                    .values()
+                    .any(|i| r.keep(&render::catalog_service(&r.node, i)))
+            {
+                continue;
+            }
             let tags: BTreeSet<&str> = s.tags();
-            out.insert(s.name.to_string(), json!(tags));
+            let name = s
+                .instances
+                .values()
+                .next()
+                .map_or(s.name.as_str(), |i| render::service_name(i));
+            out.insert(name.to_string(), json!(tags));
         }
     }
     Ok(super::json(snap.index, &Value::Object(out)))
@@ -98,6 +130,7 @@ pub async fn service(
     let list: Vec<Value> = if r.node_matches {
         instances(&snap, &key, &tags)
             .map(|i| render::catalog_service(&r.node, i))
+            .filter(|v| r.keep(v))
             .collect()
     } else {
         Vec::new()
@@ -112,11 +145,12 @@ pub async fn nodes(
 ) -> Result<Response, ConsulError> {
     let r = read(&state, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
-    let list = if r.node_matches {
-        vec![render::node(&r.node, &snap)]
+    let list: Vec<Value> = if r.node_matches {
+        vec![render::node(&r.node)]
     } else {
         Vec::new()
     };
+    let list: Vec<Value> = list.into_iter().filter(|v| r.keep(v)).collect();
     Ok(super::json(snap.index, &Value::Array(list)))
 }
 
@@ -142,7 +176,7 @@ pub async fn node(
     }
     Ok(super::json(
         snap.index,
-        &json!({"Node": render::node(&r.node, &snap), "Services": services}),
+        &json!({"Node": render::node(&r.node), "Services": services}),
     ))
 }
 
@@ -152,7 +186,9 @@ pub async fn datacenters(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /v1/health/service/:service`: `[{Node, Service, Checks}]`; `passing` keeps
-/// instances whose every check passes.
+/// instances whose every check passes. The answer without tag or node-meta filters is
+/// rendered once per change of the service and shared, so check outputs in it are those of
+/// that change (Consul, too, updates outputs lazily); `/v1/health/checks` reads them live.
 pub async fn health_service(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -163,10 +199,14 @@ pub async fn health_service(
     let key = service_key(&name);
     let snap = snapshot_for(&state, &r, |s| s.service_index(&key)).await?;
     let tags = r.q.tags();
-    let list: Vec<Value> = if r.node_matches {
-        let node = render::node(&r.node, &snap);
+    let index = snap.service_index(&key);
+    if !r.node_matches {
+        return Ok(super::json(index, &json!([])));
+    }
+    let render = |tags: &[String]| {
+        let node = render::node(&r.node);
         let serf = render::serf_health(&r.node);
-        instances(&snap, &key, &tags)
+        let list: Vec<Value> = instances(&snap, &key, tags)
             .filter(|i| !passing || i.health() == Health::Passing)
             .map(|i| {
                 let mut checks = vec![serf.clone()];
@@ -177,11 +217,23 @@ pub async fn health_service(
                     "Checks": checks,
                 })
             })
-            .collect()
-    } else {
-        Vec::new()
+            .filter(|v| r.keep(v))
+            .collect();
+        Bytes::from(serde_json::to_vec(&list).unwrap_or_default())
     };
-    Ok(super::json(snap.service_index(&key), &Value::Array(list)))
+    let body = match snap.service(&key) {
+        Some(s) if tags.is_empty() && r.filter.is_none() => {
+            let which = if passing {
+                Rendering::ConsulHealthPassing
+            } else {
+                Rendering::ConsulHealth
+            };
+            s.rendered(which, |_| render(&[]))
+        }
+        Some(_) => render(&tags),
+        None => Bytes::from_static(b"[]"),
+    };
+    Ok(super::json_bytes(index, body))
 }
 
 /// `GET /v1/health/checks/:service`: the service's checks (no node checks).
@@ -196,6 +248,7 @@ pub async fn health_checks(
     let list: Vec<Value> = if r.node_matches {
         instances(&snap, &key, &[])
             .flat_map(|i| render::instance_checks(&r.node, i))
+            .filter(|v| r.keep(v))
             .collect()
     } else {
         Vec::new()
@@ -213,6 +266,7 @@ fn all_checks(r: &Read, snap: &Snapshot) -> Vec<Value> {
             list.extend(render::instance_checks(&r.node, i));
         }
     }
+    list.retain(|v| r.keep(v));
     list
 }
 

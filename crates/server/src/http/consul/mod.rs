@@ -10,6 +10,7 @@
 //! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
 //! - [`catalog`]: catalog, health and status reads.
 //! - [`events`]: user events, kept in memory.
+//! - [`filter`]: `?filter=` expressions (the go-bexpr subset Consul uses).
 //! - [`kv`]: the key/value store and sessions.
 //! - [`render`]: Consul's JSON shapes.
 //! - [`body`]: lenient request bodies and Go durations.
@@ -18,6 +19,7 @@ pub mod agent;
 pub mod body;
 pub mod catalog;
 pub mod events;
+pub mod filter;
 pub mod kv;
 pub mod render;
 
@@ -108,6 +110,16 @@ pub fn json(index: u64, body: &serde_json::Value) -> Response {
     );
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     (StatusCode::OK, headers, bytes).into_response()
+}
+
+/// A JSON answer already rendered, with the blocking-query headers.
+pub fn json_bytes(index: u64, body: axum::body::Bytes) -> Response {
+    let mut headers = meta_headers(index);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    (StatusCode::OK, headers, body).into_response()
 }
 
 /// 200 with an empty body: what Consul's agent writes answer.

@@ -2,9 +2,7 @@
 
 use std::hash::{Hash, Hasher};
 
-use muster_core::{
-    CheckKind, CheckSpec, CheckState, Health, Instance, KeepAlive, Service, Snapshot, Status,
-};
+use muster_core::{CheckKind, CheckSpec, CheckState, Health, Instance, KeepAlive, Service, Status};
 use serde_json::{Map, Value, json};
 
 use super::body::go_format;
@@ -61,7 +59,7 @@ pub fn uuid_from(name: &str) -> String {
 }
 
 /// `Node`: catalog nodes, `health/service` entries.
-pub fn node(n: &Node, snap: &Snapshot) -> Value {
+pub fn node(n: &Node) -> Value {
     json!({
         "ID": n.id,
         "Node": n.name,
@@ -70,34 +68,75 @@ pub fn node(n: &Node, snap: &Snapshot) -> Value {
         "TaggedAddresses": {"lan": n.address, "lan_ipv4": n.address, "wan": n.address, "wan_ipv4": n.address},
         "Meta": {"consul-network-segment": "", "muster-version": env!("CARGO_PKG_VERSION")},
         "CreateIndex": 1,
-        "ModifyIndex": snap.index.max(1),
+        // The node itself never changes (and a per-service cached answer must not carry the
+        // global index).
+        "ModifyIndex": 1,
     })
 }
 
 fn weights(i: &Instance) -> Value {
-    json!({"Passing": i.spec.weight.max(1), "Warning": 1})
+    let warning = i
+        .spec
+        .compat
+        .as_ref()
+        .and_then(|c| c.warning_weight)
+        .unwrap_or(1);
+    json!({"Passing": i.spec.weight.max(1), "Warning": warning})
+}
+
+/// The service name as registered (Consul keeps its case).
+pub fn service_name(i: &Instance) -> &str {
+    i.spec
+        .compat
+        .as_ref()
+        .and_then(|c| c.display_name.as_deref())
+        .unwrap_or(i.service.as_str())
+}
+
+fn tag_override(i: &Instance) -> bool {
+    i.spec
+        .compat
+        .as_ref()
+        .is_some_and(|c| c.enable_tag_override)
+}
+
+fn tagged_addresses(i: &Instance) -> Option<Value> {
+    let c = i.spec.compat.as_ref()?;
+    if c.tagged_addresses.is_empty() {
+        return None;
+    }
+    let map: Map<String, Value> = c
+        .tagged_addresses
+        .iter()
+        .map(|(k, (a, p))| (k.clone(), json!({"Address": a, "Port": p})))
+        .collect();
+    Some(Value::Object(map))
 }
 
 /// `AgentService`: `/agent/services`, `health/service` entries, catalog node services.
 pub fn agent_service(i: &Instance, dc: &str) -> Value {
-    json!({
+    let mut v = json!({
         "ID": i.id,
-        "Service": i.service,
+        "Service": service_name(i),
         "Tags": i.spec.tags,
         "Meta": i.spec.meta,
         "Port": i.spec.port,
         "Address": i.spec.address,
         "Weights": weights(i),
-        "EnableTagOverride": false,
+        "EnableTagOverride": tag_override(i),
         "Datacenter": dc,
         "CreateIndex": i.create_index,
         "ModifyIndex": i.modify_index,
-    })
+    });
+    if let Some(t) = tagged_addresses(i) {
+        v["TaggedAddresses"] = t;
+    }
+    v
 }
 
 /// `CatalogService`: `/catalog/service/:name` items.
 pub fn catalog_service(n: &Node, i: &Instance) -> Value {
-    json!({
+    let mut v = json!({
         "ID": n.id,
         "Node": n.name,
         "Address": n.address,
@@ -106,16 +145,20 @@ pub fn catalog_service(n: &Node, i: &Instance) -> Value {
         "NodeMeta": {"consul-network-segment": ""},
         "ServiceKind": "",
         "ServiceID": i.id,
-        "ServiceName": i.service,
+        "ServiceName": service_name(i),
         "ServiceTags": i.spec.tags,
         "ServiceAddress": i.spec.address,
         "ServiceWeights": weights(i),
         "ServiceMeta": i.spec.meta,
         "ServicePort": i.spec.port,
-        "ServiceEnableTagOverride": false,
+        "ServiceEnableTagOverride": tag_override(i),
         "CreateIndex": i.create_index,
         "ModifyIndex": i.modify_index,
-    })
+    });
+    if let Some(t) = tagged_addresses(i) {
+        v["ServiceTaggedAddresses"] = t;
+    }
+    v
 }
 
 /// The wire name of a status.
@@ -232,7 +275,7 @@ fn check_value(n: &Node, i: &Instance, c: CheckView<'_>) -> Value {
         "Notes": c.notes,
         "Output": c.output,
         "ServiceID": i.id,
-        "ServiceName": i.service,
+        "ServiceName": service_name(i),
         "ServiceTags": i.spec.tags,
         "Type": c.kind,
         "Interval": interval,
@@ -246,7 +289,7 @@ fn check_value(n: &Node, i: &Instance, c: CheckView<'_>) -> Value {
 
 /// One of an instance's own checks.
 pub fn service_check(n: &Node, i: &Instance, spec: &CheckSpec, st: &CheckState) -> Value {
-    let default_name = format!("Service '{}' check", i.service);
+    let default_name = format!("Service '{}' check", service_name(i));
     check_value(
         n,
         i,

@@ -1,0 +1,131 @@
+//! Real, unmodified Consul client libraries against an agent on a real socket: py-consul
+//! (PyPI) and the npm `consul` package. The scripts in tests/compat drive a whole flow each
+//! (register with checks, TTL pass/fail, passing queries, HTTP checks, blocking queries,
+//! catalog and agent reads, deregistration) and exit 0 when it behaves as against Consul.
+//!
+//! CI installs both clients (.ci/run) and sets CI, so there these tests fail rather than
+//! skip when a client is missing; elsewhere they print how to install it and pass.
+
+// The helpers below are test code too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::support::{config, serve};
+
+const NODE_NAME: &str = "compat-node";
+
+/// Longest a script may run; each takes a few seconds.
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(180);
+
+fn compat_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/compat")
+}
+
+/// Fails under CI, else prints why the test does nothing and lets it pass.
+fn missing(what: &str, install: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what}; .ci/run installs it ({install})"
+    );
+    eprintln!("skipping: {what} (install with: {install})");
+}
+
+/// Runs `program args..` with the agent's address appended, and asserts it exits 0,
+/// showing everything it printed when it does not.
+async fn run_script(program: &str, args: &[&str], dir: &Path) {
+    let mut c = config();
+    c.node = NODE_NAME.into();
+    // The py-consul flow registers a script check.
+    c.enable_script_checks = true;
+    let (addr, shutdown) = serve(c).await;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .arg(addr.to_string())
+        .arg(NODE_NAME)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    let out = tokio::time::timeout(SCRIPT_DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} still running after {SCRIPT_DEADLINE:?}"))
+        .unwrap();
+    shutdown.cancel();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} against {addr} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    eprintln!("{stdout}");
+}
+
+/// The installed py-consul's version, or why it is not usable: python3 missing, the
+/// `consul` module missing, or it being the old python-consul (same module name).
+fn py_consul() -> Result<String, String> {
+    let probe = r#"
+import importlib.metadata as m, pathlib, sys
+try:
+    import consul
+except ImportError as e:
+    sys.exit(f"cannot import consul: {e}")
+try:
+    d = m.distribution("py-consul")
+except m.PackageNotFoundError:
+    sys.exit(f"the consul module at {consul.__file__} is not py-consul (python-consul?)")
+owned = {pathlib.Path(d.locate_file(f)).resolve() for f in d.files or []}
+if pathlib.Path(consul.__file__).resolve() not in owned:
+    sys.exit(f"the consul module at {consul.__file__} is not py-consul's (python-consul?)")
+print(d.version)
+"#;
+    match std::process::Command::new("python3")
+        .args(["-c", probe])
+        .output()
+    {
+        Err(e) => Err(format!("python3 is not runnable: {e}")),
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_consul_drives_the_consul_api() {
+    let version = match py_consul() {
+        Ok(v) => v,
+        Err(why) => {
+            return missing(
+                &format!("py-consul is not usable: {why}"),
+                "pip install py-consul",
+            );
+        }
+    };
+    eprintln!("py-consul {version}");
+    let dir = compat_dir();
+    run_script("python3", &["py_consul_check.py"], &dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npm_consul_drives_the_consul_api() {
+    let dir = compat_dir().join("npm-consul");
+    if !dir.join("node_modules/consul/package.json").is_file() {
+        return missing(
+            "the npm consul package is not installed in tests/compat/npm-consul",
+            "cd tests/compat/npm-consul && npm ci",
+        );
+    }
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return missing("node is not installed", "apt-get install nodejs");
+    }
+    run_script("node", &["check.mjs"], &dir).await;
+}

@@ -1,0 +1,1235 @@
+//! The Consul API's answers decoded against the shapes of Consul's Go API structs.
+//!
+//! The tables below are written from shared/reference/consul.md (§2 shapes, §0 item 3
+//! types, §1 conventions) and Consul's `api` package (`api.Node`, `api.AgentService`,
+//! `api.HealthCheck`, `api.HealthCheckDefinition`, `api.CatalogService`, `api.AgentCheck`,
+//! `api.ServiceEntry`, `api.CatalogNode`, `api.AgentMember`, the `agent/self` map), not
+//! captured from muster's output: Go clients (Prometheus, Traefik, consul-template) decode
+//! these with encoding/json, where a string in an integer field, a number in a duration
+//! string or a `null` list breaks the whole answer.
+
+// The helpers below are test code too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::support::{TestAgent, agent, config};
+
+const NODE_NAME: &str = "shape-node";
+
+/// How a field must appear.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Need {
+    /// Always present (Go has no `omitempty` on it, or clients read it unconditionally).
+    Req,
+    /// May be absent (`omitempty` in Go); when present, of its type.
+    Opt,
+}
+
+/// JSON types as Go's encoding/json needs them.
+#[derive(Clone, Copy, Debug)]
+enum T {
+    /// string
+    Str,
+    /// string holding a UUID (`Node.ID`: Traefik joins on it)
+    Uuid,
+    /// int (a JSON integer; `1.0` does not decode into a Go int)
+    Int,
+    /// uint64 (a non-negative JSON integer)
+    Uint,
+    /// bool
+    Bool,
+    /// float64
+    Num,
+    /// one of `passing`, `warning`, `critical`
+    Status,
+    /// a Go duration string: `api.ReadableDuration` refuses a number
+    Duration,
+    /// []string, never null
+    Strs,
+    /// []float64
+    Nums,
+    /// map[string]string, never null
+    StrMap,
+    /// map[string][]string (`Definition.Header`)
+    StrListMap,
+    /// map[string]api.ServiceAddress: `{"Address": string, "Port": int}` values
+    SvcAddrs,
+    /// any JSON object (`Proxy`, `Connect`, `DebugConfig`, ...)
+    Obj,
+    /// a struct with its own table
+    Struct(&'static [F]),
+    /// a list of a struct, never null
+    List(&'static [F]),
+    /// map[string] of a struct
+    MapOf(&'static [F]),
+}
+
+use Need::{Opt, Req};
+
+/// A field: its exact (case-sensitive) name, whether it must be there, its type.
+#[derive(Clone, Copy, Debug)]
+struct F(&'static str, Need, T);
+
+/// `api.Node` (catalog/nodes items, health/service `.Node`, catalog/node `.Node`).
+const NODE: &[F] = &[
+    F("ID", Req, T::Uuid),
+    F("Node", Req, T::Str),
+    F("Address", Req, T::Str),
+    F("Datacenter", Req, T::Str),
+    F("TaggedAddresses", Req, T::StrMap),
+    F("Meta", Req, T::StrMap),
+    F("CreateIndex", Req, T::Uint),
+    F("ModifyIndex", Req, T::Uint),
+    F("Partition", Opt, T::Str),
+    F("PeerName", Opt, T::Str),
+];
+
+/// `api.AgentWeights` / `api.Weights`.
+const WEIGHTS: &[F] = &[F("Passing", Req, T::Int), F("Warning", Req, T::Int)];
+
+/// `api.AgentService` (health/service `.Service`, agent/services values, catalog/node
+/// `.Services` values).
+const AGENT_SERVICE: &[F] = &[
+    F("ID", Req, T::Str),
+    F("Service", Req, T::Str),
+    F("Tags", Req, T::Strs),
+    F("Meta", Req, T::StrMap),
+    F("Port", Req, T::Int),
+    F("Address", Req, T::Str),
+    F("Weights", Req, T::Struct(WEIGHTS)),
+    F("EnableTagOverride", Req, T::Bool),
+    F("Datacenter", Req, T::Str),
+    F("Kind", Opt, T::Str),
+    F("TaggedAddresses", Opt, T::SvcAddrs),
+    F("SocketPath", Opt, T::Str),
+    F("Proxy", Opt, T::Obj),
+    F("Connect", Opt, T::Obj),
+    F("CreateIndex", Opt, T::Uint),
+    F("ModifyIndex", Opt, T::Uint),
+    F("ContentHash", Opt, T::Str),
+    F("PeerName", Opt, T::Str),
+    F("Namespace", Opt, T::Str),
+    F("Partition", Opt, T::Str),
+];
+
+/// `api.HealthCheckDefinition`: the three durations are Go strings (`"0s"` when unset).
+const DEFINITION: &[F] = &[
+    F("Interval", Req, T::Duration),
+    F("Timeout", Req, T::Duration),
+    F("DeregisterCriticalServiceAfter", Req, T::Duration),
+    F("HTTP", Opt, T::Str),
+    F("Header", Opt, T::StrListMap),
+    F("Method", Opt, T::Str),
+    F("Body", Opt, T::Str),
+    F("TLSServerName", Opt, T::Str),
+    F("TLSSkipVerify", Opt, T::Bool),
+    F("TCP", Opt, T::Str),
+    F("TCPUseTLS", Opt, T::Bool),
+    F("UDP", Opt, T::Str),
+    F("GRPC", Opt, T::Str),
+    F("GRPCUseTLS", Opt, T::Bool),
+    F("OSService", Opt, T::Str),
+];
+
+/// `api.HealthCheck` (health/checks, health/state, health/node, `.Checks[]`), with the
+/// `Interval`/`Timeout` strings newer agents add.
+const HEALTH_CHECK: &[F] = &[
+    F("Node", Req, T::Str),
+    F("CheckID", Req, T::Str),
+    F("Name", Req, T::Str),
+    F("Status", Req, T::Status),
+    F("Notes", Req, T::Str),
+    F("Output", Req, T::Str),
+    F("ServiceID", Req, T::Str),
+    F("ServiceName", Req, T::Str),
+    F("ServiceTags", Req, T::Strs),
+    F("Type", Req, T::Str),
+    F("Interval", Req, T::Str),
+    F("Timeout", Req, T::Str),
+    F("ExposedPort", Req, T::Int),
+    F("Definition", Req, T::Struct(DEFINITION)),
+    F("CreateIndex", Req, T::Uint),
+    F("ModifyIndex", Req, T::Uint),
+    F("Namespace", Opt, T::Str),
+    F("Partition", Opt, T::Str),
+    F("PeerName", Opt, T::Str),
+];
+
+/// `api.AgentCheck` (agent/checks values).
+const AGENT_CHECK: &[F] = &[
+    F("Node", Req, T::Str),
+    F("CheckID", Req, T::Str),
+    F("Name", Req, T::Str),
+    F("Status", Req, T::Status),
+    F("Notes", Req, T::Str),
+    F("Output", Req, T::Str),
+    F("ServiceID", Req, T::Str),
+    F("ServiceName", Req, T::Str),
+    F("Type", Req, T::Str),
+    F("ExposedPort", Req, T::Int),
+    F("Definition", Req, T::Struct(DEFINITION)),
+    F("ServiceTags", Opt, T::Strs),
+    F("Namespace", Opt, T::Str),
+    F("Partition", Opt, T::Str),
+];
+
+/// `api.ServiceEntry` (health/service items).
+const SERVICE_ENTRY: &[F] = &[
+    F("Node", Req, T::Struct(NODE)),
+    F("Service", Req, T::Struct(AGENT_SERVICE)),
+    F("Checks", Req, T::List(HEALTH_CHECK)),
+];
+
+/// `api.CatalogService` (catalog/service items).
+const CATALOG_SERVICE: &[F] = &[
+    F("ID", Req, T::Uuid),
+    F("Node", Req, T::Str),
+    F("Address", Req, T::Str),
+    F("Datacenter", Req, T::Str),
+    F("TaggedAddresses", Req, T::StrMap),
+    F("NodeMeta", Req, T::StrMap),
+    F("ServiceKind", Req, T::Str),
+    F("ServiceID", Req, T::Str),
+    F("ServiceName", Req, T::Str),
+    F("ServiceTags", Req, T::Strs),
+    F("ServiceAddress", Req, T::Str),
+    F("ServiceWeights", Req, T::Struct(WEIGHTS)),
+    F("ServiceMeta", Req, T::StrMap),
+    F("ServicePort", Req, T::Int),
+    F("ServiceEnableTagOverride", Req, T::Bool),
+    F("CreateIndex", Req, T::Uint),
+    F("ModifyIndex", Req, T::Uint),
+    F("ServiceTaggedAddresses", Opt, T::SvcAddrs),
+    F("ServiceProxy", Opt, T::Obj),
+    F("ServiceConnect", Opt, T::Obj),
+    F("Namespace", Opt, T::Str),
+    F("Partition", Opt, T::Str),
+];
+
+/// `api.CatalogNode` (catalog/node/:node).
+const CATALOG_NODE: &[F] = &[
+    F("Node", Req, T::Struct(NODE)),
+    F("Services", Req, T::MapOf(AGENT_SERVICE)),
+];
+
+/// `api.AgentMember` (agent/members items, agent/self `.Member`).
+const MEMBER: &[F] = &[
+    F("Name", Req, T::Str),
+    F("Addr", Req, T::Str),
+    F("Port", Req, T::Uint),
+    F("Tags", Req, T::StrMap),
+    F("Status", Req, T::Int),
+    F("ProtocolMin", Req, T::Uint),
+    F("ProtocolMax", Req, T::Uint),
+    F("ProtocolCur", Req, T::Uint),
+    F("DelegateMin", Req, T::Uint),
+    F("DelegateMax", Req, T::Uint),
+    F("DelegateCur", Req, T::Uint),
+];
+
+/// agent/self `.Config`: what Prometheus (`Datacenter`) and Go's `NodeName()` read.
+const SELF_CONFIG: &[F] = &[
+    F("Datacenter", Req, T::Str),
+    F("NodeName", Req, T::Str),
+    F("NodeID", Req, T::Str),
+    F("PrimaryDatacenter", Opt, T::Str),
+    F("Server", Opt, T::Bool),
+    F("Revision", Opt, T::Str),
+    F("Version", Opt, T::Str),
+    F("BuildDate", Opt, T::Str),
+];
+
+/// agent/self `.Coord` (`coordinate.Coordinate`).
+const COORD: &[F] = &[
+    F("Vec", Req, T::Nums),
+    F("Error", Req, T::Num),
+    F("Adjustment", Req, T::Num),
+    F("Height", Req, T::Num),
+];
+
+/// Whether `s` parses as a Go duration (`time.ParseDuration`).
+fn is_go_duration(s: &str) -> bool {
+    let s = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if s == "0" {
+        return true;
+    }
+    let mut rest = s;
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let num = &rest[..num_len];
+        if num.is_empty() || num == "." {
+            return false;
+        }
+        rest = &rest[num_len..];
+        let unit = ["ns", "us", "µs", "μs", "ms", "s", "m", "h"]
+            .into_iter()
+            .filter(|u| rest.starts_with(u))
+            .max_by_key(|u| u.len());
+        let Some(unit) = unit else { return false };
+        rest = &rest[unit.len()..];
+    }
+    true
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// Checks `v` against `t`, pushing one line per mismatch to `errs`.
+fn conform(path: &str, v: &Value, t: T, errs: &mut Vec<String>) {
+    let mut bad = |want: &str| errs.push(format!("{path}: want {want}, got {v}"));
+    match t {
+        T::Str => {
+            if !v.is_string() {
+                bad("a string");
+            }
+        }
+        T::Uuid => {
+            if !v.as_str().is_some_and(is_uuid) {
+                bad("a UUID string");
+            }
+        }
+        T::Int => {
+            if !(v.is_i64() || v.is_u64()) {
+                bad("an integer");
+            }
+        }
+        T::Uint => {
+            if !v.is_u64() {
+                bad("a non-negative integer");
+            }
+        }
+        T::Bool => {
+            if !v.is_boolean() {
+                bad("true or false");
+            }
+        }
+        T::Num => {
+            if !v.is_number() {
+                bad("a number");
+            }
+        }
+        T::Status => {
+            if !matches!(v.as_str(), Some("passing" | "warning" | "critical")) {
+                bad("passing, warning or critical");
+            }
+        }
+        T::Duration => {
+            if !v.as_str().is_some_and(is_go_duration) {
+                bad("a Go duration string such as \"10s\" or \"0s\"");
+            }
+        }
+        T::Strs => {
+            if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
+                bad("an array of strings ([] when empty, never null)");
+            }
+        }
+        T::Nums => {
+            if !v.as_array().is_some_and(|a| a.iter().all(Value::is_number)) {
+                bad("an array of numbers");
+            }
+        }
+        T::StrMap => {
+            if !v
+                .as_object()
+                .is_some_and(|m| m.values().all(Value::is_string))
+            {
+                bad("an object of strings ({} when empty, never null)");
+            }
+        }
+        T::StrListMap => {
+            let ok = v.as_object().is_some_and(|m| {
+                m.values()
+                    .all(|l| l.as_array().is_some_and(|a| a.iter().all(Value::is_string)))
+            });
+            if !ok {
+                bad("an object of string arrays");
+            }
+        }
+        T::SvcAddrs => match v.as_object() {
+            Some(m) => {
+                for (k, a) in m {
+                    conform(
+                        &format!("{path}.{k}"),
+                        a,
+                        T::Struct(&[F("Address", Req, T::Str), F("Port", Req, T::Int)]),
+                        errs,
+                    );
+                }
+            }
+            None => bad("an object of {Address, Port}"),
+        },
+        T::Obj => {
+            if !v.is_object() {
+                bad("an object");
+            }
+        }
+        T::Struct(fields) => match v.as_object() {
+            Some(m) => {
+                for F(name, need, t) in fields {
+                    match m.get(*name) {
+                        Some(fv) => conform(&format!("{path}.{name}"), fv, *t, errs),
+                        None if *need == Req => {
+                            errs.push(format!("{path}.{name}: missing (keys: {:?})", m.keys()))
+                        }
+                        None => {}
+                    }
+                }
+            }
+            None => bad("an object"),
+        },
+        T::List(fields) => match v.as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    conform(&format!("{path}[{i}]"), item, T::Struct(fields), errs);
+                }
+            }
+            None => bad("an array ([] when empty, never null)"),
+        },
+        T::MapOf(fields) => match v.as_object() {
+            Some(m) => {
+                for (k, item) in m {
+                    conform(&format!("{path}[{k:?}]"), item, T::Struct(fields), errs);
+                }
+            }
+            None => bad("an object ({} when empty, never null)"),
+        },
+    }
+}
+
+/// Asserts `v` conforms to `t`, listing every mismatch.
+fn assert_shape(what: &str, v: &Value, t: T) {
+    let mut errs = Vec::new();
+    conform(what, v, t, &mut errs);
+    assert!(
+        errs.is_empty(),
+        "{what} does not decode as Consul's Go structs:\n  {}\nbody: {v:#}",
+        errs.join("\n  ")
+    );
+}
+
+/// An answer with its bytes as they came (so `null` and an empty body differ).
+struct Reply {
+    uri: String,
+    status: StatusCode,
+    headers: HeaderMap,
+    bytes: Bytes,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// The JSON body of a 200 answer, after checking the headers every read carries.
+    fn json(&self) -> Value {
+        assert_eq!(
+            self.status,
+            StatusCode::OK,
+            "GET {}: {}",
+            self.uri,
+            self.text()
+        );
+        let ct = self
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap());
+        assert!(
+            ct.is_some_and(|ct| ct.split(';').next().unwrap().trim() == "application/json"),
+            "GET {}: Content-Type must be application/json (npm consul decodes only that), got {ct:?}",
+            self.uri
+        );
+        serde_json::from_slice(&self.bytes)
+            .unwrap_or_else(|e| panic!("GET {}: not JSON ({e}): {}", self.uri, self.text()))
+    }
+
+    /// `X-Consul-Index`, asserted present, numeric and >= 1, with the other meta headers.
+    fn index(&self) -> u64 {
+        let h = |name: &str| {
+            self.headers
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let idx = h("x-consul-index")
+            .unwrap_or_else(|| panic!("GET {}: no X-Consul-Index", self.uri))
+            .parse::<u64>()
+            .unwrap_or_else(|e| panic!("GET {}: X-Consul-Index not a u64: {e}", self.uri));
+        assert!(idx >= 1, "GET {}: X-Consul-Index must never be 0", self.uri);
+        assert_eq!(
+            h("x-consul-knownleader").as_deref(),
+            Some("true"),
+            "GET {}: X-Consul-KnownLeader",
+            self.uri
+        );
+        let lc = h("x-consul-lastcontact").unwrap_or_else(|| {
+            panic!(
+                "GET {}: no X-Consul-LastContact (Go stops reading meta without it)",
+                self.uri
+            )
+        });
+        assert!(
+            lc.parse::<u64>().is_ok(),
+            "GET {}: X-Consul-LastContact {lc:?}",
+            self.uri
+        );
+        idx
+    }
+
+    /// A Consul error: `status`, a plain-text body containing `needle`.
+    fn assert_error(&self, status: StatusCode, needle: &str) {
+        assert_eq!(self.status, status, "GET {}: {}", self.uri, self.text());
+        assert!(
+            self.text().contains(needle),
+            "GET {}: error body {:?} should contain {needle:?}",
+            self.uri,
+            self.text()
+        );
+        let ct = self
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap());
+        assert!(
+            ct.is_some_and(|ct| ct.starts_with("text/plain")),
+            "GET {}: errors are plain text, got Content-Type {ct:?}",
+            self.uri
+        );
+    }
+}
+
+async fn send(a: &TestAgent, method: Method, uri: &str, body: &str) -> Reply {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = a.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    Reply {
+        uri: uri.to_string(),
+        status,
+        headers,
+        bytes,
+    }
+}
+
+async fn get(a: &TestAgent, uri: &str) -> Reply {
+    send(a, Method::GET, uri, "").await
+}
+
+/// A write as Consul answers it: 200 and an empty body.
+async fn put(a: &TestAgent, uri: &str, body: Value) {
+    let r = send(a, Method::PUT, uri, &body.to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "PUT {uri}: {}", r.text());
+    assert!(
+        r.bytes.is_empty(),
+        "PUT {uri}: body should be empty, got {}",
+        r.text()
+    );
+}
+
+async fn shape_agent() -> TestAgent {
+    let mut c = config();
+    c.node = NODE_NAME.into();
+    agent(c).await
+}
+
+/// Registers what the shape test reads: bodies as Go's `AgentServiceRegistration`
+/// serialises them (unset `Check`/`Checks` as `null`).
+async fn register_fixtures(a: &TestAgent) {
+    put(
+        a,
+        "/v1/agent/service/register",
+        json!({
+            "ID": "web-1", "Name": "web", "Tags": ["v1", "primary"], "Port": 8080,
+            "Address": "10.0.0.1", "Meta": {"version": "1"},
+            "Weights": {"Passing": 3, "Warning": 1}, "EnableTagOverride": false,
+            "Check": {"CheckID": "", "TTL": "30s", "Notes": "ttl notes"}, "Checks": null,
+            "Proxy": null, "Connect": null, "TaggedAddresses": null
+        }),
+    )
+    .await;
+    put(
+        a,
+        "/v1/agent/service/register",
+        json!({
+            "ID": "web-2", "Name": "web", "Port": 8081, "Check": null,
+            "Checks": [
+                {"Name": "http", "HTTP": "http://127.0.0.1:1/health", "Interval": "10s",
+                 "Timeout": "1s", "Method": "GET", "Header": {"X-A": ["b"]},
+                 "DeregisterCriticalServiceAfter": "90m"},
+                {"TCP": "127.0.0.1:1", "Interval": "10s"}
+            ]
+        }),
+    )
+    .await;
+    // No tags, no meta, no checks.
+    put(
+        a,
+        "/v1/agent/service/register",
+        json!({"Name": "db", "Port": 5432}),
+    )
+    .await;
+    put(a, "/v1/agent/check/pass/service:web-1", json!(null)).await;
+}
+
+#[tokio::test]
+async fn consul_answers_decode_as_consuls_go_structs() {
+    let a = shape_agent().await;
+    register_fixtures(&a).await;
+
+    // health/service: []api.ServiceEntry, both instances whatever their health.
+    let hs = get(&a, "/v1/health/service/web").await;
+    hs.index();
+    let hs = hs.json();
+    assert_shape("health/service/web", &hs, T::List(SERVICE_ENTRY));
+    let hs = hs.as_array().unwrap();
+    let ids: Vec<&str> = hs
+        .iter()
+        .map(|e| e["Service"]["ID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["web-1", "web-2"], "sorted by node, then service ID");
+    let web1 = &hs[0];
+    assert_eq!(web1["Node"]["Node"], NODE_NAME);
+    assert_eq!(web1["Service"]["Service"], "web");
+    assert_eq!(web1["Service"]["Port"], 8080);
+    assert_eq!(
+        web1["Service"]["Weights"],
+        json!({"Passing": 3, "Warning": 1})
+    );
+    let check_ids: Vec<&str> = web1["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["CheckID"].as_str().unwrap())
+        .collect();
+    assert!(
+        check_ids.contains(&"serfHealth"),
+        "node check in Checks: {check_ids:?}"
+    );
+    assert!(check_ids.contains(&"service:web-1"), "{check_ids:?}");
+    let web2_checks: Vec<&str> = hs[1]["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["CheckID"].as_str().unwrap())
+        .collect();
+    assert!(
+        web2_checks.contains(&"service:web-2:1") && web2_checks.contains(&"service:web-2:2"),
+        "several checks are service:<id>:<n>: {web2_checks:?}"
+    );
+    let http = hs[1]["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == "service:web-2:1")
+        .unwrap();
+    assert_eq!(http["Type"], "http");
+    assert_eq!(http["Definition"]["HTTP"], "http://127.0.0.1:1/health");
+    assert_eq!(http["Definition"]["Header"], json!({"X-A": ["b"]}));
+    assert_eq!(http["Definition"]["Interval"], "10s");
+    assert_eq!(http["Definition"]["Timeout"], "1s");
+    assert_eq!(
+        http["Definition"]["DeregisterCriticalServiceAfter"],
+        "1h30m0s"
+    );
+
+    // catalog/service: []api.CatalogService, same order and node IDs as health/service.
+    let cs = get(&a, "/v1/catalog/service/web").await;
+    cs.index();
+    let cs = cs.json();
+    assert_shape("catalog/service/web", &cs, T::List(CATALOG_SERVICE));
+    let cs = cs.as_array().unwrap();
+    let cids: Vec<&str> = cs
+        .iter()
+        .map(|e| e["ServiceID"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cids, ids,
+        "catalog/service and health/service in the same order"
+    );
+    for (c, h) in cs.iter().zip(hs) {
+        assert_eq!(
+            c["ID"], h["Node"]["ID"],
+            "CatalogService.ID is the node's ID"
+        );
+    }
+    assert_eq!(cs[0]["ServicePort"], 8080);
+    assert_eq!(cs[0]["ServiceMeta"], json!({"version": "1"}));
+
+    // catalog/services: map[string][]string.
+    let services = get(&a, "/v1/catalog/services").await;
+    services.index();
+    let services = services.json();
+    let mut errs = Vec::new();
+    match services.as_object() {
+        Some(m) => {
+            for (k, v) in m {
+                conform(&format!("catalog/services[{k:?}]"), v, T::Strs, &mut errs);
+            }
+        }
+        None => errs.push(format!("catalog/services: want an object, got {services}")),
+    }
+    assert!(errs.is_empty(), "{}", errs.join("\n"));
+    assert_eq!(services["db"], json!([]), "no tags is [], not null");
+    let mut web_tags: Vec<&str> = services["web"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    web_tags.sort_unstable();
+    assert_eq!(web_tags, ["primary", "v1"]);
+
+    // catalog/nodes: []api.Node; catalog/node/:node: api.CatalogNode.
+    let nodes = get(&a, "/v1/catalog/nodes").await;
+    nodes.index();
+    let nodes = nodes.json();
+    assert_shape("catalog/nodes", &nodes, T::List(NODE));
+    assert_eq!(nodes[0]["Node"], NODE_NAME);
+    assert_eq!(
+        nodes[0]["ID"], hs[0]["Node"]["ID"],
+        "one node ID everywhere"
+    );
+    let node = get(&a, &format!("/v1/catalog/node/{NODE_NAME}")).await;
+    node.index();
+    let node = node.json();
+    assert_shape("catalog/node", &node, T::Struct(CATALOG_NODE));
+    let mut svc_ids: Vec<&String> = node["Services"].as_object().unwrap().keys().collect();
+    svc_ids.sort();
+    assert_eq!(
+        svc_ids,
+        ["db", "web-1", "web-2"],
+        "Services keyed by service ID"
+    );
+
+    // agent/services: map[string]api.AgentService; agent/service/:id.
+    let asvc = get(&a, "/v1/agent/services").await.json();
+    assert_shape("agent/services", &asvc, T::MapOf(AGENT_SERVICE));
+    assert_eq!(asvc["db"]["Tags"], json!([]), "no tags is [], not null");
+    assert_eq!(asvc["db"]["Meta"], json!({}), "no meta is {{}}, not null");
+    assert_eq!(
+        asvc["web-1"]["Service"], "web",
+        "the name is under Service, not Name"
+    );
+    let one = get(&a, "/v1/agent/service/web-1").await.json();
+    assert_shape("agent/service/web-1", &one, T::Struct(AGENT_SERVICE));
+    assert!(
+        one["ContentHash"].is_string(),
+        "agent/service/:id has ContentHash"
+    );
+
+    // agent/checks: map[string]api.AgentCheck (also readable as HealthCheck).
+    let achecks = get(&a, "/v1/agent/checks").await.json();
+    assert_shape("agent/checks", &achecks, T::MapOf(AGENT_CHECK));
+    assert_shape("agent/checks", &achecks, T::MapOf(HEALTH_CHECK));
+    let mut check_keys: Vec<&String> = achecks.as_object().unwrap().keys().collect();
+    check_keys.sort();
+    assert_eq!(
+        check_keys,
+        ["service:web-1", "service:web-2:1", "service:web-2:2"],
+        "agent/checks keyed by check ID"
+    );
+    assert_eq!(achecks["service:web-1"]["Status"], "passing");
+    assert_eq!(achecks["service:web-1"]["Notes"], "ttl notes");
+    assert_eq!(achecks["service:web-1"]["Name"], "Service 'web' check");
+    assert_eq!(achecks["service:web-1"]["ServiceName"], "web");
+    assert_eq!(achecks["service:web-1"]["Type"], "ttl");
+
+    // health/checks, health/state, health/node: []api.HealthCheck.
+    for uri in [
+        "/v1/health/checks/web",
+        "/v1/health/state/any",
+        "/v1/health/state/passing",
+        "/v1/health/state/critical",
+        &format!("/v1/health/node/{NODE_NAME}"),
+    ] {
+        let r = get(&a, uri).await;
+        r.index();
+        assert_shape(uri, &r.json(), T::List(HEALTH_CHECK));
+    }
+    let hc = get(&a, "/v1/health/checks/web").await.json();
+    assert!(
+        hc.as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ServiceName"] == "web"),
+        "health/checks/:service has the service's checks only (no serfHealth): {hc}"
+    );
+    let passing = get(&a, "/v1/health/state/passing").await.json();
+    assert!(
+        passing
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["Status"] == "passing")
+    );
+    assert!(
+        passing
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["CheckID"] == "serfHealth"),
+        "serfHealth in health/state/passing: {passing}"
+    );
+    let critical = get(&a, "/v1/health/state/critical").await.json();
+    assert!(!critical.as_array().unwrap().is_empty());
+    assert!(
+        critical
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["Status"] == "critical")
+    );
+
+    // agent/self: map[string]map[string]any; agent/members: []api.AgentMember.
+    let me = get(&a, "/v1/agent/self").await.json();
+    let top = me.as_object().expect("agent/self is an object");
+    for (k, v) in top {
+        assert!(
+            v.is_object() || v.is_null(),
+            "agent/self.{k}: every top-level value must be an object (Go decodes map[string]map[string]any), got {v}"
+        );
+    }
+    assert_shape("agent/self.Config", &me["Config"], T::Struct(SELF_CONFIG));
+    assert_shape("agent/self.Member", &me["Member"], T::Struct(MEMBER));
+    assert_shape("agent/self.Coord", &me["Coord"], T::Struct(COORD));
+    assert_eq!(me["Config"]["NodeName"], NODE_NAME);
+    assert_eq!(me["Config"]["Datacenter"], "dc1");
+    let members = get(&a, "/v1/agent/members").await.json();
+    assert_shape("agent/members", &members, T::List(MEMBER));
+    assert_eq!(members[0]["Status"], 1, "1 = alive");
+
+    // status: a JSON string and a list of strings; datacenters: a list of strings.
+    let leader = get(&a, "/v1/status/leader").await.json();
+    assert!(leader.as_str().is_some_and(|s| !s.is_empty()), "{leader}");
+    let peers = get(&a, "/v1/status/peers").await.json();
+    assert_shape("status/peers", &peers, T::Strs);
+    assert_eq!(
+        get(&a, "/v1/catalog/datacenters").await.json(),
+        json!(["dc1"])
+    );
+}
+
+/// Every blocking-capable read answers with `X-Consul-Index` >= 1 and JSON, on a fresh
+/// agent (store index 0) and for names that do not exist; empty results are `[]`/`{}`.
+#[tokio::test]
+async fn every_read_has_an_index_and_empty_results_are_empty_not_null() {
+    let a = shape_agent().await;
+    let empty_lists = [
+        "/v1/catalog/service/nope",
+        "/v1/catalog/nodes?node-meta=no-such:meta",
+        "/v1/health/service/nope",
+        "/v1/health/service/nope?passing",
+        "/v1/health/checks/nope",
+        "/v1/health/state/critical",
+        "/v1/health/node/nope",
+    ];
+    for uri in empty_lists {
+        let r = get(&a, uri).await;
+        r.index();
+        assert_eq!(r.json(), json!([]), "GET {uri}");
+    }
+    let r = get(&a, "/v1/catalog/services").await;
+    r.index();
+    assert_eq!(
+        r.json(),
+        json!({}),
+        "catalog/services with nothing registered"
+    );
+    for uri in ["/v1/agent/services", "/v1/agent/checks"] {
+        assert_eq!(get(&a, uri).await.json(), json!({}), "GET {uri}");
+    }
+    // An unknown node is `null` (api.CatalogNode pointer), not 404.
+    let r = get(&a, "/v1/catalog/node/nope").await;
+    r.index();
+    assert_eq!(r.json(), Value::Null);
+    assert_eq!(r.text().trim(), "null", "the body is the JSON literal null");
+    // Reads of existing things also carry it.
+    for uri in [
+        "/v1/catalog/nodes",
+        &format!("/v1/catalog/node/{NODE_NAME}"),
+        "/v1/health/state/any",
+        &format!("/v1/health/node/{NODE_NAME}"),
+    ] {
+        let r = get(&a, uri).await;
+        r.index();
+        r.json();
+    }
+
+    register_fixtures(&a).await;
+    for uri in [
+        "/v1/catalog/service/nope",
+        "/v1/health/service/nope",
+        "/v1/health/checks/nope",
+    ] {
+        let r = get(&a, uri).await;
+        r.index();
+        assert_eq!(
+            r.json(),
+            json!([]),
+            "GET {uri} with other services registered"
+        );
+    }
+    let r = get(&a, "/v1/catalog/services?node-meta=no-such:meta").await;
+    r.index();
+    assert_eq!(r.json(), json!({}), "catalog/services filtered to nothing");
+}
+
+/// Query parameters as Consul reads them (§1): `passing` is a boolean value, conflicting
+/// consistency flags, a bad index and a foreign datacenter are errors.
+#[tokio::test]
+async fn query_parameters_follow_consul() {
+    let a = shape_agent().await;
+    register_fixtures(&a).await;
+    let ids = |v: Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["Service"]["ID"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // web-1 passes, web-2's checks are critical.
+    for q in ["passing=false", "passing=0", "passing=False", ""] {
+        let uri = format!("/v1/health/service/web?{q}");
+        assert_eq!(
+            ids(get(&a, &uri).await.json()),
+            ["web-1", "web-2"],
+            "GET {uri} must not filter (Spring always sends passing=false)"
+        );
+    }
+    for q in [
+        "passing",
+        "passing=",
+        "passing=1",
+        "passing=true",
+        "passing=True",
+        "passing=t",
+    ] {
+        let uri = format!("/v1/health/service/web?{q}");
+        assert_eq!(ids(get(&a, &uri).await.json()), ["web-1"], "GET {uri}");
+    }
+    get(&a, "/v1/health/service/web?passing=maybe")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "Invalid value for ?passing");
+    get(&a, "/v1/health/service/web?stale&consistent")
+        .await
+        .assert_error(
+            StatusCode::BAD_REQUEST,
+            "Cannot specify ?stale with ?consistent",
+        );
+    get(&a, "/v1/catalog/services?stale=1&consistent=1")
+        .await
+        .assert_error(
+            StatusCode::BAD_REQUEST,
+            "Cannot specify ?stale with ?consistent",
+        );
+    for uri in [
+        "/v1/health/service/web?index=abc",
+        "/v1/catalog/service/web?index=abc",
+        "/v1/catalog/services?index=-1",
+    ] {
+        get(&a, uri)
+            .await
+            .assert_error(StatusCode::BAD_REQUEST, "Invalid index");
+    }
+    get(&a, "/v1/health/service/web?index=1&wait=soon")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "Invalid wait time");
+    for uri in [
+        "/v1/health/service/web?dc=elsewhere",
+        "/v1/catalog/service/web?dc=elsewhere",
+        "/v1/catalog/services?dc=elsewhere",
+        "/v1/catalog/nodes?dc=elsewhere",
+        "/v1/health/state/any?dc=elsewhere",
+    ] {
+        get(&a, uri)
+            .await
+            .assert_error(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter");
+    }
+    // The local datacenter, flags by presence, unknown parameters: all fine.
+    for uri in [
+        "/v1/health/service/web?dc=dc1",
+        "/v1/health/service/web?stale",
+        "/v1/health/service/web?stale=&cached&pretty",
+        "/v1/health/service/web?consistent=1",
+        "/v1/health/service/web?near=_agent&no-such-param=1",
+    ] {
+        let r = get(&a, uri).await;
+        r.index();
+        assert_eq!(ids(r.json()), ["web-1", "web-2"], "GET {uri}");
+    }
+    // Tags: repeatable, all must match, case-insensitive.
+    assert_eq!(
+        ids(get(&a, "/v1/health/service/web?tag=V1").await.json()),
+        ["web-1"]
+    );
+    assert_eq!(
+        ids(get(&a, "/v1/health/service/web?tag=v1&tag=primary")
+            .await
+            .json()),
+        ["web-1"]
+    );
+    assert!(
+        ids(get(&a, "/v1/health/service/web?tag=v1&tag=nope")
+            .await
+            .json())
+        .is_empty(),
+        "several tags must all match"
+    );
+    // node-meta against the agent's node.
+    assert_eq!(
+        ids(get(
+            &a,
+            "/v1/health/service/web?node-meta=consul-network-segment:"
+        )
+        .await
+        .json()),
+        ["web-1", "web-2"]
+    );
+}
+
+#[test]
+fn go_duration_recognizer_matches_time_parse_duration() {
+    for ok in [
+        "0", "0s", "10s", "1.5s", "1m30s", "1h30m0s", "100ms", "5us", "3µs", "2h",
+    ] {
+        assert!(is_go_duration(ok), "{ok}");
+    }
+    for bad in ["", "10", "s", "1x", "1.5", " 1s", "1s "] {
+        assert!(!is_go_duration(bad), "{bad}");
+    }
+}
+
+// Incompatibilities found with py-consul and curl, each test stating Consul's behaviour.
+
+/// Consul keeps one service per ID on an agent: registering an existing ID under another
+/// name replaces it. muster keys instances by (name, ID), so the old one stays.
+#[tokio::test]
+async fn reregistering_an_id_under_another_name_replaces_it() {
+    let a = shape_agent().await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "a", "ID": "x", "Port": 1}),
+    )
+    .await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "b", "ID": "x", "Port": 2}),
+    )
+    .await;
+    let services = get(&a, "/v1/catalog/services").await.json();
+    assert_eq!(
+        services,
+        json!({"b": []}),
+        "only the new registration of ID x remains"
+    );
+    assert_eq!(get(&a, "/v1/catalog/service/a").await.json(), json!([]));
+    put(&a, "/v1/agent/service/deregister/x", json!(null)).await;
+    assert_eq!(get(&a, "/v1/catalog/services").await.json(), json!({}));
+}
+
+/// Consul accepts any service name (it only warns that names outside [A-Za-z0-9-] or
+/// longer than 63 bytes are not DNS-discoverable): `node_exporter`-style names are common.
+#[tokio::test]
+async fn service_names_consul_accepts_are_accepted() {
+    let a = shape_agent().await;
+    for name in ["node_exporter", "api.v2"] {
+        put(
+            &a,
+            "/v1/agent/service/register",
+            json!({"Name": name, "Port": 9100}),
+        )
+        .await;
+        let list = get(&a, &format!("/v1/catalog/service/{name}")).await.json();
+        assert_eq!(list[0]["ServiceName"], name);
+    }
+}
+
+/// Consul stores the name as registered (lookups are case-insensitive); Prometheus and
+/// others show `Service`/`ServiceName` as they come.
+#[tokio::test]
+async fn service_name_case_is_kept() {
+    let a = shape_agent().await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "MyApp", "ID": "MyApp-1", "Port": 1}),
+    )
+    .await;
+    assert_eq!(
+        get(&a, "/v1/agent/services").await.json()["MyApp-1"]["Service"],
+        "MyApp"
+    );
+    assert!(
+        get(&a, "/v1/catalog/services")
+            .await
+            .json()
+            .get("MyApp")
+            .is_some()
+    );
+    assert_eq!(
+        get(&a, "/v1/health/service/myapp").await.json()[0]["Service"]["Service"],
+        "MyApp"
+    );
+}
+
+/// A check's ID defaults to its Name, which often has spaces ("Memory utilization");
+/// py-consul's `agent.check.register(name, ...)` sends no ID.
+#[tokio::test]
+async fn check_ids_default_to_names_with_spaces() {
+    let a = shape_agent().await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "web", "ID": "web-1", "Port": 1}),
+    )
+    .await;
+    put(
+        &a,
+        "/v1/agent/check/register",
+        json!({"name": "Memory utilization", "serviceid": "web-1", "ttl": "5m"}),
+    )
+    .await;
+    put(&a, "/v1/agent/check/pass/Memory%20utilization", json!(null)).await;
+    let checks = get(&a, "/v1/agent/checks").await.json();
+    assert_eq!(checks["Memory utilization"]["Status"], "passing");
+}
+
+/// What a registration sets, Consul echoes: `EnableTagOverride`, `Weights.Warning`,
+/// `TaggedAddresses` (map of {Address, Port}).
+#[tokio::test]
+async fn registered_fields_are_echoed() {
+    let a = shape_agent().await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "web", "ID": "web-1", "Port": 80, "EnableTagOverride": true,
+               "Weights": {"Passing": 10, "Warning": 3},
+               "TaggedAddresses": {"lan": {"Address": "10.0.0.1", "Port": 80}}}),
+    )
+    .await;
+    let s = &get(&a, "/v1/agent/services").await.json()["web-1"];
+    assert_eq!(s["EnableTagOverride"], true);
+    assert_eq!(s["Weights"], json!({"Passing": 10, "Warning": 3}));
+    assert_eq!(
+        s["TaggedAddresses"],
+        json!({"lan": {"Address": "10.0.0.1", "Port": 80}})
+    );
+    let c = &get(&a, "/v1/catalog/service/web").await.json()[0];
+    assert_eq!(c["ServiceEnableTagOverride"], true);
+    assert_eq!(c["ServiceTaggedAddresses"]["lan"]["Port"], 80);
+}
+
+/// `?filter=` keeps the elements a go-bexpr expression matches, on health, catalog and agent
+/// reads, and a malformed expression is a 400 with Consul's prefix.
+#[tokio::test]
+async fn filter_expressions_select_what_they_match() {
+    let a = shape_agent().await;
+    for (id, version, tags) in [
+        ("w1", "1.9", json!(["prod"])),
+        ("w2", "2.1", json!(["prod", "canary"])),
+        ("w3", "2.4", json!([])),
+    ] {
+        put(
+            &a,
+            "/v1/agent/service/register",
+            json!({"Name": "web", "ID": id, "Port": 80, "Tags": tags, "Meta": {"version": version}}),
+        )
+        .await;
+    }
+    let ids = |v: &Value, path: &[&str]| -> Vec<String> {
+        let mut out: Vec<String> = v
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|e| {
+                let mut x = e;
+                for p in path {
+                    x = &x[*p];
+                }
+                x.as_str().expect("an id").to_string()
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let q = |f: &str| serde_urlencoded::to_string([("f", f)]).expect("encodable")[2..].to_string();
+
+    let r = get(
+        &a,
+        &format!(
+            "/v1/health/service/web?filter={}",
+            q(r#"Service.Meta.version matches `^2\.` and "prod" in Service.Tags"#)
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(ids(&r.json(), &["Service", "ID"]), ["w2"]);
+
+    let r = get(
+        &a,
+        &format!(
+            "/v1/catalog/service/web?filter={}",
+            q("ServiceTags is empty")
+        ),
+    )
+    .await;
+    assert_eq!(ids(&r.json(), &["ServiceID"]), ["w3"]);
+
+    let r = get(
+        &a,
+        &format!(
+            "/v1/agent/services?filter={}",
+            q(r#"Meta.version != "2.4""#)
+        ),
+    )
+    .await;
+    let mut keys: Vec<String> = r
+        .json()
+        .as_object()
+        .expect("a map")
+        .keys()
+        .cloned()
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["w1", "w2"]);
+
+    // The unfiltered answer is not changed by a filtered one (it is cached per service).
+    let r = get(&a, "/v1/health/service/web").await;
+    assert_eq!(ids(&r.json(), &["Service", "ID"]), ["w1", "w2", "w3"]);
+
+    let r = get(
+        &a,
+        &format!(
+            "/v1/health/service/web?filter={}",
+            q("Service.Tags contains")
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.text()
+            .starts_with("Failed to create boolean expression evaluator"),
+        "{}",
+        r.text()
+    );
+}
