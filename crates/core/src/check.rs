@@ -94,6 +94,9 @@ pub enum CheckKind {
         /// Program and arguments (no shell).
         args: Vec<String>,
     },
+    /// A status set by whoever registers it (Consul's catalog checks of external services):
+    /// never run, never expiring.
+    External,
 }
 
 /// The settings of an HTTP check.
@@ -120,12 +123,13 @@ impl CheckKind {
             CheckKind::Grpc { .. } => "grpc",
             CheckKind::Ttl { .. } => "ttl",
             CheckKind::Script { .. } => "script",
+            CheckKind::External => "external",
         }
     }
 
-    /// Whether the agent probes it (everything but TTL checks).
+    /// Whether the agent probes it (everything but TTL and external checks).
     pub fn is_active(&self) -> bool {
-        !matches!(self, CheckKind::Ttl { .. })
+        !matches!(self, CheckKind::Ttl { .. } | CheckKind::External)
     }
 }
 
@@ -198,6 +202,7 @@ impl CheckSpec {
                     ));
                 }
             }
+            CheckKind::External => {}
             CheckKind::Script { args } => {
                 if args.is_empty() || args.len() > 64 {
                     return Err(err(

@@ -264,6 +264,10 @@ pub struct CompatFields {
     /// Consul's `EnableTagOverride`, reported as registered.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub enable_tag_override: bool,
+    /// The node of an external service registered through Consul's catalog: its name and
+    /// address. `None`: the agent's own node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<(String, String)>,
 }
 
 /// What a client registers: everything about an instance except what the registry assigns.

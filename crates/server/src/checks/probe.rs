@@ -76,10 +76,10 @@ impl Prober {
                          --enable-script-checks to run them"
                     .into(),
             },
-            CheckKind::Ttl { .. } => Probe {
+            CheckKind::Ttl { .. } | CheckKind::External => Probe {
                 status: Status::Critical,
                 unreachable: false,
-                output: "TTL checks are reported by clients, not run".into(),
+                output: "TTL and external checks are reported by clients, not run".into(),
             },
         }
     }
@@ -176,6 +176,7 @@ pub fn target(kind: &CheckKind) -> String {
         CheckKind::Grpc { address, service } => format!("gRPC {address}/{service}"),
         CheckKind::Ttl { ttl } => format!("TTL {}", humantime::format_duration(*ttl)),
         CheckKind::Script { args } => format!("script {}", args.join(" ")),
+        CheckKind::External => "external".into(),
     }
 }
 

@@ -223,6 +223,7 @@ pub fn definition(spec: &CheckSpec) -> Value {
         CheckKind::Script { args } => {
             obj.insert("script".into(), json!(args));
         }
+        CheckKind::External => {}
     }
     if spec.kind.is_active() {
         obj.insert("interval".into(), json!(dur(spec.interval)));

@@ -1233,3 +1233,106 @@ async fn filter_expressions_select_what_they_match() {
         r.text()
     );
 }
+
+/// An external service registered through the catalog lives on its own node, with the
+/// status its registrant gave; it is not one of the agent's services, and deregistering
+/// the node removes it.
+#[tokio::test]
+async fn catalog_register_adds_an_external_service_on_its_own_node() {
+    let a = shape_agent().await;
+    let register = |status: &str| {
+        json!({
+            "Node": "ext-db", "Address": "10.1.2.3",
+            "Service": {"Service": "postgres", "ID": "pg1", "Port": 5432, "Tags": ["primary"]},
+            "Check": {"CheckID": "pg-alive", "Name": "pg alive", "Status": status, "ServiceID": "pg1"},
+        })
+    };
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/catalog/register",
+        &register("passing").to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), json!(true));
+
+    let nodes: Vec<String> = get(&a, "/v1/catalog/nodes")
+        .await
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|n| n["Node"].as_str().expect("a name").to_string())
+        .collect();
+    assert!(
+        nodes.contains(&"ext-db".to_string()) && nodes.contains(&NODE_NAME.to_string()),
+        "{nodes:?}"
+    );
+
+    let entries = get(&a, "/v1/health/service/postgres?passing").await.json();
+    let e = &entries[0];
+    assert_eq!(e["Node"]["Node"], "ext-db");
+    assert_eq!(e["Node"]["Address"], "10.1.2.3");
+    assert_eq!(
+        e["Service"]["Address"], "10.1.2.3",
+        "the node's address when the service has none"
+    );
+    let checks: Vec<&str> = e["Checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| c["CheckID"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        checks,
+        ["pg-alive"],
+        "no serfHealth on a node without an agent"
+    );
+
+    assert_eq!(
+        get(&a, "/v1/agent/services").await.json(),
+        json!({}),
+        "not the agent's own"
+    );
+    let node = get(&a, "/v1/catalog/node/ext-db").await.json();
+    assert!(node["Services"]["pg1"].is_object(), "{node}");
+
+    // The registrant reports the service down: it leaves ?passing.
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/catalog/register",
+        &register("critical").to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        get(&a, "/v1/health/service/postgres?passing").await.json(),
+        json!([])
+    );
+
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/catalog/deregister",
+        r#"{"Node": "ext-db"}"#,
+    )
+    .await;
+    assert_eq!(r.json(), json!(true));
+    assert_eq!(
+        get(&a, "/v1/catalog/service/postgres").await.json(),
+        json!([])
+    );
+    assert_eq!(get(&a, "/v1/catalog/node/ext-db").await.json(), Value::Null);
+
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/catalog/register",
+        r#"{"Address": "10.0.0.1"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.text(), "Must provide node");
+}

@@ -32,7 +32,7 @@ fn unknown_check(id: &str) -> ConsulError {
 }
 
 /// The instance a Consul service ID names (IDs are unique per agent in Consul).
-fn find(snap: &Snapshot, id: &str) -> Option<Arc<Instance>> {
+pub fn find(snap: &Snapshot, id: &str) -> Option<Arc<Instance>> {
     snap.instances_with_id(id).next().cloned()
 }
 
@@ -170,7 +170,7 @@ impl ApiErrorExt for muster_core::RegistryError {
     }
 }
 
-async fn submit(state: &AppState, command: Command) -> Result<Applied, ConsulError> {
+pub async fn submit(state: &AppState, command: Command) -> Result<Applied, ConsulError> {
     state.writer().submit(command).await.map_err(|e| match e {
         crate::writer::WriteError::Rejected(r) => invalid(r),
         e => e.into(),
@@ -187,8 +187,52 @@ pub async fn register_service(
     let replace = q.bool("replace-existing-checks")?.unwrap_or(false);
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
+    let node = Node::of(&state);
+    let mut reg = service_registration(&o, &node.address)?;
+
+    // Checks: `Check` first, then `Checks`; empty objects are ignored.
+    let mut defs: Vec<Obj<'_>> = Vec::new();
+    if let Some(c) = o.obj(&["Check"])?
+        && !c.is_empty()
+    {
+        defs.push(c);
+    }
+    defs.extend(o.objs(&["Checks"])?.into_iter().filter(|c| !c.is_empty()));
+    for (n, def) in defs.iter().enumerate() {
+        let default_id = if defs.len() == 1 {
+            format!("service:{}", reg.id)
+        } else {
+            format!("service:{}:{}", reg.id, n + 1)
+        };
+        reg.spec
+            .checks
+            .push(parse_check(def, default_id, &reg.name)?);
+    }
+    register(&state, reg, !replace).await?;
+    Ok(empty())
+}
+
+/// A Consul service definition read into a registration (without its checks).
+#[derive(Debug)]
+pub struct ServiceRegistration {
+    /// The name as given.
+    pub name: String,
+    /// The stored name.
+    pub service: ServiceName,
+    /// The service ID.
+    pub id: InstanceId,
+    /// What to register.
+    pub spec: InstanceSpec,
+}
+
+/// Reads `Name`/`Service`, `ID`, `Address` (`default_address` when empty), `Port`, `Tags`,
+/// `Meta`, `Weights`, `TaggedAddresses`, `EnableTagOverride`.
+pub fn service_registration(
+    o: &Obj<'_>,
+    default_address: &str,
+) -> Result<ServiceRegistration, ConsulError> {
     let name = o
-        .str(&["Name"])?
+        .str(&["Name", "Service"])?
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ConsulError::bad_request("Missing service name"))?;
     let service = ServiceName::parse_lenient(&name).map_err(|e| {
@@ -201,9 +245,8 @@ pub async fn register_service(
     let id = InstanceId::parse(&id_text).map_err(|e| {
         ConsulError::bad_request(format!("Invalid service ID {id_text:?}: {}", e.message))
     })?;
-    let node = Node::of(&state);
     let address = match o.str(&["Address"])?.as_deref() {
-        None | Some("") => node.address.clone(),
+        None | Some("") => default_address.to_string(),
         Some("0.0.0.0" | "::" | "[::]") => {
             return Err(ConsulError::bad_request("Invalid service address"));
         }
@@ -233,37 +276,9 @@ pub async fn register_service(
         warning_weight,
         tagged_addresses,
         enable_tag_override: o.bool(&["EnableTagOverride"])?.unwrap_or(false),
+        node: None,
     };
     let compat = (compat != Default::default()).then(|| Box::new(compat));
-
-    // Checks: `Check` first, then `Checks`; empty objects are ignored.
-    let mut defs: Vec<Obj<'_>> = Vec::new();
-    if let Some(c) = o.obj(&["Check"])?
-        && !c.is_empty()
-    {
-        defs.push(c);
-    }
-    defs.extend(o.objs(&["Checks"])?.into_iter().filter(|c| !c.is_empty()));
-    let mut checks = Vec::new();
-    for (n, def) in defs.iter().enumerate() {
-        let default_id = if defs.len() == 1 {
-            format!("service:{id}")
-        } else {
-            format!("service:{id}:{}", n + 1)
-        };
-        checks.push(parse_check(def, default_id, &name)?);
-    }
-    // Service IDs are unique on an agent: an ID registered under another name moves.
-    let snap = state.snapshot();
-    let existing = find(&snap, id.as_str());
-    // Without replace-existing-checks, checks registered earlier (by id) stay.
-    if !replace && let Some(old) = &existing {
-        for c in &old.spec.checks {
-            if !checks.iter().any(|n| n.name == c.name) {
-                checks.push(c.clone());
-            }
-        }
-    }
     let spec = InstanceSpec {
         address,
         port,
@@ -272,9 +287,36 @@ pub async fn register_service(
         zone: None,
         weight,
         keep_alive: KeepAlive::None,
-        checks,
+        checks: Vec::new(),
         compat,
     };
+    Ok(ServiceRegistration {
+        name,
+        service,
+        id,
+        spec,
+    })
+}
+
+/// Registers `reg`. Service IDs are unique on an agent, so an ID registered under another
+/// name moves; with `keep_checks`, checks registered earlier and not named again stay.
+pub async fn register(
+    state: &AppState,
+    mut reg: ServiceRegistration,
+    keep_checks: bool,
+) -> Result<(), ConsulError> {
+    let snap = state.snapshot();
+    let existing = find(&snap, reg.id.as_str());
+    if keep_checks && let Some(old) = &existing {
+        for c in &old.spec.checks {
+            if !reg.spec.checks.iter().any(|n| n.name == c.name) {
+                reg.spec.checks.push(c.clone());
+            }
+        }
+    }
+    let ServiceRegistration {
+        service, id, spec, ..
+    } = reg;
     let command = match existing {
         Some(old) => Command::Move {
             from: old.service.clone(),
@@ -284,8 +326,8 @@ pub async fn register_service(
         },
         None => Command::Register { service, id, spec },
     };
-    submit(&state, command).await?;
-    Ok(empty())
+    submit(state, command).await?;
+    Ok(())
 }
 
 /// `PUT /v1/agent/service/deregister/:id`.
@@ -350,8 +392,9 @@ pub async fn services(
     let snap = state.snapshot();
     let dc = &state.config().datacenter;
     let mut out = Map::new();
+    // The agent's own services: not external ones registered through the catalog.
     for svc in snap.services.values() {
-        for i in svc.instances.values() {
+        for i in svc.instances.values().filter(|i| !render::is_external(i)) {
             let v = render::agent_service(i, dc);
             if filter.as_ref().is_none_or(|f| f.matches(&v)) {
                 out.insert(i.id.to_string(), v);
@@ -385,7 +428,7 @@ pub async fn checks(
     let node = Node::of(&state);
     let mut out = Map::new();
     for svc in snap.services.values() {
-        for i in svc.instances.values() {
+        for i in svc.instances.values().filter(|i| !render::is_external(i)) {
             for c in render::instance_checks(&node, i) {
                 if filter.as_ref().is_some_and(|f| !f.matches(&c)) {
                     continue;

@@ -3,13 +3,16 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
 use axum::response::Response;
-use muster_core::{Health, Instance, Rendering, Snapshot};
+use muster_core::{CheckKind, CheckSpec, Command, Health, Instance, Rendering, Snapshot, Status};
 use serde_json::{Map, Value, json};
 
+use super::body::{self, Obj};
 use super::filter::Filter;
 use super::render::{self, Node};
 use super::{ConsulError, Query};
@@ -138,7 +141,37 @@ pub async fn service(
     Ok(super::json(snap.service_index(&key), &Value::Array(list)))
 }
 
-/// `GET /v1/catalog/nodes`: this node.
+/// The nodes of external services, by name, with the agent's own first.
+fn all_nodes(r: &Read, snap: &Snapshot) -> Vec<Node> {
+    let mut nodes = vec![r.node.clone()];
+    let mut seen = BTreeSet::new();
+    for s in snap.services.values() {
+        for i in s.instances.values() {
+            if render::is_external(i) {
+                let n = r.node.of_instance(i);
+                if seen.insert(n.name.clone()) {
+                    nodes.push(n);
+                }
+            }
+        }
+    }
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    nodes
+}
+
+/// Instances on the node named `name`.
+fn on_node<'a>(
+    r: &'a Read,
+    snap: &'a Snapshot,
+    name: &'a str,
+) -> impl Iterator<Item = &'a Arc<Instance>> {
+    snap.services
+        .values()
+        .flat_map(|s| s.instances.values())
+        .filter(move |i| r.node.of_instance(i).is(name))
+}
+
+/// `GET /v1/catalog/nodes`: this node and the nodes of external services.
 pub async fn nodes(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
@@ -146,7 +179,7 @@ pub async fn nodes(
     let r = read(&state, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
     let list: Vec<Value> = if r.node_matches {
-        vec![render::node(&r.node)]
+        all_nodes(&r, &snap).iter().map(render::node).collect()
     } else {
         Vec::new()
     };
@@ -162,21 +195,19 @@ pub async fn node(
 ) -> Result<Response, ConsulError> {
     let r = read(&state, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
-    if !r.node.is(&name) {
+    let Some(node) = all_nodes(&r, &snap).into_iter().find(|n| n.is(&name)) else {
         return Ok(super::json(snap.index, &Value::Null));
-    }
+    };
     let mut services = Map::new();
-    for s in snap.services.values() {
-        for i in s.instances.values() {
-            services.insert(
-                i.id.to_string(),
-                render::agent_service(i, &r.node.datacenter),
-            );
-        }
+    for i in on_node(&r, &snap, &name) {
+        services.insert(
+            i.id.to_string(),
+            render::agent_service(i, &r.node.datacenter),
+        );
     }
     Ok(super::json(
         snap.index,
-        &json!({"Node": render::node(&r.node), "Services": services}),
+        &json!({"Node": render::node(&node), "Services": services}),
     ))
 }
 
@@ -204,12 +235,17 @@ pub async fn health_service(
         return Ok(super::json(index, &json!([])));
     }
     let render = |tags: &[String]| {
-        let node = render::node(&r.node);
+        let own = render::node(&r.node);
         let serf = render::serf_health(&r.node);
         let list: Vec<Value> = instances(&snap, &key, tags)
             .filter(|i| !passing || i.health() == Health::Passing)
             .map(|i| {
-                let mut checks = vec![serf.clone()];
+                // External services' nodes have no agent, so no serfHealth.
+                let (node, mut checks) = if render::is_external(i) {
+                    (render::node(&r.node.of_instance(i)), Vec::new())
+                } else {
+                    (own.clone(), vec![serf.clone()])
+                };
                 checks.extend(render::instance_checks(&r.node, i));
                 json!({
                     "Node": node,
@@ -298,11 +334,16 @@ pub async fn health_node(
 ) -> Result<Response, ConsulError> {
     let r = read(&state, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
-    let list = if r.node.is(&name) {
-        all_checks(&r, &snap)
-    } else {
-        Vec::new()
-    };
+    let mut list: Vec<Value> = Vec::new();
+    if r.node_matches {
+        if r.node.is(&name) {
+            list.push(render::serf_health(&r.node));
+        }
+        for i in on_node(&r, &snap, &name) {
+            list.extend(render::instance_checks(&r.node, i));
+        }
+    }
+    list.retain(|v| r.keep(v));
     Ok(super::json(snap.index, &Value::Array(list)))
 }
 
@@ -322,4 +363,178 @@ pub async fn peers(State(state): State<AppState>) -> Response {
         state.snapshot().index,
         &json!([format!("{}:8300", node.address)]),
     )
+}
+
+/// A catalog check: a status set by the registrant, never run.
+fn external_check(
+    o: &Obj<'_>,
+    default_id: String,
+    service: &str,
+) -> Result<(CheckSpec, Status, String), ConsulError> {
+    let id = o
+        .str(&["CheckID", "ID"])?
+        .filter(|s| !s.is_empty())
+        .unwrap_or(default_id);
+    let status = match o.str(&["Status"])?.as_deref() {
+        None | Some("") | Some("critical") => Status::Critical,
+        Some("passing") => Status::Passing,
+        Some("warning") => Status::Warning,
+        Some(other) => {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid check status: {other:?}"
+            )));
+        }
+    };
+    let mut spec = CheckSpec::new(id, CheckKind::External);
+    spec.initial_status = Some(status);
+    spec.display_name = Some(
+        o.str(&["Name"])?
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("Service '{service}' check")),
+    );
+    spec.notes = o.str(&["Notes"])?.filter(|n| !n.is_empty());
+    Ok((spec, status, o.str(&["Output"])?.unwrap_or_default()))
+}
+
+/// `PUT /v1/catalog/register`: an external service on a node of its own (or, for the
+/// agent's node, a service as `agent/service/register` makes it). Checks given here are
+/// statuses set by the registrant: the agent does not run them. Answers `true`.
+pub async fn register(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    let node_name = o
+        .str(&["Node"])?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ConsulError::bad_request("Must provide node"))?;
+    let agent = Node::of(&state);
+    let own = agent.is(&node_name);
+    let node_address = match o.str(&["Address"])?.filter(|a| !a.is_empty()) {
+        Some(a) => a,
+        None if own => agent.address.clone(),
+        None => return Err(ConsulError::bad_request("Must provide address")),
+    };
+    if let Some(dc) = o.str(&["Datacenter"])?.filter(|d| !d.is_empty())
+        && !dc.eq_ignore_ascii_case(&agent.datacenter)
+    {
+        return Err(ConsulError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "No path to datacenter",
+        ));
+    }
+    let Some(svc) = o.obj(&["Service"])? else {
+        return Err(ConsulError::bad_request(
+            "registering a node without a service is not supported by this agent; give Service",
+        ));
+    };
+    let mut reg = super::agent::service_registration(&svc, &node_address)?;
+    if !own {
+        let compat = reg.spec.compat.get_or_insert_with(Default::default);
+        compat.node = Some((node_name.clone(), node_address.clone()));
+    }
+    let mut defs: Vec<Obj<'_>> = Vec::new();
+    if let Some(c) = o.obj(&["Check"])?
+        && !c.is_empty()
+    {
+        defs.push(c);
+    }
+    defs.extend(o.objs(&["Checks"])?.into_iter().filter(|c| !c.is_empty()));
+    let mut outputs = Vec::new();
+    for (n, def) in defs.iter().enumerate() {
+        if let Some(sid) = def.str(&["ServiceID"])?.filter(|s| !s.is_empty())
+            && sid != reg.id.as_str()
+        {
+            return Err(ConsulError::bad_request(format!(
+                "check {n} names ServiceID {sid:?}, not the service registered with it"
+            )));
+        }
+        let default_id = if defs.len() == 1 {
+            format!("service:{}", reg.id)
+        } else {
+            format!("service:{}:{}", reg.id, n + 1)
+        };
+        let (spec, status, output) = external_check(def, default_id, &reg.name)?;
+        outputs.push((spec.name.clone(), status, output));
+        reg.spec.checks.push(spec);
+    }
+    let (service, id) = (reg.service.clone(), reg.id.clone());
+    super::agent::register(&state, reg, true).await?;
+    // A status given again for a check that already existed is applied like a report.
+    let snap = state.snapshot();
+    if let Some(inst) = snap.instance(service.as_str(), id.as_str()) {
+        let mut changed = false;
+        for (name, status, output) in outputs {
+            if let Some((_, st)) = inst.check_pairs().find(|(s, _)| s.name == name) {
+                changed |= st.cell.report(status, output, MAX_EXTERNAL, state.now())
+                    || st.status != status;
+            }
+        }
+        if changed {
+            super::agent::submit(
+                &state,
+                Command::UpdateChecks {
+                    service: service.clone(),
+                    id: id.clone(),
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(super::json(state.snapshot().index, &json!(true)))
+}
+
+/// How long an external check's status holds: for good (it is set, not reported).
+const MAX_EXTERNAL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `PUT /v1/catalog/deregister` with `Node` and `ServiceID` (that service), `CheckID` (that
+/// check), or neither (every service on the node). Answers `true`.
+pub async fn deregister(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    q.check_dc(&state.config().datacenter)?;
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    let node_name = o
+        .str(&["Node"])?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ConsulError::bad_request("Must provide node"))?;
+    let r = read(&state, None)?;
+    let snap = state.snapshot();
+    let on: Vec<Arc<Instance>> = on_node(&r, &snap, &node_name).cloned().collect();
+    let service_id = o.str(&["ServiceID"])?.filter(|s| !s.is_empty());
+    let check_id = o.str(&["CheckID"])?.filter(|s| !s.is_empty());
+    for inst in &on {
+        if service_id.as_deref().is_some_and(|s| s != inst.id.as_str()) {
+            continue;
+        }
+        let command = match &check_id {
+            Some(c) => {
+                let mut spec = inst.spec.clone();
+                let before = spec.checks.len();
+                spec.checks.retain(|x| x.name != *c);
+                if spec.checks.len() == before {
+                    continue;
+                }
+                Command::Register {
+                    service: inst.service.clone(),
+                    id: inst.id.clone(),
+                    spec,
+                }
+            }
+            None => Command::Deregister {
+                service: inst.service.clone(),
+                id: inst.id.clone(),
+            },
+        };
+        super::agent::submit(&state, command).await?;
+    }
+    Ok(super::json(state.snapshot().index, &json!(true)))
 }

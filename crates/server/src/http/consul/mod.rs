@@ -321,6 +321,14 @@ pub fn router(max_kv_value: usize) -> Router<AppState> {
         .route("/catalog/nodes", get(catalog::nodes))
         .route("/catalog/node/{node}", get(catalog::node))
         .route("/catalog/datacenters", get(catalog::datacenters))
+        .route(
+            "/catalog/register",
+            put(catalog::register).post(catalog::register),
+        )
+        .route(
+            "/catalog/deregister",
+            put(catalog::deregister).post(catalog::deregister),
+        )
         .route("/health/service/{service}", get(catalog::health_service))
         .route("/health/checks/{service}", get(catalog::health_checks))
         .route("/health/state/{state}", get(catalog::health_state))

@@ -37,6 +37,25 @@ impl Node {
     pub fn is(&self, name: &str) -> bool {
         self.name.eq_ignore_ascii_case(name)
     }
+
+    /// The node an instance is on: an external service's own node, else this one.
+    pub fn of_instance(&self, i: &Instance) -> Node {
+        match i.spec.compat.as_ref().and_then(|c| c.node.as_ref()) {
+            Some((name, address)) => Node {
+                name: name.clone(),
+                id: uuid_from(name),
+                address: address.clone(),
+                datacenter: self.datacenter.clone(),
+            },
+            None => self.clone(),
+        }
+    }
+}
+
+/// Whether the instance is an external service registered through the catalog (on a node
+/// of its own, not the agent's).
+pub fn is_external(i: &Instance) -> bool {
+    i.spec.compat.as_ref().is_some_and(|c| c.node.is_some())
 }
 
 /// A stable UUID-shaped id from a name.
@@ -136,6 +155,7 @@ pub fn agent_service(i: &Instance, dc: &str) -> Value {
 
 /// `CatalogService`: `/catalog/service/:name` items.
 pub fn catalog_service(n: &Node, i: &Instance) -> Value {
+    let n = &n.of_instance(i);
     let mut v = json!({
         "ID": n.id,
         "Node": n.name,
@@ -228,7 +248,7 @@ fn definition(spec: Option<&CheckSpec>) -> Value {
             CheckKind::Script { args } => {
                 d.insert("ScriptArgs".into(), json!(args));
             }
-            CheckKind::Ttl { .. } => {}
+            CheckKind::Ttl { .. } | CheckKind::External => {}
         }
         if spec.kind.is_active() {
             interval = Some(spec.interval);
@@ -263,6 +283,7 @@ struct CheckView<'a> {
 }
 
 fn check_value(n: &Node, i: &Instance, c: CheckView<'_>) -> Value {
+    let n = &n.of_instance(i);
     let (interval, timeout) = match c.spec {
         Some(s) if s.kind.is_active() => (go_format(s.interval), go_format(s.timeout)),
         _ => (String::new(), String::new()),
