@@ -509,6 +509,9 @@ pub struct Instance {
     pub spec: InstanceSpec,
     /// Operator override: the reason, while the instance is in maintenance.
     pub maintenance: Option<String>,
+    /// The reason while the agent's whole node is in maintenance (only for instances on
+    /// the agent's node).
+    pub node_maintenance: Option<Arc<str>>,
     /// The overall status: the worst of the heartbeat's and the checks'.
     pub status: Status,
     /// The heartbeat's status: critical once the TTL lapsed (always passing without a TTL).
@@ -555,7 +558,7 @@ impl Instance {
 
     /// The effective health: maintenance wins over the check status.
     pub fn health(&self) -> Health {
-        if self.maintenance.is_some() {
+        if self.maintenance.is_some() || self.node_maintenance.is_some() {
             return Health::Maintenance;
         }
         match self.status {
@@ -563,6 +566,11 @@ impl Instance {
             Status::Warning => Health::Warning,
             Status::Critical => Health::Critical,
         }
+    }
+
+    /// Whether it is on the agent's own node (not an external service of another node).
+    pub fn is_local(&self) -> bool {
+        self.spec.compat.as_ref().is_none_or(|c| c.node.is_none())
     }
 
     /// Whether discovery returns it by default: not critical, not in maintenance.

@@ -88,6 +88,12 @@ pub enum Command {
         /// The reason, or `None` to end maintenance.
         reason: Option<String>,
     },
+    /// Put the agent's whole node into maintenance (`Some(reason)`) or take it out: every
+    /// instance on it is hidden meanwhile (Consul's node maintenance).
+    SetNodeMaintenance {
+        /// The reason, or `None` to end it.
+        reason: Option<String>,
+    },
     /// Create a lease.
     CreateLease {
         /// Its time to live.
@@ -334,6 +340,8 @@ pub enum Mutation {
     PutSession(StoredSession),
     /// Remove a session.
     DeleteSession(String),
+    /// The node's maintenance reason, or `None` when it ended.
+    NodeMaintenance(Option<String>),
 }
 
 /// The registry: current state plus what the writer needs to persist and decide.
@@ -446,6 +454,7 @@ impl Registry {
                 checks,
                 spec: s.spec,
                 maintenance: s.maintenance,
+                node_maintenance: None,
                 heartbeat: Status::Passing,
                 critical_since: None,
                 create_index: s.create_index,
@@ -593,6 +602,7 @@ impl Registry {
                 Ok(Applied::ChecksUpdated { index })
             }
             Command::Sweep => Ok(Applied::Swept(self.sweep(now))),
+            Command::SetNodeMaintenance { reason } => self.set_node_maintenance(reason),
             Command::KvPut(put) => self.kv_put(put),
             Command::KvTxn(ops) => self.kv_txn(ops),
             Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas),
@@ -726,11 +736,17 @@ impl Registry {
                     .map_or_else(|| new_check(c, c.initial(), now), |(_, st)| st.clone())
             })
             .collect();
+        let spec_is_local = spec.compat.as_ref().is_none_or(|c| c.node.is_none());
         let instance = Instance {
             service: service.clone(),
             id: id.clone(),
             spec,
             maintenance: old.as_ref().and_then(|o| o.maintenance.clone()),
+            node_maintenance: self
+                .state
+                .node_maintenance
+                .clone()
+                .filter(|_| spec_is_local),
             status: Instance::worst(Status::Passing, &checks),
             heartbeat: Status::Passing,
             critical_since: None,
@@ -1079,6 +1095,55 @@ impl Registry {
             (report.lapsed + report.leases_expired + silent_applied).saturating_sub(written_off),
         );
         report
+    }
+
+    /// Puts a restored registry's node back into maintenance, as the store held it.
+    pub fn restore_node_maintenance(&mut self, reason: Option<String>) {
+        let Some(reason) = reason else {
+            return;
+        };
+        let reason: Arc<str> = reason.into();
+        self.state.node_maintenance = Some(reason.clone());
+        let index = self.state.index;
+        for key in self.local_instances() {
+            self.change_instance(&key, index, |i| i.node_maintenance = Some(reason.clone()));
+        }
+    }
+
+    fn local_instances(&self) -> Vec<Key> {
+        self.state
+            .services
+            .values()
+            .flat_map(|s| s.instances.values())
+            .filter(|i| i.is_local())
+            .map(|i| (i.service.clone(), i.id.clone()))
+            .collect()
+    }
+
+    fn set_node_maintenance(&mut self, reason: Option<String>) -> Result<Applied, RegistryError> {
+        if let Some(r) = &reason
+            && (r.len() > 1024 || r.chars().any(char::is_control))
+        {
+            return Err(ValidationError::new(
+                "reason",
+                "must be at most 1024 bytes without control characters",
+            )
+            .into());
+        }
+        if self.state.node_maintenance.as_deref() == reason.as_deref() {
+            return Ok(Applied::Unchanged {
+                index: self.state.index,
+            });
+        }
+        let index = self.bump();
+        let shared: Option<Arc<str>> = reason.as_deref().map(Into::into);
+        self.state.node_maintenance = shared.clone();
+        for key in self.local_instances() {
+            let shared = shared.clone();
+            self.change_instance(&key, index, |i| i.node_maintenance = shared);
+        }
+        self.mutations.push(Mutation::NodeMaintenance(reason));
+        Ok(Applied::MaintenanceSet { index })
     }
 
     /// Adds what the store held of the KV store and sessions to a restored registry.
@@ -1559,6 +1624,7 @@ fn clone_instance(i: &Instance) -> Instance {
         id: i.id.clone(),
         spec: i.spec.clone(),
         maintenance: i.maintenance.clone(),
+        node_maintenance: i.node_maintenance.clone(),
         status: i.status,
         heartbeat: i.heartbeat,
         critical_since: i.critical_since,

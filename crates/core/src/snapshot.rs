@@ -147,6 +147,8 @@ pub struct Snapshot {
     pub(crate) kv_floor: u64,
     /// Sessions by id.
     pub sessions: OrdMap<Arc<str>, Arc<Session>>,
+    /// The reason while the agent's node is in maintenance.
+    pub node_maintenance: Option<Arc<str>>,
 }
 
 /// What changed for one service since a given index.

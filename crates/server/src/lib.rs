@@ -136,6 +136,7 @@ impl Agent {
         );
         let keys = loaded.kv.len();
         warnings.extend(registry.restore_kv(loaded.kv, loaded.sessions));
+        registry.restore_node_maintenance(loaded.node_maintenance);
         for w in warnings {
             tracing::warn!("{w}");
         }

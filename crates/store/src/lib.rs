@@ -30,6 +30,8 @@ pub struct Loaded {
     pub kv: Vec<StoredKv>,
     /// Every session.
     pub sessions: Vec<StoredSession>,
+    /// The node's maintenance reason, while it is in maintenance.
+    pub node_maintenance: Option<String>,
 }
 
 /// A storage failure. The batch that hit it was not applied.
@@ -191,5 +193,17 @@ pub(crate) mod contract {
             .commit(&[Mutation::DeleteSession("s1".into())], 14)
             .unwrap();
         assert!(store.load().unwrap().sessions.is_empty());
+
+        store
+            .commit(&[Mutation::NodeMaintenance(Some("rack move".into()))], 15)
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().node_maintenance.as_deref(),
+            Some("rack move")
+        );
+        store
+            .commit(&[Mutation::NodeMaintenance(None)], 16)
+            .unwrap();
+        assert_eq!(store.load().unwrap().node_maintenance, None);
     }
 }

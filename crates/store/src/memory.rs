@@ -21,6 +21,7 @@ struct Inner {
     leases: BTreeMap<LeaseId, StoredLease>,
     kv: BTreeMap<String, StoredKv>,
     sessions: BTreeMap<String, StoredSession>,
+    node_maintenance: Option<String>,
 }
 
 impl MemoryStore {
@@ -44,6 +45,7 @@ impl Store for MemoryStore {
             leases: inner.leases.values().cloned().collect(),
             kv: inner.kv.values().cloned().collect(),
             sessions: inner.sessions.values().cloned().collect(),
+            node_maintenance: inner.node_maintenance.clone(),
         })
     }
 
@@ -76,6 +78,9 @@ impl Store for MemoryStore {
                 }
                 Mutation::DeleteSession(id) => {
                     inner.sessions.remove(id);
+                }
+                Mutation::NodeMaintenance(reason) => {
+                    inner.node_maintenance = reason.clone();
                 }
             }
         }

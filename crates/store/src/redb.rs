@@ -33,6 +33,8 @@ const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+const NODE_MAINTENANCE_KEY: &str = "node_maintenance";
 const INDEX_KEY: &str = "index";
 
 /// A redb database and its log in the data directory.
@@ -73,6 +75,7 @@ impl RedbStore {
             txn.open_table(META).map_err(|e| open_err(&e))?;
             txn.open_table(KV).map_err(|e| open_err(&e))?;
             txn.open_table(SESSIONS).map_err(|e| open_err(&e))?;
+            txn.open_table(SETTINGS).map_err(|e| open_err(&e))?;
         }
         txn.commit().map_err(|e| open_err(&e))?;
         for frame in &frames {
@@ -107,6 +110,7 @@ impl RedbStore {
             let mut leases = txn.open_table(LEASES).map_err(io)?;
             let mut kv = txn.open_table(KV).map_err(io)?;
             let mut sessions = txn.open_table(SESSIONS).map_err(io)?;
+            let mut settings = txn.open_table(SETTINGS).map_err(io)?;
             for m in mutations {
                 match m {
                     Mutation::PutInstance(i) => {
@@ -142,6 +146,14 @@ impl RedbStore {
                     }
                     Mutation::DeleteSession(id) => {
                         sessions.remove(id.as_str()).map_err(io)?;
+                    }
+                    Mutation::NodeMaintenance(Some(reason)) => {
+                        settings
+                            .insert(NODE_MAINTENANCE_KEY, reason.as_bytes())
+                            .map_err(io)?;
+                    }
+                    Mutation::NodeMaintenance(None) => {
+                        settings.remove(NODE_MAINTENANCE_KEY).map_err(io)?;
                     }
                 }
             }
@@ -195,12 +207,19 @@ impl Store for RedbStore {
                 v.value(),
             )?);
         }
+        let node_maintenance = txn
+            .open_table(SETTINGS)
+            .map_err(io)?
+            .get(NODE_MAINTENANCE_KEY)
+            .map_err(io)?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned());
         Ok(Loaded {
             index,
             instances,
             leases,
             kv,
             sessions,
+            node_maintenance,
         })
     }
 

@@ -342,3 +342,63 @@ fn restored_checks_get_a_run_of_grace() {
     assert!(warnings.is_empty());
     assert_eq!(health(&reg, "a"), Some(Health::Passing));
 }
+
+#[test]
+fn node_maintenance_hides_every_local_instance_until_it_ends() {
+    let mut reg = Registry::new(config_without_preservation(60_000));
+    let mut check = tcp("db");
+    check.initial_status = Some(Status::Passing);
+    register(&mut reg, "a", checked(vec![check.clone()]), 0);
+    let mut external = checked(vec![check.clone()]);
+    external.compat = Some(Box::new(muster_core::model::CompatFields {
+        node: Some(("ext".into(), "10.9.9.9".into())),
+        ..Default::default()
+    }));
+    register(&mut reg, "ext", external, 0);
+    reg.apply(
+        Command::SetNodeMaintenance {
+            reason: Some("rack move".into()),
+        },
+        at(1),
+    )
+    .expect("maintenance");
+    assert_eq!(health(&reg, "a"), Some(Health::Maintenance));
+    assert_eq!(
+        health(&reg, "ext"),
+        Some(Health::Passing),
+        "another node's service"
+    );
+    // Registered meanwhile: hidden too.
+    register(&mut reg, "b", checked(vec![check]), 2);
+    assert_eq!(health(&reg, "b"), Some(Health::Maintenance));
+    let index = reg.index();
+    assert!(matches!(
+        reg.apply(
+            Command::SetNodeMaintenance {
+                reason: Some("rack move".into())
+            },
+            at(3)
+        ),
+        Ok(Applied::Unchanged { .. })
+    ));
+    assert_eq!(reg.index(), index, "the same reason again changes nothing");
+
+    // It survives a restart.
+    let (mut restored, _) = Registry::restore(
+        config_without_preservation(60_000),
+        reg.index(),
+        Vec::new(),
+        Vec::new(),
+        at(4),
+    );
+    restored.restore_node_maintenance(Some("rack move".into()));
+    assert_eq!(
+        restored.snapshot().node_maintenance.as_deref(),
+        Some("rack move")
+    );
+
+    reg.apply(Command::SetNodeMaintenance { reason: None }, at(5))
+        .expect("end");
+    assert_eq!(health(&reg, "a"), Some(Health::Passing));
+    assert_eq!(health(&reg, "b"), Some(Health::Passing));
+}

@@ -470,6 +470,7 @@ pub async fn status(State(state): State<AppState>) -> Response {
         "services": snap.services.len(),
         "instances": snap.instance_count(),
         "leases": snap.leases.len(),
+        "node_maintenance": snap.node_maintenance.as_deref(),
         "uptime_seconds": Duration::from_millis(state.now().as_millis()).as_secs(),
         "self_preservation": p,
     });

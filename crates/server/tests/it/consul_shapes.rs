@@ -1336,3 +1336,55 @@ async fn catalog_register_adds_an_external_service_on_its_own_node() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.text(), "Must provide node");
 }
+
+/// Node maintenance hides every service of the agent's node behind the
+/// `_node_maintenance` check, and ending it brings them back.
+#[tokio::test]
+async fn node_maintenance_adds_the_node_maintenance_check_to_every_service() {
+    let a = shape_agent().await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "web", "ID": "w1", "Port": 80}),
+    )
+    .await;
+    let passing = |v: Value| v.as_array().expect("a list").len();
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        1
+    );
+
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/maintenance?enable=true&reason=rack%20move",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        0
+    );
+    let entry = &get(&a, "/v1/health/service/web").await.json()[0];
+    let maint = entry["Checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["CheckID"] == "_node_maintenance")
+        .cloned()
+        .unwrap_or_else(|| panic!("no _node_maintenance check in {entry}"));
+    assert_eq!(maint["Status"], "critical");
+    assert_eq!(maint["Notes"], "rack move");
+    assert_eq!(maint["ServiceID"], "");
+    assert!(get(&a, "/v1/agent/checks").await.json()["_node_maintenance"].is_object());
+
+    let r = send(&a, Method::PUT, "/v1/agent/maintenance?enable=false", "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        1
+    );
+    let r = send(&a, Method::PUT, "/v1/agent/maintenance", "").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "enable is required");
+}

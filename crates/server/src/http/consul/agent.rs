@@ -382,6 +382,29 @@ pub async fn service_maintenance(
     Ok(empty())
 }
 
+/// `PUT /v1/agent/maintenance?enable=true|false&reason=...`: the whole node.
+pub async fn node_maintenance(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let enable = match q.get("enable") {
+        None => return Err(ConsulError::bad_request("Missing value for enable")),
+        Some(_) => q
+            .bool("enable")
+            .map_err(|_| ConsulError::bad_request("Invalid value for enable"))?
+            .unwrap_or(true),
+    };
+    let reason = enable.then(|| {
+        q.get("reason")
+            .filter(|r| !r.is_empty())
+            .unwrap_or("Maintenance mode is enabled for this node, but no reason was provided. This is a default message.")
+            .to_string()
+    });
+    submit(&state, Command::SetNodeMaintenance { reason }).await?;
+    Ok(empty())
+}
+
 /// `GET /v1/agent/services`: `{ServiceID: AgentService}`.
 pub async fn services(
     State(state): State<AppState>,
@@ -427,6 +450,13 @@ pub async fn checks(
     let snap = state.snapshot();
     let node = Node::of(&state);
     let mut out = Map::new();
+    for c in render::node_checks(&node, &snap).into_iter().skip(1) {
+        if filter.as_ref().is_none_or(|f| f.matches(&c))
+            && let Some(id) = c["CheckID"].as_str()
+        {
+            out.insert(id.to_string(), c.clone());
+        }
+    }
     for svc in snap.services.values() {
         for i in svc.instances.values().filter(|i| !render::is_external(i)) {
             for c in render::instance_checks(&node, i) {

@@ -236,7 +236,7 @@ pub async fn health_service(
     }
     let render = |tags: &[String]| {
         let own = render::node(&r.node);
-        let serf = render::serf_health(&r.node);
+        let node_checks = render::node_checks(&r.node, &snap);
         let list: Vec<Value> = instances(&snap, &key, tags)
             .filter(|i| !passing || i.health() == Health::Passing)
             .map(|i| {
@@ -244,7 +244,7 @@ pub async fn health_service(
                 let (node, mut checks) = if render::is_external(i) {
                     (render::node(&r.node.of_instance(i)), Vec::new())
                 } else {
-                    (own.clone(), vec![serf.clone()])
+                    (own.clone(), node_checks.clone())
                 };
                 checks.extend(render::instance_checks(&r.node, i));
                 json!({
@@ -296,7 +296,7 @@ fn all_checks(r: &Read, snap: &Snapshot) -> Vec<Value> {
     if !r.node_matches {
         return Vec::new();
     }
-    let mut list = vec![render::serf_health(&r.node)];
+    let mut list = render::node_checks(&r.node, snap);
     for s in snap.services.values() {
         for i in s.instances.values() {
             list.extend(render::instance_checks(&r.node, i));
@@ -337,7 +337,7 @@ pub async fn health_node(
     let mut list: Vec<Value> = Vec::new();
     if r.node_matches {
         if r.node.is(&name) {
-            list.push(render::serf_health(&r.node));
+            list.extend(render::node_checks(&r.node, &snap));
         }
         for i in on_node(&r, &snap, &name) {
             list.extend(render::instance_checks(&r.node, i));

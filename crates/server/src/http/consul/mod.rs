@@ -295,6 +295,7 @@ pub fn router(max_kv_value: usize) -> Router<AppState> {
         )
         .route("/agent/service/{id}", get(agent::service))
         .route("/agent/services", get(agent::services))
+        .route("/agent/maintenance", lenient(agent::node_maintenance))
         .route("/agent/checks", get(agent::checks))
         .route("/agent/check/register", lenient(agent::register_check))
         .route(

@@ -222,6 +222,33 @@ pub fn serf_health(n: &Node) -> Value {
     })
 }
 
+/// The node's own checks: `serfHealth`, and `_node_maintenance` while the node is in
+/// maintenance.
+pub fn node_checks(n: &Node, snap: &muster_core::Snapshot) -> Vec<Value> {
+    let mut out = vec![serf_health(n)];
+    if let Some(reason) = &snap.node_maintenance {
+        out.push(json!({
+            "Node": n.name,
+            "CheckID": "_node_maintenance",
+            "Name": "Node Maintenance Mode",
+            "Status": "critical",
+            "Notes": reason.as_ref(),
+            "Output": "",
+            "ServiceID": "",
+            "ServiceName": "",
+            "ServiceTags": [],
+            "Type": "maintenance",
+            "Interval": "",
+            "Timeout": "",
+            "ExposedPort": 0,
+            "Definition": definition(None),
+            "CreateIndex": snap.index.max(1),
+            "ModifyIndex": snap.index.max(1),
+        }));
+    }
+    out
+}
+
 fn definition(spec: Option<&CheckSpec>) -> Value {
     let mut d = Map::new();
     let (mut interval, mut timeout, mut dereg) = (None, None, None);
