@@ -190,17 +190,7 @@ impl CheckSpec {
                 }
             }
             CheckKind::Ttl { ttl } => {
-                if *ttl < limits.min_ttl || *ttl > limits.max_ttl {
-                    return Err(err(
-                        "ttl",
-                        format!(
-                            "must be between {} and {}, got {}",
-                            fmt(limits.min_ttl),
-                            fmt(limits.max_ttl),
-                            fmt(*ttl)
-                        ),
-                    ));
-                }
+                limits.check_ttl(&format!("{field}.ttl"), *ttl)?;
             }
             CheckKind::External => {}
             CheckKind::Script { args } => {

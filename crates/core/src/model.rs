@@ -62,6 +62,25 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Checks a TTL (of an instance, a lease, a session or a TTL check) against
+    /// `min_ttl` and `max_ttl`, naming `field`.
+    pub fn check_ttl(&self, field: &str, ttl: Duration) -> Result<(), ValidationError> {
+        if ttl < self.min_ttl || ttl > self.max_ttl {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "must be between {} and {}, got {}",
+                    humantime::format_duration(self.min_ttl),
+                    humantime::format_duration(self.max_ttl),
+                    humantime::format_duration(ttl)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Serde glue for durations written as "15s", "1m30s" in config files.
 pub mod humantime_serde_compat {
     use std::time::Duration;
@@ -400,18 +419,8 @@ impl InstanceSpec {
                 ));
             }
         }
-        if let KeepAlive::Ttl(ttl) = self.keep_alive
-            && (ttl < limits.min_ttl || ttl > limits.max_ttl)
-        {
-            return Err(ValidationError::new(
-                "ttl",
-                format!(
-                    "must be between {} and {}, got {}",
-                    humantime::format_duration(limits.min_ttl),
-                    humantime::format_duration(limits.max_ttl),
-                    humantime::format_duration(ttl)
-                ),
-            ));
+        if let KeepAlive::Ttl(ttl) = self.keep_alive {
+            limits.check_ttl("ttl", ttl)?;
         }
         Ok(())
     }

@@ -549,18 +549,7 @@ impl Registry {
                         setting: "limits.max_leases",
                     });
                 }
-                if ttl < limits.min_ttl || ttl > limits.max_ttl {
-                    return Err(ValidationError::new(
-                        "ttl",
-                        format!(
-                            "must be between {} and {}, got {}",
-                            humantime::format_duration(limits.min_ttl),
-                            humantime::format_duration(limits.max_ttl),
-                            humantime::format_duration(ttl)
-                        ),
-                    )
-                    .into());
-                }
+                limits.check_ttl("ttl", ttl)?;
                 let index = self.bump();
                 let lease = Lease {
                     id: index,
@@ -1458,18 +1447,7 @@ impl Registry {
             });
         }
         if let Some(ttl) = spec.ttl {
-            if ttl < limits.min_ttl || ttl > limits.max_ttl {
-                return Err(ValidationError::new(
-                    "ttl",
-                    format!(
-                        "must be between {} and {}, got {}",
-                        humantime::format_duration(limits.min_ttl),
-                        humantime::format_duration(limits.max_ttl),
-                        humantime::format_duration(ttl)
-                    ),
-                )
-                .into());
-            }
+            limits.check_ttl("ttl", ttl)?;
             if self.state.leases.len() >= limits.max_leases {
                 return Err(RegistryError::Full {
                     what: "leases",

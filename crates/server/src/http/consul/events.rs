@@ -71,9 +71,8 @@ pub async fn fire(
         *t += 1;
         ltime = *t;
     });
-    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
     let event = json!({
-        "ID": format!("{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0xfff, ((b >> 48) & 0x3fff) | 0x8000, b & 0xffff_ffff_ffff),
+        "ID": super::render::random_uuid(),
         "Name": name,
         "Payload": (!bytes.is_empty()).then(|| STANDARD.encode(&bytes)),
         "NodeFilter": q.get("node").unwrap_or(""),

@@ -239,19 +239,6 @@ fn session_value(s: &Session) -> Value {
     })
 }
 
-/// A random UUID (v4) for a new session.
-fn new_uuid() -> String {
-    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        ((b >> 48) & 0x3fff) | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
-}
-
 /// `PUT /v1/session/create` with `Name`, `Node`, `LockDelay`, `Behavior`, `TTL`.
 pub async fn create_session(
     State(state): State<AppState>,
@@ -300,7 +287,7 @@ pub async fn create_session(
         behavior,
         ttl,
     };
-    let id = new_uuid();
+    let id = super::render::random_uuid();
     let applied = state
         .writer()
         .submit(Command::CreateSession {

@@ -66,7 +66,16 @@ pub fn uuid_from(name: &str) -> String {
         name.hash(&mut h);
         h.finish()
     };
-    let (a, b) = (half(1), half(2));
+    uuid(half(1), half(2))
+}
+
+/// A random UUID (version 4), for sessions and events.
+pub fn random_uuid() -> String {
+    uuid(fastrand::u64(..), fastrand::u64(..))
+}
+
+/// 128 bits written as a version 4 UUID.
+fn uuid(a: u64, b: u64) -> String {
     format!(
         "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
         a >> 32,
