@@ -57,6 +57,15 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
     if let Some(v) = &args.advertise_addr {
         c.advertise_addr = v.clone();
     }
+    if let Some(v) = &args.node_id {
+        c.node_id = v.clone();
+    }
+    if !c.node_id.is_empty() && !is_uuid(&c.node_id) {
+        bail!(
+            "--node-id {:?} is not a UUID (8-4-4-4-12 hexadecimal digits)",
+            c.node_id
+        );
+    }
     if c.node.is_empty() {
         c.node = gethostname::gethostname().to_string_lossy().into_owned();
     }
@@ -83,6 +92,15 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
         bail!("the self-preservation threshold must be between 0 and 1");
     }
     Ok(c)
+}
+
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Runs the agent until Ctrl-C or TERM.

@@ -71,6 +71,9 @@ pub struct AgentArgs {
     /// without an address [default: 127.0.0.1].
     #[arg(long)]
     pub advertise_addr: Option<String>,
+    /// The node's ID in the Consul API, a UUID [default: derived from the node name].
+    #[arg(long)]
+    pub node_id: Option<String>,
     /// How long an instance whose TTL lapsed stays (critical) before removal [default: 1m].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub evict_after: Option<Duration>,

@@ -33,6 +33,9 @@ pub struct AgentConfig {
     /// The node's address as the Consul API shows it: what clients connect to when a service
     /// registered without an address of its own.
     pub advertise_addr: String,
+    /// The node's ID as the Consul API shows it (a UUID); empty: derived from the node name,
+    /// so it stays the same across restarts.
+    pub node_id: String,
     /// How long an instance stays critical from a lapsed TTL before it is removed.
     #[serde(with = "humantime_serde_compat")]
     pub evict_after: Duration,
@@ -64,6 +67,7 @@ impl Default for AgentConfig {
             datacenter: "dc1".into(),
             node: String::new(),
             advertise_addr: "127.0.0.1".into(),
+            node_id: String::new(),
             evict_after: Duration::from_secs(60),
             sweep_interval: Duration::from_millis(250),
             max_body_bytes: 64 * 1024,

@@ -27,7 +27,11 @@ impl Node {
         let c = state.config();
         Node {
             name: c.node.clone(),
-            id: uuid_from(&c.node),
+            id: if c.node_id.is_empty() {
+                uuid_from(&c.node)
+            } else {
+                c.node_id.clone()
+            },
             address: c.advertise_addr.clone(),
             datacenter: c.datacenter.clone(),
         }
