@@ -33,7 +33,7 @@ pub use kv::{KvEntry, KvPut, Session, SessionBehavior, SessionSpec, StoredKv, St
 pub use liveness::Liveness;
 pub use model::{
     CheckState, Filter, Health, HealthFilter, Instance, InstanceId, InstanceSpec, KeepAlive,
-    LeaseId, Limits, ServiceName, Status, ValidationError,
+    LeaseId, Limits, NodeCheck, ServiceName, Status, ValidationError,
 };
 pub use preservation::{PreservationConfig, PreservationState};
 pub use registry::{

@@ -482,10 +482,13 @@ pub(crate) fn check_host(address: &str) -> Result<(), ()> {
 }
 
 /// A check result, worst last.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Answering as it should.
+    #[default]
     Passing,
     /// Degraded but still serving.
     Warning,
@@ -521,6 +524,8 @@ pub struct Instance {
     /// The reason while the agent's whole node is in maintenance (only for instances on
     /// the agent's node).
     pub node_maintenance: Option<Arc<str>>,
+    /// The worst status of the node's own checks (only for instances on the agent's node).
+    pub node_status: Status,
     /// The overall status: the worst of the heartbeat's and the checks'.
     pub status: Status,
     /// The heartbeat's status: critical once the TTL lapsed (always passing without a TTL).
@@ -539,6 +544,16 @@ pub struct Instance {
 
 use crate::check::{CheckCell, CheckSpec, MAX_CHECKS};
 use crate::{Liveness, Time};
+
+/// A check of the agent's node itself (Consul's node-level checks): its status counts for
+/// every instance on the node.
+#[derive(Clone, Debug)]
+pub struct NodeCheck {
+    /// The check.
+    pub spec: CheckSpec,
+    /// Its shown status and live results.
+    pub state: CheckState,
+}
 
 /// A check's status as readers see it; its live results are in `cell`.
 #[derive(Clone, Debug)]
@@ -570,7 +585,7 @@ impl Instance {
         if self.maintenance.is_some() || self.node_maintenance.is_some() {
             return Health::Maintenance;
         }
-        match self.status {
+        match self.status.max(self.node_status) {
             Status::Passing => Health::Passing,
             Status::Warning => Health::Warning,
             Status::Critical => Health::Critical,

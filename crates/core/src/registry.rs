@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::check::{CheckCell, CheckKind, CheckSpec};
 use crate::kv::{KvEntry, KvPut, Session, SessionBehavior, SessionSpec, StoredKv, StoredSession};
+use crate::model::NodeCheck;
 use crate::preservation::{Preservation, RenewalCounts, Transition};
 use crate::snapshot::TOMBSTONE_CAPACITY;
 use crate::{
@@ -88,6 +89,16 @@ pub enum Command {
         /// The reason, or `None` to end maintenance.
         reason: Option<String>,
     },
+    /// Add or replace a check of the agent's node itself.
+    RegisterNodeCheck(CheckSpec),
+    /// Remove a check of the agent's node.
+    DeregisterNodeCheck {
+        /// Its name.
+        name: String,
+    },
+    /// Show what the node's checks now report (answers and recoveries; silence waits for
+    /// the sweep).
+    UpdateNodeChecks,
     /// Put the agent's whole node into maintenance (`Some(reason)`) or take it out: every
     /// instance on it is hidden meanwhile (Consul's node maintenance).
     SetNodeMaintenance {
@@ -264,6 +275,9 @@ pub enum RegistryError {
     /// No such lease.
     #[error("lease {0} does not exist (it expired, was revoked, or was never created)")]
     UnknownLease(LeaseId),
+    /// No such node check.
+    #[error("the node has no check {0:?}")]
+    UnknownCheck(String),
     /// No such session.
     #[error("invalid session {0:?}: it does not exist (it expired or was destroyed)")]
     UnknownSession(String),
@@ -342,6 +356,8 @@ pub enum Mutation {
     DeleteSession(String),
     /// The node's maintenance reason, or `None` when it ended.
     NodeMaintenance(Option<String>),
+    /// The node's checks, all of them.
+    NodeChecks(Vec<CheckSpec>),
 }
 
 /// The registry: current state plus what the writer needs to persist and decide.
@@ -455,6 +471,7 @@ impl Registry {
                 spec: s.spec,
                 maintenance: s.maintenance,
                 node_maintenance: None,
+                node_status: Status::Passing,
                 heartbeat: Status::Passing,
                 critical_since: None,
                 create_index: s.create_index,
@@ -592,6 +609,39 @@ impl Registry {
             }
             Command::Sweep => Ok(Applied::Swept(self.sweep(now))),
             Command::SetNodeMaintenance { reason } => self.set_node_maintenance(reason),
+            Command::RegisterNodeCheck(spec) => self.register_node_check(spec, now),
+            Command::DeregisterNodeCheck { name } => {
+                let mut checks = (*self.state.node_checks).clone();
+                let before = checks.len();
+                checks.retain(|c| c.spec.name != name);
+                if checks.len() == before {
+                    return Err(RegistryError::UnknownCheck(name));
+                }
+                let index = self.bump();
+                self.set_node_checks(checks, index);
+                Ok(Applied::ChecksUpdated { index })
+            }
+            Command::UpdateNodeChecks => {
+                let mut checks = (*self.state.node_checks).clone();
+                let mut changed = false;
+                for c in &mut checks {
+                    let (wanted, cause, since) = c.state.cell.observe(now);
+                    if wanted != c.state.status && !(cause.is_silence() && wanted > c.state.status)
+                    {
+                        c.state.status = wanted;
+                        c.state.critical_since = (wanted == Status::Critical).then_some(since);
+                        changed = true;
+                    }
+                }
+                if !changed {
+                    return Ok(Applied::Unchanged {
+                        index: self.state.index,
+                    });
+                }
+                let index = self.bump();
+                self.show_node_checks(checks, index);
+                Ok(Applied::ChecksUpdated { index })
+            }
             Command::KvPut(put) => self.kv_put(put),
             Command::KvTxn(ops) => self.kv_txn(ops),
             Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas),
@@ -736,6 +786,11 @@ impl Registry {
                 .node_maintenance
                 .clone()
                 .filter(|_| spec_is_local),
+            node_status: if spec_is_local {
+                self.state.node_status
+            } else {
+                Status::Passing
+            },
             status: Instance::worst(Status::Passing, &checks),
             heartbeat: Status::Passing,
             critical_since: None,
@@ -1007,6 +1062,26 @@ impl Registry {
                 }
             }
         }
+        // The node's own checks: the same rules, nothing to deregister.
+        let mut node_sure: Vec<CheckChange> = Vec::new();
+        let mut node_silent: Vec<CheckChange> = Vec::new();
+        for (i, c) in self.state.node_checks.iter().enumerate() {
+            let (wanted, cause, since) = c.state.cell.observe(now);
+            let silence = cause.is_silence() && wanted > Status::Passing;
+            if silence && wanted > c.state.status {
+                if preservation.written_off(since) {
+                    written_off += 1;
+                } else {
+                    counts.pending += 1;
+                }
+                node_silent.push((i, wanted, since));
+            } else if !silence {
+                counts.alive += 1;
+                if wanted != c.state.status {
+                    node_sure.push((i, wanted, since));
+                }
+            }
+        }
         let mut expire = Vec::new();
         for lease in self.state.leases.values() {
             if lease.liveness.lapsed(now) {
@@ -1031,10 +1106,12 @@ impl Registry {
             + evict.len()
             + expire.len()
             + checks_silent.len()
-            + check_evict_silent.len();
+            + check_evict_silent.len()
+            + node_silent.len();
         let changes = revive.len()
             + checks_sure.len()
             + check_evict_sure.len()
+            + node_sure.len()
             + if apply { held } else { 0 };
         if changes == 0 {
             report.held_back = held;
@@ -1048,6 +1125,18 @@ impl Registry {
         for (key, changes) in &checks_sure {
             report.checks_changed += changes.len();
             self.set_checks(key, changes, index);
+        }
+        if !node_sure.is_empty() || (apply && !node_silent.is_empty()) {
+            let mut checks = (*self.state.node_checks).clone();
+            let silent: &[CheckChange] = if apply { &node_silent } else { &[] };
+            for &(i, status, since) in node_sure.iter().chain(silent) {
+                if let Some(c) = checks.get_mut(i) {
+                    c.state.status = status;
+                    c.state.critical_since = (status == Status::Critical).then_some(since);
+                }
+            }
+            report.checks_changed += node_sure.len() + silent.len();
+            self.show_node_checks(checks, index);
         }
         report.check_deregistered = check_evict_sure.len();
         for (service, id) in &check_evict_sure {
@@ -1081,9 +1170,90 @@ impl Registry {
         }
         self.preservation.record_lapses(
             now,
-            (report.lapsed + report.leases_expired + silent_applied).saturating_sub(written_off),
+            (report.lapsed + report.leases_expired + silent_applied + node_silent.len())
+                .saturating_sub(written_off),
         );
         report
+    }
+
+    /// Gives a restored registry its node's checks back, each with a run of grace (passing,
+    /// or its initial status), as instance checks get.
+    pub fn restore_node_checks(&mut self, specs: Vec<CheckSpec>, now: Time) {
+        let checks: Vec<NodeCheck> = specs
+            .into_iter()
+            .map(|spec| {
+                let state = new_check(&spec, spec.initial_status.unwrap_or(Status::Passing), now);
+                NodeCheck { spec, state }
+            })
+            .collect();
+        let index = self.state.index;
+        self.show_node_checks(checks, index);
+    }
+
+    fn register_node_check(
+        &mut self,
+        spec: CheckSpec,
+        now: Time,
+    ) -> Result<Applied, RegistryError> {
+        spec.validate("check", &self.config.limits)?;
+        if matches!(spec.kind, CheckKind::Script { .. }) && !self.config.script_checks {
+            return Err(ValidationError::new(
+                "check.script",
+                "script checks are disabled on this agent; start it with \
+                 --enable-script-checks to allow them",
+            )
+            .into());
+        }
+        let mut checks = (*self.state.node_checks).clone();
+        if let Some(old) = checks.iter().find(|c| c.spec.name == spec.name)
+            && old.spec == spec
+        {
+            return Ok(Applied::Unchanged {
+                index: self.state.index,
+            });
+        }
+        if checks.len() >= crate::check::MAX_CHECKS {
+            return Err(ValidationError::new(
+                "check",
+                format!(
+                    "the node already has {} checks, the most allowed",
+                    crate::check::MAX_CHECKS
+                ),
+            )
+            .into());
+        }
+        checks.retain(|c| c.spec.name != spec.name);
+        let state = new_check(&spec, spec.initial(), now);
+        checks.push(NodeCheck { spec, state });
+        let index = self.bump();
+        self.set_node_checks(checks, index);
+        Ok(Applied::ChecksUpdated { index })
+    }
+
+    /// Replaces the node's checks (a definition changed): persisted, then shown.
+    fn set_node_checks(&mut self, checks: Vec<NodeCheck>, index: u64) {
+        self.mutations.push(Mutation::NodeChecks(
+            checks.iter().map(|c| c.spec.clone()).collect(),
+        ));
+        self.show_node_checks(checks, index);
+    }
+
+    /// Shows new node checks (or statuses), and the node's status on every local instance
+    /// when it changed.
+    fn show_node_checks(&mut self, checks: Vec<NodeCheck>, index: u64) {
+        let status = checks
+            .iter()
+            .map(|c| c.state.status)
+            .max()
+            .unwrap_or(Status::Passing);
+        self.state.node_checks = Arc::new(checks);
+        self.state.checks_epoch += 1;
+        if status != self.state.node_status {
+            self.state.node_status = status;
+            for key in self.local_instances() {
+                self.change_instance(&key, index, |i| i.node_status = status);
+            }
+        }
     }
 
     /// Puts a restored registry's node back into maintenance, as the store held it.
@@ -1603,6 +1773,7 @@ fn clone_instance(i: &Instance) -> Instance {
         spec: i.spec.clone(),
         maintenance: i.maintenance.clone(),
         node_maintenance: i.node_maintenance.clone(),
+        node_status: i.node_status,
         status: i.status,
         heartbeat: i.heartbeat,
         critical_since: i.critical_since,

@@ -13,8 +13,10 @@ use bytes::Bytes;
 use imbl::OrdMap;
 
 use crate::kv::prefix_end;
+use crate::model::NodeCheck;
 use crate::{
-    Filter, Instance, InstanceId, KeepAlive, KvEntry, LeaseId, Liveness, ServiceName, Session, Time,
+    Filter, Instance, InstanceId, KeepAlive, KvEntry, LeaseId, Liveness, ServiceName, Session,
+    Status, Time,
 };
 
 /// A service and its instances. It exists while it has instances.
@@ -149,6 +151,10 @@ pub struct Snapshot {
     pub sessions: OrdMap<Arc<str>, Arc<Session>>,
     /// The reason while the agent's node is in maintenance.
     pub node_maintenance: Option<Arc<str>>,
+    /// The node's own checks.
+    pub node_checks: Arc<Vec<NodeCheck>>,
+    /// The worst status of `node_checks` (passing without any).
+    pub node_status: Status,
 }
 
 /// What changed for one service since a given index.

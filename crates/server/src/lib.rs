@@ -137,6 +137,7 @@ impl Agent {
         let keys = loaded.kv.len();
         warnings.extend(registry.restore_kv(loaded.kv, loaded.sessions));
         registry.restore_node_maintenance(loaded.node_maintenance);
+        registry.restore_node_checks(loaded.node_checks, clock.now());
         for w in warnings {
             tracing::warn!("{w}");
         }

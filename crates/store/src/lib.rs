@@ -32,6 +32,8 @@ pub struct Loaded {
     pub sessions: Vec<StoredSession>,
     /// The node's maintenance reason, while it is in maintenance.
     pub node_maintenance: Option<String>,
+    /// The node's own checks.
+    pub node_checks: Vec<muster_core::CheckSpec>,
 }
 
 /// A storage failure. The batch that hit it was not applied.
@@ -205,5 +207,20 @@ pub(crate) mod contract {
             .commit(&[Mutation::NodeMaintenance(None)], 16)
             .unwrap();
         assert_eq!(store.load().unwrap().node_maintenance, None);
+
+        let disk = muster_core::CheckSpec::new(
+            "disk",
+            muster_core::CheckKind::Ttl {
+                ttl: Duration::from_secs(30),
+            },
+        );
+        store
+            .commit(&[Mutation::NodeChecks(vec![disk.clone()])], 17)
+            .unwrap();
+        assert_eq!(store.load().unwrap().node_checks, vec![disk]);
+        store
+            .commit(&[Mutation::NodeChecks(Vec::new())], 18)
+            .unwrap();
+        assert!(store.load().unwrap().node_checks.is_empty());
     }
 }

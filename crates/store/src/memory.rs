@@ -22,6 +22,7 @@ struct Inner {
     kv: BTreeMap<String, StoredKv>,
     sessions: BTreeMap<String, StoredSession>,
     node_maintenance: Option<String>,
+    node_checks: Vec<muster_core::CheckSpec>,
 }
 
 impl MemoryStore {
@@ -46,6 +47,7 @@ impl Store for MemoryStore {
             kv: inner.kv.values().cloned().collect(),
             sessions: inner.sessions.values().cloned().collect(),
             node_maintenance: inner.node_maintenance.clone(),
+            node_checks: inner.node_checks.clone(),
         })
     }
 
@@ -81,6 +83,9 @@ impl Store for MemoryStore {
                 }
                 Mutation::NodeMaintenance(reason) => {
                     inner.node_maintenance = reason.clone();
+                }
+                Mutation::NodeChecks(checks) => {
+                    inner.node_checks = checks.clone();
                 }
             }
         }

@@ -35,6 +35,7 @@ const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 const NODE_MAINTENANCE_KEY: &str = "node_maintenance";
+const NODE_CHECKS_KEY: &str = "node_checks";
 const INDEX_KEY: &str = "index";
 
 /// A redb database and its log in the data directory.
@@ -155,6 +156,12 @@ impl RedbStore {
                     Mutation::NodeMaintenance(None) => {
                         settings.remove(NODE_MAINTENANCE_KEY).map_err(io)?;
                     }
+                    Mutation::NodeChecks(checks) => {
+                        let bytes = serde_json::to_vec(checks).map_err(io)?;
+                        settings
+                            .insert(NODE_CHECKS_KEY, bytes.as_slice())
+                            .map_err(io)?;
+                    }
                 }
             }
             txn.open_table(META)
@@ -207,12 +214,15 @@ impl Store for RedbStore {
                 v.value(),
             )?);
         }
-        let node_maintenance = txn
-            .open_table(SETTINGS)
-            .map_err(io)?
+        let settings = txn.open_table(SETTINGS).map_err(io)?;
+        let node_maintenance = settings
             .get(NODE_MAINTENANCE_KEY)
             .map_err(io)?
             .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+        let node_checks = match settings.get(NODE_CHECKS_KEY).map_err(io)? {
+            Some(v) => decode(NODE_CHECKS_KEY.to_string(), v.value())?,
+            None => Vec::new(),
+        };
         Ok(Loaded {
             index,
             instances,
@@ -220,6 +230,7 @@ impl Store for RedbStore {
             kv,
             sessions,
             node_maintenance,
+            node_checks,
         })
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use muster_core::snapshot::Change;
 use muster_core::{
-    CheckCell, CheckSpec, Command, InstanceId, Service, ServiceName, Snapshot, Status,
+    CheckCell, CheckSpec, Command, InstanceId, NodeCheck, Service, ServiceName, Snapshot, Status,
 };
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -53,10 +53,18 @@ pub async fn run(
     });
     let mut tasks = Tasks::default();
     let mut seen: Option<(u64, u64)> = None;
+    let mut node_checks: Option<Arc<Vec<NodeCheck>>> = None;
     loop {
         let snap = snapshots.borrow_and_update().clone();
         if seen.is_none_or(|(_, epoch)| epoch != snap.checks_epoch) {
             tasks.reconcile(&ctx, &snap, seen.map(|(index, _)| index));
+        }
+        if node_checks
+            .as_ref()
+            .is_none_or(|n| !Arc::ptr_eq(n, &snap.node_checks))
+        {
+            tasks.sync_node(&ctx, &snap.node_checks);
+            node_checks = Some(snap.node_checks.clone());
         }
         seen = Some((snap.index, snap.checks_epoch));
         metrics::gauge!(m::CHECKS_ACTIVE).set(tasks.count as f64);
@@ -69,11 +77,19 @@ pub async fn run(
     metrics::gauge!(m::CHECKS_ACTIVE).set(0.0);
 }
 
-/// Running check tasks, by service and by cell.
+/// Running check tasks, by service and by cell; the node's own checks apart.
 #[derive(Debug, Default)]
 struct Tasks {
     by_service: HashMap<ServiceName, HashMap<usize, AbortHandle>>,
+    node: HashMap<usize, AbortHandle>,
     count: usize,
+}
+
+/// What a check belongs to, and so which command shows its changes.
+#[derive(Clone, Debug)]
+enum Target {
+    Instance(ServiceName, InstanceId),
+    Node,
 }
 
 fn cell_key(cell: &Arc<CheckCell>) -> usize {
@@ -124,8 +140,7 @@ impl Tasks {
                     self.count += 1;
                     tokio::spawn(check_loop(
                         ctx.clone(),
-                        inst.service.clone(),
-                        inst.id.clone(),
+                        Target::Instance(inst.service.clone(), inst.id.clone()),
                         spec.clone(),
                         st.cell.clone(),
                     ))
@@ -146,6 +161,32 @@ impl Tasks {
         }
     }
 
+    fn sync_node(&mut self, ctx: &Arc<Ctx>, checks: &[NodeCheck]) {
+        let mut live = HashSet::new();
+        for c in checks.iter().filter(|c| c.spec.kind.is_active()) {
+            let key = cell_key(&c.state.cell);
+            live.insert(key);
+            self.node.entry(key).or_insert_with(|| {
+                self.count += 1;
+                tokio::spawn(check_loop(
+                    ctx.clone(),
+                    Target::Node,
+                    c.spec.clone(),
+                    c.state.cell.clone(),
+                ))
+                .abort_handle()
+            });
+        }
+        self.node.retain(|key, task| {
+            let keep = live.contains(key);
+            if !keep {
+                task.abort();
+                self.count -= 1;
+            }
+            keep
+        });
+    }
+
     fn drop_service(&mut self, name: &ServiceName) {
         if let Some(running) = self.by_service.remove(name.as_str()) {
             self.count -= running.len();
@@ -162,6 +203,10 @@ impl Tasks {
             }
         }
         self.by_service.clear();
+        for task in self.node.values() {
+            task.abort();
+        }
+        self.node.clear();
         self.count = 0;
     }
 }
@@ -175,13 +220,7 @@ fn jitter(max: Duration) -> Duration {
     Duration::from_millis(fastrand::u64(0..ms.max(1)))
 }
 
-async fn check_loop(
-    ctx: Arc<Ctx>,
-    service: ServiceName,
-    id: InstanceId,
-    spec: CheckSpec,
-    cell: Arc<CheckCell>,
-) {
+async fn check_loop(ctx: Arc<Ctx>, target: Target, spec: CheckSpec, cell: Arc<CheckCell>) {
     let interval = spec.interval;
     let rt = cell.runtime();
     let never_run = rt.last_run.is_none();
@@ -202,22 +241,16 @@ async fn check_loop(
         first + interval
     };
     tokio::time::sleep_until(first).await;
-    run_once(&ctx, &service, &id, &spec, &cell).await;
+    run_once(&ctx, &target, &spec, &cell).await;
     let mut ticks = tokio::time::interval_at(second, interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        run_once(&ctx, &service, &id, &spec, &cell).await;
+        run_once(&ctx, &target, &spec, &cell).await;
     }
 }
 
-async fn run_once(
-    ctx: &Ctx,
-    service: &ServiceName,
-    id: &InstanceId,
-    spec: &CheckSpec,
-    cell: &CheckCell,
-) {
+async fn run_once(ctx: &Ctx, target: &Target, spec: &CheckSpec, cell: &CheckCell) {
     let kind = spec.kind.name();
     let started = Instant::now();
     let result = ctx.prober.run(spec).await;
@@ -230,16 +263,19 @@ async fn run_once(
     };
     metrics::counter!(m::CHECKS_RUN, "kind" => kind, "result" => label).increment(1);
     if cell.record(spec, result, ctx.clock.now()) {
-        let command = Command::UpdateChecks {
-            service: service.clone(),
-            id: id.clone(),
+        let command = match target {
+            Target::Instance(service, id) => Command::UpdateChecks {
+                service: service.clone(),
+                id: id.clone(),
+            },
+            Target::Node => Command::UpdateNodeChecks,
         };
         match ctx.writer.submit(command).await {
             Ok(_) | Err(WriteError::Closed) => {}
             // Removed meanwhile: this task is about to be stopped.
             Err(WriteError::Rejected(_)) => {}
             Err(e) => tracing::warn!(
-                service = %service, instance = %id, check = %spec.name, error = %e,
+                owner = ?target, check = %spec.name, error = %e,
                 "cannot show a check's new status; the next sweep will"
             ),
         }

@@ -1388,3 +1388,120 @@ async fn node_maintenance_adds_the_node_maintenance_check_to_every_service() {
     let r = send(&a, Method::PUT, "/v1/agent/maintenance", "").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "enable is required");
 }
+
+/// A check registered without a ServiceID belongs to the node: it counts for every service
+/// on it, is reported like any TTL check, and can be removed again.
+#[tokio::test]
+async fn node_level_checks_count_for_every_service_on_the_node() {
+    let a = shape_agent().await;
+    for id in ["w1", "w2"] {
+        put(
+            &a,
+            "/v1/agent/service/register",
+            json!({"Name": "web", "ID": id, "Port": 80}),
+        )
+        .await;
+    }
+    let passing = |v: Value| v.as_array().expect("a list").len();
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        2
+    );
+
+    put(
+        &a,
+        "/v1/agent/check/register",
+        json!({"Name": "Disk space", "TTL": "60s"}),
+    )
+    .await;
+    // A new check is critical until reported: the node's services leave ?passing.
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        0
+    );
+    let node_checks = get(&a, &format!("/v1/health/node/{NODE_NAME}"))
+        .await
+        .json();
+    let disk = node_checks
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["CheckID"] == "Disk space")
+        .cloned()
+        .unwrap_or_else(|| panic!("no node check in {node_checks}"));
+    assert_eq!(disk["ServiceID"], "");
+    assert_eq!(disk["Status"], "critical");
+
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/check/pass/Disk%20space?note=ok",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        2
+    );
+    let r = send(&a, Method::PUT, "/v1/agent/check/fail/Disk%20space", "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        0
+    );
+    assert!(get(&a, "/v1/agent/checks").await.json()["Disk space"].is_object());
+
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/check/deregister/Disk%20space",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        passing(get(&a, "/v1/health/service/web?passing").await.json()),
+        2
+    );
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/check/deregister/Disk%20space",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+/// The agent runs a node check it can probe (here TCP) as it runs service checks.
+#[tokio::test]
+async fn node_level_tcp_checks_are_run_by_the_agent() {
+    let a = shape_agent().await;
+    let target = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a target");
+    let address = target.local_addr().expect("address").to_string();
+    put(
+        &a,
+        "/v1/agent/check/register",
+        json!({"Name": "gateway", "TCP": address, "Interval": "1s", "Timeout": "500ms"}),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let checks = get(&a, "/v1/agent/checks").await.json();
+        if checks["gateway"]["Status"] == "passing" {
+            assert!(
+                checks["gateway"]["Output"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("Success")),
+                "{checks}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node check never passed: {checks}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}

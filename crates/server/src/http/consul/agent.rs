@@ -483,19 +483,21 @@ pub async fn register_check(
         .str(&["Name"])?
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ConsulError::bad_request("Missing check name"))?;
-    let service_id = o.str(&["ServiceID"])?.filter(|s| !s.is_empty()).ok_or_else(|| {
-        ConsulError::bad_request(
-            "Node-level checks (without ServiceID) are not supported; attach the check to a service",
-        )
-    })?;
-    let snap = state.snapshot();
-    let inst = find(&snap, &service_id).ok_or_else(|| {
-        ConsulError::not_found(format!("ServiceID {service_id:?} does not exist"))
-    })?;
     let id = o
         .str(&["CheckID", "ID"])?
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| name.clone());
+    // Without a ServiceID it is a check of the node: it counts for every service on it.
+    let Some(service_id) = o.str(&["ServiceID"])?.filter(|s| !s.is_empty()) else {
+        let mut check = parse_check(&o, id, "")?;
+        check.display_name = Some(name);
+        submit(&state, Command::RegisterNodeCheck(check)).await?;
+        return Ok(empty());
+    };
+    let snap = state.snapshot();
+    let inst = find(&snap, &service_id).ok_or_else(|| {
+        ConsulError::not_found(format!("ServiceID {service_id:?} does not exist"))
+    })?;
     let check = parse_check(&o, id, render::service_name(&inst))?;
     let mut spec = inst.spec.clone();
     spec.checks.retain(|c| c.name != check.name);
@@ -518,7 +520,13 @@ pub async fn deregister_check(
     Path(id): Path<String>,
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
-    let (inst, pos) = find_check(&snap, &id).ok_or_else(|| unknown_check(&id))?;
+    let Some((inst, pos)) = find_check(&snap, &id) else {
+        if snap.node_checks.iter().any(|c| c.spec.name == id) {
+            submit(&state, Command::DeregisterNodeCheck { name: id }).await?;
+            return Ok(empty());
+        }
+        return Err(unknown_check(&id));
+    };
     let mut spec = inst.spec.clone();
     spec.checks.remove(pos);
     submit(
@@ -541,7 +549,23 @@ async fn report(
     output: String,
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
-    let (inst, pos) = find_check(&snap, id).ok_or_else(|| unknown_check(id))?;
+    let Some((inst, pos)) = find_check(&snap, id) else {
+        let c = snap
+            .node_checks
+            .iter()
+            .find(|c| c.spec.name == id)
+            .ok_or_else(|| unknown_check(id))?;
+        let CheckKind::Ttl { ttl } = c.spec.kind else {
+            return Err(ConsulError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("CheckID {id:?} does not have associated TTL"),
+            ));
+        };
+        if c.state.cell.report(status, output, ttl, state.now()) || c.state.status != status {
+            submit(state, Command::UpdateNodeChecks).await?;
+        }
+        return Ok(empty());
+    };
     let spec = &inst.spec.checks[pos];
     let CheckKind::Ttl { ttl } = spec.kind else {
         return Err(ConsulError::new(

@@ -239,6 +239,31 @@ pub fn serf_health(n: &Node) -> Value {
 /// maintenance.
 pub fn node_checks(n: &Node, snap: &muster_core::Snapshot) -> Vec<Value> {
     let mut out = vec![serf_health(n)];
+    for c in snap.node_checks.iter() {
+        let mut v = json!({
+            "Node": n.name,
+            "CheckID": c.spec.name,
+            "Name": c.spec.display_name.clone().unwrap_or_else(|| c.spec.name.clone()),
+            "Status": status(c.state.status),
+            "Notes": c.spec.notes.clone().unwrap_or_default(),
+            "Output": c.state.cell.runtime().output,
+            "ServiceID": "",
+            "ServiceName": "",
+            "ServiceTags": [],
+            "Type": c.spec.kind.name(),
+            "Interval": "",
+            "Timeout": "",
+            "ExposedPort": 0,
+            "Definition": definition(Some(&c.spec)),
+            "CreateIndex": 1,
+            "ModifyIndex": snap.index.max(1),
+        });
+        if c.spec.kind.is_active() {
+            v["Interval"] = json!(go_format(c.spec.interval));
+            v["Timeout"] = json!(go_format(c.spec.timeout));
+        }
+        out.push(v);
+    }
     if let Some(reason) = &snap.node_maintenance {
         out.push(json!({
             "Node": n.name,
