@@ -11,8 +11,10 @@ name (read from /v1/agent/self when not given).
 
 from __future__ import annotations
 
+import base64
 import http.server
 import importlib.metadata
+import json
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ import urllib.request
 
 import consul
 from consul import Check
+from consul.exceptions import BadRequest, ClientError, NotFound
 
 DEADLINE = 20.0  # seconds any condition may take to come true (HTTP checks run every 1 s)
 
@@ -82,8 +85,307 @@ def parked_watchers(base: str) -> int:
     return -1
 
 
+def until_parked(base: str, before: int, done) -> None:
+    """Gives the agent up to 3 s to hold a blocking query just sent. The gauge is
+    process-wide (other tests' agents count too), so this is a hint, not an assertion: if
+    the change lands before the query parks, the query answers at once, which the checks
+    after it accept as well."""
+    end = time.monotonic() + 3.0
+    while not done() and parked_watchers(base) <= max(before, 0) and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+def raises(exc_type, call):
+    """The exception call() raises, which must be an exc_type; fails when it returns."""
+    try:
+        got = call()
+    except exc_type as e:
+        return e
+    raise Failed(f"expected {exc_type.__name__}; the call returned {got!r}")
+
+
+def b64(data: bytes | str) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
 def ids(entries) -> list[str]:
     return sorted(e["Service"]["ID"] for e in entries)
+
+
+def filter_steps(c, node: str) -> None:
+    """`filter` (go-bexpr) through py-consul's filter_expr arguments. Expects py-web-1 (tags
+    v1/Primary, Meta version=1.2, its TTL check warning), py-web-2 (tag v2, passing) and
+    py-multi-1 (three checks)."""
+    step("health.service(filter_expr=...)")
+    _, entries = c.health.service("py-web", filter_expr='Service.Meta.version == "1.2"')
+    expect(ids(entries) == ["py-web-1"], "filter on Service.Meta.version", entries)
+    _, entries = c.health.service("py-web", filter_expr='"v2" in Service.Tags')
+    expect(ids(entries) == ["py-web-2"], "filter '\"v2\" in Service.Tags'", entries)
+    _, entries = c.health.service("py-web", filter_expr='Service.ID matches "-1$" or Service.Port == 8081')
+    expect(ids(entries) == ["py-web-1", "py-web-2"], "filter with matches / or / a number", entries)
+    _, entries = c.health.service("py-web", filter_expr=f'Node.Node == "{node}" and not ("v1" in Service.Tags)')
+    expect(ids(entries) == ["py-web-2"], "filter with and / not / parentheses", entries)
+    _, entries = c.health.service("py-web", passing=True, filter_expr='"v1" in Service.Tags')
+    expect(entries == [], "passing and filter together (py-web-1 warns)", entries)
+
+    step("catalog.service / catalog.services / catalog.nodes with filter_expr")
+    _, cs = c.catalog.service("py-web", filter_expr='ServiceMeta.version == "1.2"')
+    expect([e["ServiceID"] for e in cs] == ["py-web-1"], "catalog.service filter on ServiceMeta", cs)
+    _, services = c.catalog.services(filter_expr='ServiceName == "py-web"')
+    expect(list(services) == ["py-web"], "catalog.services filter on ServiceName", services)
+    _, nodes = c.catalog.nodes(filter_expr=f'Node == "{node}"')
+    expect([n["Node"] for n in nodes] == [node], "catalog.nodes filter on Node", nodes)
+    _, nodes = c.catalog.nodes(filter_expr=f'Node != "{node}"')
+    expect(nodes == [], "catalog.nodes filter matching nothing", nodes)
+
+    step("agent.services / agent.checks / health.state with filter_expr")
+    svcs = c.agent.services(filter_expr='Service == "py-web" and "v2" in Tags')
+    expect(list(svcs) == ["py-web-2"], "agent.services filter on Service and Tags", svcs)
+    ac = c.agent.checks(filter_expr='ServiceID == "py-multi-1"')
+    expect(sorted(ac) == ["service:py-multi-1:1", "service:py-multi-1:2", "service:py-multi-1:3"],
+           "agent.checks filter on ServiceID", sorted(ac))
+    _, st = c.health.state("any", filter_expr='ServiceName == "py-web" and Status == "warning"')
+    expect([ch["CheckID"] for ch in st] == ["service:py-web-1"], "health.state('any') filter", st)
+
+    step("an invalid filter is a 400 (BadRequest)")
+    e = raises(BadRequest, lambda: c.health.service("py-web", filter_expr="Service.Port =="))
+    expect("Failed to create boolean expression evaluator" in str(e), "Consul's 400 message", str(e))
+
+
+def kv_steps(c, base: str) -> None:
+    step("kv.put / kv.get: text, binary, empty value, flags")
+    expect(c.kv.put("py/kv/text", "hello") is True, "kv.put() returns True")
+    idx, pair = c.kv.get("py/kv/text")
+    expect(int(idx) >= 1, "X-Consul-Index >= 1", idx)
+    expect(isinstance(pair, dict) and pair["Key"] == "py/kv/text" and pair["Value"] == b"hello"
+           and pair["Flags"] == 0 and pair["LockIndex"] == 0 and "Session" not in pair
+           and pair["CreateIndex"] == pair["ModifyIndex"] >= 1,
+           "the pair: Key, Value (base64-decoded), Flags 0, LockIndex 0, Create/ModifyIndex", pair)
+    blob = bytes(range(256)) + b"\x00\xff\r\n"
+    expect(c.kv.put("py/kv/bin", blob) is True, "kv.put(binary)")
+    _, pair = c.kv.get("py/kv/bin")
+    expect(pair["Value"] == blob, "binary bytes round-trip", pair["Value"])
+    expect(c.kv.put("py/kv/empty", None) is True, "kv.put(None): an empty body")
+    _, pair = c.kv.get("py/kv/empty")
+    expect(pair is not None and pair["Value"] is None, "an empty value reads back as Value null", pair)
+    expect(c.kv.put("py/kv/empty2", b"") is True, "kv.put(b'')")
+    _, pair = c.kv.get("py/kv/empty2")
+    expect(pair is not None and pair["Value"] is None, "b'' reads back as Value null too", pair)
+    expect(c.kv.put("py/kv/flags", "f", flags=42) is True, "kv.put(flags=42)")
+    _, pair = c.kv.get("py/kv/flags")
+    expect(pair["Flags"] == 42 and pair["Value"] == b"f", "Flags 42", pair)
+    first_modify = c.kv.get("py/kv/text")[1]["ModifyIndex"]
+    expect(c.kv.put("py/kv/text", "hello again") is True, "overwrite")
+    _, pair = c.kv.get("py/kv/text")
+    expect(pair["Value"] == b"hello again" and pair["ModifyIndex"] > first_modify
+           and pair["CreateIndex"] < pair["ModifyIndex"], "an overwrite bumps ModifyIndex, keeps CreateIndex", pair)
+
+    step("kv.put(cas=...): create-only, then check-and-set")
+    expect(c.kv.put("py/kv/cas", "v1", cas=0) is True, "cas=0 creates a missing key")
+    expect(c.kv.put("py/kv/cas", "v1b", cas=0) is False, "cas=0 on an existing key is False")
+    _, pair = c.kv.get("py/kv/cas")
+    expect(pair["Value"] == b"v1", "the failed cas=0 left the value", pair)
+    m = pair["ModifyIndex"]
+    expect(c.kv.put("py/kv/cas", "v2", cas=m) is True, "cas=<ModifyIndex> succeeds")
+    expect(c.kv.put("py/kv/cas", "v3", cas=m) is False, "cas=<stale ModifyIndex> is False")
+    _, pair = c.kv.get("py/kv/cas")
+    expect(pair["Value"] == b"v2" and pair["ModifyIndex"] > m, "the stale cas left v2", pair)
+
+    step("kv.get(recurse=True) / kv.get(keys=True, separator='/')")
+    for k in ("py/tree/a", "py/tree/b/c", "py/tree/b/d", "py/tree/e/"):
+        expect(c.kv.put(k, k.upper()) is True, f"kv.put({k!r})")
+    _, pairs = c.kv.get("py/tree/", recurse=True)
+    expect([p["Key"] for p in pairs] == ["py/tree/a", "py/tree/b/c", "py/tree/b/d", "py/tree/e/"],
+           "recurse lists every pair under the prefix, sorted", pairs)
+    expect(pairs[1]["Value"] == b"PY/TREE/B/C", "recurse decodes each Value", pairs[1])
+    _, keys = c.kv.get("py/tree/", keys=True)
+    expect(keys == ["py/tree/a", "py/tree/b/c", "py/tree/b/d", "py/tree/e/"], "keys=True lists keys", keys)
+    _, keys = c.kv.get("py/tree/", keys=True, separator="/")
+    expect(keys == ["py/tree/a", "py/tree/b/", "py/tree/e/"], "keys up to the separator, deduplicated", keys)
+    _, keys = c.kv.get("py/tree/b", keys=True, separator="/")
+    expect(keys == ["py/tree/b/"], "a prefix that is no folder", keys)
+
+    step("a missing key: (index, None), also with recurse and keys")
+    idx, none = c.kv.get("py/kv/missing")
+    expect(none is None and int(idx) >= 1, "kv.get(missing) is (index, None) with an index", (idx, none))
+    expect(c.kv.get("py/nothing/", recurse=True)[1] is None, "recurse on an empty prefix is None")
+    expect(c.kv.get("py/nothing/", keys=True)[1] is None, "keys on an empty prefix is None")
+
+    step("kv.delete(cas=...) / kv.delete(recurse=True)")
+    _, pair = c.kv.get("py/kv/cas")
+    m = pair["ModifyIndex"]
+    expect(c.kv.delete("py/kv/cas", cas=m - 1) is False, "delete with a stale cas is False")
+    expect(c.kv.get("py/kv/cas")[1] is not None, "and leaves the key")
+    expect(c.kv.delete("py/kv/cas", cas=m) is True, "delete with the right cas")
+    expect(c.kv.get("py/kv/cas")[1] is None, "the key is gone")
+    raises(BadRequest, lambda: c.kv.delete("py/tree/", recurse=True, cas=m))
+    expect(c.kv.delete("py/tree/b/", recurse=True) is True, "delete recurse a sub-tree")
+    _, keys = c.kv.get("py/tree/", keys=True)
+    expect(keys == ["py/tree/a", "py/tree/e/"], "only that sub-tree went", keys)
+    expect(c.kv.delete("py/tree/a") is True, "delete one key")
+    expect(c.kv.delete("py/tree/a") is True, "deleting a missing key is True as well")
+    expect(c.kv.delete("py/tree", recurse=True) is True, "delete recurse the rest")
+    expect(c.kv.get("py/tree/", recurse=True)[1] is None, "nothing left under py/tree/")
+
+    step("blocking kv.get on a missing key: parked, woken when the key is written")
+    idx, none = c.kv.get("py/kv/later")
+    expect(none is None, "py/kv/later is missing", none)
+    result: dict = {}
+
+    def blocking_get():
+        t0 = time.monotonic()
+        try:
+            result["answer"] = c.kv.get("py/kv/later", index=idx, wait="10s")
+        except Exception as e:  # reported by the main thread
+            result["error"] = e
+        result["elapsed"] = time.monotonic() - t0
+
+    before = parked_watchers(base)
+    waiter = threading.Thread(target=blocking_get, daemon=True)
+    waiter.start()
+    until_parked(base, before, lambda: "elapsed" in result)
+    expect("elapsed" not in result, "the blocking get waits while the key is missing", result)
+    expect(c.kv.put("py/kv/later", "arrived") is True, "kv.put('py/kv/later')")
+    t_change = time.monotonic()
+    waiter.join(timeout=20)
+    expect(not waiter.is_alive(), "the blocking get returned")
+    expect("error" not in result, "the blocking get succeeded", result.get("error"))
+    woke_after = time.monotonic() - t_change
+    new_idx, pair = result["answer"]
+    expect(result["elapsed"] < 8.0 and woke_after < 4.0,
+           "woken by the write, well before wait=10s ran out", (result["elapsed"], woke_after))
+    expect(int(new_idx) > int(idx), f"a larger index than {idx}", new_idx)
+    expect(pair is not None and pair["Value"] == b"arrived", "the answer is the new pair", pair)
+
+    step("blocking kv.get with nothing changing returns after its wait, same index")
+    t0 = time.monotonic()
+    same_idx, pair = c.kv.get("py/kv/later", index=new_idx, wait="1s")
+    elapsed = time.monotonic() - t0
+    expect(same_idx == new_idx and pair["Value"] == b"arrived", "the index and pair are unchanged", (new_idx, same_idx, pair))
+    expect(0.95 <= elapsed < 3.0, "held for its wait (1s, plus at most wait/16 of jitter)", elapsed)
+
+    expect(c.kv.delete("py/", recurse=True) is True, "clean up py/")
+    expect(c.kv.get("py/", recurse=True)[1] is None, "nothing left under py/")
+
+
+def session_steps(c, node: str) -> None:
+    step("session.create (TTL, behavior release) and session.info / list / node")
+    s1 = c.session.create(name="py-lock-1", ttl=30, behavior="release")
+    s2 = c.session.create(name="py-lock-2", ttl=30)
+    expect(isinstance(s1, str) and len(s1) == 36 and s1 != s2, "session.create() returns a UUID", (s1, s2))
+    _, info = c.session.info(s1)
+    expect(info is not None and info["ID"] == s1 and info["Name"] == "py-lock-1" and info["Node"] == node
+           and info["Behavior"] == "release" and info["TTL"] == "30s" and info["LockDelay"] == 15_000_000_000,
+           "session.info(): ID, Name, Node, Behavior, TTL '30s', LockDelay 15 s in ns", info)
+    _, sessions = c.session.list()
+    expect({s1, s2} <= {s["ID"] for s in sessions}, "session.list() has both", sessions)
+    _, sessions = c.session.node(node)
+    expect({s1, s2} <= {s["ID"] for s in sessions}, "session.node(node) has both", sessions)
+
+    step("lock: acquire with s1, contend with s2, release, s2 acquires")
+    key = "py/lock/leader"
+    expect(c.kv.put(key, "s1 holds", acquire=s1) is True, "s1 acquires the lock")
+    _, pair = c.kv.get(key)
+    expect(pair["Session"] == s1 and pair["LockIndex"] == 1 and pair["Value"] == b"s1 holds",
+           "the key names s1 as holder, LockIndex 1", pair)
+    expect(c.kv.put(key, "s2 wants", acquire=s2) is False, "s2 cannot acquire a held lock")
+    expect(c.kv.put(key, "s2 frees", release=s2) is False, "s2 cannot release s1's lock")
+    _, pair = c.kv.get(key)
+    expect(pair["Session"] == s1 and pair["Value"] == b"s1 holds", "the failed acquire/release changed nothing", pair)
+    e = raises(BadRequest, lambda: c.kv.put(key, "x", cas=pair["ModifyIndex"], acquire=s1))
+    expect("Conflicting flags" in str(e), "cas with acquire is 400 Conflicting flags", str(e))
+    expect(c.kv.put(key, "free", release=s1) is True, "s1 releases")
+    _, pair = c.kv.get(key)
+    expect("Session" not in pair and pair["Value"] == b"free" and pair["LockIndex"] == 1,
+           "released: no Session, the release's value, LockIndex kept", pair)
+    expect(c.kv.put(key, "s2 holds", acquire=s2) is True, "s2 acquires after the release")
+    _, pair = c.kv.get(key)
+    expect(pair["Session"] == s2 and pair["LockIndex"] == 2, "s2 holds it, LockIndex 2", pair)
+
+    step("session.renew / session.destroy")
+    renewed = c.session.renew(s1)
+    expect(isinstance(renewed, dict) and renewed["ID"] == s1 and renewed["TTL"] == "30s", "session.renew() returns the session", renewed)
+    expect(c.session.destroy(s1) is True, "session.destroy(s1) returns True")
+    _, info = c.session.info(s1)
+    expect(info is None, "session.info(destroyed) is None", info)
+    _, sessions = c.session.list()
+    expect(s1 not in {s["ID"] for s in sessions} and s2 in {s["ID"] for s in sessions}, "session.list() drops s1 only", sessions)
+    raises(NotFound, lambda: c.session.renew(s1))
+    _, pair = c.kv.get(key)
+    expect(pair["Session"] == s2, "destroying s1 did not touch s2's lock", pair)
+    expect(c.session.destroy(s2) is True, "session.destroy(s2)")
+    _, pair = c.kv.get(key)
+    expect(pair is not None and "Session" not in pair and pair["Value"] == b"s2 holds",
+           "behavior release: s2's destroy releases its lock and keeps the key", pair)
+
+    step("a session with behavior delete: its destroy deletes the key it holds")
+    s3 = c.session.create(name="py-ephemeral", behavior="delete", ttl=30)
+    _, info = c.session.info(s3)
+    expect(info["Behavior"] == "delete", "Behavior delete", info)
+    expect(c.kv.put("py/lock/ephemeral", "here while s3 lives", acquire=s3) is True, "s3 acquires")
+    expect(c.kv.get("py/lock/ephemeral")[1]["Session"] == s3, "held by s3")
+    expect(c.session.destroy(s3) is True, "session.destroy(s3)")
+    _, pair = c.kv.get("py/lock/ephemeral")
+    expect(pair is None, "the key went with the session", pair)
+    expect(c.kv.delete("py/", recurse=True) is True, "clean up py/")
+
+
+def txn_steps(c) -> None:
+    step("txn.put: a multi-operation transaction")
+    expect(c.kv.put("py/txn/seed", "seed") is True, "seed key")
+    out = c.txn.put([
+        {"KV": {"Verb": "set", "Key": "py/txn/a", "Value": b64("one")}},
+        {"KV": {"Verb": "set", "Key": "py/txn/b", "Value": b64(b"\x00two"), "Flags": 7}},
+        {"KV": {"Verb": "get", "Key": "py/txn/seed"}},
+    ])
+    expect(isinstance(out, dict) and out.get("Errors") is None and len(out.get("Results") or []) == 3,
+           "txn.put() returns Results for each operation and no Errors", out)
+    res = [r["KV"] for r in out["Results"]]
+    expect([r["Key"] for r in res] == ["py/txn/a", "py/txn/b", "py/txn/seed"], "Results in operation order", res)
+    expect(res[0]["Value"] is None and res[1]["Flags"] == 7, "set results carry no Value, their Flags", res[:2])
+    expect(res[2]["Value"] == b64("seed"), "the get result has the value (base64)", res[2])
+    _, pair = c.kv.get("py/txn/b")
+    expect(pair["Value"] == b"\x00two" and pair["Flags"] == 7, "the transaction wrote py/txn/b", pair)
+    a = c.kv.get("py/txn/a")[1]
+    expect(a["Value"] == b"one", "and py/txn/a", a)
+
+    step("txn.put: a failing operation rolls back the whole transaction (409)")
+    e = raises(ClientError, lambda: c.txn.put([
+        {"KV": {"Verb": "set", "Key": "py/txn/c", "Value": b64("three")}},
+        {"KV": {"Verb": "delete", "Key": "py/txn/seed"}},
+        {"KV": {"Verb": "cas", "Key": "py/txn/a", "Value": b64("stale"), "Index": a["ModifyIndex"] - 1}},
+    ]))
+    code, _, body = str(e).partition(" ")
+    expect(code == "409", "py-consul raises ClientError('409 ...')", str(e))
+    answer = json.loads(body)
+    errors = answer.get("Errors") or []
+    expect(answer.get("Results") is None and len(errors) == 1 and errors[0].get("OpIndex") == 2
+           and "py/txn/a" in errors[0].get("What", ""),
+           "Errors name the failing operation (OpIndex 2) and its key", answer)
+    expect(c.kv.get("py/txn/c")[1] is None, "the set before it was rolled back")
+    expect(c.kv.get("py/txn/seed")[1]["Value"] == b"seed", "the delete before it was rolled back")
+    expect(c.kv.get("py/txn/a")[1]["Value"] == b"one", "the cas target is unchanged")
+    expect(c.kv.delete("py/", recurse=True) is True, "clean up py/")
+
+
+def event_steps(c) -> None:
+    step("event.fire with a payload / event.list by name")
+    ev = c.event.fire("py-deploy", "build 42")
+    expect(isinstance(ev, dict) and ev.get("Name") == "py-deploy" and isinstance(ev.get("ID"), str) and ev["ID"]
+           and base64.b64decode(ev.get("Payload") or "") == b"build 42",
+           "event.fire() returns the event: Name, ID, Payload (base64)", ev)
+    other = c.event.fire("py-other")
+    expect(other.get("Name") == "py-other" and other.get("Payload") is None, "an event without payload has Payload null", other)
+    ev2 = c.event.fire("py-deploy", "build 43")
+    expect(ev2["ID"] != ev["ID"], "each event has its own ID", (ev, ev2))
+    idx, events = c.event.list(name="py-deploy")
+    expect([e["ID"] for e in events] == [ev["ID"], ev2["ID"]], "event.list(name=) has the two events, oldest first", events)
+    expect([e["Payload"] for e in events] == [b"build 42", b"build 43"], "with their payloads (decoded)", events)
+    expect(int(idx) >= 1, "X-Consul-Index >= 1", idx)
+    _, everything = c.event.list()
+    expect({ev["ID"], other["ID"], ev2["ID"]} <= {e["ID"] for e in everything}, "event.list() has every event", everything)
+    _, none = c.event.list(name="py-no-such-event")
+    expect(none == [], "event.list(unknown name) is []", none)
 
 
 def main() -> None:
@@ -409,6 +711,8 @@ def main() -> None:
     _, anyc = c.health.state("any")
     expect({"serfHealth", "service:py-web-1"} <= {ch["CheckID"] for ch in anyc}, "health.state('any')", anyc)
 
+    filter_steps(c, node)
+
     # --- Deregistration -------------------------------------------------------------------
     step("deregister everything")
     for sid in ("py-web-1", "py-web-2", "py-api-1", "py-multi-1", "py-grpc-1", "py-late-1"):
@@ -419,6 +723,12 @@ def main() -> None:
     expect(not any(k.startswith("py-") for k in services), "catalog.services() lists none of them", services)
     expect(not any(k.startswith("service:py-") for k in c.agent.checks()), "their checks are gone", c.agent.checks())
     server.shutdown()
+
+    # --- KV, sessions and locks, transactions, events -------------------------------------
+    kv_steps(c, base)
+    session_steps(c, node)
+    txn_steps(c)
+    event_steps(c)
     print("py-consul: all steps passed", flush=True)
 
 

@@ -1,7 +1,9 @@
 //! Real, unmodified Consul client libraries against an agent on a real socket: py-consul
 //! (PyPI) and the npm `consul` package. The scripts in tests/compat drive a whole flow each
 //! (register with checks, TTL pass/fail, passing queries, HTTP checks, blocking queries,
-//! catalog and agent reads, deregistration) and exit 0 when it behaves as against Consul.
+//! catalog and agent reads, `filter` expressions, deregistration; then KV with cas, flags,
+//! recurse, keys and a blocking get, sessions and locks, transactions, user events) through
+//! the libraries' own calls, and exit 0 when it behaves as against Consul.
 //!
 //! CI installs both clients (.ci/run) and sets CI, so there these tests fail rather than
 //! skip when a client is missing; elsewhere they print how to install it and pass.
