@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::{LeaseId, ValidationError};
+use crate::{LeaseId, Time, ValidationError};
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -35,6 +35,9 @@ pub struct KvEntry {
     pub create_index: u64,
     /// The index of its last change.
     pub modify_index: u64,
+    /// Until when the lock cannot be acquired: set when the session holding it ended
+    /// (Consul's lock delay). Not stored: a restart ends every delay.
+    pub lock_delay_until: Option<Time>,
 }
 
 /// What happens to a session's locks when it ends.
@@ -55,7 +58,8 @@ pub struct SessionSpec {
     pub name: String,
     /// The node it belongs to.
     pub node: String,
-    /// Consul's lock delay (stored and reported).
+    /// Consul's lock delay: when the session ends, the locks it held cannot be acquired
+    /// again for this long.
     pub lock_delay: Duration,
     /// Release or delete on end.
     pub behavior: SessionBehavior,
@@ -136,6 +140,7 @@ impl KvEntry {
             session: s.session.map(Into::into),
             create_index: s.create_index,
             modify_index: s.modify_index,
+            lock_delay_until: None,
         })
     }
 }
@@ -216,6 +221,7 @@ mod tests {
             session: Some("s".into()),
             create_index: 3,
             modify_index: 4,
+            lock_delay_until: None,
         };
         assert_eq!(KvEntry::from_stored(e.stored()), Some(e));
     }

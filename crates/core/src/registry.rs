@@ -368,6 +368,8 @@ pub struct Registry {
     preservation: Preservation,
     mutations: Vec<Mutation>,
     persisted_index: u64,
+    /// The time of the command being applied.
+    now: Time,
     /// Inside a KV transaction: every change shares one index.
     in_txn: bool,
     txn_index: Option<u64>,
@@ -391,6 +393,7 @@ impl Registry {
             preservation,
             mutations: Vec::new(),
             persisted_index: 0,
+            now: Time::ZERO,
             in_txn: false,
             txn_index: None,
         }
@@ -528,6 +531,7 @@ impl Registry {
 
     /// Applies `command` at `now`. On error nothing changed.
     pub fn apply(&mut self, command: Command, now: Time) -> Result<Applied, RegistryError> {
+        self.now = now;
         match command {
             Command::Register { service, id, spec } => self.register(service, id, spec, now),
             Command::Move {
@@ -1498,6 +1502,14 @@ impl Registry {
             match &session {
                 Some(holder) if **holder != **s => return refused,
                 Some(_) => {}
+                // The previous holder's session ended less than its lock delay ago.
+                None if old
+                    .as_ref()
+                    .and_then(|e| e.lock_delay_until)
+                    .is_some_and(|t| self.now < t) =>
+                {
+                    return refused;
+                }
                 None => {
                     lock_index += 1;
                     session = Some(s.as_str().into());
@@ -1523,6 +1535,7 @@ impl Registry {
             session,
             create_index: old.as_ref().map_or(index, |e| e.create_index),
             modify_index: index,
+            lock_delay_until: old.as_ref().and_then(|e| e.lock_delay_until),
         };
         self.mutations.push(Mutation::PutKv(entry.stored()));
         self.state.kv_tombstones.remove(&key);
@@ -1674,9 +1687,11 @@ impl Registry {
             match session.spec.behavior {
                 SessionBehavior::Delete => self.remove_kv(e.key.clone(), index),
                 SessionBehavior::Release => {
+                    let delay = session.spec.lock_delay;
                     let released = KvEntry {
                         session: None,
                         modify_index: index,
+                        lock_delay_until: (!delay.is_zero()).then(|| self.now + delay),
                         ..(*e).clone()
                     };
                     self.mutations.push(Mutation::PutKv(released.stored()));

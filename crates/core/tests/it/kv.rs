@@ -298,3 +298,32 @@ fn a_transaction_applies_all_at_one_index_or_nothing() {
             .any(|m| matches!(m, Mutation::PutKv(e) if e.key == "c"))
     }));
 }
+
+#[test]
+fn a_lock_whose_session_ended_cannot_be_taken_within_the_lock_delay() {
+    let mut reg = Registry::new(config_without_preservation(60_000));
+    for id in ["s1", "s2"] {
+        apply(
+            &mut reg,
+            Command::CreateSession {
+                id: id.into(),
+                spec: SessionSpec {
+                    lock_delay: Duration::from_secs(15),
+                    ..SessionSpec::default()
+                },
+            },
+            0,
+        );
+    }
+    let mut take = put("leader", "s1");
+    take.acquire = Some("s1".into());
+    assert!(ok(apply(&mut reg, Command::KvPut(take), 0)));
+    apply(&mut reg, Command::DestroySession { id: "s1".into() }, 1_000);
+    let mut take = put("leader", "s2");
+    take.acquire = Some("s2".into());
+    assert!(
+        !ok(apply(&mut reg, Command::KvPut(take.clone()), 15_999)),
+        "within the lock delay"
+    );
+    assert!(ok(apply(&mut reg, Command::KvPut(take), 16_000)));
+}
