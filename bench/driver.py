@@ -4,6 +4,7 @@
 Subcommands:
   populate    register many instances over many keep-alive connections, print the rate
   watchers    park blocking queries and SSE subscribers, make changes, time the wake-ups
+              (the native API by default; --path/--index-header/--change-* for another)
   restart     exec the agent (or etcd) and time it until it is ready and serves a service
   etcd-load   put the instances of a discovery answer into etcd, print the range request
   etcd-leases grant etcd leases, write their ids one per line
@@ -247,7 +248,7 @@ def on_readable(w, state):
                 k = k.strip().lower()
                 if k == b"content-length":
                     length = int(v)
-                elif k == b"x-muster-index":
+                elif k == state["index_header"]:
                     index = int(v)
             if len(w.buf) < end + 4 + length:
                 continue
@@ -283,15 +284,19 @@ async def wait_until(pred, timeout, what):
 async def watchers_main(a):
     loop = asyncio.get_running_loop()
     svc = a.service
-    status, headers, _ = request(a.port, "GET", f"/api/v1/services/{svc}")
+    # The read the blocking queries watch: the native discovery read unless --path names one.
+    path = a.path or f"/api/v1/services/{svc}"
+    header = a.index_header.lower()
+    status, headers, _ = request(a.port, "GET", path)
     if status != 200:
-        raise SystemExit(f"watchers: discovery of {svc} answered {status}")
-    index = int(headers["x-muster-index"])
+        raise SystemExit(f"watchers: {path} answered {status}")
+    index = int(headers[header])
     rss_before = rss_kb(a.pid)
-    state = {"pending": 0, "early": 0}
+    state = {"pending": 0, "early": 0, "index_header": header.encode()}
+    sep = "&" if "?" in path else "?"
 
     def blocking_req(idx):
-        return (f"GET /api/v1/services/{svc}?index={idx}&wait=5m HTTP/1.1\r\n"
+        return (f"GET {path}{sep}index={idx}&wait={a.wait} HTTP/1.1\r\n"
                 f"Host: bench\r\n\r\n").encode()
 
     sse_req = (f"GET /api/v1/watch?service={svc} HTTP/1.1\r\nHost: bench\r\n"
@@ -322,7 +327,7 @@ async def watchers_main(a):
     reads = []
     for _ in range(200):
         t = time.perf_counter()
-        conn.request("GET", f"/api/v1/services/{svc}")
+        conn.request("GET", path)
         conn.getresponse().read()
         reads.append((time.perf_counter() - t) * 1e3)
     conn.close()
@@ -342,15 +347,22 @@ async def watchers_main(a):
             w.armed = not w.closed
             w.buf.clear() if not w.sse else None
         state["pending"] = sum(w.armed for w in waiters)
-        body = json.dumps(REGISTER_BODY).encode()
+        # The change: a registration in the service (native by default, else --change-path
+        # with --change-body, "{round}" in either replaced by the round number).
+        if a.change_path:
+            change_path = a.change_path.replace("{round}", str(r)).encode()
+            body = (a.change_body or "").replace("{round}", str(r)).encode()
+        else:
+            change_path = b"/api/v1/services/%s/instances/change-%d" % (svc.encode(), r)
+            body = json.dumps(REGISTER_BODY).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
         cpu0 = cpu_seconds(a.pid)
         mono0 = time.clock_gettime(time.CLOCK_MONOTONIC)
         t0 = time.time_ns()
         writer.write(
-            b"PUT /api/v1/services/%s/instances/change-%d HTTP/1.1\r\nHost: bench\r\n"
+            b"PUT %s HTTP/1.1\r\nHost: bench\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (svc.encode(), r, len(body), body))
+            % (change_path, len(body), body))
         await writer.drain()
         change_status = await read_response(reader)
         t_change_done = time.time_ns()
@@ -575,6 +587,14 @@ def main():
     s.add_argument("--sse", type=int, default=1000)
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--timeout", type=float, default=20)
+    s.add_argument("--path", help="the read to block on (default: /api/v1/services/SERVICE)")
+    s.add_argument("--index-header", default="X-Muster-Index",
+                   help="the response header carrying the index")
+    s.add_argument("--wait", default="5m", help="the blocking queries' wait parameter")
+    s.add_argument("--change-path",
+                   help="PUT here to make the change ({round} is replaced by the round number);"
+                        " default: register an instance in SERVICE through the native API")
+    s.add_argument("--change-body", help="the change's JSON body ({round} replaced as well)")
     s.set_defaults(fn=cmd_watchers)
 
     s = sub.add_parser("restart")

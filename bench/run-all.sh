@@ -8,7 +8,7 @@ REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 OUT="$BENCH_DIR/out"
 mkdir -p "$OUT"
 
-read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks}"
+read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks consul}"
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
