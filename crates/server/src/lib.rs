@@ -52,6 +52,7 @@ struct Inner {
     watchers: AtomicUsize,
     shutdown: CancellationToken,
     events: http::consul::events::Events,
+    consul_node: http::consul::render::Node,
 }
 
 impl AppState {
@@ -74,6 +75,11 @@ impl AppState {
     #[allow(clippy::disallowed_types)]
     pub fn wall(&self, t: Time) -> std::time::SystemTime {
         self.inner.clock.wall(t)
+    }
+
+    /// The node the Consul API presents.
+    pub fn consul_node(&self) -> &http::consul::render::Node {
+        &self.inner.consul_node
     }
 
     /// Consul user events fired on this agent.
@@ -162,6 +168,7 @@ impl Agent {
             shutdown.clone(),
         ));
         telemetry::handle();
+        let consul_node = http::consul::render::Node::from_config(&config);
         Ok(Agent {
             state: AppState {
                 inner: Arc::new(Inner {
@@ -172,6 +179,7 @@ impl Agent {
                     watchers: AtomicUsize::new(0),
                     shutdown,
                     events: Default::default(),
+                    consul_node,
                 }),
             },
             tasks: vec![writer_task, sweeper_task, checker_task],

@@ -124,20 +124,50 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
-/// Counts requests by matched route (not raw path, to keep label cardinality bounded).
+/// Counts requests by matched route (not raw path, to keep label cardinality bounded), and
+/// records their latency, except for blocking queries, whose time is mostly waiting.
 async fn count_requests(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method());
+    let blocking = is_blocking(req.uri().query());
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::histogram!(m::HTTP_SECONDS, "route" => route.clone())
-        .record(started.elapsed().as_secs_f64());
+    if !blocking {
+        metrics::histogram!(m::HTTP_SECONDS, "route" => route.clone())
+            .record(started.elapsed().as_secs_f64());
+    }
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "method" => method, "status" => status)
         .increment(1);
     resp
+}
+
+/// The method as a label, without allocating for the usual ones.
+fn method_label(m: &axum::http::Method) -> std::borrow::Cow<'static, str> {
+    use axum::http::Method;
+    let known = match *m {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => return m.as_str().to_string().into(),
+    };
+    known.into()
+}
+
+/// Whether a query string asks to block (`index` given and not 0).
+fn is_blocking(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|kv| {
+            kv.strip_prefix("index=")
+                .is_some_and(|v| !v.is_empty() && v != "0")
+        })
+    })
 }

@@ -416,7 +416,7 @@ pub async fn register(
     let own = agent.is(&node_name);
     let node_address = match o.str(&["Address"])?.filter(|a| !a.is_empty()) {
         Some(a) => a,
-        None if own => agent.address.clone(),
+        None if own => agent.address.to_string(),
         None => return Err(ConsulError::bad_request("Must provide address")),
     };
     if let Some(dc) = o.str(&["Datacenter"])?.filter(|d| !d.is_empty())

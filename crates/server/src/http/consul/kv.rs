@@ -282,7 +282,7 @@ pub async fn create_session(
         .unwrap_or(Duration::from_secs(15));
     let spec = SessionSpec {
         name: o.str(&["Name"])?.unwrap_or_default(),
-        node: node.name.clone(),
+        node: node.name.to_string(),
         lock_delay,
         behavior,
         ttl,

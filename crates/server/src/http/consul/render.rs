@@ -1,6 +1,7 @@
 //! Consul's JSON shapes, key casing exact, types as Consul's Go API structs decode them.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use muster_core::{CheckKind, CheckSpec, CheckState, Health, Instance, KeepAlive, Service, Status};
 use serde_json::{Map, Value, json};
@@ -9,32 +10,37 @@ use super::body::go_format;
 use crate::AppState;
 
 /// The node the agent presents: its name, a stable UUID, its address and datacenter.
+/// Cheap to clone: every Consul answer carries it.
 #[derive(Clone, Debug)]
 pub struct Node {
     /// Node name.
-    pub name: String,
+    pub name: Arc<str>,
     /// A UUID derived from the name, so it stays the same across restarts.
-    pub id: String,
+    pub id: Arc<str>,
     /// The address clients connect to when a service has none of its own.
-    pub address: String,
+    pub address: Arc<str>,
     /// Datacenter.
-    pub datacenter: String,
+    pub datacenter: Arc<str>,
 }
 
 impl Node {
+    /// The agent's node, as its configuration names it.
+    pub fn from_config(c: &crate::AgentConfig) -> Node {
+        Node {
+            name: c.node.as_str().into(),
+            id: if c.node_id.is_empty() {
+                uuid_from(&c.node).into()
+            } else {
+                c.node_id.as_str().into()
+            },
+            address: c.advertise_addr.as_str().into(),
+            datacenter: c.datacenter.as_str().into(),
+        }
+    }
+
     /// The agent's node.
     pub fn of(state: &AppState) -> Node {
-        let c = state.config();
-        Node {
-            name: c.node.clone(),
-            id: if c.node_id.is_empty() {
-                uuid_from(&c.node)
-            } else {
-                c.node_id.clone()
-            },
-            address: c.advertise_addr.clone(),
-            datacenter: c.datacenter.clone(),
-        }
+        state.consul_node().clone()
     }
 
     /// Whether `name` names this node (case-insensitively, as Consul matches).
@@ -46,9 +52,9 @@ impl Node {
     pub fn of_instance(&self, i: &Instance) -> Node {
         match i.spec.compat.as_ref().and_then(|c| c.node.as_ref()) {
             Some((name, address)) => Node {
-                name: name.clone(),
-                id: uuid_from(name),
-                address: address.clone(),
+                name: name.as_str().into(),
+                id: uuid_from(name).into(),
+                address: address.as_str().into(),
                 datacenter: self.datacenter.clone(),
             },
             None => self.clone(),
