@@ -4,7 +4,6 @@
 //! The registry holds 100,000 TTL instances over 10,000 services (10 each), registered at
 //! time 0 with the default settings. Run with `cargo bench -p muster-core --bench lookup`.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +33,10 @@ fn registry() -> Registry {
             let spec = InstanceSpec {
                 address: format!("10.{}.{}.{}", n >> 16, (n >> 8) & 0xff, n & 0xff),
                 port: 8080,
-                tags: BTreeSet::from(["http".to_string(), format!("v{}", i % 3)]),
-                meta: BTreeMap::from([("version".to_string(), "1.4.2".to_string())]),
+                tags: ["http".to_string(), format!("v{}", i % 3)]
+                    .into_iter()
+                    .collect(),
+                meta: [("version".to_string(), "1.4.2".to_string())].into(),
                 zone: Some(format!("zone-{}", i % 3)),
                 weight: 1,
                 keep_alive: KeepAlive::Ttl(Duration::from_secs(ttl)),

@@ -20,6 +20,7 @@
 //! - [`time`]: the injected clock value.
 
 pub mod check;
+pub mod compact;
 pub mod kv;
 pub mod liveness;
 pub mod model;

@@ -297,9 +297,9 @@ pub struct InstanceSpec {
     /// Port, 1 to 65535.
     pub port: u16,
     /// Tags; a set, kept sorted.
-    pub tags: BTreeSet<String>,
+    pub tags: Tags,
     /// Free-form string metadata.
-    pub meta: BTreeMap<String, String>,
+    pub meta: Meta,
     /// Locality for zone-aware routing.
     pub zone: Option<String>,
     /// Relative share of traffic (DNS SRV weight, balancer weight).
@@ -543,6 +543,7 @@ pub struct Instance {
 }
 
 use crate::check::{CheckCell, CheckSpec, MAX_CHECKS};
+pub use crate::compact::{Meta, Tags};
 use crate::{Liveness, Time};
 
 /// A check of the agent's node itself (Consul's node-level checks): its status counts for
@@ -670,8 +671,8 @@ mod tests {
         InstanceSpec {
             address: "10.0.0.1".into(),
             port: 80,
-            tags: BTreeSet::new(),
-            meta: BTreeMap::new(),
+            tags: Tags::default(),
+            meta: Meta::default(),
             zone: None,
             weight: 1,
             keep_alive: KeepAlive::Ttl(DEFAULT_TTL),

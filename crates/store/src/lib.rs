@@ -79,7 +79,6 @@ pub(crate) fn instance_key(service: &str, id: &str) -> String {
 pub(crate) mod contract {
     //! Checks every store must pass.
 
-    use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
 
     use muster_core::{InstanceSpec, KeepAlive};
@@ -93,8 +92,8 @@ pub(crate) mod contract {
             spec: InstanceSpec {
                 address: "10.0.0.1".into(),
                 port,
-                tags: BTreeSet::from(["a".to_string()]),
-                meta: BTreeMap::from([("k".to_string(), "v".to_string())]),
+                tags: ["a".to_string()].into_iter().collect(),
+                meta: [("k".to_string(), "v".to_string())].into(),
                 zone: Some("z1".into()),
                 weight: 3,
                 keep_alive: KeepAlive::Ttl(Duration::from_secs(15)),

@@ -35,8 +35,8 @@ pub fn spec(port: u16, keep_alive: KeepAlive) -> InstanceSpec {
         }
         .into(),
         port,
-        tags: BTreeSet::new(),
-        meta: BTreeMap::new(),
+        tags: Default::default(),
+        meta: Default::default(),
         zone: None,
         weight: 1,
         keep_alive,

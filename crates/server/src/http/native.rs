@@ -202,8 +202,8 @@ pub async fn register(
         port: f
             .opt_int("port", 1, 65535)?
             .ok_or_else(|| ApiError::invalid("port", "is required"))? as u16,
-        tags: f.string_set("tags")?,
-        meta: f.string_map("meta")?,
+        tags: f.string_set("tags")?.into_iter().collect(),
+        meta: f.string_map("meta")?.into_iter().collect(),
         zone: f.opt_string("zone")?,
         weight: f
             .opt_int("weight", 0, 65535)?

@@ -283,7 +283,7 @@ pub fn service_registration(
         address,
         port,
         tags: o.strings(&["Tags"])?.into_iter().collect(),
-        meta: o.string_map(&["Meta"])?,
+        meta: o.string_map(&["Meta"])?.into_iter().collect(),
         zone: None,
         weight,
         keep_alive: KeepAlive::None,
