@@ -562,27 +562,9 @@ impl Registry {
                 reason,
             } => self.set_maintenance(service, id, reason),
             Command::CreateLease { ttl } => {
-                let limits = &self.config.limits;
-                if self.state.leases.len() >= limits.max_leases {
-                    return Err(RegistryError::Full {
-                        what: "leases",
-                        limit: limits.max_leases,
-                        setting: "limits.max_leases",
-                    });
-                }
-                limits.check_ttl("ttl", ttl)?;
+                self.check_lease(ttl)?;
                 let index = self.bump();
-                let lease = Lease {
-                    id: index,
-                    ttl,
-                    instances: Default::default(),
-                    liveness: Arc::new(Liveness::new(now + ttl)),
-                };
-                self.mutations.push(Mutation::PutLease(StoredLease {
-                    id: index,
-                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-                }));
-                self.state.leases.insert(index, Arc::new(lease));
+                self.add_lease(index, ttl, now);
                 Ok(Applied::LeaseCreated { id: index, index })
             }
             Command::RevokeLease { id } => {
@@ -1602,6 +1584,37 @@ impl Registry {
         }
     }
 
+    /// Whether a lease of `ttl` may be created: a TTL in range and room left.
+    fn check_lease(&self, ttl: Duration) -> Result<(), RegistryError> {
+        let limits = &self.config.limits;
+        if self.state.leases.len() >= limits.max_leases {
+            return Err(RegistryError::Full {
+                what: "leases",
+                limit: limits.max_leases,
+                setting: "limits.max_leases",
+            });
+        }
+        limits.check_ttl("ttl", ttl)?;
+        Ok(())
+    }
+
+    /// Creates lease `id` (the index of its creation) with its first deadline from `now`.
+    fn add_lease(&mut self, id: LeaseId, ttl: Duration, now: Time) {
+        self.state.leases.insert(
+            id,
+            Arc::new(Lease {
+                id,
+                ttl,
+                instances: Default::default(),
+                liveness: Arc::new(Liveness::new(now + ttl)),
+            }),
+        );
+        self.mutations.push(Mutation::PutLease(StoredLease {
+            id,
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        }));
+    }
+
     fn create_session(
         &mut self,
         id: String,
@@ -1630,30 +1643,11 @@ impl Registry {
             });
         }
         if let Some(ttl) = spec.ttl {
-            limits.check_ttl("ttl", ttl)?;
-            if self.state.leases.len() >= limits.max_leases {
-                return Err(RegistryError::Full {
-                    what: "leases",
-                    limit: limits.max_leases,
-                    setting: "limits.max_leases",
-                });
-            }
+            self.check_lease(ttl)?;
         }
         let index = self.bump();
         let lease = spec.ttl.map(|ttl| {
-            self.state.leases.insert(
-                index,
-                Arc::new(Lease {
-                    id: index,
-                    ttl,
-                    instances: Default::default(),
-                    liveness: Arc::new(Liveness::new(now + ttl)),
-                }),
-            );
-            self.mutations.push(Mutation::PutLease(StoredLease {
-                id: index,
-                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-            }));
+            self.add_lease(index, ttl, now);
             index
         });
         let id: Arc<str> = id.as_str().into();
