@@ -37,6 +37,9 @@ pub enum Command {
     Discover(DiscoverArgs),
     /// Show the health checks of a service's instances: status, last run, output.
     Checks(ChecksArgs),
+    /// Read and write the key/value store (the store Consul's KV API serves).
+    #[command(subcommand)]
+    Kv(KvCommand),
     /// Print changes to services as they happen, until interrupted.
     Watch(WatchArgs),
     /// Show the agent's node, index, counts and self-preservation state.
@@ -167,6 +170,52 @@ pub struct RegisterArgs {
     /// repeatable.
     #[arg(long = "check", value_name = "JSON", value_parser = parse_json_object)]
     pub checks: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Print a key's value (with --recurse, every key under it as KEY<TAB>VALUE lines).
+    Get {
+        /// The key (or prefix, with --recurse).
+        key: String,
+        /// Every key starting with KEY.
+        #[arg(long)]
+        recurse: bool,
+    },
+    /// Write a key. The value is VALUE, or standard input when VALUE is left out.
+    Put {
+        /// The key.
+        key: String,
+        /// The value; read from standard input when left out.
+        value: Option<String>,
+        /// Opaque flags stored with the value.
+        #[arg(long)]
+        flags: Option<u64>,
+        /// Write only if the key's modify index is this (0: only if the key does not exist);
+        /// exits 1 when it is not.
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    /// Delete a key (with --recurse, every key starting with it).
+    Delete {
+        /// The key (or prefix, with --recurse).
+        key: String,
+        /// Every key starting with KEY.
+        #[arg(long)]
+        recurse: bool,
+        /// Delete only if the key's modify index is this; exits 1 when it is not.
+        #[arg(long, conflicts_with = "recurse")]
+        cas: Option<u64>,
+    },
+    /// List the keys under a prefix (the whole store by default).
+    Keys {
+        /// The prefix.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Cut keys after this separator past the prefix, as folders (e.g. /).
+        #[arg(long)]
+        separator: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,27 @@ impl Client {
         })
     }
 
+    /// Sends raw bytes (a KV value) and returns the raw response.
+    pub async fn send_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Response> {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "cannot reach the agent at {}: {e}\n\
+                     is `muster agent` running? point at another one with --http-addr or MUSTER_HTTP_ADDR",
+                    self.base
+                )
+            })
+    }
+
     /// Sends a request and returns the JSON body of a 2xx answer; other answers become
     /// errors carrying the agent's message.
     pub async fn call(

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::args::{ChecksArgs, Command, DiscoverArgs, RegisterArgs, WatchArgs};
+use crate::args::{ChecksArgs, Command, DiscoverArgs, KvCommand, RegisterArgs, WatchArgs};
 use crate::client::{Client, api_error};
 
 /// Percent-encodes one path segment.
@@ -100,6 +100,7 @@ pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
         }
         Command::Discover(a) => discover(&client, a, &mut out).await,
         Command::Checks(a) => checks(&client, a, &mut out).await,
+        Command::Kv(k) => kv(addr, k, &mut out).await,
         Command::Watch(a) => watch(&client, a, &mut out).await,
         Command::Status(o) => {
             let v = client.call(Method::GET, "/api/v1/status", None).await?;
@@ -394,5 +395,145 @@ fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> anyhow:
     for row in rows {
         writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
     }
+    Ok(())
+}
+
+/// The KV path of `key`, each segment percent-encoded, slashes kept.
+fn kv_path(key: &str) -> String {
+    let encoded: Vec<String> = key.split('/').map(segment).collect();
+    format!("/v1/kv/{}", encoded.join("/"))
+}
+
+/// `muster kv ...`: the key/value store through the agent's Consul KV API.
+pub async fn kv(addr: &str, command: KvCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let client = Client::new(addr);
+    match command {
+        KvCommand::Get { key, recurse } => {
+            let path = if recurse {
+                format!("{}?recurse", kv_path(&key))
+            } else {
+                format!("{}?raw", kv_path(&key))
+            };
+            let resp = client.send(Method::GET, &path, None).await?;
+            let status = resp.status();
+            if status == reqwest::StatusCode::NOT_FOUND {
+                anyhow::bail!(
+                    "no key {key:?}{}",
+                    if recurse { " or keys under it" } else { "" }
+                );
+            }
+            let bytes = resp.bytes().await.context("reading the agent's answer")?;
+            if !status.is_success() {
+                return Err(api_error(status, &String::from_utf8_lossy(&bytes)));
+            }
+            if !recurse {
+                out.write_all(&bytes)?;
+                if !bytes.ends_with(b"\n") && !bytes.is_empty() {
+                    writeln!(out)?;
+                }
+                return Ok(());
+            }
+            let entries: Vec<Value> =
+                serde_json::from_slice(&bytes).context("the agent answered with invalid JSON")?;
+            for e in entries {
+                let value = e["Value"]
+                    .as_str()
+                    .map(|b| {
+                        use base64::Engine;
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b)
+                            .map(|v| String::from_utf8_lossy(&v).into_owned())
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_default();
+                writeln!(out, "{}\t{value}", text(&e["Key"]))?;
+            }
+            Ok(())
+        }
+        KvCommand::Put {
+            key,
+            value,
+            flags,
+            cas,
+        } => {
+            let body = match value {
+                Some(v) => v.into_bytes(),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                        .context("reading the value from standard input")?;
+                    buf
+                }
+            };
+            let mut query = Vec::new();
+            if let Some(f) = flags {
+                query.push(("flags", f.to_string()));
+            }
+            if let Some(c) = cas {
+                query.push(("cas", c.to_string()));
+            }
+            let path = format!("{}{}", kv_path(&key), serde_urlencoded_pairs(&query));
+            kv_write(&client, Method::PUT, &path, body, &key, out).await
+        }
+        KvCommand::Delete { key, recurse, cas } => {
+            let mut query = Vec::new();
+            if recurse {
+                query.push(("recurse", String::new()));
+            }
+            if let Some(c) = cas {
+                query.push(("cas", c.to_string()));
+            }
+            let path = format!("{}{}", kv_path(&key), serde_urlencoded_pairs(&query));
+            kv_write(&client, Method::DELETE, &path, Vec::new(), &key, out).await
+        }
+        KvCommand::Keys { prefix, separator } => {
+            let mut query = vec![("keys", String::new())];
+            if let Some(s) = separator {
+                query.push(("separator", s));
+            }
+            let path = format!("{}{}", kv_path(&prefix), serde_urlencoded_pairs(&query));
+            let resp = client.send(Method::GET, &path, None).await?;
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                return Ok(());
+            }
+            let status = resp.status();
+            let body = resp.text().await.context("reading the agent's answer")?;
+            if !status.is_success() {
+                return Err(api_error(status, &body));
+            }
+            let keys: Vec<String> =
+                serde_json::from_str(&body).context("the agent answered with invalid JSON")?;
+            for k in keys {
+                writeln!(out, "{k}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A KV write or delete: the agent answers `true`, or `false` when a cas condition failed.
+async fn kv_write(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+    key: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let resp = client.send_bytes(method.clone(), path, body).await?;
+    let status = resp.status();
+    let text = resp.text().await.context("reading the agent's answer")?;
+    if !status.is_success() {
+        return Err(api_error(status, &text));
+    }
+    if text.trim() != "true" {
+        anyhow::bail!("{key:?} was not changed: its modify index is not the --cas given");
+    }
+    let verb = if method == Method::DELETE {
+        "deleted"
+    } else {
+        "written"
+    };
+    writeln!(out, "{verb} {key}")?;
     Ok(())
 }

@@ -360,3 +360,57 @@ async fn register_with_a_tcp_check_and_read_it_with_muster_checks() {
     assert!(out.stderr.contains("checks[0].tcp"), "{out:#?}");
     assert_eq!(agent.instances("db", Some("any")).await.len(), 1);
 }
+
+#[tokio::test]
+async fn kv_commands_write_read_list_and_delete_keys() {
+    let agent = Agent::dev().await;
+    let out = muster(
+        &agent.addr,
+        &["kv", "put", "app/db/url", "postgres://db:5432"],
+    )
+    .await
+    .ok();
+    assert_eq!(out.stdout.trim(), "written app/db/url");
+    muster(
+        &agent.addr,
+        &["kv", "put", "app/name", "shop", "--flags", "7"],
+    )
+    .await
+    .ok();
+
+    let out = muster(&agent.addr, &["kv", "get", "app/db/url"]).await.ok();
+    assert_eq!(out.stdout, "postgres://db:5432\n");
+    let out = muster(&agent.addr, &["kv", "get", "app/", "--recurse"])
+        .await
+        .ok();
+    assert_eq!(
+        out.stdout,
+        "app/db/url\tpostgres://db:5432\napp/name\tshop\n"
+    );
+    let out = muster(&agent.addr, &["kv", "keys", "app/", "--separator", "/"])
+        .await
+        .ok();
+    assert_eq!(out.stdout, "app/db/\napp/name\n");
+
+    // The same store as Consul's KV API, flags included.
+    let (_, v) = agent.get_json("/v1/kv/app/name").await;
+    assert_eq!(v[0]["Flags"], 7);
+
+    // A cas that does not match changes nothing and exits 1.
+    let out = muster(
+        &agent.addr,
+        &["kv", "put", "app/name", "other", "--cas", "1"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:#?}");
+    assert!(out.stderr.contains("--cas"), "{out:#?}");
+    let out = muster(&agent.addr, &["kv", "get", "app/name"]).await.ok();
+    assert_eq!(out.stdout, "shop\n");
+
+    muster(&agent.addr, &["kv", "delete", "app/", "--recurse"])
+        .await
+        .ok();
+    let out = muster(&agent.addr, &["kv", "get", "app/name"]).await;
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("no key \"app/name\""), "{out:#?}");
+}
