@@ -112,7 +112,7 @@ pub struct AgentArgs {
     /// user, so they are refused unless this is given.
     #[arg(long)]
     pub enable_script_checks: bool,
-    /// Log filter, e.g. info or muster_server=debug [default: info].
+    /// Log filter, e.g. info or muster_server=debug.
     #[arg(long, env = "MUSTER_LOG", default_value = "info")]
     pub log: String,
 }

@@ -263,6 +263,18 @@ async fn run_once(ctx: &Ctx, target: &Target, spec: &CheckSpec, cell: &CheckCell
     };
     metrics::counter!(m::CHECKS_RUN, "kind" => kind, "result" => label).increment(1);
     if cell.record(spec, result, ctx.clock.now()) {
+        let rt = cell.runtime();
+        let output = rt.output.lines().next().unwrap_or_default();
+        match target {
+            Target::Instance(service, id) => tracing::info!(
+                service = %service, instance = %id, check = %spec.name,
+                status = ?rt.wanted, cause = ?rt.cause, "check changed: {output}"
+            ),
+            Target::Node => tracing::info!(
+                check = %spec.name, status = ?rt.wanted, cause = ?rt.cause,
+                "node check changed: {output}"
+            ),
+        }
         let command = match target {
             Target::Instance(service, id) => Command::UpdateChecks {
                 service: service.clone(),
