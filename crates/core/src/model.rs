@@ -496,6 +496,27 @@ pub enum Status {
     Critical,
 }
 
+impl Status {
+    /// The wire name: `passing`, `warning`, `critical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Passing => "passing",
+            Status::Warning => "warning",
+            Status::Critical => "critical",
+        }
+    }
+
+    /// The status of a wire name, if it is one.
+    pub fn from_name(name: &str) -> Option<Status> {
+        match name {
+            "passing" => Some(Status::Passing),
+            "warning" => Some(Status::Warning),
+            "critical" => Some(Status::Critical),
+            _ => None,
+        }
+    }
+}
+
 /// What discovery sees: the check status, unless an operator override wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -565,6 +586,26 @@ pub struct CheckState {
     pub critical_since: Option<Time>,
     /// Results as the checker records them.
     pub cell: Arc<CheckCell>,
+}
+
+impl CheckState {
+    /// A client's report for the TTL check `spec` at `now`. `None` when the check is not a
+    /// TTL check; otherwise whether the registry must be asked to show it
+    /// ([`Command::UpdateChecks`](crate::Command::UpdateChecks) or `UpdateNodeChecks`): the
+    /// status differs from the one shown.
+    pub fn report(
+        &self,
+        spec: &CheckSpec,
+        status: Status,
+        output: String,
+        now: Time,
+    ) -> Option<bool> {
+        let crate::CheckKind::Ttl { ttl } = spec.kind else {
+            return None;
+        };
+        let changed = self.cell.report(status, output, ttl, now);
+        Some(changed || self.status != status)
+    }
 }
 
 impl Instance {

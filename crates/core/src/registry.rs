@@ -380,6 +380,89 @@ type Key = (ServiceName, InstanceId);
 /// A check status to show: its position in the instance, the status, since when.
 type CheckChange = (usize, Status, Time);
 
+impl CheckState {
+    /// Shows `change`'s status (its position is the caller's business).
+    fn show(&mut self, (_, status, since): CheckChange) {
+        self.status = status;
+        self.critical_since = (status == Status::Critical).then_some(since);
+    }
+}
+
+/// What a check's results call for at some moment, against the status it shows.
+struct Observed {
+    wanted: Status,
+    since: Time,
+    /// A failure that is silence (timeout, refused, lapsed TTL): maybe the agent's network.
+    silence: bool,
+}
+
+/// Where the sweep puts one check.
+enum Tally {
+    /// Nothing to show.
+    Keep,
+    /// An answer or a recovery: shown whatever self-preservation says.
+    Sure(CheckChange),
+    /// Silence newly failing the check: shown only when self-preservation allows.
+    Silent(CheckChange),
+}
+
+impl Tally {
+    fn sort_into(self, sure: &mut Vec<CheckChange>, silent: &mut Vec<CheckChange>) {
+        match self {
+            Tally::Keep => {}
+            Tally::Sure(c) => sure.push(c),
+            Tally::Silent(c) => silent.push(c),
+        }
+    }
+}
+
+impl Observed {
+    fn of(st: &CheckState, now: Time) -> Observed {
+        let (wanted, cause, since) = st.cell.observe(now);
+        Observed {
+            wanted,
+            since,
+            silence: cause.is_silence() && wanted > Status::Passing,
+        }
+    }
+
+    /// The change to show at once, outside a sweep: anything but silence making it worse.
+    fn at_once(&self, st: &CheckState, i: usize) -> Option<CheckChange> {
+        (self.wanted != st.status && !(self.silence && self.wanted > st.status)).then_some((
+            i,
+            self.wanted,
+            self.since,
+        ))
+    }
+
+    /// Counts the check for self-preservation (silence newly failing it is a missing
+    /// renewer; any answer is a live one) and says what the sweep should show.
+    fn tally(
+        &self,
+        st: &CheckState,
+        i: usize,
+        preservation: &Preservation,
+        counts: &mut RenewalCounts,
+        written_off: &mut usize,
+    ) -> Tally {
+        if self.silence && self.wanted > st.status {
+            if preservation.written_off(self.since) {
+                *written_off += 1;
+            } else {
+                counts.pending += 1;
+            }
+            return Tally::Silent((i, self.wanted, self.since));
+        }
+        if !self.silence {
+            counts.alive += 1;
+        }
+        match self.at_once(st, i) {
+            Some(c) => Tally::Sure(c),
+            None => Tally::Keep,
+        }
+    }
+}
+
 impl Registry {
     /// An empty registry. Its index starts at 1: readers never see 0.
     pub fn new(config: RegistryConfig) -> Registry {
@@ -577,13 +660,12 @@ impl Registry {
             }
             Command::UpdateChecks { service, id } => {
                 let inst = self.require(&service, &id)?;
-                let mut changes = Vec::new();
-                for (i, (_, st)) in inst.check_pairs().enumerate() {
-                    let (wanted, cause, since) = st.cell.observe(now);
-                    if wanted != st.status && !(cause.is_silence() && wanted > st.status) {
-                        changes.push((i, wanted, since));
-                    }
-                }
+                let changes: Vec<CheckChange> = inst
+                    .checks
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, st)| Observed::of(st, now).at_once(st, i))
+                    .collect();
                 if changes.is_empty() {
                     return Ok(Applied::Unchanged {
                         index: inst.modify_index,
@@ -610,12 +692,9 @@ impl Registry {
             Command::UpdateNodeChecks => {
                 let mut checks = (*self.state.node_checks).clone();
                 let mut changed = false;
-                for c in &mut checks {
-                    let (wanted, cause, since) = c.state.cell.observe(now);
-                    if wanted != c.state.status && !(cause.is_silence() && wanted > c.state.status)
-                    {
-                        c.state.status = wanted;
-                        c.state.critical_since = (wanted == Status::Critical).then_some(since);
+                for (i, c) in checks.iter_mut().enumerate() {
+                    if let Some(change) = Observed::of(&c.state, now).at_once(&c.state, i) {
+                        c.state.show(change);
                         changed = true;
                     }
                 }
@@ -870,10 +949,9 @@ impl Registry {
     /// Changes check statuses: `(position, status, since)`.
     fn set_checks(&mut self, key: &Key, changes: &[CheckChange], index: u64) {
         self.change_instance(key, index, |inst| {
-            for &(i, status, since) in changes {
-                if let Some(c) = inst.checks.get_mut(i) {
-                    c.status = status;
-                    c.critical_since = (status == Status::Critical).then_some(since);
+            for &change in changes {
+                if let Some(c) = inst.checks.get_mut(change.0) {
+                    c.show(change);
                 }
             }
         });
@@ -989,28 +1067,16 @@ impl Registry {
                     let mut silent = Vec::new();
                     let mut deregister = None;
                     for (i, (spec, st)) in inst.check_pairs().enumerate() {
-                        let (wanted, cause, since) = st.cell.observe(now);
-                        let silence = cause.is_silence() && wanted > Status::Passing;
-                        if silence && wanted > st.status {
-                            if preservation.written_off(since) {
-                                written_off += 1;
-                            } else {
-                                counts.pending += 1;
-                            }
-                            silent.push((i, wanted, since));
-                        } else if !silence {
-                            counts.alive += 1;
-                            if wanted != st.status {
-                                sure.push((i, wanted, since));
-                            }
-                        }
+                        let seen = Observed::of(st, now);
+                        seen.tally(st, i, preservation, &mut counts, &mut written_off)
+                            .sort_into(&mut sure, &mut silent);
                         if let (Some(limit), Some(t)) =
                             (spec.deregister_critical_after, st.critical_since)
-                            && wanted == Status::Critical
+                            && seen.wanted == Status::Critical
                             && now.since(t) >= limit
                         {
                             // Silence anywhere holds the removal back with the mode.
-                            deregister = Some(deregister.unwrap_or(false) || silence);
+                            deregister = Some(deregister.unwrap_or(false) || seen.silence);
                         }
                     }
                     if !sure.is_empty() {
@@ -1052,21 +1118,9 @@ impl Registry {
         let mut node_sure: Vec<CheckChange> = Vec::new();
         let mut node_silent: Vec<CheckChange> = Vec::new();
         for (i, c) in self.state.node_checks.iter().enumerate() {
-            let (wanted, cause, since) = c.state.cell.observe(now);
-            let silence = cause.is_silence() && wanted > Status::Passing;
-            if silence && wanted > c.state.status {
-                if preservation.written_off(since) {
-                    written_off += 1;
-                } else {
-                    counts.pending += 1;
-                }
-                node_silent.push((i, wanted, since));
-            } else if !silence {
-                counts.alive += 1;
-                if wanted != c.state.status {
-                    node_sure.push((i, wanted, since));
-                }
-            }
+            Observed::of(&c.state, now)
+                .tally(&c.state, i, preservation, &mut counts, &mut written_off)
+                .sort_into(&mut node_sure, &mut node_silent);
         }
         let mut expire = Vec::new();
         for lease in self.state.leases.values() {
@@ -1115,10 +1169,9 @@ impl Registry {
         if !node_sure.is_empty() || (apply && !node_silent.is_empty()) {
             let mut checks = (*self.state.node_checks).clone();
             let silent: &[CheckChange] = if apply { &node_silent } else { &[] };
-            for &(i, status, since) in node_sure.iter().chain(silent) {
-                if let Some(c) = checks.get_mut(i) {
-                    c.state.status = status;
-                    c.state.critical_since = (status == Status::Critical).then_some(since);
+            for &change in node_sure.iter().chain(silent) {
+                if let Some(c) = checks.get_mut(change.0) {
+                    c.state.show(change);
                 }
             }
             report.checks_changed += node_sure.len() + silent.len();

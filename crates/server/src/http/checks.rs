@@ -170,24 +170,12 @@ fn parse_check(c: &Fields) -> Result<CheckSpec, ApiError> {
 
 /// A check status as clients write it.
 pub fn status(field: &str, text: &str) -> Result<Status, ApiError> {
-    match text {
-        "passing" => Ok(Status::Passing),
-        "warning" => Ok(Status::Warning),
-        "critical" => Ok(Status::Critical),
-        other => Err(ApiError::invalid(
+    Status::from_name(text).ok_or_else(|| {
+        ApiError::invalid(
             field,
-            format!("{other:?} is not one of: passing, warning, critical"),
-        )),
-    }
-}
-
-/// The wire name of a status.
-pub fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::Passing => "passing",
-        Status::Warning => "warning",
-        Status::Critical => "critical",
-    }
+            format!("{text:?} is not one of: passing, warning, critical"),
+        )
+    })
 }
 
 fn dur(d: Duration) -> String {
@@ -250,7 +238,7 @@ pub fn definition(spec: &CheckSpec) -> Value {
 
 /// A check's status in discovery answers: what changes only with the index.
 pub fn brief(spec: &CheckSpec, st: &CheckState) -> Value {
-    json!({"name": spec.name, "kind": spec.kind.name(), "status": status_name(st.status)})
+    json!({"name": spec.name, "kind": spec.kind.name(), "status": st.status.as_str()})
 }
 
 fn rfc3339(state: &AppState, t: muster_core::Time) -> String {
@@ -264,7 +252,7 @@ pub fn result(state: &AppState, inst: &Instance, spec: &CheckSpec, st: &CheckSta
     let obj = v.as_object_mut().expect("object");
     obj.insert("service".into(), json!(inst.service));
     obj.insert("instance".into(), json!(inst.id));
-    obj.insert("status".into(), json!(status_name(st.status)));
+    obj.insert("status".into(), json!(st.status.as_str()));
     obj.insert("output".into(), json!(rt.output));
     obj.insert(
         "last_run".into(),
@@ -371,7 +359,7 @@ pub async fn report(
                 format!("instance {id:?} of service {service:?} has no check {check:?}"),
             )
         })?;
-    let CheckKind::Ttl { ttl } = spec.kind else {
+    let Some(show) = st.report(spec, wanted, output, state.now()) else {
         return Err(ApiError::invalid(
             "check",
             format!(
@@ -380,8 +368,7 @@ pub async fn report(
             ),
         ));
     };
-    let changed = st.cell.report(wanted, output, ttl, state.now());
-    if changed || st.status != wanted {
+    if show {
         state
             .writer()
             .submit(Command::UpdateChecks {

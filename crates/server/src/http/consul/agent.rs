@@ -1,13 +1,12 @@
 //! `/v1/agent/...`: the agent's services and checks, maintenance, self and members.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use muster_core::check::DEFAULT_TIMEOUT;
+use muster_core::check::{DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 use muster_core::{
     Applied, CheckKind, CheckSpec, Command, HttpCheck, Instance, InstanceId, InstanceSpec,
     KeepAlive, ServiceName, Snapshot, Status,
@@ -29,6 +28,12 @@ fn unknown_check(id: &str) -> ConsulError {
     ConsulError::not_found(format!(
         "Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name."
     ))
+}
+
+/// A check status as Consul's clients write it, or Consul's 400.
+pub fn check_status(name: &str) -> Result<Status, ConsulError> {
+    Status::from_name(name)
+        .ok_or_else(|| ConsulError::bad_request(format!("Invalid check status: '{name}'")))
 }
 
 /// The instance a Consul service ID names (IDs are unique per agent in Consul).
@@ -107,17 +112,10 @@ fn parse_check(o: &Obj<'_>, default_id: String, service: &str) -> Result<CheckSp
             "Must provide TTL or Script/DockerContainerID/HTTP/TCP and Interval",
         ));
     };
-    let interval = interval.unwrap_or(Duration::from_secs(10));
+    let interval = interval.unwrap_or(DEFAULT_INTERVAL);
     let status = match o.str(&["Status"])?.as_deref() {
         None | Some("") => None,
-        Some("passing") => Some(Status::Passing),
-        Some("warning") => Some(Status::Warning),
-        Some("critical") => Some(Status::Critical),
-        Some(other) => {
-            return Err(ConsulError::bad_request(format!(
-                "Invalid check status: {other:?}"
-            )));
-        }
+        Some(name) => Some(check_status(name)?),
     };
     let threshold = |names: &[&str]| -> Result<u32, ConsulError> {
         Ok(o.uint(names)?.unwrap_or(0).min(u64::from(u32::MAX)) as u32)
@@ -151,30 +149,9 @@ fn parse_check(o: &Obj<'_>, default_id: String, service: &str) -> Result<CheckSp
     Ok(spec)
 }
 
-fn invalid(e: muster_core::RegistryError) -> ConsulError {
-    match e {
-        muster_core::RegistryError::Invalid(v) => {
-            ConsulError::bad_request(format!("Invalid service registration: {v}"))
-        }
-        e => ApiErrorExt::into_consul(e),
-    }
-}
-
-trait ApiErrorExt {
-    fn into_consul(self) -> ConsulError;
-}
-
-impl ApiErrorExt for muster_core::RegistryError {
-    fn into_consul(self) -> ConsulError {
-        super::super::error::ApiError::from(self).into()
-    }
-}
-
+/// Submits `command`, answering a refusal as Consul would.
 pub async fn submit(state: &AppState, command: Command) -> Result<Applied, ConsulError> {
-    state.writer().submit(command).await.map_err(|e| match e {
-        crate::writer::WriteError::Rejected(r) => invalid(r),
-        e => e.into(),
-    })
+    Ok(state.writer().submit(command).await?)
 }
 
 /// `PUT /v1/agent/service/register`.
@@ -549,41 +526,35 @@ async fn report(
     output: String,
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
-    let Some((inst, pos)) = find_check(&snap, id) else {
-        let c = snap
-            .node_checks
-            .iter()
-            .find(|c| c.spec.name == id)
-            .ok_or_else(|| unknown_check(id))?;
-        let CheckKind::Ttl { ttl } = c.spec.kind else {
-            return Err(ConsulError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("CheckID {id:?} does not have associated TTL"),
-            ));
-        };
-        if c.state.cell.report(status, output, ttl, state.now()) || c.state.status != status {
-            submit(state, Command::UpdateNodeChecks).await?;
-        }
-        return Ok(empty());
-    };
-    let spec = &inst.spec.checks[pos];
-    let CheckKind::Ttl { ttl } = spec.kind else {
-        return Err(ConsulError::new(
+    let no_ttl = || {
+        ConsulError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("CheckID {id:?} does not have associated TTL"),
-        ));
+        )
     };
-    let st = &inst.checks[pos];
-    let changed = st.cell.report(status, output, ttl, state.now());
-    if changed || st.status != status {
-        submit(
-            state,
+    // A service's check, or else the node's.
+    let (show, command) = match find_check(&snap, id) {
+        Some((inst, pos)) => (
+            inst.checks[pos].report(&inst.spec.checks[pos], status, output, state.now()),
             Command::UpdateChecks {
                 service: inst.service.clone(),
                 id: inst.id.clone(),
             },
-        )
-        .await?;
+        ),
+        None => {
+            let c = snap
+                .node_checks
+                .iter()
+                .find(|c| c.spec.name == id)
+                .ok_or_else(|| unknown_check(id))?;
+            (
+                c.state.report(&c.spec, status, output, state.now()),
+                Command::UpdateNodeChecks,
+            )
+        }
+    };
+    if show.ok_or_else(no_ttl)? {
+        submit(state, command).await?;
     }
     Ok(empty())
 }
@@ -630,16 +601,7 @@ pub async fn check_update(
 ) -> Result<Response, ConsulError> {
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
-    let status = match o.str(&["Status"])?.as_deref().unwrap_or("") {
-        "passing" => Status::Passing,
-        "warning" => Status::Warning,
-        "critical" => Status::Critical,
-        other => {
-            return Err(ConsulError::bad_request(format!(
-                "Invalid check status: '{other}'"
-            )));
-        }
-    };
+    let status = check_status(&o.str(&["Status"])?.unwrap_or_default())?;
     let output = o.str(&["Output"])?.unwrap_or_default();
     report(&state, &id, status, output).await
 }

@@ -40,12 +40,10 @@ fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
     q.check_dc(&state.config().datacenter)?;
     let filter = filter(&q)?;
     let node = Node::of(state);
-    let node_meta =
-        json!({"consul-network-segment": "", "muster-version": env!("CARGO_PKG_VERSION")});
     let node_matches = q
         .node_meta()
         .iter()
-        .all(|(k, v)| node_meta.get(k).and_then(Value::as_str) == Some(v.as_str()));
+        .all(|(k, v)| render::NODE_META.contains(&(k.as_str(), v.as_str())));
     Ok(Read {
         q,
         node,
@@ -376,14 +374,8 @@ fn external_check(
         .filter(|s| !s.is_empty())
         .unwrap_or(default_id);
     let status = match o.str(&["Status"])?.as_deref() {
-        None | Some("") | Some("critical") => Status::Critical,
-        Some("passing") => Status::Passing,
-        Some("warning") => Status::Warning,
-        Some(other) => {
-            return Err(ConsulError::bad_request(format!(
-                "Invalid check status: {other:?}"
-            )));
-        }
+        None | Some("") => Status::Critical,
+        Some(name) => super::agent::check_status(name)?,
     };
     let mut spec = CheckSpec::new(id, CheckKind::External);
     spec.initial_status = Some(status);

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -109,16 +108,11 @@ pub async fn list(
         .map_err(|_| ConsulError::bad_request("Invalid index"))?
         .unwrap_or(0);
     if index > 0 && *rx.borrow() == index {
-        let wait = q
-            .get("wait")
-            .filter(|v| !v.is_empty())
-            .map(|v| {
-                super::body::go_duration(v)
-                    .map_err(|_| ConsulError::bad_request("Invalid wait time"))
-            })
-            .transpose()?
-            .unwrap_or(Duration::from_secs(300))
-            .min(Duration::from_secs(600));
+        let wait = match q.get("wait") {
+            None | Some("") => crate::http::watch::DEFAULT_WAIT,
+            Some(v) => super::wait_time(v)?,
+        }
+        .min(crate::http::watch::MAX_WAIT);
         let deadline = Instant::now() + wait + wait / 16;
         let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
     }

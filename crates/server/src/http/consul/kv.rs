@@ -41,21 +41,6 @@ fn not_found(index: u64) -> Response {
     (StatusCode::NOT_FOUND, meta_headers(index)).into_response()
 }
 
-fn registry_error(e: WriteError) -> ConsulError {
-    match e {
-        WriteError::Rejected(RegistryError::UnknownSession(s)) => ConsulError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("invalid session {s:?}"),
-        ),
-        WriteError::Rejected(RegistryError::TooLarge { size, limit }) => ConsulError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Request body(KV value) of {size} bytes exceeds {limit} byte limit"),
-        ),
-        WriteError::Rejected(RegistryError::Invalid(v)) => ConsulError::bad_request(v.message),
-        e => e.into(),
-    }
-}
-
 /// `GET /v1/kv/` (the whole store with `recurse` or `keys`).
 pub async fn get_root(state: State<AppState>, raw: RawQuery) -> Result<Response, ConsulError> {
     get(state, Path(String::new()), raw).await
@@ -137,9 +122,7 @@ fn uint(q: &Query, name: &str) -> Result<Option<u64>, ConsulError> {
 }
 
 fn bool_answer(ok: bool, index: u64) -> Response {
-    let mut r = super::json(index, &json!(ok));
-    r.headers_mut().remove("x-consul-knownleader");
-    r
+    super::json(index, &json!(ok))
 }
 
 /// `PUT /v1/kv/:key`: the body is the value; `flags`, `cas`, `acquire`, `release`.
@@ -178,11 +161,7 @@ pub async fn put(
         acquire,
         release,
     };
-    let applied = state
-        .writer()
-        .submit(Command::KvPut(put))
-        .await
-        .map_err(registry_error)?;
+    let applied = state.writer().submit(Command::KvPut(put)).await?;
     match applied {
         Applied::Kv { ok, index } => Ok(bool_answer(ok, index)),
         _ => Ok(bool_answer(false, state.snapshot().index)),
@@ -213,8 +192,7 @@ pub async fn delete(
     let applied = state
         .writer()
         .submit(Command::KvDelete { key, recurse, cas })
-        .await
-        .map_err(registry_error)?;
+        .await?;
     match applied {
         Applied::Kv { ok, index } => Ok(bool_answer(ok, index)),
         _ => Ok(bool_answer(false, state.snapshot().index)),
@@ -294,8 +272,7 @@ pub async fn create_session(
             id: id.clone(),
             spec,
         })
-        .await
-        .map_err(registry_error)?;
+        .await?;
     let index = match applied {
         Applied::SessionCreated { index } => index,
         _ => state.snapshot().index,
@@ -315,7 +292,7 @@ pub async fn destroy_session(
         Err(WriteError::Rejected(RegistryError::UnknownSession(_))) | Ok(_) => {
             state.snapshot().index
         }
-        Err(e) => return Err(registry_error(e)),
+        Err(e) => return Err(e.into()),
     };
     Ok(bool_answer(true, index))
 }
@@ -484,11 +461,7 @@ pub async fn txn(
         }
         ops.push(op);
     }
-    let applied = state
-        .writer()
-        .submit(Command::KvTxn(ops))
-        .await
-        .map_err(registry_error)?;
+    let applied = state.writer().submit(Command::KvTxn(ops)).await?;
     let Applied::Txn {
         results,
         errors,

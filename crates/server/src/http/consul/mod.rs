@@ -70,8 +70,27 @@ impl From<ApiError> for ConsulError {
 }
 
 impl From<crate::writer::WriteError> for ConsulError {
+    /// A refused write, answered as Consul answers it; the rest as the native API does.
     fn from(e: crate::writer::WriteError) -> ConsulError {
-        ApiError::from(e).into()
+        use muster_core::RegistryError;
+        match e {
+            crate::writer::WriteError::Rejected(RegistryError::Invalid(v)) => {
+                ConsulError::bad_request(v.to_string())
+            }
+            crate::writer::WriteError::Rejected(RegistryError::UnknownSession(s)) => {
+                ConsulError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("invalid session {s:?}"),
+                )
+            }
+            crate::writer::WriteError::Rejected(RegistryError::TooLarge { size, limit }) => {
+                ConsulError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("Request body(KV value) of {size} bytes exceeds {limit} byte limit"),
+                )
+            }
+            e => ApiError::from(e).into(),
+        }
     }
 }
 
@@ -230,7 +249,7 @@ impl Query {
 }
 
 /// A `wait` value: a Go duration, or a bare number of seconds.
-fn wait_time(v: &str) -> Result<Duration, ConsulError> {
+pub(super) fn wait_time(v: &str) -> Result<Duration, ConsulError> {
     if let Ok(secs) = v.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }

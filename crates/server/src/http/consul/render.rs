@@ -96,6 +96,12 @@ fn uuid(a: u64, b: u64) -> String {
     )
 }
 
+/// The node's metadata, as `Node.Meta` shows it and `node-meta` filters match it.
+pub const NODE_META: [(&str, &str); 2] = [
+    ("consul-network-segment", ""),
+    ("muster-version", env!("CARGO_PKG_VERSION")),
+];
+
 /// `Node`: catalog nodes, `health/service` entries.
 pub fn node(n: &Node) -> Value {
     json!({
@@ -104,7 +110,7 @@ pub fn node(n: &Node) -> Value {
         "Address": n.address,
         "Datacenter": n.datacenter,
         "TaggedAddresses": {"lan": n.address, "lan_ipv4": n.address, "wan": n.address, "wan_ipv4": n.address},
-        "Meta": {"consul-network-segment": "", "muster-version": env!("CARGO_PKG_VERSION")},
+        "Meta": NODE_META.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<String, Value>>(),
         "CreateIndex": 1,
         // The node itself never changes (and a per-service cached answer must not carry the
         // global index).
@@ -200,15 +206,6 @@ pub fn catalog_service(n: &Node, i: &Instance) -> Value {
     v
 }
 
-/// The wire name of a status.
-pub fn status(s: Status) -> &'static str {
-    match s {
-        Status::Passing => "passing",
-        Status::Warning => "warning",
-        Status::Critical => "critical",
-    }
-}
-
 /// The check ID of an instance's maintenance.
 pub fn maintenance_check_id(i: &Instance) -> String {
     format!("_service_maintenance:{}", i.id)
@@ -250,7 +247,7 @@ pub fn node_checks(n: &Node, snap: &muster_core::Snapshot) -> Vec<Value> {
             "Node": n.name,
             "CheckID": c.spec.name,
             "Name": c.spec.display_name.clone().unwrap_or_else(|| c.spec.name.clone()),
-            "Status": status(c.state.status),
+            "Status": c.state.status.as_str(),
             "Notes": c.spec.notes.clone().unwrap_or_default(),
             "Output": c.state.cell.runtime().output,
             "ServiceID": "",
@@ -363,7 +360,7 @@ fn check_value(n: &Node, i: &Instance, c: CheckView<'_>) -> Value {
         "Node": n.name,
         "CheckID": c.id,
         "Name": c.name,
-        "Status": status(c.status),
+        "Status": c.status.as_str(),
         "Notes": c.notes,
         "Output": c.output,
         "ServiceID": i.id,
