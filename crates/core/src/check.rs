@@ -500,14 +500,15 @@ impl CheckCell {
         changed
     }
 
-    /// A client's report for a TTL check: `status` holds for `ttl` from `now`. Returns
-    /// whether the wanted status changed (a lapsed check coming back counts).
-    pub fn report(&self, status: Status, output: String, ttl: Duration, now: Time) -> bool {
+    /// A client's report: `status` holds for `ttl` from `now` (a TTL check), or until the
+    /// next report (`None`: an external check). Returns whether the wanted status changed
+    /// (a lapsed check coming back counts).
+    pub fn report(&self, status: Status, output: String, ttl: Option<Duration>, now: Time) -> bool {
         let mut rt = self.lock();
         let before = effective(&rt, now);
         rt.output = truncate(output);
         rt.last_run = Some(now);
-        rt.ttl_deadline = Some(now + ttl);
+        rt.ttl_deadline = ttl.map(|t| now + t);
         rt.wanted = status;
         rt.cause = Cause::Answer;
         let changed = before.0 != status;
@@ -675,14 +676,24 @@ mod tests {
     fn ttl_checks_lapse_to_critical_when_not_reported() {
         let ttl = Duration::from_secs(10);
         let cell = CheckCell::new(Status::Critical, Time::ZERO, Some(ttl));
-        assert!(cell.report(Status::Passing, "ok".into(), ttl, Time::from_millis(1000)));
+        assert!(cell.report(
+            Status::Passing,
+            "ok".into(),
+            Some(ttl),
+            Time::from_millis(1000)
+        ));
         assert_eq!(cell.observe(Time::from_millis(10_999)).0, Status::Passing);
         let (status, cause, since) = cell.observe(Time::from_millis(11_000));
         assert_eq!(
             (status, cause, since),
             (Status::Critical, Cause::Lapsed, Time::from_millis(11_000))
         );
-        assert!(cell.report(Status::Passing, "ok".into(), ttl, Time::from_millis(12_000)));
+        assert!(cell.report(
+            Status::Passing,
+            "ok".into(),
+            Some(ttl),
+            Time::from_millis(12_000)
+        ));
     }
 
     #[test]

@@ -589,8 +589,9 @@ pub struct CheckState {
 }
 
 impl CheckState {
-    /// A client's report for the TTL check `spec` at `now`. `None` when the check is not a
-    /// TTL check; otherwise whether the registry must be asked to show it
+    /// A client's report for check `spec` at `now`: a TTL check's result, held for its TTL,
+    /// or an external check's status, held until the next. `None` when the agent runs the
+    /// check itself; otherwise whether the registry must be asked to show it
     /// ([`Command::UpdateChecks`](crate::Command::UpdateChecks) or `UpdateNodeChecks`): the
     /// status differs from the one shown.
     pub fn report(
@@ -600,8 +601,10 @@ impl CheckState {
         output: String,
         now: Time,
     ) -> Option<bool> {
-        let crate::CheckKind::Ttl { ttl } = spec.kind else {
-            return None;
+        let ttl = match spec.kind {
+            crate::CheckKind::Ttl { ttl } => Some(ttl),
+            crate::CheckKind::External => None,
+            _ => return None,
         };
         let changed = self.cell.report(status, output, ttl, now);
         Some(changed || self.status != status)

@@ -246,7 +246,7 @@ fn ttl_checks_lapse_when_not_reported() {
     assert!(cell.report(
         Status::Passing,
         "ok".into(),
-        Duration::from_secs(10),
+        Some(Duration::from_secs(10)),
         at(1_000)
     ));
     update(&mut reg, "a", 1_000);

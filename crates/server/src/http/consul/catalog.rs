@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -36,8 +35,7 @@ impl Read {
 }
 
 fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
-    let q = Query::parse(raw)?;
-    q.check_dc(&state.config().datacenter)?;
+    let q = Query::local(raw, &state)?;
     let filter = filter(&q)?;
     let node = Node::of(state);
     let node_matches = q
@@ -396,8 +394,7 @@ pub async fn register(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    Query::local(raw.as_deref(), &state)?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node_name = o
@@ -461,9 +458,8 @@ pub async fn register(
     if let Some(inst) = snap.instance(service.as_str(), id.as_str()) {
         let mut changed = false;
         for (name, status, output) in outputs {
-            if let Some((_, st)) = inst.check_pairs().find(|(s, _)| s.name == name) {
-                changed |= st.cell.report(status, output, MAX_EXTERNAL, state.now())
-                    || st.status != status;
+            if let Some((spec, st)) = inst.check_pairs().find(|(s, _)| s.name == name) {
+                changed |= st.report(spec, status, output, state.now()) == Some(true);
             }
         }
         if changed {
@@ -480,9 +476,6 @@ pub async fn register(
     Ok(super::json(state.snapshot().index, &json!(true)))
 }
 
-/// How long an external check's status holds: for good (it is set, not reported).
-const MAX_EXTERNAL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
 /// `PUT /v1/catalog/deregister` with `Node` and `ServiceID` (that service), `CheckID` (that
 /// check), or neither (every service on the node). Answers `true`.
 pub async fn deregister(
@@ -490,8 +483,7 @@ pub async fn deregister(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    Query::local(raw.as_deref(), &state)?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node_name = o

@@ -50,8 +50,7 @@ pub async fn fire(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    let q = Query::local(raw.as_deref(), &state)?;
     if name.is_empty() {
         return Err(ConsulError::bad_request("Missing name"));
     }

@@ -52,8 +52,7 @@ pub async fn get(
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    let q = Query::local(raw.as_deref(), &state)?;
     let recurse = q.has("recurse");
     let keys = q.has("keys");
     if key.is_empty() && !recurse && !keys {
@@ -139,8 +138,7 @@ pub async fn put(
             format!("Request body(KV value) exceeds {limit} byte limit"),
         )
     })?;
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    let q = Query::local(raw.as_deref(), &state)?;
     if key.is_empty() {
         return Err(ConsulError::bad_request("Missing key name"));
     }
@@ -179,8 +177,7 @@ pub async fn delete(
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    let q = Query::local(raw.as_deref(), &state)?;
     let recurse = q.has("recurse");
     let cas = uint(&q, "cas")?;
     if recurse && cas.is_some() {
@@ -223,8 +220,7 @@ pub async fn create_session(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    Query::local(raw.as_deref(), &state)?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node = Node::of(&state);
@@ -435,8 +431,7 @@ pub async fn txn(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    let q = Query::parse(raw.as_deref())?;
-    q.check_dc(&state.config().datacenter)?;
+    Query::local(raw.as_deref(), &state)?;
     let v = body::parse(&bytes)?;
     let Value::Array(items) = &v else {
         return Err(ConsulError::bad_request(

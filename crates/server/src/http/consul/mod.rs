@@ -171,6 +171,14 @@ impl Query {
         Ok(q)
     }
 
+    /// Parses the raw query string of a request that must be for this agent's datacenter
+    /// (`dc` absent or the agent's own; any other is Consul's 500).
+    pub fn local(raw: Option<&str>, state: &AppState) -> Result<Query, ConsulError> {
+        let q = Query::parse(raw)?;
+        q.check_dc(&state.config().datacenter)?;
+        Ok(q)
+    }
+
     /// Whether `name` is present, with any value.
     pub fn has(&self, name: &str) -> bool {
         self.pairs.iter().any(|(k, _)| k == name)
@@ -221,7 +229,7 @@ impl Query {
     }
 
     /// `dc`: the local datacenter or nothing; Consul answers others with 500.
-    pub fn check_dc(&self, local: &str) -> Result<(), ConsulError> {
+    fn check_dc(&self, local: &str) -> Result<(), ConsulError> {
         match self.get("dc") {
             None | Some("") => Ok(()),
             Some(dc) if dc.eq_ignore_ascii_case(local) => Ok(()),
