@@ -127,64 +127,24 @@ impl Tasks {
     }
 
     fn sync(&mut self, ctx: &Arc<Ctx>, svc: &Service) {
-        let running = self.by_service.entry(svc.name.clone()).or_default();
-        let mut live = HashSet::new();
-        for inst in svc.instances.values() {
-            for (spec, st) in inst.check_pairs() {
-                if !spec.kind.is_active() {
-                    continue;
-                }
-                let key = cell_key(&st.cell);
-                live.insert(key);
-                running.entry(key).or_insert_with(|| {
-                    self.count += 1;
-                    tokio::spawn(check_loop(
-                        ctx.clone(),
-                        Target::Instance(inst.service.clone(), inst.id.clone()),
-                        spec.clone(),
-                        st.cell.clone(),
-                    ))
-                    .abort_handle()
-                });
-            }
-        }
-        running.retain(|key, task| {
-            let keep = live.contains(key);
-            if !keep {
-                task.abort();
-                self.count -= 1;
-            }
-            keep
+        let wanted = svc.instances.values().flat_map(|inst| {
+            inst.check_pairs().map(|(spec, st)| {
+                let target = Target::Instance(inst.service.clone(), inst.id.clone());
+                (target, spec, &st.cell)
+            })
         });
+        let running = self.by_service.entry(svc.name.clone()).or_default();
+        self.count = run_exactly(ctx, running, self.count, wanted);
         if running.is_empty() {
             self.by_service.remove(svc.name.as_str());
         }
     }
 
     fn sync_node(&mut self, ctx: &Arc<Ctx>, checks: &[NodeCheck]) {
-        let mut live = HashSet::new();
-        for c in checks.iter().filter(|c| c.spec.kind.is_active()) {
-            let key = cell_key(&c.state.cell);
-            live.insert(key);
-            self.node.entry(key).or_insert_with(|| {
-                self.count += 1;
-                tokio::spawn(check_loop(
-                    ctx.clone(),
-                    Target::Node,
-                    c.spec.clone(),
-                    c.state.cell.clone(),
-                ))
-                .abort_handle()
-            });
-        }
-        self.node.retain(|key, task| {
-            let keep = live.contains(key);
-            if !keep {
-                task.abort();
-                self.count -= 1;
-            }
-            keep
-        });
+        let wanted = checks
+            .iter()
+            .map(|c| (Target::Node, &c.spec, &c.state.cell));
+        self.count = run_exactly(ctx, &mut self.node, self.count, wanted);
     }
 
     fn drop_service(&mut self, name: &ServiceName) {
@@ -213,6 +173,34 @@ impl Tasks {
 
 /// The longest a check restored after a restart waits for its first run.
 const RESTORED_FIRST_RUN: Duration = Duration::from_secs(10);
+
+/// Makes `running` hold a task for each active check in `wanted`, and no other: starts the
+/// missing ones, stops the rest. Returns the running count adjusted from `count`.
+fn run_exactly<'a>(
+    ctx: &Arc<Ctx>,
+    running: &mut HashMap<usize, AbortHandle>,
+    mut count: usize,
+    wanted: impl Iterator<Item = (Target, &'a CheckSpec, &'a Arc<CheckCell>)>,
+) -> usize {
+    let mut live = HashSet::new();
+    for (target, spec, cell) in wanted.filter(|(_, spec, _)| spec.kind.is_active()) {
+        let key = cell_key(cell);
+        live.insert(key);
+        running.entry(key).or_insert_with(|| {
+            count += 1;
+            tokio::spawn(check_loop(ctx.clone(), target, spec.clone(), cell.clone())).abort_handle()
+        });
+    }
+    running.retain(|key, task| {
+        let keep = live.contains(key);
+        if !keep {
+            task.abort();
+            count -= 1;
+        }
+        keep
+    });
+    count
+}
 
 /// A random duration in `[0, max)`.
 fn jitter(max: Duration) -> Duration {

@@ -62,13 +62,14 @@ impl Prober {
     async fn probe(&self, spec: &CheckSpec) -> Probe {
         // Each kind's future is boxed: a check's task then holds only what its own kind
         // needs while it waits for the next run, not room for the largest kind.
+        let what = target(&spec.kind);
         match &spec.kind {
-            CheckKind::Http(h) => Box::pin(self.http(h, spec.timeout)).await,
-            CheckKind::Tcp { address } => Box::pin(tcp(address)).await,
+            CheckKind::Http(h) => Box::pin(self.http(h, spec.timeout, &what)).await,
+            CheckKind::Tcp { address } => Box::pin(tcp(address, &what)).await,
             CheckKind::Grpc { address, service } => {
-                Box::pin(grpc(address, service, spec.timeout)).await
+                Box::pin(grpc(address, service, spec.timeout, &what)).await
             }
-            CheckKind::Script { args } if self.scripts => Box::pin(script(args)).await,
+            CheckKind::Script { args } if self.scripts => Box::pin(script(args, &what)).await,
             CheckKind::Script { .. } => Probe {
                 status: Status::Critical,
                 unreachable: false,
@@ -84,13 +85,12 @@ impl Prober {
         }
     }
 
-    async fn http(&self, h: &HttpCheck, timeout: Duration) -> Probe {
+    async fn http(&self, h: &HttpCheck, timeout: Duration, what: &str) -> Probe {
         let client = if h.tls_skip_verify {
             &self.http_insecure
         } else {
             &self.http
         };
-        let what = format!("HTTP {} {}", h.method, h.url);
         let method = match reqwest::Method::from_bytes(h.method.as_bytes()) {
             Ok(m) => m,
             Err(_) => return answer(Status::Critical, format!("{what}: invalid method")),
@@ -180,22 +180,17 @@ pub fn target(kind: &CheckKind) -> String {
     }
 }
 
-async fn tcp(address: &str) -> Probe {
+async fn tcp(address: &str, what: &str) -> Probe {
     let Ok((host, port)) = split_host_port(address) else {
         return answer(Status::Critical, format!("{address:?} is not host:port"));
     };
     match tokio::net::TcpStream::connect((host.as_str(), port)).await {
-        Ok(_) => answer(Status::Passing, format!("TCP connect {address}: Success")),
-        Err(e) => silence(format!("TCP connect {address}: {e}")),
+        Ok(_) => answer(Status::Passing, format!("{what}: Success")),
+        Err(e) => silence(format!("{what}: {e}")),
     }
 }
 
-async fn grpc(address: &str, service: &str, timeout: Duration) -> Probe {
-    let what = if service.is_empty() {
-        format!("gRPC {address}")
-    } else {
-        format!("gRPC {address}/{service}")
-    };
+async fn grpc(address: &str, service: &str, timeout: Duration, what: &str) -> Probe {
     let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
         Ok(e) => e.connect_timeout(timeout).timeout(timeout),
         Err(e) => return answer(Status::Critical, format!("{what}: {e}")),
@@ -264,8 +259,7 @@ async fn read_bounded(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
     }
 }
 
-async fn script(args: &[String]) -> Probe {
-    let what = format!("script {}", args.join(" "));
+async fn script(args: &[String], what: &str) -> Probe {
     let mut cmd = tokio::process::Command::new(&args[0]);
     cmd.args(&args[1..])
         .stdin(Stdio::null())
