@@ -1285,13 +1285,11 @@ impl Registry {
             .map(|c| c.state.status)
             .max()
             .unwrap_or(Status::Passing);
+        // The checker follows `node_checks` itself; `checks_epoch` is for instances' checks.
         self.state.node_checks = Arc::new(checks);
-        self.state.checks_epoch += 1;
         if status != self.state.node_status {
             self.state.node_status = status;
-            for key in self.local_instances() {
-                self.change_instance(&key, index, |i| i.node_status = status);
-            }
+            self.change_local(index, |i| i.node_status = status);
         }
     }
 
@@ -1303,19 +1301,22 @@ impl Registry {
         let reason: Arc<str> = reason.into();
         self.state.node_maintenance = Some(reason.clone());
         let index = self.state.index;
-        for key in self.local_instances() {
-            self.change_instance(&key, index, |i| i.node_maintenance = Some(reason.clone()));
-        }
+        self.change_local(index, |i| i.node_maintenance = Some(reason.clone()));
     }
 
-    fn local_instances(&self) -> Vec<Key> {
-        self.state
+    /// Changes every instance on the agent's own node at `index` (node-wide state).
+    fn change_local(&mut self, index: u64, change: impl Fn(&mut Instance)) {
+        let keys: Vec<Key> = self
+            .state
             .services
             .values()
             .flat_map(|s| s.instances.values())
             .filter(|i| i.is_local())
             .map(|i| (i.service.clone(), i.id.clone()))
-            .collect()
+            .collect();
+        for key in keys {
+            self.change_instance(&key, index, &change);
+        }
     }
 
     fn set_node_maintenance(&mut self, reason: Option<String>) -> Result<Applied, RegistryError> {
@@ -1336,10 +1337,7 @@ impl Registry {
         let index = self.bump();
         let shared: Option<Arc<str>> = reason.as_deref().map(Into::into);
         self.state.node_maintenance = shared.clone();
-        for key in self.local_instances() {
-            let shared = shared.clone();
-            self.change_instance(&key, index, |i| i.node_maintenance = shared);
-        }
+        self.change_local(index, |i| i.node_maintenance = shared.clone());
         self.mutations.push(Mutation::NodeMaintenance(reason));
         Ok(Applied::MaintenanceSet { index })
     }
