@@ -517,8 +517,9 @@ impl Status {
     }
 }
 
-/// What discovery sees: the check status, unless an operator override wins.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What discovery sees: the check status, unless an operator override wins. Ordered from
+/// best to worst, maintenance last (as Consul's `AggregatedStatus` ranks it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Checks pass.

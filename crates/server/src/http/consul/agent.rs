@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use muster_core::check::{DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 use muster_core::{
-    Applied, CheckKind, CheckSpec, Command, HttpCheck, Instance, InstanceId, InstanceSpec,
+    Applied, CheckKind, CheckSpec, Command, Health, HttpCheck, Instance, InstanceId, InstanceSpec,
     KeepAlive, ServiceName, Snapshot, Status,
 };
 use serde_json::{Map, Value, json};
@@ -631,7 +631,7 @@ pub async fn health_by_id(
     let inst = find(&snap, &id)
         .ok_or_else(|| ConsulError::not_found(format!("ServiceId {id} not found")))?;
     let node = Node::of(&state);
-    let status = render::aggregated(&inst);
+    let status = render::aggregated(inst.health());
     let body = json!({
         "AggregatedStatus": status,
         "Service": render::agent_service(&inst, &node.datacenter),
@@ -653,30 +653,25 @@ pub async fn health_by_name(
         .cloned()
         .ok_or_else(|| ConsulError::not_found(format!("ServiceName {name} Not Found")))?;
     let node = Node::of(&state);
-    let rank = |s: &str| match s {
-        "passing" => 0,
-        "warning" => 1,
-        "critical" => 2,
-        _ => 3,
-    };
-    let mut worst = "passing";
+    let worst = svc
+        .instances
+        .values()
+        .map(|i| i.health())
+        .max()
+        .unwrap_or(Health::Passing);
     let entries: Vec<Value> = svc
         .instances
         .values()
         .map(|i| {
-            let status = render::aggregated(i);
-            if rank(status) > rank(worst) {
-                worst = status;
-            }
             json!({
-                "AggregatedStatus": status,
+                "AggregatedStatus": render::aggregated(i.health()),
                 "Service": render::agent_service(i, &node.datacenter),
                 "Checks": render::instance_checks(&node, i),
             })
         })
         .collect();
     Ok(health_answer(
-        worst,
+        render::aggregated(worst),
         Value::Array(entries),
         q.get("format") == Some("text"),
     ))

@@ -440,8 +440,8 @@ pub fn instance_checks(n: &Node, i: &Instance) -> Vec<Value> {
 }
 
 /// The `Status` Consul's `AggregatedStatus` gives an instance.
-pub fn aggregated(i: &Instance) -> &'static str {
-    match i.health() {
+pub fn aggregated(health: Health) -> &'static str {
+    match health {
         Health::Maintenance => "maintenance",
         Health::Critical => "critical",
         Health::Warning => "warning",
