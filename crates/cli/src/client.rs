@@ -37,13 +37,16 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        req.send().await.map_err(|e| {
-            anyhow!(
-                "cannot reach the agent at {}: {e}\n\
-                 is `muster agent` running? point at another one with --http-addr or MUSTER_HTTP_ADDR",
-                self.base
-            )
-        })
+        req.send().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// The error for an agent that cannot be reached, saying what to check.
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the agent at {}: {e}\n\
+             is `muster agent` running? point at another one with --http-addr or MUSTER_HTTP_ADDR",
+            self.base
+        )
     }
 
     /// Sends raw bytes (a KV value) and returns the raw response.
@@ -58,13 +61,7 @@ impl Client {
             .body(body)
             .send()
             .await
-            .map_err(|e| {
-                anyhow!(
-                    "cannot reach the agent at {}: {e}\n\
-                     is `muster agent` running? point at another one with --http-addr or MUSTER_HTTP_ADDR",
-                    self.base
-                )
-            })
+            .map_err(|e| self.unreachable(e))
     }
 
     /// Sends a request and returns the JSON body of a 2xx answer; other answers become
