@@ -20,6 +20,12 @@ use clap::Parser;
 
 use crate::args::{Cli, Command};
 
+// The agent allocates a little per request on many threads; mimalloc's thread-local heaps
+// cost less per malloc/free than glibc's arenas (a fifth of the agent's CPU under load went
+// to glibc malloc).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Where the agent listens, and where the client commands look for it, by default.
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
 

@@ -153,7 +153,7 @@ async fn commit(
 ) -> Result<(), String> {
     let store = store.clone();
     let started = Instant::now();
-    let result = tokio::task::spawn_blocking(move || store.commit(&mutations, index))
+    let result = tokio::task::spawn_blocking(move || store.commit(mutations, index))
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));

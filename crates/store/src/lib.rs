@@ -67,7 +67,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn load(&self) -> Result<Loaded, StoreError>;
 
     /// Applies `mutations` and records `index`, all or nothing, durable when it returns.
-    fn commit(&self, mutations: &[Mutation], index: u64) -> Result<(), StoreError>;
+    fn commit(&self, mutations: Vec<Mutation>, index: u64) -> Result<(), StoreError>;
 }
 
 /// The key an instance is stored under: service, a NUL, the id (neither may hold NUL).
@@ -121,7 +121,7 @@ pub(crate) mod contract {
         let b = instance("web", "b", 81);
         store
             .commit(
-                &[
+                vec![
                     Mutation::PutInstance(a.clone()),
                     Mutation::PutInstance(b.clone()),
                     Mutation::PutLease(StoredLease {
@@ -134,7 +134,7 @@ pub(crate) mod contract {
             .unwrap();
         store
             .commit(
-                &[Mutation::DeleteInstance {
+                vec![Mutation::DeleteInstance {
                     service: "web".into(),
                     id: "a".into(),
                 }],
@@ -151,7 +151,7 @@ pub(crate) mod contract {
                 ttl_ms: 5000
             }]
         );
-        store.commit(&[Mutation::DeleteLease(9)], 11).unwrap();
+        store.commit(vec![Mutation::DeleteLease(9)], 11).unwrap();
         assert!(store.load().unwrap().leases.is_empty());
 
         // KV entries and sessions.
@@ -176,7 +176,7 @@ pub(crate) mod contract {
         };
         store
             .commit(
-                &[
+                vec![
                     Mutation::PutSession(session.clone()),
                     Mutation::PutKv(kv("a/b", Some("aGk="))),
                     Mutation::PutKv(kv("a/c", None)),
@@ -185,25 +185,28 @@ pub(crate) mod contract {
             )
             .unwrap();
         store
-            .commit(&[Mutation::DeleteKv("a/c".into())], 13)
+            .commit(vec![Mutation::DeleteKv("a/c".into())], 13)
             .unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.kv, vec![kv("a/b", Some("aGk="))]);
         assert_eq!(loaded.sessions, vec![session]);
         store
-            .commit(&[Mutation::DeleteSession("s1".into())], 14)
+            .commit(vec![Mutation::DeleteSession("s1".into())], 14)
             .unwrap();
         assert!(store.load().unwrap().sessions.is_empty());
 
         store
-            .commit(&[Mutation::NodeMaintenance(Some("rack move".into()))], 15)
+            .commit(
+                vec![Mutation::NodeMaintenance(Some("rack move".into()))],
+                15,
+            )
             .unwrap();
         assert_eq!(
             store.load().unwrap().node_maintenance.as_deref(),
             Some("rack move")
         );
         store
-            .commit(&[Mutation::NodeMaintenance(None)], 16)
+            .commit(vec![Mutation::NodeMaintenance(None)], 16)
             .unwrap();
         assert_eq!(store.load().unwrap().node_maintenance, None);
 
@@ -214,11 +217,11 @@ pub(crate) mod contract {
             },
         );
         store
-            .commit(&[Mutation::NodeChecks(vec![disk.clone()])], 17)
+            .commit(vec![Mutation::NodeChecks(vec![disk.clone()])], 17)
             .unwrap();
         assert_eq!(store.load().unwrap().node_checks, vec![disk]);
         store
-            .commit(&[Mutation::NodeChecks(Vec::new())], 18)
+            .commit(vec![Mutation::NodeChecks(Vec::new())], 18)
             .unwrap();
         assert!(store.load().unwrap().node_checks.is_empty());
     }

@@ -51,41 +51,39 @@ impl Store for MemoryStore {
         })
     }
 
-    fn commit(&self, mutations: &[Mutation], index: u64) -> Result<(), StoreError> {
+    fn commit(&self, mutations: Vec<Mutation>, index: u64) -> Result<(), StoreError> {
         let mut inner = self.lock();
         for m in mutations {
             match m {
                 Mutation::PutInstance(i) => {
-                    inner
-                        .instances
-                        .insert(instance_key(&i.service, &i.id), i.clone());
+                    inner.instances.insert(instance_key(&i.service, &i.id), i);
                 }
                 Mutation::DeleteInstance { service, id } => {
-                    inner.instances.remove(&instance_key(service, id));
+                    inner.instances.remove(&instance_key(&service, &id));
                 }
                 Mutation::PutLease(l) => {
-                    inner.leases.insert(l.id, l.clone());
+                    inner.leases.insert(l.id, l);
                 }
                 Mutation::DeleteLease(id) => {
-                    inner.leases.remove(id);
+                    inner.leases.remove(&id);
                 }
                 Mutation::PutKv(e) => {
-                    inner.kv.insert(e.key.clone(), e.clone());
+                    inner.kv.insert(e.key.clone(), e);
                 }
                 Mutation::DeleteKv(key) => {
-                    inner.kv.remove(key);
+                    inner.kv.remove(&key);
                 }
                 Mutation::PutSession(s) => {
-                    inner.sessions.insert(s.id.clone(), s.clone());
+                    inner.sessions.insert(s.id.clone(), s);
                 }
                 Mutation::DeleteSession(id) => {
-                    inner.sessions.remove(id);
+                    inner.sessions.remove(&id);
                 }
                 Mutation::NodeMaintenance(reason) => {
-                    inner.node_maintenance = reason.clone();
+                    inner.node_maintenance = reason;
                 }
                 Mutation::NodeChecks(checks) => {
-                    inner.node_checks = checks.clone();
+                    inner.node_checks = checks;
                 }
             }
         }

@@ -1,22 +1,28 @@
 //! The default store: redb, an embedded B-tree, behind a write-ahead log.
 //!
-//! A commit is durable once its frame is in the log (one sequential `fdatasync`). The same
-//! changes then go into redb without an fsync; every [`CHECKPOINT_BYTES`] of log, a durable
-//! redb commit makes all of them permanent and the log is emptied. Opening the store replays
-//! whatever the log holds into redb, so a crash at any point loses nothing that was
-//! acknowledged. Rewriting B-tree pages and fsyncing them on every commit cost several KB
-//! and a random-write fsync per registration; the log costs a few hundred bytes.
+//! A commit is durable once its frame is in the log (one sequential `fdatasync`), and the
+//! caller is answered then. The database is brought up to date off that path: a background
+//! thread (`muster-store`) collects the committed changes, keeping only the last one per key,
+//! and whenever a log segment fills ([`SEGMENT_BYTES`]) writes them all in one durable redb
+//! transaction and deletes the segment. Opening the store replays whatever the log still
+//! holds, so a crash at any point loses nothing that was acknowledged.
+//!
+//! Rewriting B-tree pages on every commit cost several KB of page writes and most of a
+//! registration's storage CPU; a checkpoint touches each page once for thousands of changes.
 //!
 //! Records are JSON: a few hundred bytes each, readable with any redb tool when an operator
 //! needs to look inside.
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-use muster_core::{Mutation, StoredInstance, StoredKv, StoredLease, StoredSession};
+use muster_core::{LeaseId, Mutation, StoredInstance, StoredKv, StoredLease, StoredSession};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::wal::{Frame, Wal};
+use crate::wal::Log;
 use crate::{Loaded, Store, StoreError, instance_key};
 
 /// redb's page cache. The registry reads the store once, at start-up, and serves every read
@@ -24,9 +30,12 @@ use crate::{Loaded, Store, StoreError, instance_key};
 /// are never read again.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
-/// Log size that triggers a checkpoint. It bounds replay at start-up, and the memory redb
-/// holds for commits not yet made durable in its own file (about 3x the log's size).
-pub const CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
+/// Log segment size that triggers a checkpoint. It bounds replay at start-up and the changes
+/// the checkpointer holds in memory (about the segment's size).
+pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Commits the checkpointer may fall behind by before committers wait for it.
+const BACKLOG: usize = 4096;
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
@@ -41,9 +50,172 @@ const INDEX_KEY: &str = "index";
 /// A redb database and its log in the data directory.
 #[derive(Debug)]
 pub struct RedbStore {
-    db: Database,
+    db: Arc<Database>,
     /// The writer is the only committer; the lock only satisfies `&self`.
-    wal: Mutex<Wal>,
+    log: Mutex<Log>,
+    jobs: Option<SyncSender<Job>>,
+    checkpointer: Option<JoinHandle<()>>,
+    segment_bytes: u64,
+}
+
+/// Work for the checkpointer, in commit order.
+#[derive(Debug)]
+enum Job {
+    /// A commit that is durable in the log.
+    Apply { index: u64, changes: Vec<Change> },
+    /// Make everything so far durable in redb, then delete these log segments.
+    Checkpoint(Vec<PathBuf>),
+    /// Write everything so far into redb (without waiting for the disk) and answer.
+    Flush(SyncSender<Result<(), StoreError>>),
+}
+
+/// The key a change is kept under until the next checkpoint: only the last one counts.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Instance(String),
+    Lease(LeaseId),
+    Kv(String),
+    Session(String),
+    NodeMaintenance,
+    NodeChecks,
+}
+
+/// One record's new value as redb stores it, or `None` to remove it.
+type Change = (Key, Option<Vec<u8>>);
+
+/// What `m` does to redb. Records are serialized here, once: the log frame embeds the same
+/// bytes ([`encode_frame`]).
+fn change(m: &Mutation) -> Result<Change, StoreError> {
+    Ok(match m {
+        Mutation::PutInstance(i) => (
+            Key::Instance(instance_key(&i.service, &i.id)),
+            Some(json(i)?),
+        ),
+        Mutation::DeleteInstance { service, id } => {
+            (Key::Instance(instance_key(service, id)), None)
+        }
+        Mutation::PutLease(l) => (Key::Lease(l.id), Some(json(l)?)),
+        Mutation::DeleteLease(id) => (Key::Lease(*id), None),
+        Mutation::PutKv(e) => (Key::Kv(e.key.clone()), Some(json(e)?)),
+        Mutation::DeleteKv(key) => (Key::Kv(key.clone()), None),
+        Mutation::PutSession(s) => (Key::Session(s.id.clone()), Some(json(s)?)),
+        Mutation::DeleteSession(id) => (Key::Session(id.clone()), None),
+        Mutation::NodeMaintenance(reason) => (
+            Key::NodeMaintenance,
+            reason.as_ref().map(|r| r.as_bytes().to_vec()),
+        ),
+        Mutation::NodeChecks(checks) => (Key::NodeChecks, Some(json(checks)?)),
+    })
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(io)
+}
+
+/// The log frame's payload for a commit: exactly what `serde_json` writes for
+/// `{"index": index, "mutations": mutations}`, with each record's bytes taken from `changes`
+/// instead of serializing it a second time.
+fn encode_frame(
+    index: u64,
+    mutations: &[Mutation],
+    changes: &[Change],
+) -> Result<Vec<u8>, StoreError> {
+    let size: usize = changes
+        .iter()
+        .map(|(_, v)| v.as_ref().map_or(64, |v| v.len() + 24))
+        .sum();
+    let mut out = Vec::with_capacity(size + 32);
+    out.extend_from_slice(b"{\"index\":");
+    out.extend_from_slice(itoa::Buffer::new().format(index).as_bytes());
+    out.extend_from_slice(b",\"mutations\":[");
+    for (i, (m, (_, value))) in mutations.iter().zip(changes).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // Variants whose stored value is their JSON; the others are small, written by serde.
+        let variant = match m {
+            Mutation::PutInstance(_) => Some("put_instance"),
+            Mutation::PutLease(_) => Some("put_lease"),
+            Mutation::PutKv(_) => Some("put_kv"),
+            Mutation::PutSession(_) => Some("put_session"),
+            Mutation::NodeChecks(_) => Some("node_checks"),
+            _ => None,
+        };
+        match (variant, value) {
+            (Some(variant), Some(json)) => {
+                out.extend_from_slice(b"{\"");
+                out.extend_from_slice(variant.as_bytes());
+                out.extend_from_slice(b"\":");
+                out.extend_from_slice(json);
+                out.push(b'}');
+            }
+            _ => serde_json::to_writer(&mut out, m).map_err(io)?,
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok(out)
+}
+
+/// Changes committed to the log and not yet written to redb.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The index of the last commit taken in, if any since the last write.
+    index: Option<u64>,
+    changes: BTreeMap<Key, Option<Vec<u8>>>,
+}
+
+impl Pending {
+    fn take_in(&mut self, index: u64, changes: Vec<Change>) {
+        self.index = Some(index);
+        self.changes.extend(changes);
+    }
+
+    /// Writes every pending change into one redb transaction; on success nothing is left.
+    fn write(&mut self, db: &Database, durability: Durability) -> Result<(), StoreError> {
+        let Some(index) = self.index else {
+            return Ok(());
+        };
+        let mut txn = db.begin_write().map_err(io)?;
+        txn.set_durability(durability).map_err(io)?;
+        {
+            let mut instances = txn.open_table(INSTANCES).map_err(io)?;
+            let mut leases = txn.open_table(LEASES).map_err(io)?;
+            let mut kv = txn.open_table(KV).map_err(io)?;
+            let mut sessions = txn.open_table(SESSIONS).map_err(io)?;
+            let mut settings = txn.open_table(SETTINGS).map_err(io)?;
+            for (key, value) in &self.changes {
+                let value = value.as_deref();
+                match key {
+                    Key::Instance(k) => put(&mut instances, k.as_str(), value)?,
+                    Key::Lease(id) => put(&mut leases, *id, value)?,
+                    Key::Kv(k) => put(&mut kv, k.as_str(), value)?,
+                    Key::Session(id) => put(&mut sessions, id.as_str(), value)?,
+                    Key::NodeMaintenance => put(&mut settings, NODE_MAINTENANCE_KEY, value)?,
+                    Key::NodeChecks => put(&mut settings, NODE_CHECKS_KEY, value)?,
+                }
+            }
+            txn.open_table(META)
+                .map_err(io)?
+                .insert(INDEX_KEY, index)
+                .map_err(io)?;
+        }
+        txn.commit().map_err(io)?;
+        self.index = None;
+        self.changes.clear();
+        Ok(())
+    }
+}
+
+/// Inserts `value` under `key`, or removes `key` when there is none.
+fn put<'k, K: redb::Key + 'static>(
+    table: &mut redb::Table<'_, K, &'static [u8]>,
+    key: impl std::borrow::Borrow<K::SelfType<'k>>,
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    match value {
+        Some(v) => table.insert(key, v).map(drop).map_err(io),
+        None => table.remove(key).map(drop).map_err(io),
+    }
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -51,9 +223,14 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedbStore {
-    /// Opens (or creates) `dir/muster.redb` and `dir/muster.wal`, creating `dir` if needed,
-    /// and replays the log into the database.
+    /// Opens (or creates) `dir/muster.redb` and the log segments `dir/muster.wal.*`, creating
+    /// `dir` if needed, and replays the log into the database.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with(dir, SEGMENT_BYTES)
+    }
+
+    /// [`RedbStore::open`] with another segment size.
+    fn open_with(dir: &Path, segment_bytes: u64) -> Result<RedbStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
             path: dir.display().to_string(),
             message: e.to_string(),
@@ -63,13 +240,8 @@ impl RedbStore {
             .set_cache_size(CACHE_BYTES)
             .create(dir.join("muster.redb"))
             .map_err(|e| open_err(&e))?;
-        let (wal, frames) = Wal::open(&dir.join("muster.wal"))?;
-        let store = RedbStore {
-            db,
-            wal: Mutex::new(wal),
-        };
-        // Creates the tables on a new store, and makes the replayed frames permanent.
-        let txn = store.db.begin_write().map_err(|e| open_err(&e))?;
+        // Creates the tables on a new store.
+        let txn = db.begin_write().map_err(|e| open_err(&e))?;
         {
             txn.open_table(INSTANCES).map_err(|e| open_err(&e))?;
             txn.open_table(LEASES).map_err(|e| open_err(&e))?;
@@ -79,97 +251,99 @@ impl RedbStore {
             txn.open_table(SETTINGS).map_err(|e| open_err(&e))?;
         }
         txn.commit().map_err(|e| open_err(&e))?;
-        for frame in &frames {
-            store.apply(&frame.mutations, frame.index, Durability::None)?;
+        // Makes whatever the log holds permanent in redb, then lets the old segments go.
+        let (log, replay) = Log::open(dir)?;
+        let mut pending = Pending::default();
+        for frame in replay.frames {
+            let changes = frame
+                .mutations
+                .iter()
+                .map(change)
+                .collect::<Result<_, _>>()?;
+            pending.take_in(frame.index, changes);
         }
-        store.checkpoint()?;
-        Ok(store)
+        pending.write(&db, Durability::Immediate)?;
+        remove_segments(&replay.segments)?;
+
+        let db = Arc::new(db);
+        let (jobs, rx) = sync_channel(BACKLOG);
+        let worker_db = db.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("muster-store".into())
+            .spawn(move || checkpointer(&worker_db, &rx))
+            .map_err(|e| open_err(&e))?;
+        Ok(RedbStore {
+            db,
+            log: Mutex::new(log),
+            jobs: Some(jobs),
+            checkpointer: Some(checkpointer),
+            segment_bytes,
+        })
     }
 
-    fn wal(&self) -> std::sync::MutexGuard<'_, Wal> {
-        self.wal.lock().unwrap_or_else(|e| e.into_inner())
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes every earlier redb commit durable, then empties the log.
-    fn checkpoint(&self) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
-        txn.set_durability(Durability::Immediate).map_err(io)?;
-        txn.commit().map_err(io)?;
-        self.wal().truncate()
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(|| io("the store's checkpoint thread has stopped"))
     }
+}
 
-    fn apply(
-        &self,
-        mutations: &[Mutation],
-        index: u64,
-        durability: Durability,
-    ) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
-        txn.set_durability(durability).map_err(io)?;
-        {
-            let mut instances = txn.open_table(INSTANCES).map_err(io)?;
-            let mut leases = txn.open_table(LEASES).map_err(io)?;
-            let mut kv = txn.open_table(KV).map_err(io)?;
-            let mut sessions = txn.open_table(SESSIONS).map_err(io)?;
-            let mut settings = txn.open_table(SETTINGS).map_err(io)?;
-            for m in mutations {
-                match m {
-                    Mutation::PutInstance(i) => {
-                        let bytes = serde_json::to_vec(i).map_err(io)?;
-                        instances
-                            .insert(instance_key(&i.service, &i.id).as_str(), bytes.as_slice())
-                            .map_err(io)?;
-                    }
-                    Mutation::DeleteInstance { service, id } => {
-                        instances
-                            .remove(instance_key(service, id).as_str())
-                            .map_err(io)?;
-                    }
-                    Mutation::PutLease(l) => {
-                        let bytes = serde_json::to_vec(l).map_err(io)?;
-                        leases.insert(l.id, bytes.as_slice()).map_err(io)?;
-                    }
-                    Mutation::DeleteLease(id) => {
-                        leases.remove(*id).map_err(io)?;
-                    }
-                    Mutation::PutKv(e) => {
-                        let bytes = serde_json::to_vec(e).map_err(io)?;
-                        kv.insert(e.key.as_str(), bytes.as_slice()).map_err(io)?;
-                    }
-                    Mutation::DeleteKv(key) => {
-                        kv.remove(key.as_str()).map_err(io)?;
-                    }
-                    Mutation::PutSession(s) => {
-                        let bytes = serde_json::to_vec(s).map_err(io)?;
-                        sessions
-                            .insert(s.id.as_str(), bytes.as_slice())
-                            .map_err(io)?;
-                    }
-                    Mutation::DeleteSession(id) => {
-                        sessions.remove(id.as_str()).map_err(io)?;
-                    }
-                    Mutation::NodeMaintenance(Some(reason)) => {
-                        settings
-                            .insert(NODE_MAINTENANCE_KEY, reason.as_bytes())
-                            .map_err(io)?;
-                    }
-                    Mutation::NodeMaintenance(None) => {
-                        settings.remove(NODE_MAINTENANCE_KEY).map_err(io)?;
-                    }
-                    Mutation::NodeChecks(checks) => {
-                        let bytes = serde_json::to_vec(checks).map_err(io)?;
-                        settings
-                            .insert(NODE_CHECKS_KEY, bytes.as_slice())
-                            .map_err(io)?;
-                    }
+impl Drop for RedbStore {
+    /// Checkpoints what is left, so the next start has no log to replay.
+    fn drop(&mut self) {
+        let segment = self.log().path().to_path_buf();
+        let _ = self.send(Job::Checkpoint(vec![segment]));
+        self.jobs = None;
+        if let Some(worker) = self.checkpointer.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn remove_segments(segments: &[PathBuf]) -> Result<(), StoreError> {
+    for path in segments {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("cannot remove {}: {e}", path.display()))),
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint thread: takes in commits as they are logged and writes them to redb.
+fn checkpointer(db: &Database, jobs: &Receiver<Job>) {
+    let mut pending = Pending::default();
+    // Segments whose changes are pending, from checkpoints that failed.
+    let mut unwritten: Vec<PathBuf> = Vec::new();
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Apply { index, changes } => pending.take_in(index, changes),
+            Job::Checkpoint(segments) => {
+                unwritten.extend(segments);
+                let written = pending
+                    .write(db, Durability::Immediate)
+                    .and_then(|()| remove_segments(&unwritten));
+                match written {
+                    Ok(()) => unwritten.clear(),
+                    // The log still holds every change: nothing is lost, and the next
+                    // segment's checkpoint tries again.
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        segments = unwritten.len(),
+                        "checkpoint failed; the write-ahead log keeps the changes and grows until one succeeds"
+                    ),
                 }
             }
-            txn.open_table(META)
-                .map_err(io)?
-                .insert(INDEX_KEY, index)
-                .map_err(io)?;
+            Job::Flush(reply) => {
+                let _ = reply.send(pending.write(db, Durability::None));
+            }
         }
-        txn.commit().map_err(io)
     }
 }
 
@@ -182,6 +356,11 @@ fn decode<T: serde::de::DeserializeOwned>(key: String, bytes: &[u8]) -> Result<T
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Loaded, StoreError> {
+        let (reply, answer) = sync_channel(1);
+        self.send(Job::Flush(reply))?;
+        answer
+            .recv()
+            .map_err(|_| io("the store's checkpoint thread has stopped"))??;
         let txn = self.db.begin_read().map_err(io)?;
         let meta = txn.open_table(META).map_err(io)?;
         let index = meta.get(INDEX_KEY).map_err(io)?.map_or(0, |v| v.value());
@@ -234,19 +413,19 @@ impl Store for RedbStore {
         })
     }
 
-    fn commit(&self, mutations: &[Mutation], index: u64) -> Result<(), StoreError> {
-        let frame = Frame {
-            index,
-            mutations: mutations.to_vec(),
-        };
-        let logged = {
-            let mut wal = self.wal();
-            wal.append(&frame)?;
-            wal.len
-        };
-        self.apply(mutations, index, Durability::None)?;
-        if logged >= CHECKPOINT_BYTES {
-            self.checkpoint()?;
+    fn commit(&self, mutations: Vec<Mutation>, index: u64) -> Result<(), StoreError> {
+        let changes = mutations
+            .iter()
+            .map(change)
+            .collect::<Result<Vec<_>, _>>()?;
+        let frame = encode_frame(index, &mutations, &changes)?;
+        drop(mutations);
+        let mut log = self.log();
+        log.append(&frame)?;
+        self.send(Job::Apply { index, changes })?;
+        if log.len >= self.segment_bytes {
+            let full = log.rotate()?;
+            self.send(Job::Checkpoint(vec![full]))?;
         }
         Ok(())
     }
@@ -268,7 +447,7 @@ mod tests {
         {
             let store = RedbStore::open(dir.path()).unwrap();
             let i = crate::contract::instance("api", "x", 8080);
-            store.commit(&[Mutation::PutInstance(i)], 42).unwrap();
+            store.commit(vec![Mutation::PutInstance(i)], 42).unwrap();
         }
         let loaded = RedbStore::open(dir.path()).unwrap().load().unwrap();
         assert_eq!(loaded.index, 42);
@@ -284,18 +463,129 @@ mod tests {
         for port in 1..=50 {
             let i = crate::contract::instance("api", &format!("x{port}"), port);
             store
-                .commit(&[Mutation::PutInstance(i)], u64::from(port))
+                .commit(vec![Mutation::PutInstance(i)], u64::from(port))
                 .unwrap();
         }
         // The files as a crash right now would leave them: redb holds none of the commits
         // durably, the log holds all of them.
-        for name in ["muster.redb", "muster.wal"] {
-            std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
-        }
+        copy_files(dir.path(), crashed.path());
         let loaded = RedbStore::open(crashed.path()).unwrap().load().unwrap();
         assert_eq!(loaded.index, 50);
         assert_eq!(loaded.instances.len(), 50);
         drop(store);
+    }
+
+    fn copy_files(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+
+    fn segments(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("muster.wal"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn full_segments_are_checkpointed_into_redb_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        // Segments of 4 KiB: a few commits each, so this run makes dozens of checkpoints.
+        let store = RedbStore::open_with(dir.path(), 4096).unwrap();
+        for port in 1..=300 {
+            let i = crate::contract::instance("api", &format!("x{port}"), port);
+            store
+                .commit(vec![Mutation::PutInstance(i)], u64::from(port))
+                .unwrap();
+        }
+        for port in (1..=300u16).step_by(3) {
+            let deleted = Mutation::DeleteInstance {
+                service: "api".into(),
+                id: format!("x{port}"),
+            };
+            store.commit(vec![deleted], 300 + u64::from(port)).unwrap();
+        }
+        // A load waits for every checkpoint sent before it.
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.instances.len(), 200);
+        assert_eq!(segments(dir.path()).len(), 1, "{:?}", segments(dir.path()));
+
+        // A crash now: redb holds the checkpointed changes, the last segment the rest.
+        copy_files(dir.path(), crashed.path());
+        let reopened = RedbStore::open(crashed.path()).unwrap().load().unwrap();
+        assert_eq!(reopened.index, 598);
+        assert_eq!(reopened.instances, loaded.instances);
+        drop(store);
+    }
+
+    #[test]
+    fn log_frames_are_exactly_what_serde_writes() {
+        let mutations = vec![
+            Mutation::PutInstance(crate::contract::instance("web", "a\"b", 80)),
+            Mutation::DeleteInstance {
+                service: "web".into(),
+                id: "c".into(),
+            },
+            Mutation::PutLease(StoredLease { id: 4, ttl_ms: 10 }),
+            Mutation::DeleteLease(4),
+            Mutation::PutKv(StoredKv {
+                key: "a/\u{e9}".into(),
+                value: Some("aGk=".into()),
+                flags: 1,
+                lock_index: 0,
+                session: None,
+                create_index: 3,
+                modify_index: 3,
+            }),
+            Mutation::DeleteKv("a/b".into()),
+            Mutation::PutSession(StoredSession {
+                id: "s".into(),
+                spec: muster_core::SessionSpec {
+                    name: "lock".into(),
+                    ..Default::default()
+                },
+                lease: None,
+                create_index: 5,
+            }),
+            Mutation::DeleteSession("s".into()),
+            Mutation::NodeMaintenance(Some("moving \"racks\"".into())),
+            Mutation::NodeMaintenance(None),
+            Mutation::NodeChecks(Vec::new()),
+        ];
+        let changes: Vec<Change> = mutations.iter().map(|m| change(m).unwrap()).collect();
+        let ours = encode_frame(77, &mutations, &changes).unwrap();
+        let serde = serde_json::to_vec(&crate::wal::FrameRef {
+            index: 77,
+            mutations: &mutations,
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            String::from_utf8(serde).unwrap()
+        );
+    }
+
+    #[test]
+    fn closing_the_store_leaves_no_log_to_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            let i = crate::contract::instance("api", "x", 8080);
+            store.commit(vec![Mutation::PutInstance(i)], 5).unwrap();
+        }
+        assert!(
+            segments(dir.path()).is_empty(),
+            "{:?}",
+            segments(dir.path())
+        );
+        let loaded = RedbStore::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!((loaded.index, loaded.instances.len()), (5, 1));
     }
 
     #[test]
