@@ -373,6 +373,37 @@ pub struct Registry {
     /// Inside a KV transaction: every change shares one index.
     in_txn: bool,
     txn_index: Option<u64>,
+    /// What the last sweeps learned about quiet services, so the next ones can skip them.
+    sweep_hints: SweepHints,
+}
+
+/// Per service: when a sweep could next find anything to do in it.
+///
+/// A service with no checks and no critical TTL instance has nothing to do until the
+/// earliest deadline of its TTL instances, and heartbeats only push deadlines later. So a
+/// sweep that scanned it can note that deadline, and later sweeps skip the service until
+/// then, counting its TTL instances as alive, unless it changed since (its index moved).
+/// Sweeps then cost time for the services with something due, not for every instance.
+///
+/// Only a cache: a copy of the registry (the writer's copy to roll back to) starts with
+/// none, which costs one full scan and is always correct.
+#[derive(Debug, Default)]
+struct SweepHints(std::collections::HashMap<ServiceName, SweepHint>);
+
+impl Clone for SweepHints {
+    fn clone(&self) -> SweepHints {
+        SweepHints::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SweepHint {
+    /// The service's index when it was scanned.
+    index: u64,
+    /// Nothing lapses before this.
+    quiet_until: Time,
+    /// TTL instances, all alive until `quiet_until`.
+    renewers: usize,
 }
 
 type Key = (ServiceName, InstanceId);
@@ -479,6 +510,7 @@ impl Registry {
             now: Time::ZERO,
             in_txn: false,
             txn_index: None,
+            sweep_hints: SweepHints::default(),
         }
     }
 
@@ -1059,10 +1091,23 @@ impl Registry {
         // Lapses that self-preservation's last end took as gone: applied, but not counted.
         let mut written_off = 0;
         let preservation = &self.preservation;
+        let hints = &mut self.sweep_hints.0;
         for svc in self.state.services.values() {
+            if let Some(h) = hints.get(&svc.name)
+                && h.index == svc.index
+                && now < h.quiet_until
+            {
+                counts.alive += h.renewers;
+                continue;
+            }
+            // Whether the service is quiet (see SweepHints), and until when.
+            let mut quiet = true;
+            let mut quiet_until = NEVER;
+            let mut renewers = 0;
             for inst in svc.instances.values() {
                 let key = || (inst.service.clone(), inst.id.clone());
                 if !inst.checks.is_empty() {
+                    quiet = false;
                     let mut sure = Vec::new();
                     let mut silent = Vec::new();
                     let mut deregister = None;
@@ -1094,12 +1139,18 @@ impl Registry {
                 if !matches!(inst.spec.keep_alive, KeepAlive::Ttl(_)) {
                     continue;
                 }
+                if inst.heartbeat == Status::Critical {
+                    quiet = false;
+                }
                 if !inst.liveness.lapsed(now) {
                     counts.alive += 1;
+                    renewers += 1;
+                    quiet_until = quiet_until.min(inst.liveness.deadline());
                     if inst.heartbeat == Status::Critical {
                         revive.push(key());
                     }
                 } else if inst.heartbeat != Status::Critical {
+                    quiet = false;
                     if preservation.written_off(inst.liveness.deadline()) {
                         written_off += 1;
                     } else {
@@ -1113,6 +1164,20 @@ impl Registry {
                     evict.push(key());
                 }
             }
+            if quiet {
+                let hint = SweepHint {
+                    index: svc.index,
+                    quiet_until,
+                    renewers,
+                };
+                hints.insert(svc.name.clone(), hint);
+            } else {
+                hints.remove(&svc.name);
+            }
+        }
+        if hints.len() > self.state.services.len() {
+            let services = &self.state.services;
+            hints.retain(|name, _| services.contains_key(name.as_str()));
         }
         // The node's own checks: the same rules, nothing to deregister.
         let mut node_sure: Vec<CheckChange> = Vec::new();
