@@ -396,6 +396,39 @@ impl Clone for SweepHints {
     }
 }
 
+impl SweepHints {
+    /// Keeps `service`'s hint through a change from index `before` to `after` that replaces
+    /// `old` with `new`, when the service stays quiet; otherwise drops it, so the next sweep
+    /// scans the service. A hint that matches `before` means `old` was quiet.
+    fn carry(
+        &mut self,
+        service: &ServiceName,
+        before: u64,
+        after: u64,
+        old: Option<&Instance>,
+        new: Option<&Instance>,
+    ) {
+        let Some(h) = self.0.get_mut(service) else {
+            return;
+        };
+        let renews = |i: &Instance| matches!(i.spec.keep_alive, KeepAlive::Ttl(_));
+        let quiet = new
+            .is_none_or(|i| i.checks.is_empty() && !(renews(i) && i.heartbeat == Status::Critical));
+        if h.index != before || !quiet {
+            self.0.remove(service);
+            return;
+        }
+        h.index = after;
+        if old.is_some_and(renews) {
+            h.renewers -= 1;
+        }
+        if let Some(i) = new.filter(|i| renews(i)) {
+            h.renewers += 1;
+            h.quiet_until = h.quiet_until.min(i.liveness.deadline());
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct SweepHint {
     /// The service's index when it was scanned.
@@ -952,10 +985,14 @@ impl Registry {
             .entry(name.clone())
             .or_insert_with(|| Arc::new(Service::new(name)));
         let svc = Arc::make_mut(svc);
+        let before = svc.index;
         svc.index = index;
         let has_checks = !instance.checks.is_empty();
         let instance = Arc::new(instance);
         let old = svc.instances.insert(instance.id.clone(), instance.clone());
+        let service = &instance.service;
+        self.sweep_hints
+            .carry(service, before, index, old.as_deref(), Some(&instance));
         match &old {
             None => self.state.instance_total += 1,
             Some(old) if !old.checks.is_empty() => self.state.checks_epoch += 1,
@@ -1019,6 +1056,8 @@ impl Registry {
         if !old.checks.is_empty() {
             self.state.checks_epoch += 1;
         }
+        self.sweep_hints
+            .carry(service, svc_mut.index, index, Some(&old), None);
         svc_mut.index = index;
         let now_empty = svc_mut.instances.is_empty();
         self.state.unindex_instance(&old);

@@ -234,13 +234,23 @@ pub async fn register(
         Applied::Registered { created: true, .. } => (StatusCode::CREATED, true),
         _ => (StatusCode::OK, false),
     };
-    let inst = snap
-        .instance(service.as_str(), id.as_str())
-        .map(|i| render::instance(i));
-    Ok(value_response(
+    #[derive(serde::Serialize)]
+    struct Registered<'a> {
+        created: bool,
+        instance: Option<render::InstanceJson<'a>>,
+    }
+    let answer = Registered {
+        created,
+        instance: snap
+            .instance(service.as_str(), id.as_str())
+            .map(|i| render::InstanceJson(i)),
+    };
+    let body = Bytes::from(serde_json::to_vec(&answer).unwrap_or_default());
+    Ok(json_response(
         status,
-        &snap,
-        json!({"created": created, "instance": inst}),
+        snap.index,
+        snap.self_preservation,
+        body,
     ))
 }
 
