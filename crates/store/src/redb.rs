@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use muster_core::{LeaseId, Mutation, StoredInstance, StoredKv, StoredLease, StoredSession};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::wal::Log;
+use crate::wal::{Log, Spare};
 use crate::{Loaded, Store, StoreError, instance_key};
 
 /// redb's page cache. The registry reads the store once, at start-up, and serves every read
@@ -56,6 +56,22 @@ pub struct RedbStore {
     jobs: Option<SyncSender<Job>>,
     checkpointer: Option<JoinHandle<()>>,
     segment_bytes: u64,
+    /// The next segment, prepared by the checkpointer.
+    spare: Arc<Mutex<SpareSlot>>,
+}
+
+/// Where the checkpointer leaves the next log segment for the committer. Rotations and
+/// preparations both hold the lock, and a segment is only prepared as the one right after
+/// the current, so the two never touch the same file.
+#[derive(Debug, Default)]
+struct SpareSlot {
+    /// The log's current segment.
+    current: u64,
+    spare: Option<Spare>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Work for the checkpointer, in commit order.
@@ -63,8 +79,12 @@ pub struct RedbStore {
 enum Job {
     /// A commit that is durable in the log.
     Apply { index: u64, changes: Vec<Change> },
-    /// Make everything so far durable in redb, then delete these log segments.
-    Checkpoint(Vec<PathBuf>),
+    /// Make everything so far durable in redb, then delete these log segments; and prepare
+    /// segment `prepare` if it is still the next one.
+    Checkpoint {
+        segments: Vec<PathBuf>,
+        prepare: Option<u64>,
+    },
     /// Write everything so far into redb (without waiting for the disk) and answer.
     Flush(SyncSender<Result<(), StoreError>>),
 }
@@ -267,10 +287,19 @@ impl RedbStore {
 
         let db = Arc::new(db);
         let (jobs, rx) = sync_channel(BACKLOG);
-        let worker_db = db.clone();
+        let spare = Arc::new(Mutex::new(SpareSlot {
+            current: log.seq(),
+            spare: None,
+        }));
+        let worker = Checkpointer {
+            db: db.clone(),
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            spare: spare.clone(),
+        };
         let checkpointer = std::thread::Builder::new()
             .name("muster-store".into())
-            .spawn(move || checkpointer(&worker_db, &rx))
+            .spawn(move || worker.run(&rx))
             .map_err(|e| open_err(&e))?;
         Ok(RedbStore {
             db,
@@ -278,6 +307,7 @@ impl RedbStore {
             jobs: Some(jobs),
             checkpointer: Some(checkpointer),
             segment_bytes,
+            spare,
         })
     }
 
@@ -297,7 +327,10 @@ impl Drop for RedbStore {
     /// Checkpoints what is left, so the next start has no log to replay.
     fn drop(&mut self) {
         let segment = self.log().path().to_path_buf();
-        let _ = self.send(Job::Checkpoint(vec![segment]));
+        let _ = self.send(Job::Checkpoint {
+            segments: vec![segment],
+            prepare: None,
+        });
         self.jobs = None;
         if let Some(worker) = self.checkpointer.take() {
             let _ = worker.join();
@@ -316,33 +349,63 @@ fn remove_segments(segments: &[PathBuf]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The checkpoint thread: takes in commits as they are logged and writes them to redb.
-fn checkpointer(db: &Database, jobs: &Receiver<Job>) {
-    let mut pending = Pending::default();
-    // Segments whose changes are pending, from checkpoints that failed.
-    let mut unwritten: Vec<PathBuf> = Vec::new();
-    while let Ok(job) = jobs.recv() {
-        match job {
-            Job::Apply { index, changes } => pending.take_in(index, changes),
-            Job::Checkpoint(segments) => {
-                unwritten.extend(segments);
-                let written = pending
-                    .write(db, Durability::Immediate)
-                    .and_then(|()| remove_segments(&unwritten));
-                match written {
-                    Ok(()) => unwritten.clear(),
-                    // The log still holds every change: nothing is lost, and the next
-                    // segment's checkpoint tries again.
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        segments = unwritten.len(),
-                        "checkpoint failed; the write-ahead log keeps the changes and grows until one succeeds"
-                    ),
+/// The checkpoint thread: takes in commits as they are logged, writes them to redb, and
+/// prepares log segments ahead of the committer.
+struct Checkpointer {
+    db: Arc<Database>,
+    dir: PathBuf,
+    segment_bytes: u64,
+    spare: Arc<Mutex<SpareSlot>>,
+}
+
+impl Checkpointer {
+    fn run(self, jobs: &Receiver<Job>) {
+        let mut pending = Pending::default();
+        // Segments whose changes are pending, from checkpoints that failed.
+        let mut unwritten: Vec<PathBuf> = Vec::new();
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Apply { index, changes } => pending.take_in(index, changes),
+                Job::Checkpoint { segments, prepare } => {
+                    unwritten.extend(segments);
+                    let written = pending
+                        .write(&self.db, Durability::Immediate)
+                        .and_then(|()| remove_segments(&unwritten));
+                    match written {
+                        Ok(()) => unwritten.clear(),
+                        // The log still holds every change: nothing is lost, and the next
+                        // segment's checkpoint tries again.
+                        Err(e) => tracing::error!(
+                            error = %e,
+                            segments = unwritten.len(),
+                            "checkpoint failed; the write-ahead log keeps the changes and grows until one succeeds"
+                        ),
+                    }
+                    if let Some(seq) = prepare {
+                        self.prepare(seq);
+                    }
+                }
+                Job::Flush(reply) => {
+                    let _ = reply.send(pending.write(&self.db, Durability::None));
                 }
             }
-            Job::Flush(reply) => {
-                let _ = reply.send(pending.write(db, Durability::None));
-            }
+        }
+        // The store is closing: a prepared segment holds nothing.
+        if let Some(spare) = lock(&self.spare).spare.take() {
+            let _ = std::fs::remove_file(spare.path());
+        }
+    }
+
+    fn prepare(&self, seq: u64) {
+        let mut slot = lock(&self.spare);
+        if slot.current + 1 != seq || slot.spare.is_some() {
+            return;
+        }
+        // Room for a last frame that runs past the segment's size.
+        match Spare::prepare(&self.dir, seq, self.segment_bytes + self.segment_bytes / 8) {
+            Ok(spare) => slot.spare = Some(spare),
+            // The committer then creates the segment itself, unfilled: slower, as correct.
+            Err(e) => tracing::warn!(error = %e, "cannot prepare the next log segment"),
         }
     }
 }
@@ -424,8 +487,16 @@ impl Store for RedbStore {
         log.append(&frame)?;
         self.send(Job::Apply { index, changes })?;
         if log.len >= self.segment_bytes {
-            let full = log.rotate()?;
-            self.send(Job::Checkpoint(vec![full]))?;
+            let full = {
+                let mut slot = lock(&self.spare);
+                let full = log.rotate(slot.spare.take())?;
+                slot.current = log.seq();
+                full
+            };
+            self.send(Job::Checkpoint {
+                segments: vec![full],
+                prepare: Some(log.seq() + 1),
+            })?;
         }
         Ok(())
     }
@@ -514,7 +585,8 @@ mod tests {
         // A load waits for every checkpoint sent before it.
         let loaded = store.load().unwrap();
         assert_eq!(loaded.instances.len(), 200);
-        assert_eq!(segments(dir.path()).len(), 1, "{:?}", segments(dir.path()));
+        // The current segment, and the next one prepared ahead.
+        assert_eq!(segments(dir.path()).len(), 2, "{:?}", segments(dir.path()));
 
         // A crash now: redb holds the checkpointed changes, the last segment the rest.
         copy_files(dir.path(), crashed.path());
