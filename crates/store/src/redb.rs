@@ -1,10 +1,11 @@
 //! The default store: redb, an embedded B-tree, behind a write-ahead log.
 //!
 //! A commit is durable once its frame is in the log (one sequential `fdatasync`), and the
-//! caller is answered then. The database is brought up to date off that path: a background
-//! thread (`muster-store`) collects the committed changes, keeping only the last one per key,
-//! and whenever a log segment fills ([`SEGMENT_BYTES`]) writes them all in one durable redb
-//! transaction and deletes the segment. Opening the store replays whatever the log still
+//! caller is answered then. The database is brought up to date off that path: committed
+//! changes wait in an inbox, and whenever a log segment fills ([`SEGMENT_BYTES`]) a
+//! background thread (`muster-store`) takes them, keeps only the last one per key, writes
+//! them all in one durable redb transaction and deletes the segment. Commits never wait for
+//! that thread, nor wake it, except when a segment fills. Opening the store replays whatever the log still
 //! holds, so a crash at any point loses nothing that was acknowledged.
 //!
 //! Rewriting B-tree pages on every commit cost several KB of page writes and most of a
@@ -34,8 +35,9 @@ const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// the checkpointer holds in memory (about the segment's size).
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 
-/// Commits the checkpointer may fall behind by before committers wait for it.
-const BACKLOG: usize = 4096;
+/// Checkpoints that may wait for the checkpointer before the committer waits for it, which
+/// bounds the changes held in memory to a few segments' worth.
+const BACKLOG: usize = 2;
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
@@ -54,6 +56,8 @@ pub struct RedbStore {
     /// The writer is the only committer; the lock only satisfies `&self`.
     log: Mutex<Log>,
     jobs: Option<SyncSender<Job>>,
+    /// Commits durable in the log and not yet taken by the checkpointer.
+    inbox: Arc<Mutex<Inbox>>,
     checkpointer: Option<JoinHandle<()>>,
     segment_bytes: u64,
     /// The next segment, prepared by the checkpointer.
@@ -74,11 +78,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Work for the checkpointer, in commit order.
+/// Commits durable in the log, oldest first, waiting for the checkpointer.
+#[derive(Debug, Default)]
+struct Inbox {
+    commits: Vec<(u64, Vec<Change>)>,
+}
+
+/// Work for the checkpointer. Each job first takes in what the inbox holds.
 #[derive(Debug)]
 enum Job {
-    /// A commit that is durable in the log.
-    Apply { index: u64, changes: Vec<Change> },
     /// Make everything so far durable in redb, then delete these log segments; and prepare
     /// segment `prepare` if it is still the next one.
     Checkpoint {
@@ -286,6 +294,7 @@ impl RedbStore {
         remove_segments(&replay.segments)?;
 
         let db = Arc::new(db);
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
         let (jobs, rx) = sync_channel(BACKLOG);
         let spare = Arc::new(Mutex::new(SpareSlot {
             current: log.seq(),
@@ -296,6 +305,7 @@ impl RedbStore {
             dir: dir.to_path_buf(),
             segment_bytes,
             spare: spare.clone(),
+            inbox: inbox.clone(),
         };
         let checkpointer = std::thread::Builder::new()
             .name("muster-store".into())
@@ -305,6 +315,7 @@ impl RedbStore {
             db,
             log: Mutex::new(log),
             jobs: Some(jobs),
+            inbox,
             checkpointer: Some(checkpointer),
             segment_bytes,
             spare,
@@ -349,13 +360,14 @@ fn remove_segments(segments: &[PathBuf]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The checkpoint thread: takes in commits as they are logged, writes them to redb, and
-/// prepares log segments ahead of the committer.
+/// The checkpoint thread: writes logged commits to redb, and prepares log segments ahead
+/// of the committer.
 struct Checkpointer {
     db: Arc<Database>,
     dir: PathBuf,
     segment_bytes: u64,
     spare: Arc<Mutex<SpareSlot>>,
+    inbox: Arc<Mutex<Inbox>>,
 }
 
 impl Checkpointer {
@@ -364,8 +376,13 @@ impl Checkpointer {
         // Segments whose changes are pending, from checkpoints that failed.
         let mut unwritten: Vec<PathBuf> = Vec::new();
         while let Ok(job) = jobs.recv() {
+            // Commits logged after the job was sent may come along: writing them early is
+            // harmless, since replaying their segment puts the same values again.
+            let commits = std::mem::take(&mut lock(&self.inbox).commits);
+            for (index, changes) in commits {
+                pending.take_in(index, changes);
+            }
             match job {
-                Job::Apply { index, changes } => pending.take_in(index, changes),
                 Job::Checkpoint { segments, prepare } => {
                     unwritten.extend(segments);
                     let written = pending
@@ -485,7 +502,7 @@ impl Store for RedbStore {
         drop(mutations);
         let mut log = self.log();
         log.append(&frame)?;
-        self.send(Job::Apply { index, changes })?;
+        lock(&self.inbox).commits.push((index, changes));
         if log.len >= self.segment_bytes {
             let full = {
                 let mut slot = lock(&self.spare);
