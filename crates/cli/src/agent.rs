@@ -78,6 +78,11 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
     if let Some(v) = args.max_watchers {
         c.max_watchers = v;
     }
+    if let Some(v) = args.http_threads {
+        c.http_threads = v;
+    }
+    // Resolved here rather than in the library, whose callers (tests) keep one runtime.
+    c.http_threads = c.http_threads();
     c.enable_script_checks |= args.enable_script_checks;
     if args.disable_self_preservation {
         c.self_preservation.enabled = false;

@@ -86,6 +86,9 @@ pub struct AgentArgs {
     /// Most blocking queries and stream subscribers at once [default: 65536].
     #[arg(long)]
     pub max_watchers: Option<usize>,
+    /// Threads serving HTTP connections [default: one per CPU].
+    #[arg(long)]
+    pub http_threads: Option<usize>,
     /// Never hold back expirations, whatever share of heartbeats stops.
     #[arg(long)]
     pub disable_self_preservation: bool,

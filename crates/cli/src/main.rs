@@ -31,7 +31,9 @@ const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the agent spreads HTTP connections over threads of its own
+    // (`--http-threads`), and the client commands need no more.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -29,7 +29,7 @@ fn registry() -> Registry {
         let service = ServiceName::parse(&service_name(s)).expect("valid name");
         for i in 0..PER_SERVICE {
             let n = s * PER_SERVICE + i;
-            let ttl = if n % 100 == 0 { 1 } else { 30 };
+            let ttl = if n.is_multiple_of(100) { 1 } else { 30 };
             let spec = InstanceSpec {
                 address: format!("10.{}.{}.{}", n >> 16, (n >> 8) & 0xff, n & 0xff),
                 port: 8080,

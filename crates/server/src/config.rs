@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub max_body_bytes: usize,
     /// Most blocking queries and stream subscribers held at once; more get 429.
     pub max_watchers: usize,
+    /// Threads serving HTTP connections, each with its own event loop, connections dealt to
+    /// them in turn; 0: one per CPU.
+    pub http_threads: usize,
     /// Bounds on registrations.
     pub limits: Limits,
     /// Self-preservation.
@@ -53,6 +56,16 @@ pub struct AgentConfig {
     /// Accept and run script checks. Off by default: they run commands on this host as the
     /// agent's user.
     pub enable_script_checks: bool,
+}
+
+impl AgentConfig {
+    /// The HTTP threads to run: `http_threads`, or one per CPU when it is 0.
+    pub fn http_threads(&self) -> usize {
+        match self.http_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -72,6 +85,7 @@ impl Default for AgentConfig {
             sweep_interval: Duration::from_millis(250),
             max_body_bytes: 64 * 1024,
             max_watchers: 65_536,
+            http_threads: 0,
             limits: Limits::default(),
             self_preservation: PreservationConfig::default(),
             enable_script_checks: false,

@@ -35,7 +35,7 @@ impl Read {
 }
 
 fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
-    let q = Query::local(raw, &state)?;
+    let q = Query::local(raw, state)?;
     let filter = filter(&q)?;
     let node = Node::of(state);
     let node_matches = q
