@@ -86,7 +86,7 @@ pub struct AgentArgs {
     /// Most blocking queries and stream subscribers at once [default: 65536].
     #[arg(long)]
     pub max_watchers: Option<usize>,
-    /// Threads serving HTTP connections [default: one per CPU].
+    /// Threads serving HTTP connections, each connection on one [default: two per CPU].
     #[arg(long)]
     pub http_threads: Option<usize>,
     /// Never hold back expirations, whatever share of heartbeats stops.
