@@ -1,14 +1,11 @@
 //! HTTP served over several threads (`http_threads`), on a real socket.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use muster_server::{Agent, AgentConfig};
-use muster_store::MemoryStore;
+use muster_server::AgentConfig;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-use crate::support::config;
+use crate::support::{config, serve_joined};
 
 /// Names of this process's threads.
 fn thread_names() -> Vec<String> {
@@ -26,20 +23,20 @@ fn http_threads() -> usize {
         .count()
 }
 
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    let answer = client.get(url).send().await.unwrap();
+    assert_eq!(answer.status(), 200, "GET {url}");
+    answer.json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_on_different_http_threads_see_each_others_writes_and_shutdown_drains_them() {
     let config = AgentConfig {
         http_threads: 3,
         ..config()
     };
-    let shutdown = CancellationToken::new();
-    let agent = Agent::open(config, Arc::new(MemoryStore::new()), shutdown.clone())
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let before = http_threads();
-    let served = tokio::spawn(agent.serve(listener));
+    let (addr, shutdown, served) = serve_joined(config).await;
 
     // One client per connection; connections are dealt to the threads in turn, so the
     // watcher, the writer and the reader are each served by a different one.
@@ -52,14 +49,7 @@ async fn connections_on_different_http_threads_see_each_others_writes_and_shutdo
         })
         .collect();
     let url = |path: &str| format!("http://{addr}{path}");
-    let first: Value = clients[0]
-        .get(url("/api/v1/services/web"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first = get_json(&clients[0], &url("/api/v1/services/web")).await;
     let index = first["index"].as_u64().unwrap();
     let watch = tokio::spawn({
         let c = clients[0].clone();
@@ -86,14 +76,7 @@ async fn connections_on_different_http_threads_see_each_others_writes_and_shutdo
         .expect("the blocking query on another thread wakes")
         .unwrap();
     assert_eq!(woken["instances"][0]["id"], "w1");
-    let read: Value = clients[2]
-        .get(url("/api/v1/services/web"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read = get_json(&clients[2], &url("/api/v1/services/web")).await;
     assert_eq!(read["instances"][0]["id"], "w1");
     assert_eq!(
         http_threads(),

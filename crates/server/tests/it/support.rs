@@ -55,14 +55,25 @@ pub async fn agent_on(config: AgentConfig, store: Arc<dyn Store>) -> TestAgent {
 /// An agent serving on a real socket (port 0). Returns its address; it stops when the
 /// token is cancelled.
 pub async fn serve(config: AgentConfig) -> (SocketAddr, CancellationToken) {
+    let (addr, shutdown, _) = serve_joined(config).await;
+    (addr, shutdown)
+}
+
+/// [`serve`], with the task serving, which ends once the agent has drained.
+pub async fn serve_joined(
+    config: AgentConfig,
+) -> (
+    SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), muster_server::ServerError>>,
+) {
     let shutdown = CancellationToken::new();
     let agent = Agent::open(config, Arc::new(MemoryStore::new()), shutdown.clone())
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(agent.serve(listener));
-    (addr, shutdown)
+    (addr, shutdown, tokio::spawn(agent.serve(listener)))
 }
 
 pub struct Answer {
