@@ -5,8 +5,8 @@
 //! changes wait in an inbox, and whenever a log segment fills ([`SEGMENT_BYTES`]) a
 //! background thread (`muster-store`) takes them, keeps only the last one per key, writes
 //! them all in one durable redb transaction and deletes the segment. Commits never wait for
-//! that thread, nor wake it, except when a segment fills. Opening the store replays whatever the log still
-//! holds, so a crash at any point loses nothing that was acknowledged.
+//! that thread, nor wake it, except when a segment fills. Opening the store replays whatever
+//! the log still holds, so a crash at any point loses nothing that was acknowledged.
 //!
 //! Rewriting B-tree pages on every commit cost several KB of page writes and most of a
 //! registration's storage CPU; a checkpoint touches each page once for thousands of changes.
@@ -78,11 +78,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Commits durable in the log, oldest first, waiting for the checkpointer.
-#[derive(Debug, Default)]
-struct Inbox {
-    commits: Vec<(u64, Vec<Change>)>,
-}
+/// Commits durable in the log, oldest first, waiting for the checkpointer: index and changes.
+type Inbox = Vec<(u64, Vec<Change>)>;
 
 /// Work for the checkpointer. Each job first takes in what the inbox holds.
 #[derive(Debug)]
@@ -378,7 +375,7 @@ impl Checkpointer {
         while let Ok(job) = jobs.recv() {
             // Commits logged after the job was sent may come along: writing them early is
             // harmless, since replaying their segment puts the same values again.
-            let commits = std::mem::take(&mut lock(&self.inbox).commits);
+            let commits = std::mem::take(&mut *lock(&self.inbox));
             for (index, changes) in commits {
                 pending.take_in(index, changes);
             }
@@ -502,7 +499,7 @@ impl Store for RedbStore {
         drop(mutations);
         let mut log = self.log();
         log.append(&frame)?;
-        lock(&self.inbox).commits.push((index, changes));
+        lock(&self.inbox).push((index, changes));
         if log.len >= self.segment_bytes {
             let full = {
                 let mut slot = lock(&self.spare);
@@ -529,14 +526,17 @@ mod tests {
         crate::contract::commits_are_read_back(&RedbStore::open(dir.path()).unwrap());
     }
 
+    /// Opens the store in `dir`, commits instance api/x (port 8080) at `index`, closes it.
+    fn commit_one_and_close(dir: &Path, index: u64) {
+        let store = RedbStore::open(dir).unwrap();
+        let i = crate::contract::instance("api", "x", 8080);
+        store.commit(vec![Mutation::PutInstance(i)], index).unwrap();
+    }
+
     #[test]
     fn redb_store_keeps_commits_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let store = RedbStore::open(dir.path()).unwrap();
-            let i = crate::contract::instance("api", "x", 8080);
-            store.commit(vec![Mutation::PutInstance(i)], 42).unwrap();
-        }
+        commit_one_and_close(dir.path(), 42);
         let loaded = RedbStore::open(dir.path()).unwrap().load().unwrap();
         assert_eq!(loaded.index, 42);
         assert_eq!(loaded.instances.len(), 1);
@@ -663,11 +663,7 @@ mod tests {
     #[test]
     fn closing_the_store_leaves_no_log_to_replay() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let store = RedbStore::open(dir.path()).unwrap();
-            let i = crate::contract::instance("api", "x", 8080);
-            store.commit(vec![Mutation::PutInstance(i)], 5).unwrap();
-        }
+        commit_one_and_close(dir.path(), 5);
         assert!(
             segments(dir.path()).is_empty(),
             "{:?}",
