@@ -7,15 +7,23 @@
 //!
 //! - [`memory`]: keeps nothing across restarts; for `--dev` and tests.
 //! - [`redb`]: the default, an embedded copy-on-write B-tree behind a write-ahead log.
+//! - [`fault`]: failures a test can inject into the log's and the database's file operations.
+//!
+//! Opening a store refuses, with an error that names the file and what to do, whatever would
+//! otherwise lose acknowledged writes without a word: a log damaged before intact commits, a
+//! database file that is missing, replaced or corrupt.
 
+pub mod fault;
 pub mod memory;
 pub mod redb;
 mod wal;
 
+use std::cell::Cell;
+
 use muster_core::{Mutation, StoredInstance, StoredKv, StoredLease, StoredSession};
 
 pub use crate::memory::MemoryStore;
-pub use crate::redb::RedbStore;
+pub use crate::redb::{RedbOptions, RedbStore};
 
 /// What a store holds.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -59,6 +67,78 @@ pub enum StoreError {
         /// The decoding error.
         message: String,
     },
+    /// Another process has the database open.
+    #[error(
+        "the data directory {path} is in use by another muster agent (its database is locked): \
+         stop that agent, or give this one another --data-dir"
+    )]
+    InUse {
+        /// The data directory.
+        path: String,
+    },
+    /// The write-ahead log is damaged before commits that were acknowledged.
+    #[error(
+        "the write-ahead log {path} is damaged at byte {offset}, and {following} intact \
+         commit(s) after it (index {first_index} to {last_index}) were acknowledged, so the \
+         agent will not start without them; keep a copy of the data directory, then start with \
+         --recover to replay every intact commit (the damaged segment is kept as \
+         {path}.damaged)"
+    )]
+    DamagedLog {
+        /// The damaged segment.
+        path: String,
+        /// Where in it the damaged frame starts.
+        offset: u64,
+        /// Intact commits after the damage.
+        following: usize,
+        /// The lowest index among them.
+        first_index: u64,
+        /// The highest index among them.
+        last_index: u64,
+    },
+    /// The database lacks history that the directory shows it had.
+    #[error("{message}")]
+    MissingHistory {
+        /// What is missing, and what to do.
+        message: String,
+    },
+    /// The database file cannot be read.
+    #[error(
+        "the database {path} is damaged ({message}); restore it from a backup, or move the data \
+         directory aside to start empty"
+    )]
+    DamagedDatabase {
+        /// The database file.
+        path: String,
+        /// What was found.
+        message: String,
+    },
+}
+
+thread_local! {
+    /// Set while this thread runs database code whose panics the store turns into errors.
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether a panic on this thread is about to be caught and reported by the store as an
+/// error that names the damaged file. A panic hook can stay quiet for those.
+pub fn panic_is_caught() -> bool {
+    CATCHING.with(Cell::get)
+}
+
+/// Runs `f`, turning a panic into its message. redb may panic on a file altered outside it;
+/// that is damage to report, not a reason to abort the agent.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let was = CATCHING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(was));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_string())
+    })
 }
 
 /// Durable storage. Calls block: the agent runs them off the async runtime.
