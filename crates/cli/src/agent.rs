@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use muster_server::{Agent, AgentConfig};
-use muster_store::{MemoryStore, RedbStore, Store};
+use muster_store::{MemoryStore, RedbOptions, RedbStore, Store};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -124,11 +124,12 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
         Arc::new(MemoryStore::new())
     } else {
         let dir = config.data_dir.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || RedbStore::open(&dir))
-                .await?
-                .context("is another agent using this data directory? pick another with --data-dir, or use --dev")?,
-        )
+        let options = RedbOptions {
+            recover: args.recover,
+            ..RedbOptions::default()
+        };
+        // The store's errors name the file and what to do about it.
+        Arc::new(tokio::task::spawn_blocking(move || RedbStore::open_with(&dir, options)).await??)
     };
     let listener = TcpListener::bind(config.http_addr).await.with_context(|| {
         format!(

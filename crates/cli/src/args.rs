@@ -64,6 +64,11 @@ pub struct AgentArgs {
     /// Keep everything in memory: nothing survives a restart. For development.
     #[arg(long)]
     pub dev: bool,
+    /// Start from whatever the data directory still holds when the agent refuses to start
+    /// because of damage: replay every intact commit of a damaged write-ahead log (keeping
+    /// the damaged segment as *.damaged) and accept missing history. Copy the directory first.
+    #[arg(long, conflicts_with = "dev")]
+    pub recover: bool,
     /// Datacenter name [default: dc1].
     #[arg(long)]
     pub datacenter: Option<String>,

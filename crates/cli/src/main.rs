@@ -31,6 +31,7 @@ const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    quiet_caught_panics();
     // One thread: the agent spreads HTTP connections over threads of its own
     // (`--http-threads`), and the client commands need no more.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -70,4 +71,15 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Panics the store catches (redb's, on a damaged database file) become one error line that
+/// names the file; the default hook would print another message, and a backtrace, before it.
+fn quiet_caught_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !muster_store::panic_is_caught() {
+            default(info);
+        }
+    }));
 }

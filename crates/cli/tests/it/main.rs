@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod damage;
 mod restart;
 mod run;
 mod support;

@@ -241,9 +241,18 @@ impl Agent {
         Agent::start(Storage::Dir(dir)).await
     }
 
+    /// A durable agent on `dir`, started with `extra` flags too.
+    pub async fn start_with(dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_args(Storage::Dir(dir), extra).await
+    }
+
     /// Starts an agent on a free port and waits until it is ready. The node name is unique,
     /// so readiness is checked against this agent and not another that took the port.
     pub async fn start(storage: Storage<'_>) -> Agent {
+        Agent::start_args(storage, &[]).await
+    }
+
+    async fn start_args(storage: Storage<'_>, extra: &[&str]) -> Agent {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -273,6 +282,7 @@ impl Agent {
                 Storage::Dev => cmd.arg("--dev"),
                 Storage::Dir(d) => cmd.arg("--data-dir").arg(d),
             };
+            cmd.args(extra);
             let mut agent = Agent {
                 proc: Proc::spawn(cmd, false),
                 addr,
