@@ -386,6 +386,16 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The word the API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Initial => "initial",
+            Cause::Answer => "answer",
+            Cause::Unreachable => "unreachable",
+            Cause::Lapsed => "lapsed",
+        }
+    }
+
     /// Whether the failure may be the agent's own fault rather than the instance's.
     pub fn is_silence(self) -> bool {
         matches!(self, Cause::Unreachable | Cause::Lapsed)

@@ -38,8 +38,8 @@ pub use model::{
 };
 pub use preservation::{PreservationConfig, PreservationState};
 pub use registry::{
-    Applied, Command, Mutation, Registry, RegistryConfig, RegistryError, StoredInstance,
-    StoredLease, SweepReport, TxnOp,
+    Applied, Command, Expiry, Mutation, Registry, RegistryConfig, RegistryError, SWEEP_NAMES,
+    StoredInstance, StoredLease, SweepReport, TxnOp,
 };
 pub use snapshot::{Lease, Rendering, Service, Snapshot};
 pub use time::Time;

@@ -255,6 +255,47 @@ pub struct SweepReport {
     pub held_back: usize,
     /// A change of self-preservation mode.
     pub transition: Option<Transition>,
+    /// What was lapsed, evicted, deregistered or expired, by name (`service/id`, or the lease
+    /// id): at most [`SWEEP_NAMES`], for the log.
+    pub names: Vec<(Expiry, String)>,
+}
+
+/// Most names a [`SweepReport`] carries: a log line names a few, and counts the rest.
+pub const SWEEP_NAMES: usize = 16;
+
+/// What a sweep did to something it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// An instance's TTL lapsed: it turned critical.
+    Lapsed,
+    /// A critical instance was removed after `evict_after`.
+    Evicted,
+    /// An instance was removed because a check stayed critical past its
+    /// `deregister_critical_after`.
+    CheckDeregistered,
+    /// A lease expired, with its instances.
+    LeaseExpired,
+}
+
+impl Expiry {
+    /// The word for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expiry::Lapsed => "lapsed",
+            Expiry::Evicted => "evicted",
+            Expiry::CheckDeregistered => "deregistered by its check",
+            Expiry::LeaseExpired => "lease expired",
+        }
+    }
+}
+
+impl SweepReport {
+    /// Names up to [`SWEEP_NAMES`] in all.
+    fn name<T: std::fmt::Display>(&mut self, what: Expiry, names: impl IntoIterator<Item = T>) {
+        let room = SWEEP_NAMES.saturating_sub(self.names.len());
+        self.names
+            .extend(names.into_iter().take(room).map(|n| (what, n.to_string())));
+    }
 }
 
 /// Why a command was refused. Nothing changed.
@@ -1282,6 +1323,10 @@ impl Registry {
             self.show_node_checks(checks, index);
         }
         report.check_deregistered = check_evict_sure.len();
+        report.name(
+            Expiry::CheckDeregistered,
+            check_evict_sure.iter().map(|(s, i)| format!("{s}/{i}")),
+        );
         for (service, id) in &check_evict_sure {
             self.remove_instance(service, id, index);
         }
@@ -1290,6 +1335,10 @@ impl Registry {
             return report;
         }
         report.lapsed = lapse.len();
+        report.name(
+            Expiry::Lapsed,
+            lapse.iter().map(|(s, i)| format!("{s}/{i}")),
+        );
         for key in &lapse {
             self.set_status(key, Status::Critical, Some(now), index);
         }
@@ -1300,14 +1349,26 @@ impl Registry {
         }
         report.checks_changed += silent_applied;
         report.evicted = evict.len();
+        report.name(
+            Expiry::Evicted,
+            evict.iter().map(|(s, i)| format!("{s}/{i}")),
+        );
         for (service, id) in &evict {
             self.remove_instance(service, id, index);
         }
         report.check_deregistered += check_evict_silent.len();
+        report.name(
+            Expiry::CheckDeregistered,
+            check_evict_silent.iter().map(|(s, i)| format!("{s}/{i}")),
+        );
         for (service, id) in &check_evict_silent {
             self.remove_instance(service, id, index);
         }
         report.leases_expired = expire.len();
+        report.name(
+            Expiry::LeaseExpired,
+            expire.iter().map(|id| format!("lease {id}")),
+        );
         for id in expire {
             report.lease_instances_removed += self.remove_lease(id, index);
         }

@@ -133,7 +133,7 @@ impl Agent {
         let loaded = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| StoreError::Io(e.to_string()))??;
-        let (count, index) = (loaded.instances.len(), loaded.index);
+        let count = loaded.instances.len();
         let (mut registry, mut warnings) = Registry::restore(
             config.registry(),
             loaded.index,
@@ -151,7 +151,7 @@ impl Agent {
         tracing::info!(
             instances = count,
             leases = registry.snapshot().leases.len(),
-            index,
+            index = registry.index(),
             keys,
             "registry loaded"
         );

@@ -107,6 +107,191 @@ pub fn handle() -> &'static PrometheusHandle {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start metrics upkeep; histograms drain only when scraped");
         }
+        describe();
         handle
     })
+}
+
+/// What kind of series a metric is.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Which series of a metric exist from the start.
+#[derive(Clone, Copy, Debug)]
+enum Series {
+    /// The one series without labels.
+    Plain,
+    /// One per value of the label.
+    Each(&'static str, &'static [&'static str]),
+    /// None: its labels come from an open set (routes, DNS types), so each series appears
+    /// with its first sample.
+    Later,
+}
+
+/// Every metric with its help text, and the series that exist from the start (a counter
+/// that appears only at its first increment gives an alert nothing to watch until then).
+const METRICS: &[(&str, Kind, &str, Series)] = {
+    use Kind::{Counter, Gauge, Histogram};
+    use Series::{Each, Later, Plain};
+    &[
+        (
+            REGISTRATIONS,
+            Counter,
+            "Registrations accepted (new or changed).",
+            Plain,
+        ),
+        (
+            DEREGISTRATIONS,
+            Counter,
+            "Instances removed, by reason: api, evicted, lease, check.",
+            Each("reason", &["api", "evicted", "lease", "check"]),
+        ),
+        (
+            HEARTBEATS,
+            Counter,
+            "Heartbeats, by result: ok, or unknown (no such instance).",
+            Each("result", &["ok", "unknown"]),
+        ),
+        (
+            LAPSES,
+            Counter,
+            "Instances turned critical as their TTL lapsed.",
+            Plain,
+        ),
+        (
+            EVICTIONS,
+            Counter,
+            "Critical instances removed after evict_after.",
+            Plain,
+        ),
+        (LEASE_EXPIRIES, Counter, "Leases that expired.", Plain),
+        (PARKED, Gauge, "Blocking queries waiting now.", Plain),
+        (STREAMS, Gauge, "Push-stream subscribers now.", Plain),
+        (
+            WATCHERS_REFUSED,
+            Counter,
+            "Watches refused at max_watchers.",
+            Plain,
+        ),
+        (
+            HTTP_REQUESTS,
+            Counter,
+            "HTTP requests, by matched route, method and status.",
+            Later,
+        ),
+        (
+            HTTP_SECONDS,
+            Histogram,
+            "HTTP latency by matched route (blocking queries left out).",
+            Later,
+        ),
+        (
+            COMMIT_SECONDS,
+            Histogram,
+            "Time to make one batch of writes durable.",
+            Plain,
+        ),
+        (COMMIT_BATCH, Histogram, "Writes per durable commit.", Plain),
+        (
+            COMMIT_FAILURES,
+            Counter,
+            "Commits the store refused; each failed its writes with 503.",
+            Plain,
+        ),
+        (
+            PRESERVATION,
+            Gauge,
+            "1 while self-preservation holds back expirations.",
+            Plain,
+        ),
+        (
+            HELD_BACK,
+            Gauge,
+            "Expirations held back by self-preservation at the last sweep.",
+            Plain,
+        ),
+        (INDEX, Gauge, "The registry's index.", Plain),
+        (INSTANCES, Gauge, "Registered instances.", Plain),
+        (
+            SERVICES,
+            Gauge,
+            "Services with at least one instance.",
+            Plain,
+        ),
+        (
+            DNS_QUERIES,
+            Counter,
+            "DNS queries answered, by question type and rcode.",
+            Later,
+        ),
+        (
+            DNS_TRUNCATED,
+            Counter,
+            "DNS answers cut to fit, with TC set.",
+            Plain,
+        ),
+        (
+            DNS_FORWARDED,
+            Counter,
+            "Queries outside the domain sent to recursors, by result: ok, failed.",
+            Each("result", &["ok", "failed"]),
+        ),
+        (
+            DNS_TCP_REFUSED,
+            Counter,
+            "DNS TCP connections closed on accept.",
+            Plain,
+        ),
+        (
+            CHECKS_RUN,
+            Counter,
+            "Check runs, by kind and result.",
+            Later,
+        ),
+        (
+            CHECK_SECONDS,
+            Histogram,
+            "Check run latency, by kind.",
+            Later,
+        ),
+        (CHECKS_ACTIVE, Gauge, "Checks the agent is running.", Plain),
+        (
+            CHECK_CHANGES,
+            Counter,
+            "Check status changes shown to readers.",
+            Plain,
+        ),
+        (
+            CHECK_DEREGISTRATIONS,
+            Counter,
+            "Instances removed by deregister_critical_after.",
+            Plain,
+        ),
+    ]
+};
+
+/// Describes every metric and creates the series that exist from the start.
+fn describe() {
+    for &(name, kind, help, series) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+        match (kind, series) {
+            (Kind::Counter, Series::Plain) => metrics::counter!(name).increment(0),
+            (Kind::Counter, Series::Each(key, values)) => {
+                for value in values {
+                    metrics::counter!(name, key => *value).increment(0);
+                }
+            }
+            (Kind::Gauge, Series::Plain) => metrics::gauge!(name).increment(0.0),
+            (Kind::Histogram, Series::Plain) => drop(metrics::histogram!(name)),
+            _ => {}
+        }
+    }
 }

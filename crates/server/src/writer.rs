@@ -9,7 +9,10 @@
 use std::sync::Arc;
 
 use muster_core::preservation::Transition;
-use muster_core::{Applied, Command, PreservationState, Registry, RegistryError, Snapshot};
+use muster_core::{
+    Applied, Command, Expiry, InstanceId, LeaseId, PreservationState, Registry, RegistryError,
+    ServiceName, Snapshot,
+};
 use muster_store::Store;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -121,27 +124,56 @@ async fn run(
         let now = clock.now();
         let mut replies = Vec::with_capacity(batch.len());
         for Request { command, reply } in batch.drain(..) {
+            let about = About::of(&command);
             let result = registry.apply(command, now);
-            if let Ok(applied) = &result {
-                record(applied);
-            }
-            replies.push((reply, result));
+            replies.push((reply, about, result));
         }
-        metrics::histogram!(m::COMMIT_BATCH).record(replies.len() as f64);
-        if let Some((mutations, index)) = registry.take_commit()
-            && let Err(e) = commit(&store, mutations, index).await
-        {
-            tracing::error!(error = %e, "store commit failed; the batch was rolled back");
-            metrics::counter!(m::COMMIT_FAILURES).increment(1);
-            registry = before;
-            for (reply, _) in replies {
-                let _ = reply.send(Err(WriteError::Store(e.clone())));
+        if let Some((mutations, index)) = registry.take_commit() {
+            metrics::histogram!(m::COMMIT_BATCH).record(replies.len() as f64);
+            if let Err(e) = commit(&store, mutations, index).await {
+                tracing::error!(error = %e, "store commit failed; the batch was rolled back");
+                metrics::counter!(m::COMMIT_FAILURES).increment(1);
+                registry = before;
+                for (reply, _, _) in replies {
+                    let _ = reply.send(Err(WriteError::Store(e.clone())));
+                }
+                continue;
             }
-            continue;
         }
         publish(&registry, &snapshots, &preservation);
-        for (reply, result) in replies {
+        for (reply, about, result) in replies {
+            if let Ok(applied) = &result {
+                record(applied, about);
+            }
             let _ = reply.send(result.map_err(WriteError::from));
+        }
+    }
+}
+
+/// What a command was about, kept for its log line once it is durable.
+#[derive(Debug)]
+enum About {
+    Instance(ServiceName, InstanceId),
+    Lease(LeaseId),
+    Other,
+}
+
+impl About {
+    fn of(command: &Command) -> About {
+        match command {
+            // Logged at debug: the names are only copied when that is on.
+            Command::Register { service, id, .. }
+            | Command::Move { service, id, .. }
+            | Command::Deregister { service, id }
+                if tracing::enabled!(tracing::Level::DEBUG) =>
+            {
+                About::Instance(service.clone(), id.clone())
+            }
+            Command::SetMaintenance { service, id, .. } => {
+                About::Instance(service.clone(), id.clone())
+            }
+            Command::RevokeLease { id } => About::Lease(*id),
+            _ => About::Other,
         }
     }
 }
@@ -185,17 +217,41 @@ fn publish(
     });
 }
 
-/// Counts and logs what a command did.
-fn record(applied: &Applied) {
-    match applied {
-        Applied::Registered { .. } => metrics::counter!(m::REGISTRATIONS).increment(1),
-        Applied::Deregistered { .. } => {
+/// Counts and logs what a command did, once it is durable.
+fn record(applied: &Applied, about: About) {
+    match (applied, about) {
+        (Applied::Registered { created, index }, About::Instance(service, id)) => {
+            metrics::counter!(m::REGISTRATIONS).increment(1);
+            let what = if *created {
+                "registered"
+            } else {
+                "re-registered"
+            };
+            tracing::debug!(service = %service, instance = %id, index, "{what}");
+        }
+        (Applied::Deregistered { index }, About::Instance(service, id)) => {
+            metrics::counter!(m::DEREGISTRATIONS, "reason" => "api").increment(1);
+            tracing::debug!(service = %service, instance = %id, index, "deregistered");
+        }
+        (Applied::MaintenanceSet { index }, About::Instance(service, id)) => {
+            tracing::info!(service = %service, instance = %id, index, "maintenance switched");
+        }
+        (Applied::LeaseCreated { id, .. }, _) => {
+            tracing::debug!(lease = id, "lease created");
+        }
+        (Applied::LeaseRevoked { instances, index }, about) => {
+            metrics::counter!(m::DEREGISTRATIONS, "reason" => "lease").increment(*instances as u64);
+            let lease = match about {
+                About::Lease(id) => Some(id),
+                _ => None,
+            };
+            tracing::info!(lease, instances_removed = instances, index, "lease revoked");
+        }
+        (Applied::Registered { .. }, _) => metrics::counter!(m::REGISTRATIONS).increment(1),
+        (Applied::Deregistered { .. }, _) => {
             metrics::counter!(m::DEREGISTRATIONS, "reason" => "api").increment(1);
         }
-        Applied::LeaseRevoked { instances, .. } => {
-            metrics::counter!(m::DEREGISTRATIONS, "reason" => "lease").increment(*instances as u64);
-        }
-        Applied::Swept(r) => {
+        (Applied::Swept(r), _) => {
             metrics::counter!(m::LAPSES).increment(r.lapsed as u64);
             metrics::counter!(m::EVICTIONS).increment(r.evicted as u64);
             metrics::counter!(m::DEREGISTRATIONS, "reason" => "evicted")
@@ -207,19 +263,16 @@ fn record(applied: &Applied) {
             metrics::counter!(m::CHECK_DEREGISTRATIONS).increment(r.check_deregistered as u64);
             metrics::counter!(m::DEREGISTRATIONS, "reason" => "check")
                 .increment(r.check_deregistered as u64);
-            if r.check_deregistered > 0 {
-                tracing::info!(
-                    instances = r.check_deregistered,
-                    "removed instances whose check stayed critical past deregister_critical_after"
-                );
-            }
             metrics::gauge!(m::HELD_BACK).set(r.held_back as f64);
-            if r.lapsed > 0 || r.evicted > 0 || r.leases_expired > 0 {
+            let total = r.lapsed + r.evicted + r.leases_expired + r.check_deregistered;
+            if total > 0 {
                 tracing::info!(
                     lapsed = r.lapsed,
                     evicted = r.evicted,
                     leases_expired = r.leases_expired,
-                    "applied expirations"
+                    deregistered_by_checks = r.check_deregistered,
+                    "applied expirations: {}",
+                    expiry_names(&r.names, total)
                 );
             }
             match r.transition {
@@ -238,10 +291,23 @@ fn record(applied: &Applied) {
                 None => {}
             }
         }
-        Applied::ChecksUpdated { .. } => metrics::counter!(m::CHECK_CHANGES).increment(1),
-        Applied::PreservationEnded { was_active: true } => {
+        (Applied::ChecksUpdated { .. }, _) => metrics::counter!(m::CHECK_CHANGES).increment(1),
+        (Applied::PreservationEnded { was_active: true }, _) => {
             tracing::warn!("self-preservation OFF: ended by an operator")
         }
         _ => {}
     }
+}
+
+/// `web/web-1 lapsed, lease 7 lease expired (and 3 more)`.
+fn expiry_names(names: &[(Expiry, String)], total: usize) -> String {
+    let mut line = names
+        .iter()
+        .map(|(what, name)| format!("{name} {}", what.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if total > names.len() {
+        line.push_str(&format!(" (and {} more)", total - names.len()));
+    }
+    line
 }

@@ -8,6 +8,7 @@
 mod cli;
 mod crash;
 mod damage;
+mod metrics;
 mod restart;
 mod run;
 mod support;

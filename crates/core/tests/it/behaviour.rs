@@ -62,7 +62,11 @@ fn create_lease(reg: &mut Registry, ttl_ms: u64, ms: u64) -> LeaseId {
 
 fn sweep(reg: &mut Registry, ms: u64) -> SweepReport {
     match reg.apply(Command::Sweep, at(ms)) {
-        Ok(Applied::Swept(report)) => report,
+        // Names are compared where a test asks for them.
+        Ok(Applied::Swept(report)) => SweepReport {
+            names: Vec::new(),
+            ..report
+        },
         other => panic!("a sweep answered {other:?}"),
     }
 }

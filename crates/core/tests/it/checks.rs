@@ -50,7 +50,11 @@ fn update(reg: &mut Registry, id: &str, ms: u64) -> Applied {
 
 fn sweep(reg: &mut Registry, ms: u64) -> muster_core::SweepReport {
     match reg.apply(Command::Sweep, at(ms)) {
-        Ok(Applied::Swept(r)) => r,
+        // Names are compared where a test asks for them.
+        Ok(Applied::Swept(r)) => muster_core::SweepReport {
+            names: Vec::new(),
+            ..r
+        },
         other => panic!("sweep answered {other:?}"),
     }
 }

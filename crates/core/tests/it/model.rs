@@ -755,9 +755,18 @@ impl Harness {
             }
             Op::Sweep => {
                 sweep_alive = Some(self.model.renewers_alive());
-                let actual = self.reg.apply(Command::Sweep, now);
-                let transition = match &actual {
-                    Ok(Applied::Swept(report)) => report.transition,
+                let mut actual = self.reg.apply(Command::Sweep, now);
+                let transition = match &mut actual {
+                    Ok(Applied::Swept(report)) => {
+                        // The names are for the log: as many as were hit, up to the cap.
+                        let hit = report.lapsed
+                            + report.evicted
+                            + report.check_deregistered
+                            + report.leases_expired;
+                        assert_eq!(report.names.len(), hit.min(muster_core::SWEEP_NAMES));
+                        report.names.clear();
+                        report.transition
+                    }
                     other => panic!("a sweep answered {other:?}"),
                 };
                 if transition == Some(Transition::Entered) {

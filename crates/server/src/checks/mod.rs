@@ -252,15 +252,15 @@ async fn run_once(ctx: &Ctx, target: &Target, spec: &CheckSpec, cell: &CheckCell
     metrics::counter!(m::CHECKS_RUN, "kind" => kind, "result" => label).increment(1);
     if cell.record(spec, result, ctx.clock.now()) {
         let rt = cell.runtime();
-        let output = rt.output.lines().next().unwrap_or_default();
+        let output = log_excerpt(&rt.output);
+        let (status, cause) = (rt.wanted.as_str(), rt.cause.as_str());
         match target {
             Target::Instance(service, id) => tracing::info!(
                 service = %service, instance = %id, check = %spec.name,
-                status = ?rt.wanted, cause = ?rt.cause, "check changed: {output}"
+                status, cause, output = %output, "check changed"
             ),
             Target::Node => tracing::info!(
-                check = %spec.name, status = ?rt.wanted, cause = ?rt.cause,
-                "node check changed: {output}"
+                check = %spec.name, status, cause, output = %output, "node check changed"
             ),
         }
         let command = match target {
@@ -279,5 +279,61 @@ async fn run_once(ctx: &Ctx, target: &Target, spec: &CheckSpec, cell: &CheckCell
                 "cannot show a check's new status; the next sweep will"
             ),
         }
+    }
+}
+
+/// Most characters of a check's output a log line carries.
+const LOG_EXCERPT_CHARS: usize = 160;
+
+/// A check's output as one short line for the log: markup dropped (an error page's HTML
+/// says nothing an operator can read in a log), white space and control characters folded,
+/// cut at [`LOG_EXCERPT_CHARS`].
+pub(crate) fn log_excerpt(output: &str) -> String {
+    let mut text = String::with_capacity(output.len().min(LOG_EXCERPT_CHARS + 8));
+    let mut in_tag = false;
+    let mut space = false;
+    for c in output.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                space = true;
+            }
+            _ if in_tag => {}
+            c if c.is_whitespace() || c.is_control() => space = true,
+            c => {
+                if space && !text.is_empty() {
+                    text.push(' ');
+                }
+                space = false;
+                if text.chars().count() >= LOG_EXCERPT_CHARS {
+                    text.push('…');
+                    break;
+                }
+                text.push(c);
+            }
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_excerpt;
+
+    #[test]
+    fn log_excerpts_drop_markup_and_fold_lines() {
+        let page = "HTTP 503 Service Unavailable: <html>\n<head><title>503 Service \
+                    Unavailable</title></head>\r\n<body><h1>down\tfor maintenance</h1></body></html>";
+        assert_eq!(
+            log_excerpt(page),
+            "HTTP 503 Service Unavailable: 503 Service Unavailable down for maintenance"
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(log_excerpt(&long).chars().count(), 161);
+        assert_eq!(
+            log_excerpt("dial tcp: refused\x1b[31m"),
+            "dial tcp: refused [31m"
+        );
     }
 }

@@ -149,7 +149,7 @@ impl HttpTarget {
 }
 
 /// A TCP server that hands every connection to `treat`.
-async fn raw_target<F, Fut>(treat: F) -> SocketAddr
+pub(crate) async fn raw_target<F, Fut>(treat: F) -> SocketAddr
 where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -219,7 +219,7 @@ async fn grpc_target() -> (HealthReporter, SocketAddr) {
 // Reading checks
 
 /// A registration body with `checks` (and neither TTL nor lease: the checks alone judge).
-fn with_checks(checks: Value) -> Value {
+pub(crate) fn with_checks(checks: Value) -> Value {
     json!({"address": "127.0.0.1", "port": 8080, "checks": checks})
 }
 
@@ -239,7 +239,13 @@ async fn check(a: &TestAgent, service: &str, id: &str, name: &str) -> Value {
 }
 
 /// Waits until the check `name` of `service/id` shows `status`; returns the check.
-async fn wait_check(a: &TestAgent, service: &str, id: &str, name: &str, status: &str) -> Value {
+pub(crate) async fn wait_check(
+    a: &TestAgent,
+    service: &str,
+    id: &str,
+    name: &str,
+    status: &str,
+) -> Value {
     eventually(
         SETTLE,
         &format!("{service}/{id} check {name} {status}"),

@@ -8,6 +8,7 @@ mod dns;
 mod expiry;
 mod faults;
 mod lanes;
+mod logs;
 mod openapi;
 mod support;
 mod watch;
