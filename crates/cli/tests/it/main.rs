@@ -12,4 +12,5 @@ mod metrics;
 mod restart;
 mod run;
 mod support;
+mod tour;
 mod watch;
