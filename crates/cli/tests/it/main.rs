@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod fd_limit;
 mod restart;
 mod run;
 mod support;

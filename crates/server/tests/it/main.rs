@@ -6,6 +6,7 @@ mod consul_compat;
 mod consul_shapes;
 mod dns;
 mod expiry;
+mod http_limits;
 mod lanes;
 mod openapi;
 mod support;
