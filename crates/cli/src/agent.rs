@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::args::AgentArgs;
+use crate::fd_limit;
 
 /// Builds the config: defaults, then the file, then flags.
 fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConfig> {
@@ -78,6 +79,10 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
     if let Some(v) = args.max_watchers {
         c.max_watchers = v;
     }
+    if let Some(v) = args.http_max_connections {
+        c.http.max_connections = v;
+    }
+    c.http.validate().map_err(anyhow::Error::msg)?;
     if let Some(v) = args.http_threads {
         c.http_threads = v;
     }
@@ -118,7 +123,8 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = config(http_addr, &args)?;
+    let mut config = config(http_addr, &args)?;
+    fit_open_file_limit(&mut config);
     let store: Arc<dyn Store> = if config.dev {
         tracing::warn!("--dev: everything is kept in memory and lost when the agent stops");
         Arc::new(MemoryStore::new())
@@ -164,6 +170,27 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
     });
     agent.serve(listener).await?;
     Ok(())
+}
+
+/// Raises the open-file limit, and lowers the connection caps if it is still too low.
+fn fit_open_file_limit(config: &mut AgentConfig) {
+    let limit = fd_limit::raise();
+    let (http, dns) = (config.http.max_connections, config.dns.max_tcp_connections);
+    let Some(fitted) = fd_limit::fit(limit, http, dns) else {
+        return;
+    };
+    tracing::warn!(
+        "the open-file limit is {limit}, below the {} the connection caps need \
+         (http.max_connections {http} + dns.max_tcp_connections {dns} + {} for the store, \
+         listeners and checks); serving at most {} HTTP and {} DNS TCP connections. Raise the \
+         limit (ulimit -n, or LimitNOFILE= in a systemd unit) to lift this",
+        fitted.needed,
+        fd_limit::RESERVED,
+        fitted.http,
+        fitted.dns,
+    );
+    config.http.max_connections = fitted.http;
+    config.dns.max_tcp_connections = fitted.dns;
 }
 
 /// Binds UDP and TCP on one address. With port 0, TCP takes the port the kernel gave UDP,

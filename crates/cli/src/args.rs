@@ -91,6 +91,10 @@ pub struct AgentArgs {
     /// Most blocking queries and stream subscribers at once [default: 65536].
     #[arg(long)]
     pub max_watchers: Option<usize>,
+    /// Most HTTP connections open at once; more are closed on accept [default: 4096, lowered
+    /// to fit the open-file limit].
+    #[arg(long)]
+    pub http_max_connections: Option<usize>,
     /// Threads serving HTTP connections, each connection on one [default: two per CPU].
     #[arg(long)]
     pub http_threads: Option<usize>,

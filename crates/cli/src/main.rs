@@ -12,6 +12,7 @@ mod agent;
 mod args;
 mod client;
 mod commands;
+mod fd_limit;
 mod run;
 
 use std::process::ExitCode;

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub struct AgentConfig {
     /// HTTP listener.
     pub http_addr: SocketAddr,
+    /// HTTP connections: timeouts, header size, connection cap.
+    pub http: HttpConfig,
     /// DNS listener, UDP and TCP on the same address.
     pub dns_addr: SocketAddr,
     /// The DNS domain answered (`muster`; `consul` for drop-in use with Consul DNS setups).
@@ -75,6 +77,7 @@ impl Default for AgentConfig {
     fn default() -> AgentConfig {
         AgentConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8500)),
+            http: HttpConfig::default(),
             dns_addr: SocketAddr::from(([127, 0, 0, 1], 8600)),
             dns_domain: "muster".into(),
             dns: DnsConfig::default(),
@@ -93,6 +96,72 @@ impl Default for AgentConfig {
             self_preservation: PreservationConfig::default(),
             enable_script_checks: false,
         }
+    }
+}
+
+/// How HTTP connections are held: what a client gets to keep open, and for how long.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Most HTTP connections open at once, across all HTTP threads, watchers included; more
+    /// are closed on accept. `muster agent` lowers it to fit the open-file limit.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, from its first byte (on a new
+    /// connection, from the connection); then the connection is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request. Never applies while a
+    /// request is being answered, so blocking queries and streams are not cut.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Time a client has to send a request's whole body, from the end of its headers; then
+    /// it gets 408 and the connection is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub body_read_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes; larger gets 431. At least
+    /// 8192.
+    pub max_header_bytes: usize,
+}
+
+/// The smallest head buffer hyper accepts.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+impl Default for HttpConfig {
+    fn default() -> HttpConfig {
+        HttpConfig {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            // nginx's keepalive_timeout. Pools that keep connections longer (Go's 90 s) see
+            // the close and open a new connection.
+            idle_timeout: Duration::from_secs(75),
+            body_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Refuses settings that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_connections == 0 {
+            return Err("http.max_connections must be at least 1".into());
+        }
+        for (key, d) in [
+            ("http.header_read_timeout", self.header_read_timeout),
+            ("http.idle_timeout", self.idle_timeout),
+            ("http.body_read_timeout", self.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{key} must be longer than 0"));
+            }
+        }
+        if self.max_header_bytes < MIN_HEADER_BYTES {
+            return Err(format!(
+                "http.max_header_bytes must be at least {MIN_HEADER_BYTES}, not {}",
+                self.max_header_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -291,6 +360,22 @@ mod tests {
     fn unknown_config_keys_are_rejected_by_name() {
         let err = AgentConfig::from_toml("evict_afterr = \"1m\"").unwrap_err();
         assert!(err.to_string().contains("evict_afterr"), "{err}");
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_unworkable_ones_are_named() {
+        let c =
+            AgentConfig::from_toml("[http]\nmax_connections = 10\nidle_timeout = \"5s\"").unwrap();
+        assert_eq!(c.http.max_connections, 10);
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.validate(), Ok(()));
+        let c = AgentConfig::from_toml("[http]\nmax_header_bytes = 100").unwrap();
+        let err = c.http.validate().unwrap_err();
+        assert!(err.contains("http.max_header_bytes"), "{err}");
+        let c = AgentConfig::from_toml("[http]\nbody_read_timeout = \"0s\"").unwrap();
+        let err = c.http.validate().unwrap_err();
+        assert!(err.contains("http.body_read_timeout"), "{err}");
     }
 
     #[test]

@@ -1,51 +1,58 @@
-//! HTTP connections dealt to several single-threaded event loops.
+//! HTTP connections: accepted under a cap, and dealt to several single-threaded event loops.
 //!
 //! One task accepts; each connection goes, in turn, to one of the lanes: the accepting
-//! runtime and one thread per further lane, each running its own current-thread runtime and
-//! its own `axum::serve` over the connections it is handed. A connection is served on one
-//! thread from start to end, as in a worker-per-core server, and dealing in turn keeps the
-//! lanes evenly loaded, which `SO_REUSEPORT` would only do on average (and it would let a
-//! second agent bind the same port).
+//! runtime and one thread per further lane, each running its own current-thread runtime
+//! and serving the connections it is handed ([`crate::http::conn`]). A connection is served
+//! on one thread from start to end, as in a worker-per-core server, and dealing in turn
+//! keeps the lanes evenly loaded, which `SO_REUSEPORT` would only do on average (and it
+//! would let a second agent bind the same port).
+//!
+//! At most `http.max_connections` are open at once, across the lanes; past that a new
+//! connection is closed at once, so that descriptors stay for the store, DNS and checks
+//! and the agent never reaches "too many open files" on account of HTTP clients.
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// A lane's connections, as axum's listener.
-struct Lane {
-    rx: mpsc::UnboundedReceiver<std::net::TcpStream>,
-    addr: SocketAddr,
+use crate::config::HttpConfig;
+use crate::http::conn;
+use crate::telemetry as m;
+
+/// How long to wait after an accept fails for want of descriptors (or memory): long enough
+/// not to spin on an error that persists, short enough that clients barely notice.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one line per this for a warning that may repeat many times a second.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A connection and its place under the cap.
+struct Accepted {
+    stream: std::net::TcpStream,
+    slot: Slot,
 }
 
-impl axum::serve::Listener for Lane {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
+/// One of the `http.max_connections`, counted in the gauge while held.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
 
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            let Some(stream) = self.rx.recv().await else {
-                // The acceptor stopped: shutdown is under way, and axum ends on its signal.
-                return std::future::pending().await;
-            };
-            // Registers the socket with this lane's runtime.
-            match stream
-                .peer_addr()
-                .and_then(|peer| Ok((TcpStream::from_std(stream)?, peer)))
-            {
-                Ok(accepted) => return accepted,
-                Err(e) => {
-                    tracing::debug!(error = %e, "dropped a connection handed to an HTTP thread")
-                }
-            }
-        }
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Slot {
+        metrics::gauge!(m::HTTP_CONNECTIONS).increment(1.0);
+        Slot { _permit: permit }
     }
+}
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!(m::HTTP_CONNECTIONS).decrement(1.0);
     }
 }
 
@@ -55,71 +62,130 @@ pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     lanes: usize,
+    config: HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
+    let config = Arc::new(config);
+    let lanes = lanes.max(1);
     let mut senders = Vec::with_capacity(lanes);
     let mut threads = Vec::with_capacity(lanes - 1);
     for n in 1..lanes {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (app, shutdown) = (app.clone(), shutdown.clone());
+        let (app, config, shutdown) = (app.clone(), config.clone(), shutdown.clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let thread = std::thread::Builder::new()
             .name(format!("muster-http-{n}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let lane = Lane { rx, addr };
-                    axum::serve(lane, app.into_make_service())
-                        .with_graceful_shutdown(shutdown.cancelled_owned())
-                        .await
-                })
-            })?;
+            .spawn(move || runtime.block_on(lane(rx, app, config, shutdown)))?;
         senders.push(tx);
         threads.push(thread);
     }
     let (tx, rx) = mpsc::unbounded_channel();
     senders.push(tx);
-    let local = tokio::spawn(
-        axum::serve(Lane { rx, addr }, app.into_make_service())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let local = tokio::spawn(lane(rx, app, config.clone(), shutdown.clone()));
 
+    let max = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let cap = Arc::new(Semaphore::new(max));
+    let (mut refusals, mut failures) = (Throttle::default(), Throttle::default());
     let mut next = 0;
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        match accepted.and_then(|(stream, _)| stream.into_std()) {
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors and the like. The connection stays queued in the
+                // backlog; retry after a pause rather than spin on the error.
+                metrics::counter!(m::HTTP_ACCEPT_ERRORS).increment(1);
+                if let Some(left_out) = failures.ready() {
+                    tracing::error!(
+                        error = %e,
+                        since_last_line = left_out,
+                        "cannot accept HTTP connections; retrying every {ACCEPT_BACKOFF:?}"
+                    );
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        let Ok(permit) = cap.clone().try_acquire_owned() else {
+            metrics::counter!(m::HTTP_CONNECTIONS_REFUSED).increment(1);
+            if let Some(left_out) = refusals.ready() {
+                tracing::warn!(
+                    since_last_line = left_out,
+                    "{max} HTTP connections are open (http.max_connections); closing new ones \
+                     until some end"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        match stream.into_std() {
             Ok(stream) => {
+                let accepted = Accepted {
+                    stream,
+                    slot: Slot::new(permit),
+                };
                 // A lane only stops after shutdown; until then its receiver is there.
-                let _ = senders[next].send(stream);
+                let _ = senders[next].send(accepted);
                 next = (next + 1) % senders.len();
             }
-            Err(e) if is_connection_error(&e) => {}
-            Err(e) => {
-                // Out of file descriptors and the like: wait rather than spin (as axum does).
-                tracing::error!(error = %e, "cannot accept HTTP connections; retrying in 1s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+            Err(e) => tracing::debug!(error = %e, "dropped an accepted HTTP connection"),
         }
     }
     drop(senders);
-    local.await.map_err(std::io::Error::other)??;
+    local.await.map_err(std::io::Error::other)?;
     tokio::task::spawn_blocking(move || {
         for thread in threads {
-            match thread.join() {
-                Ok(result) => result?,
-                Err(_) => return Err(std::io::Error::other("an HTTP thread panicked")),
+            if thread.join().is_err() {
+                return Err(std::io::Error::other("an HTTP thread panicked"));
             }
         }
         Ok(())
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// One event loop: serves the connections it is handed until shutdown, then waits for
+/// them to finish (each answers the request in progress and closes).
+async fn lane(
+    mut rx: mpsc::UnboundedReceiver<Accepted>,
+    app: Router,
+    config: Arc<HttpConfig>,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = rx.recv() => accepted,
+        };
+        let Some(Accepted { stream, slot }) = accepted else {
+            break;
+        };
+        // Registers the socket with this lane's runtime.
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "dropped a connection handed to an HTTP thread");
+                continue;
+            }
+        };
+        let (app, config, shutdown) = (app.clone(), config.clone(), shutdown.clone());
+        connections.spawn(async move {
+            conn::serve(stream, app, &config, shutdown).await;
+            drop(slot);
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
 /// Errors that end one connection, not the listener.
@@ -129,4 +195,24 @@ fn is_connection_error(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionRefused | ConnectionAborted | ConnectionReset
     )
+}
+
+/// Lets a repeating warning through at most once per [`LOG_EVERY`].
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    left_out: u64,
+}
+
+impl Throttle {
+    /// Whether to log now; if so, how many occurrences went unlogged since the last line.
+    fn ready(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now < last + LOG_EVERY) {
+            self.left_out += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.left_out))
+    }
 }

@@ -211,17 +211,19 @@ impl Agent {
     /// that many event loops, this runtime's and one per extra thread, each a single-threaded
     /// runtime. A connection then stays on one thread, with no work stealing between them
     /// (about 15% more requests per CPU on small reads than one shared multi-threaded pool).
+    /// At most `http.max_connections` are served at once.
     pub async fn serve(self, listener: TcpListener) -> Result<(), ServerError> {
         let shutdown = self.state.inner.shutdown.clone();
         let app = http::app(self.state.clone());
-        let threads = self.state.inner.config.http_threads;
-        if threads > 1 {
-            lanes::serve(listener, app, threads, shutdown).await?;
-        } else {
-            axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await?;
-        }
+        let config = &self.state.inner.config;
+        lanes::serve(
+            listener,
+            app,
+            config.http_threads,
+            config.http.clone(),
+            shutdown,
+        )
+        .await?;
         drop(self.state);
         for t in self.tasks {
             t.abort();

@@ -22,10 +22,19 @@ pub const PARKED: &str = "muster_parked_watchers";
 pub const STREAMS: &str = "muster_stream_subscribers";
 /// Watch requests refused because the watcher limit was reached.
 pub const WATCHERS_REFUSED: &str = "muster_watchers_refused_total";
-/// HTTP requests by `route`, `method`, `status`.
+/// HTTP requests by `route` (the matched route or `unmatched`), `method` (`other` for
+/// methods outside the usual seven), `status`.
 pub const HTTP_REQUESTS: &str = "muster_http_requests_total";
 /// HTTP request latency by `route`.
 pub const HTTP_SECONDS: &str = "muster_http_request_duration_seconds";
+/// HTTP connections open right now, across all HTTP threads.
+pub const HTTP_CONNECTIONS: &str = "muster_http_connections";
+/// HTTP connections closed on accept because `http.max_connections` were open.
+pub const HTTP_CONNECTIONS_REFUSED: &str = "muster_http_connections_refused_total";
+/// HTTP accepts that failed, mostly for want of file descriptors (EMFILE, ENFILE).
+pub const HTTP_ACCEPT_ERRORS: &str = "muster_http_accept_errors_total";
+/// HTTP connections cut by a timeout, by `timeout` (`header`, `idle`, `body`).
+pub const HTTP_TIMEOUTS: &str = "muster_http_timeouts_total";
 /// Time to make one batch durable.
 pub const COMMIT_SECONDS: &str = "muster_store_commit_duration_seconds";
 /// Commands per durable batch.
@@ -188,6 +197,30 @@ const METRICS: &[(&str, Kind, &str, Series)] = {
             Histogram,
             "HTTP latency by matched route (blocking queries left out).",
             Later,
+        ),
+        (
+            HTTP_CONNECTIONS,
+            Gauge,
+            "HTTP connections open now, across all threads.",
+            Plain,
+        ),
+        (
+            HTTP_CONNECTIONS_REFUSED,
+            Counter,
+            "HTTP connections closed on accept at http.max_connections.",
+            Plain,
+        ),
+        (
+            HTTP_ACCEPT_ERRORS,
+            Counter,
+            "HTTP accepts that failed (EMFILE, ENFILE).",
+            Plain,
+        ),
+        (
+            HTTP_TIMEOUTS,
+            Counter,
+            "HTTP connections cut by a timeout: header, idle, body.",
+            Each("timeout", &["header", "idle", "body"]),
         ),
         (
             COMMIT_SECONDS,

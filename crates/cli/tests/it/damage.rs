@@ -7,7 +7,7 @@ use std::process::ExitStatus;
 
 use serde_json::json;
 
-use crate::support::{Agent, PATIENCE, Proc, code, muster_command};
+use crate::support::{Agent, PATIENCE, Proc, Storage, code, muster_command};
 
 /// Registers `n` instances, kills the agent with SIGKILL (so the write-ahead log still holds
 /// them) and returns the log segment they are in.
@@ -94,7 +94,7 @@ async fn damage_in_the_middle_of_the_log_refuses_to_start_until_recover_is_asked
     assert_eq!(std::fs::read(&segment).unwrap(), bytes);
 
     // An operator who accepts the loss of the damaged commit gets every other one back.
-    let mut agent = Agent::start_with(dir.path(), &["--recover"]).await;
+    let mut agent = Agent::start_with(Storage::Dir(dir.path()), &["--recover"], |c| c).await;
     let ids = agent.instance_ids("web", Some("any")).await;
     assert!(
         (28..30).contains(&ids.len()),

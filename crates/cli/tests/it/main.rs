@@ -8,6 +8,7 @@
 mod cli;
 mod crash;
 mod damage;
+mod fd_limit;
 mod metrics;
 mod restart;
 mod run;

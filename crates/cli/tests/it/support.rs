@@ -132,6 +132,23 @@ pub fn muster_command(args: &[&str]) -> Command {
     cmd
 }
 
+/// `cmd` run by `sh -c` after `script` (e.g. `ulimit -n 256`), which then `exec`s it, so the
+/// process is still the one started.
+pub fn after_shell(script: &str, cmd: Command) -> Command {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!("{script} && exec \"$0\" \"$@\""))
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(v) => sh.env(key, v),
+            None => sh.env_remove(key),
+        };
+    }
+    sh
+}
+
 /// A long-running child process, killed (with its whole process group, when it has its own)
 /// when dropped. Its stdout and stderr are collected line by line.
 pub struct Proc {
@@ -241,18 +258,19 @@ impl Agent {
         Agent::start(Storage::Dir(dir)).await
     }
 
-    /// A durable agent on `dir`, started with `extra` flags too.
-    pub async fn start_with(dir: &Path, extra: &[&str]) -> Agent {
-        Agent::start_args(Storage::Dir(dir), extra).await
-    }
-
     /// Starts an agent on a free port and waits until it is ready. The node name is unique,
     /// so readiness is checked against this agent and not another that took the port.
     pub async fn start(storage: Storage<'_>) -> Agent {
-        Agent::start_args(storage, &[]).await
+        Agent::start_with(storage, &[], |cmd| cmd).await
     }
 
-    async fn start_args(storage: Storage<'_>, extra: &[&str]) -> Agent {
+    /// [`Agent::start`], with `extra` arguments, the command passed through `wrap` (to run
+    /// it under a shell, say).
+    pub async fn start_with(
+        storage: Storage<'_>,
+        extra: &[&str],
+        wrap: impl Fn(Command) -> Command,
+    ) -> Agent {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -284,7 +302,7 @@ impl Agent {
             };
             cmd.args(extra);
             let mut agent = Agent {
-                proc: Proc::spawn(cmd, false),
+                proc: Proc::spawn(wrap(cmd), false),
                 addr,
                 node,
                 http: http.clone(),

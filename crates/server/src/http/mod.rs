@@ -5,19 +5,23 @@
 //! - [`consul`]: the Consul-compatible API under `/v1/`.
 //! - [`checks`]: check definitions, results and TTL reports.
 //! - [`body`]: body and query parsing that names fields.
+//! - [`limits`]: body size limits and the body-read deadline.
+//! - [`conn`]: one connection: hyper's HTTP/1 server, header and idle timeouts.
 //! - [`render`]: the JSON shapes.
 //! - [`error`]: the error shape and status mapping.
 
 pub mod body;
 pub mod checks;
+pub(crate) mod conn;
 pub mod consul;
 pub mod error;
+pub mod limits;
 pub mod native;
 pub mod render;
 pub mod watch;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +29,7 @@ use axum::routing::{get, put};
 use tokio::time::Instant;
 
 use self::error::ApiError;
+use self::limits::{BodyLimit, Shape, limit_bodies};
 use crate::AppState;
 use crate::telemetry as m;
 
@@ -73,19 +78,28 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/openapi.json", get(openapi));
 
-    let body_limit = state.config().max_body_bytes;
+    let config = state.config();
+    let body_limit = BodyLimit {
+        max: config.max_body_bytes,
+        buffer: config.max_body_bytes,
+        setting: "max_body_bytes",
+        shape: Shape::Native,
+    };
     Router::new()
-        .nest("/api/v1", api)
+        .nest("/api/v1", limit_bodies(api, body_limit))
         .nest(
             "/v1",
-            consul::router(state.config().limits.max_kv_value_bytes),
+            consul::router(config.max_body_bytes, config.limits.max_kv_value_bytes),
         )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            config.http.body_read_timeout,
+            limits::body_deadline,
+        ))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
 }
@@ -146,10 +160,11 @@ async fn count_requests(req: Request, next: Next) -> Response {
     resp
 }
 
-/// The method as a label, without allocating for the usual ones.
-fn method_label(m: &axum::http::Method) -> std::borrow::Cow<'static, str> {
+/// The method as a label: the usual seven, else `other`, since anyone can make up methods
+/// and each new label would be a series kept for the agent's lifetime.
+fn method_label(m: &axum::http::Method) -> &'static str {
     use axum::http::Method;
-    let known = match *m {
+    match *m {
         Method::GET => "GET",
         Method::PUT => "PUT",
         Method::POST => "POST",
@@ -157,9 +172,8 @@ fn method_label(m: &axum::http::Method) -> std::borrow::Cow<'static, str> {
         Method::HEAD => "HEAD",
         Method::OPTIONS => "OPTIONS",
         Method::PATCH => "PATCH",
-        _ => return m.as_str().to_string().into(),
-    };
-    known.into()
+        _ => "other",
+    }
 }
 
 /// Whether a query string asks to block (`index` given and not 0).

@@ -27,6 +27,9 @@ use crate::telemetry as m;
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// The wait when a blocking query names none.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// `Retry-After` on a refused watch: slots free as other watches answer, and without a hint
+/// refused clients tend to retry at once, all together.
+pub const WATCHER_RETRY_AFTER_SECS: u64 = 5;
 
 /// A blocking query: hold the answer until the relevant index passes `index`.
 #[derive(Clone, Copy, Debug)]
@@ -67,7 +70,8 @@ impl WatcherGuard {
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_watchers",
                 format!("the agent already holds {limit} watchers (max_watchers); retry later"),
-            ));
+            )
+            .with_retry_after(WATCHER_RETRY_AFTER_SECS));
         }
         metrics::gauge!(gauge).increment(1.0);
         Ok(WatcherGuard {

@@ -7,6 +7,7 @@ mod consul_shapes;
 mod dns;
 mod expiry;
 mod faults;
+mod http_limits;
 mod lanes;
 mod logs;
 mod openapi;

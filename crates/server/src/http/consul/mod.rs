@@ -26,12 +26,12 @@ pub mod render;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, put};
 
 use super::error::ApiError;
+use super::limits::{BodyLimit, Shape, limit_bodies};
 use super::watch::Block;
 use crate::AppState;
 
@@ -40,6 +40,7 @@ use crate::AppState;
 pub struct ConsulError {
     status: StatusCode,
     message: String,
+    retry_after: Option<u64>,
 }
 
 impl ConsulError {
@@ -48,6 +49,7 @@ impl ConsulError {
         ConsulError {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -64,8 +66,12 @@ impl ConsulError {
 
 impl From<ApiError> for ConsulError {
     fn from(e: ApiError) -> ConsulError {
+        let retry_after = e.retry_after();
         let (status, message) = e.parts();
-        ConsulError::new(status, message)
+        ConsulError {
+            retry_after,
+            ..ConsulError::new(status, message)
+        }
     }
 }
 
@@ -102,12 +108,17 @@ impl From<muster_core::ValidationError> for ConsulError {
 
 impl IntoResponse for ConsulError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             self.message,
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -273,29 +284,47 @@ where
     get(handler.clone()).put(handler.clone()).post(handler)
 }
 
-/// The `/v1` router. KV writes take bodies up to `max_kv_value` bytes (and a byte more, so
-/// an oversized value is told apart and answered 413 by the registry's own check).
-pub fn router(max_kv_value: usize) -> Router<AppState> {
-    let kv_limit = DefaultBodyLimit::max(max_kv_value.saturating_add(1));
+/// The `/v1` router. Bodies are bounded by `max_body` bytes, except KV writes, which take
+/// values up to `max_kv_value` bytes (buffered with a byte more, so an oversized value is
+/// told apart and answered 413 by the registry's own check), and transactions, up to twice
+/// that.
+pub fn router(max_body: usize, max_kv_value: usize) -> Router<AppState> {
+    let kv = Router::new().route(
+        "/kv/{*key}",
+        get(kv::get).put(kv::put).post(kv::put).delete(kv::delete),
+    );
+    let kv_limit = BodyLimit {
+        max: max_kv_value,
+        buffer: max_kv_value.saturating_add(1),
+        setting: "limits.max_kv_value_bytes",
+        shape: Shape::Consul,
+    };
+    let txn = Router::new().route("/txn", put(kv::txn).post(kv::txn));
+    let txn_limit = BodyLimit {
+        max: max_kv_value.saturating_mul(2),
+        buffer: max_kv_value.saturating_mul(2),
+        setting: "twice limits.max_kv_value_bytes",
+        shape: Shape::Consul,
+    };
+    let body_limit = BodyLimit {
+        max: max_body,
+        buffer: max_body,
+        setting: "max_body_bytes",
+        shape: Shape::Consul,
+    };
+    // One limit per route (see `limit_bodies`), so the groups are limited apart and merged.
+    limit_bodies(kv, kv_limit)
+        .merge(limit_bodies(txn, txn_limit))
+        .merge(limit_bodies(rest(), body_limit))
+}
+
+/// The routes with the ordinary body limit.
+fn rest() -> Router<AppState> {
     Router::new()
-        .route(
-            "/kv/{*key}",
-            get(kv::get)
-                .put(kv::put)
-                .post(kv::put)
-                .delete(kv::delete)
-                .layer(kv_limit),
-        )
         .route("/kv/", get(kv::get_root).delete(kv::delete_root))
         .route("/kv", get(kv::get_root).delete(kv::delete_root))
         .route("/event/fire/{name}", put(events::fire).post(events::fire))
         .route("/event/list", get(events::list))
-        .route(
-            "/txn",
-            put(kv::txn)
-                .post(kv::txn)
-                .layer(DefaultBodyLimit::max(max_kv_value.saturating_mul(2))),
-        )
         .route(
             "/session/create",
             put(kv::create_session).post(kv::create_session),

@@ -1,0 +1,253 @@
+//! One HTTP connection: hyper's HTTP/1 server over the router, with the header-read and
+//! idle timeouts.
+//!
+//! hyper's own `header_read_timeout` starts whenever it waits for a request head, so on a
+//! kept-alive connection it would also be the idle timeout. The two are told apart here, as
+//! Go's server does: a connection waiting for its next request has `idle_timeout`; from the
+//! first byte of a request (or, on a new connection, from the accept) the head has
+//! `header_read_timeout`; while a request is being answered (its response body not yet
+//! finished, which covers blocking queries and streams) neither applies. The socket
+//! enforces them when hyper reads from it: hyper reads whenever it waits for a head.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::Request;
+use axum::response::Response;
+use http_body::Frame;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+
+use crate::config::{HttpConfig, MIN_HEADER_BYTES};
+use crate::telemetry as m;
+
+/// Serves `stream` until the client closes it, a timeout cuts it, or `shutdown` (then the
+/// request in progress, if any, is answered first).
+pub(crate) async fn serve(
+    stream: TcpStream,
+    app: Router,
+    config: &HttpConfig,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Mutex::new(Phase::Idle {
+        since: Instant::now(),
+        first: true,
+    }));
+    let io = TimedIo {
+        io: stream,
+        activity: activity.clone(),
+        header_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        armed: None,
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+    };
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let busy = Busy::start(activity.clone());
+        let response = app.clone().call(req.map(Body::new));
+        async move {
+            let Ok(resp) = response.await;
+            Ok::<Response, Infallible>(
+                resp.map(|inner| Body::new(Answering { inner, _busy: busy })),
+            )
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        // hyper asserts on less.
+        .max_buf_size(config.max_header_bytes.max(MIN_HEADER_BYTES))
+        // Both done by `TimedIo`; see the module comment.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended");
+    }
+}
+
+/// What a connection is doing, for its timeouts.
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for a request; `first` on a new connection.
+    Idle { since: Instant, first: bool },
+    /// A request head has begun to arrive.
+    Head { since: Instant },
+    /// Requests being answered (more than one only when pipelined).
+    Busy(usize),
+}
+
+fn lock(activity: &Mutex<Phase>) -> std::sync::MutexGuard<'_, Phase> {
+    // The phase is always valid, even if a holder panicked.
+    activity.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Marks the connection busy from the request's head until its response body is done.
+struct Busy(Arc<Mutex<Phase>>);
+
+impl Busy {
+    fn start(activity: Arc<Mutex<Phase>>) -> Busy {
+        {
+            let mut phase = lock(&activity);
+            *phase = match *phase {
+                Phase::Busy(n) => Phase::Busy(n + 1),
+                _ => Phase::Busy(1),
+            };
+        }
+        Busy(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut phase = lock(&self.0);
+        *phase = match *phase {
+            Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
+            _ => Phase::Idle {
+                since: Instant::now(),
+                first: false,
+            },
+        };
+    }
+}
+
+/// A response body that keeps its connection busy until hyper is done with it.
+struct Answering {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for Answering {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The socket, failing a read that waits past the phase's deadline.
+struct TimedIo {
+    io: TcpStream,
+    activity: Arc<Mutex<Phase>>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    /// The deadline `timer` is set to, if it is armed.
+    armed: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl TimedIo {
+    /// Bytes arrived: on a waiting connection, a request head has begun.
+    fn head_begun(&self) {
+        let mut phase = lock(&self.activity);
+        if let Phase::Idle { .. } = *phase {
+            *phase = Phase::Head {
+                since: Instant::now(),
+            };
+        }
+    }
+
+    /// When a read still waiting must give up, and which timeout that is.
+    fn deadline(&self) -> Option<(Instant, &'static str)> {
+        match *lock(&self.activity) {
+            Phase::Idle { since, first: true } | Phase::Head { since } => {
+                Some((since + self.header_timeout, "header"))
+            }
+            Phase::Idle {
+                since,
+                first: false,
+            } => Some((since + self.idle_timeout, "idle")),
+            Phase::Busy(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for TimedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut self.io).poll_read(cx, buf) {
+            if buf.filled().len() > before {
+                self.head_begun();
+            }
+            return Poll::Ready(result);
+        }
+        let Some((deadline, timeout)) = self.deadline() else {
+            return Poll::Pending;
+        };
+        if self.armed != Some(deadline) {
+            self.armed = Some(deadline);
+            self.timer.as_mut().reset(deadline);
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        metrics::counter!(m::HTTP_TIMEOUTS, "timeout" => timeout).increment(1);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("closed by the {timeout} timeout"),
+        )))
+    }
+}
+
+impl AsyncWrite for TimedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
