@@ -201,7 +201,7 @@ pub async fn stream(
     let mut since = None;
     for (key, value) in query_pairs(raw.as_deref())? {
         match key.as_str() {
-            "service" => names.push(ServiceName::parse_lenient(&value)?),
+            "service" => names.push(ServiceName::parse_lookup(&value)?),
             "health" => filter.health = super::body::health_filter(&value)?,
             "index" => since = Some(parse_index("index", &value)?),
             other => {
