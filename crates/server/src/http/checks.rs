@@ -15,7 +15,7 @@ use muster_core::{
 use serde_json::{Value, json};
 
 use super::body::{self, Fields};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::native::{json_response, unknown_instance};
 use super::render;
 use crate::AppState;
@@ -355,7 +355,7 @@ pub async fn report(
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "unknown_check",
+                ErrorCode::UnknownCheck,
                 format!("instance {id:?} of service {service:?} has no check {check:?}"),
             )
         })?;

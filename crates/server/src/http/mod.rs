@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use tokio::time::Instant;
 
-use self::error::ApiError;
+use self::error::{ApiError, ErrorCode};
 use crate::AppState;
 use crate::telemetry as m;
 
@@ -97,7 +97,7 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "this endpoint does not accept that method",
     )
 }

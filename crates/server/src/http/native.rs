@@ -16,7 +16,7 @@ use muster_core::{
 use serde_json::json;
 
 use super::body::{self, query_pairs};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::render;
 use super::watch::{Block, wait_for};
 use crate::AppState;
@@ -180,7 +180,7 @@ pub async fn get_instance(
 pub fn unknown_instance(service: &ServiceName, id: &InstanceId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "unknown_instance",
+        ErrorCode::UnknownInstance,
         format!("instance {id:?} of service {service:?} is not registered; register it again"),
     )
 }
@@ -383,7 +383,7 @@ fn lease_id(text: &str) -> Result<LeaseId, ApiError> {
 fn unknown_lease(id: LeaseId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "unknown_lease",
+        ErrorCode::UnknownLease,
         format!("lease {id} does not exist (expired, revoked or never created); create a new one"),
     )
 }
@@ -402,7 +402,7 @@ pub async fn create_lease(
     let Applied::LeaseCreated { id, .. } = applied else {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "lease creation returned no lease",
         ));
     };

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::body::query_pairs;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::render;
 use crate::AppState;
 use crate::telemetry as m;
@@ -65,7 +65,7 @@ impl WatcherGuard {
             metrics::counter!(m::WATCHERS_REFUSED).increment(1);
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_watchers",
+                ErrorCode::TooManyWatchers,
                 format!("the agent already holds {limit} watchers (max_watchers); retry later"),
             ));
         }
