@@ -272,8 +272,10 @@ fn fmt(d: Duration) -> humantime::FormattedDuration {
 }
 
 /// Check names are free text as Consul's check IDs are (`service:web-1:2`, `Memory
-/// utilization`): 1 to 256 bytes without control characters or `/`.
+/// utilization`): 1 to 256 bytes without control characters or `/`, and not `.` or `..`
+/// (a check name is a path segment of the URL its TTL reports go to).
 fn check_check_name(name: &str) -> Result<(), String> {
+    crate::model::refuse_dot_segment("name", name).map_err(|e| e.message)?;
     if name.is_empty() || name.len() > 256 {
         return Err(format!("must be 1 to 256 bytes, got {}", name.len()));
     }

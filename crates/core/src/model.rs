@@ -141,6 +141,7 @@ impl ServiceName {
     /// digits, `-`, `_` and `.`. Such a name is served over HTTP; over DNS only when it is
     /// also a DNS label. Reads use it too, so every stored name can be looked up.
     pub fn parse_lenient(name: &str) -> Result<ServiceName, ValidationError> {
+        refuse_dot_segment("service", name)?;
         if name.is_empty() || name.len() > 128 {
             return Err(ValidationError::new(
                 "service",
@@ -159,10 +160,40 @@ impl ServiceName {
         Ok(ServiceName(name.to_ascii_lowercase().into()))
     }
 
+    /// A name a read looks up: every name some registration can store is accepted (the
+    /// Consul API's [`parse_lenient`](ServiceName::parse_lenient) names, matched without
+    /// regard to case), so every stored service can be read. A name no registration can
+    /// store is refused with the error the native registration gives it ([`parse`]
+    /// (ServiceName::parse)), so a read and a registration of the same bad name answer the
+    /// same 400 rather than the read answering an empty list.
+    pub fn parse_lookup(name: &str) -> Result<ServiceName, ValidationError> {
+        ServiceName::parse_lenient(name).map_err(|lenient| match ServiceName::parse(name) {
+            Err(strict) => strict,
+            // Unreachable (strict names are lenient names), but a sound answer anyway.
+            Ok(_) => lenient,
+        })
+    }
+
     /// A name that was not validated: only for lookups and range bounds.
     pub(crate) fn from_raw(name: &str) -> ServiceName {
         ServiceName(name.into())
     }
+}
+
+/// Refuses `.` and `..`, which are accepted characters but, as a whole path segment, mean
+/// "this" and "parent" to URL resolution: clients and proxies normalise them away (RFC 3986
+/// section 5.2.4), so whatever was named so could not be addressed by its URL.
+pub fn refuse_dot_segment(field: &str, text: &str) -> Result<(), ValidationError> {
+    if text == "." || text == ".." {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{text:?} is not allowed: as a URL path segment it means the current or parent \
+                 directory, so it could not be addressed"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_dns_label(field: &str, name: &str) -> Result<(), ValidationError> {
@@ -198,6 +229,7 @@ pub struct InstanceId(Arc<str>);
 impl InstanceId {
     /// Validates an instance id.
     pub fn parse(id: &str) -> Result<InstanceId, ValidationError> {
+        refuse_dot_segment("id", id)?;
         if id.is_empty() || id.len() > 128 {
             return Err(ValidationError::new(
                 "id",
@@ -337,7 +369,7 @@ impl InstanceSpec {
             ));
         }
         for tag in &self.tags {
-            check_text(&format!("tags[{tag:?}]"), tag, limits.max_tag_len)?;
+            validate_tag(tag, limits)?;
         }
         if self.meta.len() > limits.max_meta {
             return Err(ValidationError::new(
@@ -351,24 +383,7 @@ impl InstanceSpec {
         }
         for (key, value) in &self.meta {
             let field = format!("meta.{key}");
-            if key.is_empty() || key.len() > limits.max_meta_key_len {
-                return Err(ValidationError::new(
-                    "meta",
-                    format!(
-                        "key {key:?} must be 1 to {} characters",
-                        limits.max_meta_key_len
-                    ),
-                ));
-            }
-            if let Some(c) = key
-                .chars()
-                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-            {
-                return Err(ValidationError::new(
-                    field,
-                    format!("key has {c:?}: use letters, digits and _ - ."),
-                ));
-            }
+            validate_meta_key(key, limits)?;
             if value.len() > limits.max_meta_value_len {
                 return Err(ValidationError::new(
                     field,
@@ -387,18 +402,7 @@ impl InstanceSpec {
             }
         }
         if let Some(zone) = &self.zone {
-            if zone.is_empty() || zone.len() > 63 {
-                return Err(ValidationError::new("zone", "must be 1 to 63 characters"));
-            }
-            if let Some(c) = zone
-                .chars()
-                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-            {
-                return Err(ValidationError::new(
-                    "zone",
-                    format!("{c:?} is not allowed: use letters, digits and - _ ."),
-                ));
-            }
+            validate_zone(zone)?;
         }
         if self.checks.len() > MAX_CHECKS {
             return Err(ValidationError::new(
@@ -424,6 +428,52 @@ impl InstanceSpec {
         }
         Ok(())
     }
+}
+
+/// A tag as registrations accept it; reads filtering by tag use it too, so a filter no
+/// instance could match is refused the same way.
+pub fn validate_tag(tag: &str, limits: &Limits) -> Result<(), ValidationError> {
+    check_text(&format!("tags[{tag:?}]"), tag, limits.max_tag_len)
+}
+
+/// A metadata key as registrations accept it (also for `meta=key:value` read filters).
+pub fn validate_meta_key(key: &str, limits: &Limits) -> Result<(), ValidationError> {
+    if key.is_empty() || key.len() > limits.max_meta_key_len {
+        return Err(ValidationError::new(
+            "meta",
+            format!(
+                "key {key:?} must be 1 to {} characters",
+                limits.max_meta_key_len
+            ),
+        ));
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(ValidationError::new(
+            format!("meta.{key}"),
+            format!("key has {c:?}: use letters, digits and _ - ."),
+        ));
+    }
+    Ok(())
+}
+
+/// A zone as registrations accept it (also for `zone=` read filters).
+pub fn validate_zone(zone: &str) -> Result<(), ValidationError> {
+    if zone.is_empty() || zone.len() > 63 {
+        return Err(ValidationError::new("zone", "must be 1 to 63 characters"));
+    }
+    if let Some(c) = zone
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(ValidationError::new(
+            "zone",
+            format!("{c:?} is not allowed: use letters, digits and - _ ."),
+        ));
+    }
+    Ok(())
 }
 
 fn check_text(field: &str, text: &str, max: usize) -> Result<(), ValidationError> {
@@ -741,6 +791,37 @@ mod tests {
         assert!(InstanceId::parse("a/b").is_err());
         assert!(InstanceId::parse("a b").is_err());
         assert!(InstanceId::parse("").is_err());
+    }
+
+    #[test]
+    fn dot_segments_are_refused_as_ids_and_names_with_a_reason() {
+        for dots in [".", ".."] {
+            let err = InstanceId::parse(dots).unwrap_err();
+            assert_eq!(err.field, "id");
+            assert!(err.message.contains("path segment"), "{err}");
+            assert_eq!(
+                ServiceName::parse_lenient(dots).unwrap_err().field,
+                "service"
+            );
+        }
+        assert!(InstanceId::parse("...").is_ok());
+        assert!(InstanceId::parse(".hidden").is_ok());
+        assert!(ServiceName::parse_lenient("api.v2").is_ok());
+    }
+
+    #[test]
+    fn lookups_accept_every_storable_name_and_refuse_the_rest_as_registration_does() {
+        assert_eq!(
+            ServiceName::parse_lookup("Node_Exporter").unwrap().as_str(),
+            "node_exporter"
+        );
+        for bad in ["a b", "web!", "", &"x".repeat(200), "-x/"] {
+            assert_eq!(
+                ServiceName::parse_lookup(bad).unwrap_err(),
+                ServiceName::parse(bad).unwrap_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -195,6 +195,10 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: Duration,
     /// Most TCP connections served at once; more are closed on accept.
     pub max_tcp_connections: usize,
+    /// Most TCP connections served at once from one client address (IPv6: one /64); more
+    /// from it are closed on accept, so one client holding idle connections cannot take
+    /// every slot of `max_tcp_connections`.
+    pub max_tcp_connections_per_client: usize,
 }
 
 impl Default for DnsConfig {
@@ -209,6 +213,9 @@ impl Default for DnsConfig {
             udp_answer_limit: 0,
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_connections: 512,
+            // A stub resolver forwarding a whole host's lookups comes from one address, and
+            // may keep a few connections open per upstream query in flight.
+            max_tcp_connections_per_client: 32,
         }
     }
 }

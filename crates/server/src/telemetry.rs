@@ -57,7 +57,8 @@ pub const DNS_QUERIES: &str = "muster_dns_queries_total";
 pub const DNS_TRUNCATED: &str = "muster_dns_truncated_total";
 /// Queries for names outside the domain sent to recursors, by `result` (`ok`, `failed`).
 pub const DNS_FORWARDED: &str = "muster_dns_forwarded_total";
-/// DNS TCP connections closed on accept because the connection cap was reached.
+/// DNS TCP connections closed on accept, by `reason`: `global` (`dns.max_tcp_connections`
+/// reached) or `per_client` (the client address holds `dns.max_tcp_connections_per_client`).
 pub const DNS_TCP_REFUSED: &str = "muster_dns_tcp_refused_total";
 
 /// Check runs, by `kind` (`http`, `tcp`, `grpc`, `script`) and `result` (`passing`,
@@ -276,8 +277,8 @@ const METRICS: &[(&str, Kind, &str, Series)] = {
         (
             DNS_TCP_REFUSED,
             Counter,
-            "DNS TCP connections closed on accept.",
-            Plain,
+            "DNS TCP connections closed on accept, by reason: the global or the per-client cap.",
+            Each("reason", &["global", "per_client"]),
         ),
         (
             CHECKS_RUN,

@@ -20,7 +20,22 @@ pub struct Prober {
     scripts: bool,
 }
 
+/// The HTTP check client, built once per process and shared by every agent in it (tests and
+/// the fuzzer start many): building one loads the system's root certificates, which takes
+/// milliseconds, and a `reqwest::Client` is a cheap handle. It pools no connections, so
+/// agents sharing it share no state.
 fn client(insecure: bool) -> reqwest::Client {
+    static CLIENTS: std::sync::OnceLock<[reqwest::Client; 2]> = std::sync::OnceLock::new();
+    let [secure, insecure_client] =
+        CLIENTS.get_or_init(|| [build_client(false), build_client(true)]);
+    if insecure {
+        insecure_client.clone()
+    } else {
+        secure.clone()
+    }
+}
+
+fn build_client(insecure: bool) -> reqwest::Client {
     let builder = reqwest::Client::builder()
         .user_agent(concat!("muster-health-check/", env!("CARGO_PKG_VERSION")))
         // One connection per run, as Consul's checks do: no idle sockets held per target.

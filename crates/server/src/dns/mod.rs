@@ -3,11 +3,14 @@
 //! - [`name`]: query names to typed lookups (Consul's name forms).
 //! - [`answer`]: responses from a snapshot, with records encoded once per service change.
 //!
+//! - [`client_cap`]: TCP connections counted per client address.
+//!
 //! This module holds the listeners: UDP workers sharing one socket, and a TCP accept loop
-//! with a connection cap and an idle timeout. Both read the latest snapshot per query, so
+//! with a global connection cap, a cap per client address and an idle timeout. Both read the latest snapshot per query, so
 //! an instance that turns critical is gone from the next answer.
 
 pub mod answer;
+mod client_cap;
 pub mod name;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -21,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use self::answer::{DnsSettingError, Outcome, Responder, Transport, answer_bytes};
+use self::client_cap::ClientCap;
 use crate::AppState;
 use crate::telemetry as m;
 
@@ -35,6 +39,9 @@ const UDP_BUF: usize = 65_535;
 /// a few hundred queries, and a burst beyond that is dropped before we see it; the kernel
 /// caps the request at `net.core.rmem_max`.
 const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Refused TCP connections are logged at most this often (with the count since the last
+/// line): a client hammering the cap must not flood the log.
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Starts the UDP workers and the TCP accept loop. They stop when `shutdown` is cancelled.
 pub(crate) fn spawn(
@@ -52,6 +59,11 @@ pub(crate) fn spawn(
         },
     };
     let responder = Arc::new(Responder::new(config, node_ip)?);
+    if config.dns.max_tcp_connections_per_client == 0 {
+        return Err(DnsSettingError(
+            "dns.max_tcp_connections_per_client must be at least 1".into(),
+        ));
+    }
     let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
     if let Err(e) = socket2::SockRef::from(&udp).set_recv_buffer_size(UDP_RECV_BUFFER) {
         tracing::debug!("cannot enlarge the DNS receive buffer: {e}");
@@ -194,11 +206,13 @@ async fn tcp_accept(
     shutdown: CancellationToken,
 ) {
     let connections = Arc::new(Semaphore::new(responder.config().max_tcp_connections));
+    let clients = ClientCap::new(responder.config().max_tcp_connections_per_client);
+    let mut refused = RefusedLog::default();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!("DNS TCP accept failed: {e}");
@@ -207,9 +221,14 @@ async fn tcp_accept(
                 }
             },
         };
+        // The client's own cap first: a client at its cap is refused without taking a
+        // global slot, and the global cap then only fills up with many clients.
+        let Some(slot) = clients.try_acquire(peer.ip()) else {
+            refused.count(Refusal::PerClient, peer);
+            continue;
+        };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            metrics::counter!(m::DNS_TCP_REFUSED).increment(1);
-            drop(stream);
+            refused.count(Refusal::Global, peer);
             continue;
         };
         let (state, responder, forwards, shutdown) = (
@@ -224,7 +243,58 @@ async fn tcp_accept(
                 _ = tcp_connection(state, responder, stream, forwards) => {}
             }
             drop(permit);
+            drop(slot);
         });
+    }
+}
+
+/// Why a TCP connection was closed on accept: the `reason` label of
+/// `muster_dns_tcp_refused_total`.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// `dns.max_tcp_connections` reached.
+    Global,
+    /// The client address holds `dns.max_tcp_connections_per_client` already.
+    PerClient,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Global => "global",
+            Refusal::PerClient => "per_client",
+        }
+    }
+}
+
+/// Counts refused connections and logs them, at most once per [`REFUSED_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct RefusedLog {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusedLog {
+    fn count(&mut self, why: Refusal, peer: SocketAddr) {
+        metrics::counter!(m::DNS_TCP_REFUSED, "reason" => why.label()).increment(1);
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < REFUSED_LOG_INTERVAL)
+        {
+            return;
+        }
+        let cause = match why {
+            Refusal::Global => "dns.max_tcp_connections reached",
+            Refusal::PerClient => "the client holds dns.max_tcp_connections_per_client",
+        };
+        tracing::warn!(
+            "DNS TCP connection from {peer} closed on accept: {cause} ({} refused since the last such line)",
+            self.unlogged
+        );
+        self.last = Some(now);
+        self.unlogged = 0;
     }
 }
 

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use muster_core::HealthFilter;
 use serde_json::{Map, Value};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 /// The body as a JSON object; an empty body is an empty object.
 pub fn object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
@@ -21,11 +21,11 @@ pub fn object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
+                ErrorCode::BodyTooLarge,
                 "the request body is larger than the agent's limit (max_body_bytes)",
             )
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text())
+            ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadBody, e.body_text())
         }
     })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -35,12 +35,12 @@ pub fn object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
         Ok(Value::Object(map)) => Ok(Fields::new(map, String::new())),
         Ok(_) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "malformed_json",
+            ErrorCode::MalformedJson,
             "the body must be a JSON object",
         )),
         Err(e) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "malformed_json",
+            ErrorCode::MalformedJson,
             format!("the body is not valid JSON: {e}"),
         )),
     }
@@ -283,7 +283,7 @@ pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError>
     serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "bad_query",
+            ErrorCode::BadQuery,
             format!("the query string cannot be parsed: {e}"),
         )
     })

@@ -15,7 +15,7 @@ use muster_core::{
 use serde_json::{Value, json};
 
 use super::body::{self, Fields};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::native::{json_response, unknown_instance};
 use super::render;
 use crate::AppState;
@@ -271,7 +271,7 @@ pub async fn service_checks(
     State(state): State<AppState>,
     Path(service): Path<String>,
 ) -> Result<Response, ApiError> {
-    let name = ServiceName::parse_lenient(&service)?;
+    let name = ServiceName::parse_lookup(&service)?;
     let snap = state.snapshot();
     let checks: Vec<Value> = snap
         .service(name.as_str())
@@ -304,7 +304,7 @@ pub async fn instance_checks(
     Path((service, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (service, id) = (
-        ServiceName::parse_lenient(&service)?,
+        ServiceName::parse_lookup(&service)?,
         InstanceId::parse(&id)?,
     );
     let snap = state.snapshot();
@@ -338,7 +338,7 @@ pub async fn report(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (service, id) = (
-        ServiceName::parse_lenient(&service)?,
+        ServiceName::parse_lookup(&service)?,
         InstanceId::parse(&id)?,
     );
     let f = body::object(body)?;
@@ -355,7 +355,7 @@ pub async fn report(
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "unknown_check",
+                ErrorCode::UnknownCheck,
                 format!("instance {id:?} of service {service:?} has no check {check:?}"),
             )
         })?;

@@ -23,7 +23,7 @@ use http_body::Frame;
 use tokio::time::{Instant, Sleep};
 
 use super::consul::ConsulError;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use crate::telemetry as m;
 
 /// The error shape a route group answers in.
@@ -73,7 +73,7 @@ async fn refuse_declared(State(limit): State<BodyLimit>, req: Request, next: Nex
     let mut resp = match limit.shape {
         Shape::Native => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
+            ErrorCode::BodyTooLarge,
             format!(
                 "the request body of {declared} bytes is larger than the agent's limit of {} \
                  bytes ({})",
@@ -120,7 +120,7 @@ pub async fn body_deadline(State(timeout): State<Duration>, req: Request, next: 
     metrics::counter!(m::HTTP_TIMEOUTS, "timeout" => "body").increment(1);
     let mut resp = ApiError::new(
         StatusCode::REQUEST_TIMEOUT,
-        "body_timeout",
+        ErrorCode::BodyTimeout,
         format!(
             "the request body did not arrive within {} (http.body_read_timeout)",
             humantime::format_duration(timeout)

@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use tokio::time::Instant;
 
-use self::error::ApiError;
+use self::error::{ApiError, ErrorCode};
 use self::limits::{BodyLimit, Shape, limit_bodies};
 use crate::AppState;
 use crate::telemetry as m;
@@ -111,7 +111,7 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "this endpoint does not accept that method",
     )
 }

@@ -8,15 +8,15 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use muster_core::model::{DEFAULT_TTL, DEFAULT_WEIGHT};
+use muster_core::model::{self, DEFAULT_TTL, DEFAULT_WEIGHT};
 use muster_core::{
-    Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, LeaseId, ServiceName, Snapshot,
-    Status,
+    Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, LeaseId, Limits, ServiceName,
+    Snapshot, Status,
 };
 use serde_json::json;
 
 use super::body::{self, query_pairs};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::render;
 use super::watch::{Block, wait_for};
 use crate::AppState;
@@ -27,10 +27,11 @@ pub const INDEX_HEADER: &str = "x-muster-index";
 /// `X-Muster-Self-Preservation`: `true` while expirations are held back.
 pub const PRESERVATION_HEADER: &str = "x-muster-self-preservation";
 
-/// Names in a path. Lenient, so instances registered through the Consul API (whose names
-/// may hold `_` or `.`) can be read and managed here too; registration is strict.
+/// Names in a path. Every name a registration can store is accepted, so instances
+/// registered through the Consul API (whose names may hold `_` or `.`) can be read and
+/// managed here too; any other name gets the 400 the native registration gives it.
 fn names(service: &str, id: &str) -> Result<(ServiceName, InstanceId), ApiError> {
-    Ok((ServiceName::parse_lenient(service)?, InstanceId::parse(id)?))
+    Ok((ServiceName::parse_lookup(service)?, InstanceId::parse(id)?))
 }
 
 /// A JSON answer with the index and self-preservation headers.
@@ -59,7 +60,14 @@ struct ReadQuery {
     block: Option<Block>,
 }
 
-fn read_query(raw: Option<&str>, filters_allowed: bool) -> Result<ReadQuery, ApiError> {
+/// Reads the query string. Filter values are validated as registration validates the
+/// fields they match (`limits`), so a filter no instance could match is a 400 naming what
+/// is wrong, not an empty answer.
+fn read_query(
+    raw: Option<&str>,
+    filters_allowed: bool,
+    limits: &Limits,
+) -> Result<ReadQuery, ApiError> {
     let mut filter = Filter::default();
     let mut index = None;
     let mut wait = None;
@@ -71,12 +79,19 @@ fn read_query(raw: Option<&str>, filters_allowed: bool) -> Result<ReadQuery, Api
                 })?)
             }
             "wait" => wait = Some(body::duration("wait", &value)?),
-            "tag" if filters_allowed => filter.tags.push(value),
-            "zone" if filters_allowed => filter.zone = Some(value),
+            "tag" if filters_allowed => {
+                model::validate_tag(&value, limits)?;
+                filter.tags.push(value)
+            }
+            "zone" if filters_allowed => {
+                model::validate_zone(&value)?;
+                filter.zone = Some(value)
+            }
             "meta" if filters_allowed => {
                 let (k, v) = value.split_once(':').ok_or_else(|| {
                     ApiError::invalid("meta", format!("{value:?} must be written key:value"))
                 })?;
+                model::validate_meta_key(k, limits)?;
                 filter.meta.push((k.to_string(), v.to_string()));
             }
             "health" if filters_allowed => filter.health = body::health_filter(&value)?,
@@ -105,8 +120,8 @@ pub async fn discover(
     Path(service): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let name = ServiceName::parse_lenient(&service)?;
-    let q = read_query(raw.as_deref(), true)?;
+    let name = ServiceName::parse_lookup(&service)?;
+    let q = read_query(raw.as_deref(), true, &state.config().limits)?;
     let snap = wait_for(&state, q.block, |s| s.service_index(name.as_str())).await?;
     let body = render::discovery(name.as_str(), &snap, &q.filter);
     Ok(json_response(
@@ -122,7 +137,7 @@ pub async fn list_services(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let q = read_query(raw.as_deref(), false)?;
+    let q = read_query(raw.as_deref(), false, &state.config().limits)?;
     let snap = wait_for(&state, q.block, |s| s.index).await?;
     let services: Vec<_> = snap
         .services
@@ -165,7 +180,7 @@ pub async fn get_instance(
 pub fn unknown_instance(service: &ServiceName, id: &InstanceId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "unknown_instance",
+        ErrorCode::UnknownInstance,
         format!("instance {id:?} of service {service:?} is not registered; register it again"),
     )
 }
@@ -368,7 +383,7 @@ fn lease_id(text: &str) -> Result<LeaseId, ApiError> {
 fn unknown_lease(id: LeaseId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "unknown_lease",
+        ErrorCode::UnknownLease,
         format!("lease {id} does not exist (expired, revoked or never created); create a new one"),
     )
 }
@@ -387,7 +402,7 @@ pub async fn create_lease(
     let Applied::LeaseCreated { id, .. } = applied else {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "lease creation returned no lease",
         ));
     };

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::body::query_pairs;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::render;
 use crate::AppState;
 use crate::telemetry as m;
@@ -68,7 +68,7 @@ impl WatcherGuard {
             metrics::counter!(m::WATCHERS_REFUSED).increment(1);
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_watchers",
+                ErrorCode::TooManyWatchers,
                 format!("the agent already holds {limit} watchers (max_watchers); retry later"),
             )
             .with_retry_after(WATCHER_RETRY_AFTER_SECS));
@@ -205,7 +205,7 @@ pub async fn stream(
     let mut since = None;
     for (key, value) in query_pairs(raw.as_deref())? {
         match key.as_str() {
-            "service" => names.push(ServiceName::parse_lenient(&value)?),
+            "service" => names.push(ServiceName::parse_lookup(&value)?),
             "health" => filter.health = super::body::health_filter(&value)?,
             "index" => since = Some(parse_index("index", &value)?),
             other => {

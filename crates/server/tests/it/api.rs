@@ -487,3 +487,181 @@ async fn registry_capacity_is_enforced_with_429_and_replacements_still_work() {
     assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(second.error_message().contains("limits.max_leases"));
 }
+
+/// A read of a name no registration can store answers the 400 a registration of that
+/// name gets (same code, same message), not an empty list.
+#[tokio::test]
+async fn reads_refuse_names_registration_refuses_with_the_same_400() {
+    let a = agent(config()).await;
+    let long = "x".repeat(200);
+    for (bad, written) in [
+        ("a b", "a%20b"),
+        ("web!", "web!"),
+        ("a/b", "a%2Fb"),
+        (long.as_str(), long.as_str()),
+    ] {
+        let reg = a
+            .call(
+                Method::PUT,
+                &format!("/api/v1/services/{written}/instances/i1"),
+                Some(instance(80)),
+            )
+            .await;
+        assert_eq!(
+            reg.status,
+            StatusCode::BAD_REQUEST,
+            "{bad:?}: {:?}",
+            reg.body
+        );
+        assert!(
+            reg.error_message().starts_with("service: "),
+            "{:?}",
+            reg.body
+        );
+        for read in [
+            format!("/api/v1/services/{written}"),
+            format!("/api/v1/services/{written}?tag=v1&index=1&wait=10ms"),
+            format!("/api/v1/services/{written}/instances/i1"),
+            format!("/api/v1/services/{written}/checks"),
+            format!("/api/v1/services/{written}/instances/i1/checks"),
+            format!("/api/v1/watch?service={written}"),
+        ] {
+            let r = a.get(&read).await;
+            assert_eq!(
+                r.status,
+                StatusCode::BAD_REQUEST,
+                "GET {read}: {:?}",
+                r.body
+            );
+            assert_eq!(r.error_code(), reg.error_code(), "GET {read}");
+            assert_eq!(r.error_message(), reg.error_message(), "GET {read}");
+        }
+    }
+    // Names the Consul API stores (`_`, `.`, any case) are still read here.
+    let consul = a
+        .call(
+            Method::PUT,
+            "/v1/agent/service/register",
+            Some(json!({"Name": "Node_Exporter", "ID": "ne-1", "Port": 9100})),
+        )
+        .await;
+    assert_eq!(consul.status, StatusCode::OK, "{:?}", consul.body);
+    for name in ["node_exporter", "Node_Exporter"] {
+        let r = a.get(&format!("/api/v1/services/{name}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{name}: {:?}", r.body);
+        assert_eq!(r.ids(), ["ne-1"], "{name}");
+    }
+}
+
+/// A filter value no registration would accept (so no instance can match) is refused the
+/// way registration refuses that field.
+#[tokio::test]
+async fn discovery_filters_refuse_values_registration_refuses() {
+    let a = agent(config()).await;
+    let long_tag = "t".repeat(300);
+    for (query, body) in [
+        (
+            format!("tag={long_tag}"),
+            json!({"address": "10.0.0.1", "port": 80, "tags": [long_tag]}),
+        ),
+        (
+            "zone=eu%201".to_string(),
+            json!({"address": "10.0.0.1", "port": 80, "zone": "eu 1"}),
+        ),
+        (
+            "meta=bad%20key:v".to_string(),
+            json!({"address": "10.0.0.1", "port": 80, "meta": {"bad key": "v"}}),
+        ),
+    ] {
+        let reg = a
+            .call(Method::PUT, "/api/v1/services/web/instances/w1", Some(body))
+            .await;
+        assert_eq!(reg.status, StatusCode::BAD_REQUEST, "{:?}", reg.body);
+        let r = a.get(&format!("/api/v1/services/web?{query}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "?{query}: {:?}", r.body);
+        assert_eq!(r.error_code(), reg.error_code(), "?{query}");
+        assert_eq!(r.error_message(), reg.error_message(), "?{query}");
+    }
+    // Valid filters still answer (an empty list for an unknown service).
+    let r = a
+        .get("/api/v1/services/web?tag=v1&zone=eu-1&meta=version:2")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+}
+
+/// `.` and `..` are path segments that URL resolution removes, so an instance or check
+/// named so could not be addressed: refused wherever an id becomes a path segment.
+#[tokio::test]
+async fn dot_and_dot_dot_are_refused_as_ids_with_the_reason() {
+    let a = agent(config()).await;
+    for (dots, written) in [(".", "."), ("..", ".."), (".", "%2E"), ("..", "%2e%2E")] {
+        let r = a
+            .call(
+                Method::PUT,
+                &format!("/api/v1/services/web/instances/{written}"),
+                Some(instance(80)),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{written}: {:?}", r.body);
+        assert_eq!(r.error_code(), "invalid_field");
+        assert!(
+            r.error_message()
+                .starts_with(&format!("id: {dots:?} is not allowed"))
+                && r.error_message().contains("path segment"),
+            "{:?}",
+            r.body
+        );
+    }
+    // A check name is a path segment of its TTL report URL.
+    let r = a
+        .call(
+            Method::PUT,
+            "/api/v1/services/web/instances/w1",
+            Some(json!({"address": "10.0.0.1", "port": 80, "checks": [{"ttl": "30s", "name": ".."}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(
+        r.error_message()
+            .starts_with("checks[0].name: \"..\" is not allowed"),
+        "{:?}",
+        r.body
+    );
+    // The Consul API: service IDs, names, check IDs and node names.
+    for body in [
+        json!({"Name": "web", "ID": "..", "Port": 80}),
+        json!({"Name": "..", "ID": "web-1", "Port": 80}),
+        json!({"Name": "web", "ID": "web-1", "Port": 80, "Check": {"CheckID": ".", "TTL": "10s"}}),
+    ] {
+        let r = a
+            .call(
+                Method::PUT,
+                "/v1/agent/service/register",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {:?}", r.body);
+        assert!(
+            r.body.as_str().is_some_and(|t| t.contains("path segment")),
+            "{body}: {:?}",
+            r.body
+        );
+    }
+    let r = a
+        .call(
+            Method::PUT,
+            "/v1/catalog/register",
+            Some(json!({"Node": "..", "Address": "10.0.0.9", "Service": {"Service": "db", "Port": 5432}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(
+        r.body.as_str().is_some_and(|t| t.contains("path segment")),
+        "{:?}",
+        r.body
+    );
+    // Ids that merely contain dots are fine.
+    a.register("web", "...", instance(80)).await;
+    a.register("web", "a..b", instance(81)).await;
+    assert_eq!(a.healthy_ids("web").await.len(), 2);
+}

@@ -1505,3 +1505,32 @@ async fn node_level_tcp_checks_are_run_by_the_agent() {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }
+
+/// Consul does not validate names on reads: a name no service can have is simply unknown
+/// (200 and an empty list, or 404 where Consul answers that for any unknown service). The
+/// adapter answers the same, so clients polling a name see what Consul would show them.
+#[tokio::test]
+async fn reads_of_names_no_registration_accepts_answer_as_consul_does() {
+    let a = shape_agent().await;
+    let reg = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        &json!({"Name": "a b", "Port": 1}).to_string(),
+    )
+    .await;
+    reg.assert_error(StatusCode::BAD_REQUEST, "Invalid service name");
+    for uri in [
+        "/v1/catalog/service/a%20b",
+        "/v1/health/service/a%20b",
+        "/v1/health/service/a%20b?passing",
+        "/v1/health/checks/a%20b",
+    ] {
+        let r = get(&a, uri).await;
+        r.index();
+        assert_eq!(r.json(), json!([]), "GET {uri}");
+    }
+    get(&a, "/v1/agent/health/service/name/a%20b")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "ServiceName a b Not Found");
+}

@@ -894,3 +894,112 @@ async fn tcp_connections_beyond_the_cap_are_closed_while_udp_keeps_answering() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A TCP connection to `dns` from `local` (another loopback address: on Linux all of
+/// 127.0.0.0/8 is on the loopback interface).
+async fn tcp_from(local: &str, dns: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    socket.connect(dns).await.unwrap()
+}
+
+/// Whether the server closes `s` (rather than answering or holding it) within 3 s.
+async fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+fn refused_per_client(text: &str) -> u64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with("muster_dns_tcp_refused_total") && l.contains("reason=\"per_client\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn one_client_holding_its_tcp_cap_does_not_lock_out_another() {
+    let mut c = config();
+    // Without the per-client cap, the first client could take all 5 global slots.
+    c.dns.max_tcp_connections = 5;
+    c.dns.max_tcp_connections_per_client = 3;
+    // Long enough that the held connections stay open for the whole test.
+    c.dns.tcp_idle_timeout = Duration::from_secs(60);
+    let (a, dns) = agent_with_dns(c).await;
+    web(&a).await;
+    let q = query("web.service.muster.", RecordType::A, None);
+    let metrics = a.get("/metrics").await.body;
+    let refused_before = refused_per_client(metrics.as_str().unwrap());
+
+    // The first client holds its cap: each connection answered once, then left idle.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tcp_from("127.0.0.1", dns).await;
+        let m = Message::from_vec(&tcp_exchange(&mut s, &q).await).unwrap();
+        assert_eq!(m.answers.len(), 2);
+        held.push(s);
+    }
+    // Beyond its cap it is refused, though global slots are free.
+    for _ in 0..2 {
+        let mut extra = tcp_from("127.0.0.1", dns).await;
+        assert!(
+            closed_by_server(&mut extra).await,
+            "a fourth connection from one client was not closed"
+        );
+    }
+    // Another client address is answered at once, on several connections.
+    for _ in 0..2 {
+        let mut other = tcp_from("127.0.0.2", dns).await;
+        let m = tokio::time::timeout(Duration::from_secs(2), tcp_exchange(&mut other, &q))
+            .await
+            .expect("a second client was not answered while the first held its cap");
+        assert_eq!(Message::from_vec(&m).unwrap().answers.len(), 2);
+    }
+    let metrics = a.get("/metrics").await.body;
+    assert!(
+        refused_per_client(metrics.as_str().unwrap()) >= refused_before + 2,
+        "refusals are counted with reason=\"per_client\""
+    );
+
+    // A connection the first client closes gives it its slot back.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut s = tcp_from("127.0.0.1", dns).await;
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        let _ = s.write_all(&framed).await;
+        let mut len = [0u8; 2];
+        if s.read_exact(&mut len).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_per_client_tcp_cap_of_zero_is_refused_at_start() {
+    let mut c = config();
+    c.dns.max_tcp_connections_per_client = 0;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut agent = muster_server::Agent::open(
+        c,
+        std::sync::Arc::new(muster_store::MemoryStore::new()),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = agent.serve_dns(udp, tcp).unwrap_err().to_string();
+    assert!(err.contains("max_tcp_connections_per_client"), "{err}");
+    shutdown.cancel();
+}

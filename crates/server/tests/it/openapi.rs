@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 use axum::http::{Method, StatusCode};
 use serde_json::Value;
 
+use muster_server::http::error::ErrorCode;
+
 use crate::support::{TestAgent, agent, config};
 
 /// Every (method, path) the router serves under `/api/v1`, paths relative to that prefix.
@@ -140,4 +142,97 @@ async fn methods_the_openapi_document_leaves_out_are_refused_with_405() {
             assert_eq!(r.error_code(), "method_not_allowed");
         }
     }
+}
+
+/// Every example error in the document, as (where, code).
+fn example_codes(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(map) => {
+            if let Some(code) = map
+                .get("error")
+                .and_then(|e| e.get("code"))
+                .and_then(Value::as_str)
+            {
+                out.push((at.to_string(), code.to_string()));
+            }
+            for (k, v) in map {
+                example_codes(v, &format!("{at}/{k}"), out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                example_codes(v, &format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The document's list of error codes is the agent's: every code an error can carry
+/// ([`ErrorCode::ALL`], which the error type is built from) is listed, nothing else is,
+/// and every example error uses a listed code.
+#[tokio::test]
+async fn openapi_document_lists_every_error_code() {
+    let a = agent(config()).await;
+    let doc = document(&a).await;
+    let listed: BTreeSet<String> =
+        doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+            .as_array()
+            .expect("the Error schema lists its codes")
+            .iter()
+            .map(|c| c.as_str().expect("a code is a string").to_string())
+            .collect();
+    let used: BTreeSet<String> = ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str().to_string())
+        .collect();
+    let missing: Vec<_> = used.difference(&listed).collect();
+    assert!(
+        missing.is_empty(),
+        "codes missing from the document: {missing:?}"
+    );
+    let stale: Vec<_> = listed.difference(&used).collect();
+    assert!(stale.is_empty(), "codes the agent never answers: {stale:?}");
+    let mut examples = Vec::new();
+    example_codes(&doc, "", &mut examples);
+    assert!(!examples.is_empty());
+    for (at, code) in examples {
+        assert!(
+            listed.contains(&code),
+            "{at}: example code {code:?} is not listed"
+        );
+    }
+}
+
+/// The error type's codes are the ones the source answers with: no error body is built
+/// around [`ErrorCode`] with a code of its own.
+#[test]
+fn every_error_body_in_the_source_goes_through_error_code() {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+    let mut stack = vec![std::path::PathBuf::from(src)];
+    let mut offenders = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("the source is readable") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("a source file");
+                // The one place an error body is written is error.rs, from an ErrorCode.
+                if path.ends_with("http/error.rs") {
+                    continue;
+                }
+                for (n, line) in text.lines().enumerate() {
+                    if line.contains("\"code\"") && line.contains("\"error\"") {
+                        offenders.push(format!("{}:{}: {line}", path.display(), n + 1));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "error bodies built outside http/error.rs (add the code to ErrorCode instead):\n{}",
+        offenders.join("\n")
+    );
 }

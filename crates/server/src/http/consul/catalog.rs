@@ -401,6 +401,9 @@ pub async fn register(
         .str(&["Node"])?
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ConsulError::bad_request("Must provide node"))?;
+    // The node's name is a path segment of `/v1/catalog/node/:node`.
+    muster_core::model::refuse_dot_segment("Node", &node_name)
+        .map_err(|e| ConsulError::bad_request(format!("Invalid node name: {}", e.message)))?;
     let agent = Node::of(&state);
     let own = agent.is(&node_name);
     let node_address = match o.str(&["Address"])?.filter(|a| !a.is_empty()) {
