@@ -10,7 +10,13 @@ use clap::{Args, Parser, Subcommand};
 /// Run `muster agent` to start a registry, then register and discover services with the
 /// other commands, or over HTTP at /api/v1/.
 #[derive(Debug, Parser)]
-#[command(name = "muster", version, propagate_version = true)]
+#[command(
+    name = "muster",
+    version,
+    propagate_version = true,
+    after_help = "Exit codes: 0 done; 1 an error (the agent refused, or could not be reached); \
+                  2 a usage error; 3 `discover` found no instance."
+)]
 pub struct Cli {
     /// The agent's HTTP address: where `agent` listens and where the other commands
     /// connect (host:port, or an http:// URL for the client commands) [default: 127.0.0.1:8500].
@@ -44,6 +50,11 @@ pub enum Command {
     Watch(WatchArgs),
     /// Show the agent's node, index, counts and self-preservation state.
     Status(OutputArgs),
+    /// List the agent's members, as `consul members` does: one agent is one node.
+    Members(OutputArgs),
+    /// Read the catalog as the Consul API shows it: services with tags, or nodes.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
     /// Put an instance into maintenance (hidden from discovery), or take it out with --off.
     Maintenance(MaintenanceArgs),
     /// Start a command, keep it registered while it runs, deregister it when it exits.
@@ -146,7 +157,8 @@ pub struct OutputArgs {
 
 #[derive(Debug, Args)]
 pub struct RegisterArgs {
-    /// Service name (lowercase letters, digits, '-').
+    /// Service name: lowercase letters, digits and '-' (the native API's rule; the Consul
+    /// API also takes capitals and '_').
     pub service: String,
     /// Instance id (unique within the service).
     pub id: String,
@@ -230,6 +242,14 @@ pub enum KvCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Services with their tags (names as registered through either API).
+    Services(OutputArgs),
+    /// Nodes with their id, address and datacenter.
+    Nodes(OutputArgs),
+}
+
 #[derive(Debug, Args)]
 pub struct ChecksArgs {
     /// Service name.
@@ -262,7 +282,8 @@ pub struct DiscoverArgs {
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// Services to watch; none watches every service.
+    /// Services to watch; none watches every service. When the agent goes away, the watch
+    /// reconnects with backoff and resumes from the last event it printed.
     pub services: Vec<String>,
     /// Print each event's JSON instead of a summary line.
     #[arg(long)]
@@ -307,8 +328,8 @@ pub struct InstanceFields {
     /// IP address or host name the instance serves on.
     #[arg(long, default_value = "127.0.0.1")]
     pub address: String,
-    /// Port the instance serves on.
-    #[arg(long)]
+    /// Port the instance serves on (1 to 65535).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
     /// A tag; repeat for more.
     #[arg(long = "tag")]

@@ -40,6 +40,19 @@ impl Client {
         req.send().await.map_err(|e| self.unreachable(e))
     }
 
+    /// A GET with extra headers, returning the raw response.
+    pub async fn get_with(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<Response> {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        req.send().await.map_err(|e| self.unreachable(e))
+    }
+
     /// The error for an agent that cannot be reached, saying what to check.
     fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
         anyhow!(

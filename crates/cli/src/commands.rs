@@ -7,7 +7,10 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::args::{ChecksArgs, Command, DiscoverArgs, KvCommand, RegisterArgs, WatchArgs};
+use crate::args::{
+    CatalogCommand, ChecksArgs, Command, DiscoverArgs, KvCommand, OutputArgs, RegisterArgs,
+    WatchArgs,
+};
 use crate::client::{Client, api_error};
 
 /// Percent-encodes one path segment.
@@ -131,6 +134,8 @@ pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        Command::Members(o) => members(&client, o, &mut out).await,
+        Command::Catalog(c) => catalog(&client, c, &mut out).await,
         Command::Agent(_) | Command::Run(_) => unreachable_command(),
     }
 }
@@ -237,6 +242,9 @@ async fn discover(client: &Client, a: DiscoverArgs, out: &mut impl Write) -> any
     if a.json {
         return print_json(out, &v);
     }
+    if v["instances"].as_array().is_none_or(Vec::is_empty) {
+        return Err(nothing_found(client, &a).await.into());
+    }
     let rows: Vec<Vec<String>> = v["instances"]
         .as_array()
         .map(Vec::as_slice)
@@ -255,6 +263,118 @@ async fn discover(client: &Client, a: DiscoverArgs, out: &mut impl Write) -> any
     table(out, &["ID", "ADDRESS", "HEALTH", "ZONE", "TAGS"], &rows)
 }
 
+/// Exit code of a `discover` that found no instance.
+pub const NOTHING_FOUND: u8 = 3;
+
+/// A `discover` that found no instance: not a failure of the command, but scripts need to
+/// tell it from one that found some.
+#[derive(Debug)]
+pub struct NothingFound(String);
+
+impl std::fmt::Display for NothingFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NothingFound {}
+
+/// Why `discover` found nothing: no such service, or none of its instances is healthy or
+/// matches the filters.
+async fn nothing_found(client: &Client, a: &DiscoverArgs) -> NothingFound {
+    let listed = client.call(Method::GET, "/api/v1/services", None).await;
+    let wanted = a.service.to_ascii_lowercase();
+    let total = listed.ok().and_then(|v| {
+        v["services"].as_array()?.iter().find_map(|s| {
+            (s["name"].as_str()?.to_ascii_lowercase() == wanted).then(|| s["instances"].as_u64())?
+        })
+    });
+    NothingFound(match total {
+        Some(n) => format!(
+            "service {:?} has {n} instance(s), but none is {}; `--health any` lists them all",
+            a.service,
+            if a.tags.is_empty() && a.zone.is_none() && a.meta.is_empty() {
+                "healthy".to_string()
+            } else {
+                "healthy and matches the filters".to_string()
+            }
+        ),
+        None => format!(
+            "no instance found: service {:?} is not registered",
+            a.service
+        ),
+    })
+}
+
+async fn members(client: &Client, o: OutputArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let v = client.call(Method::GET, "/v1/agent/members", None).await?;
+    if o.json {
+        return print_json(out, &v);
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            vec![
+                text(&m["Name"]),
+                format!("{}:{}", text(&m["Addr"]), text(&m["Port"])),
+                if m["Status"] == 1 { "alive" } else { "left" }.to_string(),
+                "server".to_string(),
+                text(&m["Tags"]["build"]),
+                text(&m["Tags"]["dc"]),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["NODE", "ADDRESS", "STATUS", "TYPE", "BUILD", "DC"],
+        &rows,
+    )
+}
+
+async fn catalog(client: &Client, c: CatalogCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    match c {
+        CatalogCommand::Services(o) => {
+            let v = client
+                .call(Method::GET, "/v1/catalog/services", None)
+                .await?;
+            if o.json {
+                return print_json(out, &v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(name, tags)| vec![name.clone(), join(tags)])
+                .collect();
+            table(out, &["SERVICE", "TAGS"], &rows)
+        }
+        CatalogCommand::Nodes(o) => {
+            let v = client.call(Method::GET, "/v1/catalog/nodes", None).await?;
+            if o.json {
+                return print_json(out, &v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|n| {
+                    vec![
+                        text(&n["Node"]),
+                        text(&n["ID"]),
+                        text(&n["Address"]),
+                        text(&n["Datacenter"]),
+                    ]
+                })
+                .collect();
+            table(out, &["NODE", "ID", "ADDRESS", "DC"], &rows)
+        }
+    }
+}
+
 fn serde_urlencoded_pairs(pairs: &[(&str, String)]) -> String {
     if pairs.is_empty() {
         return String::new();
@@ -266,20 +386,80 @@ fn serde_urlencoded_pairs(pairs: &[(&str, String)]) -> String {
     format!("?{}", encoded.join("&"))
 }
 
+/// First wait before reconnecting a watch; it doubles up to [`WATCH_BACKOFF_MAX`].
+const WATCH_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest wait between reconnection attempts.
+const WATCH_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Prints events until interrupted. A lost stream (the agent restarted, the network
+/// dropped) is reopened with capped exponential backoff and jitter, resuming after the last
+/// event printed (`Last-Event-ID`), so nothing is missed and nothing is printed twice; the
+/// agent sends a fresh snapshot when that point is too old to replay.
 async fn watch(client: &Client, a: WatchArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let pairs: Vec<(&str, String)> = a.services.iter().map(|s| ("service", s.clone())).collect();
     let path = format!("/api/v1/watch{}", serde_urlencoded_pairs(&pairs));
-    let resp = client.send(Method::GET, &path, None).await?;
-    let status = resp.status();
-    if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        return Err(api_error(status, &text));
+    let mut last_id: Option<String> = None;
+    let mut backoff = WATCH_BACKOFF_MIN;
+    let mut lost = false;
+    loop {
+        let headers: Vec<(&str, String)> = last_id
+            .iter()
+            .map(|id| ("last-event-id", id.clone()))
+            .collect();
+        let why = match client.get_with(&path, &headers).await {
+            Ok(resp) if resp.status().is_success() => {
+                if lost {
+                    eprintln!(
+                        "muster watch: reconnected{}",
+                        last_id
+                            .as_ref()
+                            .map(|id| format!("; resuming after index {id}"))
+                            .unwrap_or_default()
+                    );
+                    lost = false;
+                }
+                backoff = WATCH_BACKOFF_MIN;
+                stream_events(resp, &a, &mut last_id, out).await?
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                // The agent refused the watch itself: retrying will not help, except when
+                // it is full or going away.
+                if status != reqwest::StatusCode::TOO_MANY_REQUESTS
+                    && status != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                {
+                    return Err(api_error(status, &text));
+                }
+                format!("the agent answered {status}")
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        if !lost {
+            eprintln!("muster watch: lost the agent ({why}); reconnecting");
+            lost = true;
+        }
+        let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
     }
+}
+
+/// Prints the events of one open stream until it ends; returns why it ended.
+async fn stream_events(
+    resp: reqwest::Response,
+    a: &WatchArgs,
+    last_id: &mut Option<String>,
+    out: &mut impl Write,
+) -> anyhow::Result<String> {
     let mut bytes = resp.bytes_stream();
     let mut buf = String::new();
     let mut event = SseEvent::default();
     while let Some(chunk) = bytes.next().await {
-        let chunk = chunk.context("the agent closed the stream")?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return Ok(format!("the stream broke: {e}")),
+        };
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(pos) = buf.find('\n') {
             let line = buf[..pos].trim_end_matches('\r').to_string();
@@ -288,24 +468,28 @@ async fn watch(client: &Client, a: WatchArgs, out: &mut impl Write) -> anyhow::R
                 if !event.data.is_empty() {
                     print_event(out, &event, a.json)?;
                     out.flush()?;
+                    if let Some(id) = event.id.take() {
+                        *last_id = Some(id);
+                    }
                 }
                 event = SseEvent::default();
             } else if let Some(v) = line.strip_prefix("event:") {
                 event.kind = v.trim().to_string();
             } else if let Some(v) = line.strip_prefix("data:") {
                 event.data.push_str(v.trim_start());
+            } else if let Some(v) = line.strip_prefix("id:") {
+                event.id = Some(v.trim().to_string());
             }
         }
     }
-    // The stream only ends when the agent ends it (e.g. it shut down): that is a failure
-    // for a command that runs until interrupted.
-    anyhow::bail!("the agent closed the stream")
+    Ok("the agent closed the stream".to_string())
 }
 
 #[derive(Debug, Default)]
 struct SseEvent {
     kind: String,
     data: String,
+    id: Option<String>,
 }
 
 fn print_event(out: &mut impl Write, e: &SseEvent, json: bool) -> anyhow::Result<()> {

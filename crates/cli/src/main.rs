@@ -5,7 +5,8 @@
 //! - [`args`]: the command line (clap), phase one: raw flags.
 //! - [`agent`]: `muster agent`, which builds the config (file, then flags) and serves.
 //! - [`client`]: the HTTP calls the other commands make.
-//! - [`commands`]: register, deregister, heartbeat, services, discover, watch, status.
+//! - [`commands`]: register, deregister, heartbeat, services, discover, watch, status,
+//!   members, catalog.
 //! - [`run`]: `muster run`, which keeps a child process registered while it lives.
 
 mod agent;
@@ -67,6 +68,10 @@ fn main() -> ExitCode {
                     .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             }) {
                 return ExitCode::SUCCESS;
+            }
+            if let Some(none) = e.downcast_ref::<commands::NothingFound>() {
+                eprintln!("{none}");
+                return ExitCode::from(commands::NOTHING_FOUND);
             }
             eprintln!("error: {e:#}");
             ExitCode::from(1)

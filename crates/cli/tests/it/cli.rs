@@ -117,9 +117,10 @@ async fn maintenance_hides_an_instance_from_discover_until_turned_off() {
     .await
     .ok();
     assert!(out.stdout.contains("web/web-1: in maintenance"), "{out:#?}");
-    assert!(
-        discover_rows(&agent, "web", &[]).await.is_empty(),
-        "an instance in maintenance must not be discovered"
+    let hidden = muster(&agent.addr, &["discover", "web"]).await;
+    assert_eq!(
+        hidden.code, 3,
+        "an instance in maintenance must not be discovered: {hidden:#?}"
     );
     // Still registered, and says why.
     let all = discover_rows(&agent, "web", &["--health", "any"]).await;
@@ -151,11 +152,8 @@ async fn deregister_removes_the_instance() {
         .await
         .ok();
     assert!(out.stdout.contains("deregistered web/web-1"), "{out:#?}");
-    assert!(
-        discover_rows(&agent, "web", &["--health", "any"])
-            .await
-            .is_empty()
-    );
+    let gone = muster(&agent.addr, &["discover", "web", "--health", "any"]).await;
+    assert_eq!(gone.code, 3, "{gone:#?}");
     let r = agent
         .http
         .get(agent.url("/api/v1/services/web/instances/web-1"))
@@ -199,7 +197,6 @@ async fn rejected_requests_exit_nonzero_naming_the_field() {
     let agent = Agent::dev().await;
 
     let cases: &[(&[&str], &str)] = &[
-        (&["register", "web", "web-1", "--port", "0"], "port"),
         (&["register", "Web", "web-1", "--port", "80"], "service"),
         (
             &["register", "web", "web-1", "--port", "80", "--ttl", "soon"],
@@ -413,4 +410,107 @@ async fn kv_commands_write_read_list_and_delete_keys() {
     let out = muster(&agent.addr, &["kv", "get", "app/name"]).await;
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("no key \"app/name\""), "{out:#?}");
+}
+
+#[tokio::test]
+async fn port_zero_is_a_usage_error_before_any_request() {
+    let agent = Agent::dev().await;
+    let out = muster(&agent.addr, &["register", "web", "web-1", "--port", "0"]).await;
+    assert_eq!(out.code, 2, "{out:#?}");
+    assert!(
+        out.stderr.contains("--port") && out.stderr.contains("1.."),
+        "{out:#?}"
+    );
+}
+
+#[tokio::test]
+async fn discover_says_why_it_found_nothing_and_exits_3() {
+    let agent = Agent::dev().await;
+    let out = muster(&agent.addr, &["discover", "nosuch"]).await;
+    assert_eq!(out.code, 3, "{out:#?}");
+    assert!(out.stdout.is_empty(), "{out:#?}");
+    assert!(
+        out.stderr.contains("\"nosuch\" is not registered"),
+        "{out:#?}"
+    );
+
+    // Registered, but not healthy: a different reason, the same code.
+    let body = json!({"address": "10.0.0.1", "port": 80, "checks": [{"ttl": "30s"}]});
+    agent.register("web", "web-1", body).await;
+    let out = muster(&agent.addr, &["discover", "web"]).await;
+    assert_eq!(out.code, 3, "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("has 1 instance(s), but none is healthy")
+            && out.stderr.contains("--health any"),
+        "{out:#?}"
+    );
+    // Found: exit 0.
+    let out = muster(&agent.addr, &["discover", "web", "--health", "any"]).await;
+    assert_eq!(out.code, 0, "{out:#?}");
+}
+
+#[tokio::test]
+async fn members_and_catalog_show_the_agent_as_consul_would() {
+    let agent = Agent::dev().await;
+    let http = reqwest::Client::new();
+    let consul = http
+        .put(agent.url("/v1/agent/service/register"))
+        .json(&json!({"Name": "Web_App", "ID": "wa-1", "Port": 80, "Tags": ["blue"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(consul.status(), StatusCode::OK);
+
+    let out = muster(&agent.addr, &["members"]).await.ok();
+    let members = rows(
+        &out.stdout,
+        &["NODE", "ADDRESS", "STATUS", "TYPE", "BUILD", "DC"],
+    );
+    assert_eq!(members.len(), 1, "{out:#?}");
+    assert_eq!(members[0][0], agent.node);
+    assert_eq!(&members[0][2..4], ["alive", "server"]);
+    assert_eq!(members[0][5], "dc1");
+
+    let out = muster(&agent.addr, &["catalog", "services"]).await.ok();
+    let services = rows(&out.stdout, &["SERVICE", "TAGS"]);
+    assert!(
+        services.contains(&vec!["Web_App".to_string(), "blue".to_string()]),
+        "{out:#?}"
+    );
+    let out = muster(&agent.addr, &["catalog", "nodes"]).await.ok();
+    let nodes = rows(&out.stdout, &["NODE", "ID", "ADDRESS", "DC"]);
+    assert_eq!(nodes.len(), 1, "{out:#?}");
+    assert_eq!(nodes[0][0], agent.node);
+}
+
+#[tokio::test]
+async fn the_cli_addresses_services_the_consul_api_named() {
+    let agent = Agent::dev().await;
+    let http = reqwest::Client::new();
+    let body = json!({"Name": "Web_App", "ID": "wa-1", "Port": 80, "Check": {"TTL": "5m"}});
+    let consul = http
+        .put(agent.url("/v1/agent/service/register"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(consul.status(), StatusCode::OK);
+    // Any spelling of the name reaches it, as in Consul.
+    for name in ["Web_App", "web_app"] {
+        let found = discover_rows(&agent, name, &["--health", "any"]).await;
+        assert_eq!(found.len(), 1, "{name}: {found:?}");
+        assert_eq!(found[0][0], "wa-1");
+    }
+    muster(&agent.addr, &["heartbeat", "Web_App", "wa-1"])
+        .await
+        .ok();
+    muster(&agent.addr, &["maintenance", "web_app", "wa-1"])
+        .await
+        .ok();
+    muster(&agent.addr, &["deregister", "Web_App", "wa-1"])
+        .await
+        .ok();
+    let out = muster(&agent.addr, &["discover", "web_app", "--health", "any"]).await;
+    assert_eq!(out.code, 3, "{out:#?}");
 }

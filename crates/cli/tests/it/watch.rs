@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::support::{Agent, PATIENCE, Proc, code, muster_command, wait_for, wait_until};
+use crate::support::{Agent, PATIENCE, Proc, muster_command, wait_for, wait_until};
 
 #[tokio::test]
 async fn watch_prints_the_snapshot_then_a_line_per_change() {
@@ -57,10 +57,14 @@ async fn watch_prints_the_snapshot_then_a_line_per_change() {
 }
 
 #[tokio::test]
-async fn watch_fails_when_the_agent_goes_away() {
-    let mut agent = Agent::dev().await;
+async fn watch_reconnects_after_the_agent_restarts_and_resumes_where_it_left_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::durable(dir.path()).await;
+    agent
+        .register("web", "web-1", json!({"address": "10.0.0.1", "port": 8080}))
+        .await;
     let mut watch = Proc::spawn(
-        muster_command(&["--http-addr", &agent.addr, "watch"]),
+        muster_command(&["--http-addr", &agent.addr, "watch", "web"]),
         false,
     );
     let stdout = watch.stdout.clone();
@@ -70,25 +74,59 @@ async fn watch_fails_when_the_agent_goes_away() {
     })
     .await;
 
-    // The agent stops cleanly, which ends the stream. A watch that has nothing more to
-    // print must not report success, or a supervisor would not know to restart it.
+    // The agent stops, and starts again on the same address and data.
+    let addr = agent.addr.clone();
     agent.terminate().await;
-    let status = watch.wait_exit(PATIENCE).await;
-    assert_ne!(
-        code(status),
-        0,
-        "`muster watch` exited 0 after losing its agent; stderr:\n{}",
-        watch.stderr.text()
-    );
     let stderr = watch.stderr.clone();
-    wait_until("watch's stderr to close", PATIENCE, || {
-        let closed = stderr.closed();
-        async move { closed }
+    wait_until("the watch to say it lost the agent", PATIENCE, || {
+        let said = stderr.text().contains("lost the agent");
+        async move { said }
+    })
+    .await;
+    let mut cmd = muster_command(&[
+        "agent",
+        "--http-addr",
+        &addr,
+        "--dns-addr",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+    ]);
+    cmd.arg("--data-dir").arg(dir.path());
+    let _restarted = Proc::spawn(cmd, false);
+    let http = reqwest::Client::new();
+    wait_until("the restarted agent to answer", PATIENCE, || {
+        let req = http.get(format!("http://{addr}/readyz")).send();
+        async move { req.await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
+    let put = http
+        .put(format!("http://{addr}/api/v1/services/web/instances/web-2"))
+        .json(&json!({"address": "10.0.0.2", "port": 8081}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+
+    // The change made after the restart is printed by the same, still running, watch: as a
+    // change, or in the snapshot a restarted agent sends when it cannot replay from the
+    // watch's last index (its replay buffer is in memory).
+    wait_for("a line with web-2", PATIENCE, || {
+        let line = stdout
+            .lines()
+            .into_iter()
+            .find(|l| l.contains("web: 2 instance(s)") && l.contains("web-2@10.0.0.2:8081"));
+        async move { line }
     })
     .await;
     assert!(
-        stderr.text().contains("closed the stream"),
-        "stderr should say the agent closed the stream:\n{}",
+        watch.exited().is_none(),
+        "the watch exited: {}",
+        stderr.text()
+    );
+    assert!(
+        stderr.text().contains("reconnected; resuming after index"),
+        "{}",
         stderr.text()
     );
 }
