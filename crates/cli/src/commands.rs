@@ -306,32 +306,37 @@ async fn nothing_found(client: &Client, a: &DiscoverArgs) -> NothingFound {
     })
 }
 
-async fn members(client: &Client, o: OutputArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let v = client.call(Method::GET, "/v1/agent/members", None).await?;
+/// GETs `path`, an array, and prints it as a table of `row`s (or the JSON with --json).
+async fn list(
+    client: &Client,
+    path: &str,
+    o: OutputArgs,
+    out: &mut impl Write,
+    header: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) -> anyhow::Result<()> {
+    let v = client.call(Method::GET, path, None).await?;
     if o.json {
         return print_json(out, &v);
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .map(|m| {
-            vec![
-                text(&m["Name"]),
-                format!("{}:{}", text(&m["Addr"]), text(&m["Port"])),
-                if m["Status"] == 1 { "alive" } else { "left" }.to_string(),
-                "server".to_string(),
-                text(&m["Tags"]["build"]),
-                text(&m["Tags"]["dc"]),
-            ]
-        })
-        .collect();
-    table(
-        out,
-        &["NODE", "ADDRESS", "STATUS", "TYPE", "BUILD", "DC"],
-        &rows,
-    )
+    let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+    table(out, header, &rows)
+}
+
+async fn members(client: &Client, o: OutputArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let header = ["NODE", "ADDRESS", "STATUS", "TYPE", "BUILD", "DC"];
+    list(client, "/v1/agent/members", o, out, &header, |m| {
+        vec![
+            text(&m["Name"]),
+            format!("{}:{}", text(&m["Addr"]), text(&m["Port"])),
+            if m["Status"] == 1 { "alive" } else { "left" }.to_string(),
+            "server".to_string(),
+            text(&m["Tags"]["build"]),
+            text(&m["Tags"]["dc"]),
+        ]
+    })
+    .await
 }
 
 async fn catalog(client: &Client, c: CatalogCommand, out: &mut impl Write) -> anyhow::Result<()> {
@@ -352,25 +357,16 @@ async fn catalog(client: &Client, c: CatalogCommand, out: &mut impl Write) -> an
             table(out, &["SERVICE", "TAGS"], &rows)
         }
         CatalogCommand::Nodes(o) => {
-            let v = client.call(Method::GET, "/v1/catalog/nodes", None).await?;
-            if o.json {
-                return print_json(out, &v);
-            }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-                .iter()
-                .map(|n| {
-                    vec![
-                        text(&n["Node"]),
-                        text(&n["ID"]),
-                        text(&n["Address"]),
-                        text(&n["Datacenter"]),
-                    ]
-                })
-                .collect();
-            table(out, &["NODE", "ID", "ADDRESS", "DC"], &rows)
+            let header = ["NODE", "ID", "ADDRESS", "DC"];
+            list(client, "/v1/catalog/nodes", o, out, &header, |n| {
+                vec![
+                    text(&n["Node"]),
+                    text(&n["ID"]),
+                    text(&n["Address"]),
+                    text(&n["Datacenter"]),
+                ]
+            })
+            .await
         }
     }
 }

@@ -88,15 +88,7 @@ async fn under_a_low_hard_limit_the_connection_cap_keeps_the_agent_answering() {
         answers(&agent)
     })
     .await;
-    let metrics = agent
-        .http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     let value = |name: &str| -> f64 {
         metrics
             .lines()

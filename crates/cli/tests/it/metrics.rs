@@ -39,15 +39,7 @@ fn documented() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_metric_is_there_from_the_start_with_help() {
     let agent = Agent::dev().await;
-    let text = agent
-        .http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = agent.metrics().await;
     let names = documented();
     assert!(names.len() >= 25, "the README lists only {names:?}");
     let mut missing = Vec::new();

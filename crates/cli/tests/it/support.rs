@@ -442,6 +442,13 @@ impl Agent {
             .collect()
     }
 
+    /// What `/metrics` serves now.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.text().await.unwrap()
+    }
+
     /// `index` of `GET /api/v1/status`.
     pub async fn index(&self) -> u64 {
         let (_, v) = self.get_json("/api/v1/status").await;
