@@ -283,11 +283,17 @@ pub struct DiscoverArgs {
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     /// Services to watch; none watches every service. When the agent goes away, the watch
-    /// reconnects with backoff and resumes from the last event it printed.
+    /// reconnects with backoff and resumes from the last event it printed; only an agent
+    /// that cannot be reached at the start is an error.
     pub services: Vec<String>,
     /// Print each event's JSON instead of a summary line.
     #[arg(long)]
     pub json: bool,
+    /// Reconnect when the agent sends nothing for this long, not even the keep-alive it
+    /// sends every 15 s: the connection is dead without having been closed (a host that
+    /// went away, a network that dropped it) [at least 1s].
+    #[arg(long, value_name = "DURATION", default_value = "45s", value_parser = parse_idle_timeout)]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +367,16 @@ fn parse_json_object(s: &str) -> Result<serde_json::Value, String> {
         Ok(_) => Err("must be a JSON object, e.g. '{\"tcp\":\"127.0.0.1:5432\"}'".into()),
         Err(e) => Err(format!("is not valid JSON: {e}")),
     }
+}
+
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))?;
+    // Zero would reconnect in a busy loop. Anything under the agent's 15 s keep-alive works
+    // but reopens a quiet stream each time (harmlessly: it resumes where it was).
+    if d < Duration::from_secs(1) {
+        return Err(format!("must be at least 1s, got {s}"));
+    }
+    Ok(d)
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

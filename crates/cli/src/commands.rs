@@ -388,15 +388,18 @@ const WATCH_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(
 const WATCH_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Prints events until interrupted. A lost stream (the agent restarted, the network
-/// dropped) is reopened with capped exponential backoff and jitter, resuming after the last
-/// event printed (`Last-Event-ID`), so nothing is missed and nothing is printed twice; the
-/// agent sends a fresh snapshot when that point is too old to replay.
+/// dropped, or nothing came for `--idle-timeout`) is reopened with capped exponential backoff
+/// and jitter, resuming after the last event printed (`Last-Event-ID`), so nothing is missed
+/// and nothing is printed twice; the agent sends a fresh snapshot when that point is too old
+/// to replay. An agent that cannot be reached at the start is an error, as for every other
+/// command: more likely a wrong address than an outage.
 async fn watch(client: &Client, a: WatchArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let pairs: Vec<(&str, String)> = a.services.iter().map(|s| ("service", s.clone())).collect();
     let path = format!("/api/v1/watch{}", serde_urlencoded_pairs(&pairs));
     let mut last_id: Option<String> = None;
     let mut backoff = WATCH_BACKOFF_MIN;
     let mut lost = false;
+    let mut connected_once = false;
     loop {
         let headers: Vec<(&str, String)> = last_id
             .iter()
@@ -415,6 +418,7 @@ async fn watch(client: &Client, a: WatchArgs, out: &mut impl Write) -> anyhow::R
                     lost = false;
                 }
                 backoff = WATCH_BACKOFF_MIN;
+                connected_once = true;
                 stream_events(resp, &a, &mut last_id, out).await?
             }
             Ok(resp) => {
@@ -429,7 +433,13 @@ async fn watch(client: &Client, a: WatchArgs, out: &mut impl Write) -> anyhow::R
                 }
                 format!("the agent answered {status}")
             }
-            Err(e) => format!("{e:#}"),
+            Err(e) if !connected_once => return Err(e),
+            // The first line: the hint after it is for an agent never reached.
+            Err(e) => format!("{e:#}")
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
         };
         if !lost {
             eprintln!("muster watch: lost the agent ({why}); reconnecting");
@@ -451,10 +461,18 @@ async fn stream_events(
     let mut bytes = resp.bytes_stream();
     let mut buf = String::new();
     let mut event = SseEvent::default();
-    while let Some(chunk) = bytes.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => return Ok(format!("the stream broke: {e}")),
+    loop {
+        // Keep-alive comments count: only a connection that went silent times out.
+        let chunk = match tokio::time::timeout(a.idle_timeout, bytes.next()).await {
+            Ok(Some(Ok(c))) => c,
+            Ok(Some(Err(e))) => return Ok(format!("the stream broke: {e}")),
+            Ok(None) => return Ok("the agent closed the stream".to_string()),
+            Err(_) => {
+                return Ok(format!(
+                    "nothing came for {}",
+                    humantime::format_duration(a.idle_timeout)
+                ));
+            }
         };
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(pos) = buf.find('\n') {
@@ -478,7 +496,6 @@ async fn stream_events(
             }
         }
     }
-    Ok("the agent closed the stream".to_string())
 }
 
 #[derive(Debug, Default)]
