@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
     version,
     propagate_version = true,
     after_help = "Exit codes: 0 done; 1 an error (the agent refused, or could not be reached); \
-                  2 a usage error; 3 `discover` found no instance."
+                  2 a usage error; 3 `discover` found no instance (also with --json)."
 )]
 pub struct Cli {
     /// The agent's HTTP address: where `agent` listens and where the other commands
@@ -39,7 +39,8 @@ pub enum Command {
     Heartbeat(InstanceArgs),
     /// List services with their instance counts and tags.
     Services(OutputArgs),
-    /// Show a service's instances (healthy ones unless --health says otherwise).
+    /// Show a service's instances (healthy ones unless --health says otherwise); exits 3,
+    /// saying why, when there are none.
     Discover(DiscoverArgs),
     /// Show the health checks of a service's instances: status, last run, output.
     Checks(ChecksArgs),
@@ -275,7 +276,7 @@ pub struct DiscoverArgs {
     /// healthy (default), passing, or any.
     #[arg(long)]
     pub health: Option<String>,
-    /// Print the agent's JSON answer instead of a table.
+    /// Print the agent's JSON answer instead of a table (an empty list still exits 3).
     #[arg(long)]
     pub json: bool,
 }

@@ -239,11 +239,18 @@ async fn discover(client: &Client, a: DiscoverArgs, out: &mut impl Write) -> any
     let qs = serde_urlencoded_pairs(&query);
     let path = format!("/api/v1/services/{}{qs}", segment(&a.service));
     let v = client.call(Method::GET, &path, None).await?;
+    let none = v["instances"].as_array().is_none_or(Vec::is_empty);
     if a.json {
-        return print_json(out, &v);
+        print_json(out, &v)?;
     }
-    if v["instances"].as_array().is_none_or(Vec::is_empty) {
+    // With --json too: a script reading the JSON should not have to parse it to learn that
+    // nothing was found.
+    if none {
+        out.flush()?;
         return Err(nothing_found(client, &a).await.into());
+    }
+    if a.json {
+        return Ok(());
     }
     let rows: Vec<Vec<String>> = v["instances"]
         .as_array()

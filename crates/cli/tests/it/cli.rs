@@ -433,6 +433,11 @@ async fn discover_says_why_it_found_nothing_and_exits_3() {
         out.stderr.contains("\"nosuch\" is not registered"),
         "{out:#?}"
     );
+    // --json prints the agent's answer, and the exit code still says that nothing was found.
+    let out = muster(&agent.addr, &["discover", "nosuch", "--json"]).await;
+    assert_eq!(out.code, 3, "{out:#?}");
+    let answer: Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    assert_eq!(answer["instances"], json!([]), "{out:#?}");
 
     // Registered, but not healthy: a different reason, the same code.
     let body = json!({"address": "10.0.0.1", "port": 80, "checks": [{"ttl": "30s"}]});
