@@ -1003,3 +1003,36 @@ async fn a_per_client_tcp_cap_of_zero_is_refused_at_start() {
     assert!(err.contains("max_tcp_connections_per_client"), "{err}");
     shutdown.cancel();
 }
+
+/// The name rule across APIs: a Consul registration keeps capitals and `_` (stored
+/// lowercased), and DNS, case-insensitive as Consul's is, answers it under any spelling; a
+/// name with `.` reads as two labels, so DNS cannot reach it.
+#[tokio::test]
+async fn consul_named_services_answer_over_dns_in_any_case() {
+    let (a, dns) = agent_with_dns(config()).await;
+    for (name, id, address) in [
+        ("Web_App", "wa-1", "10.0.0.7"),
+        ("api.v2", "av-1", "10.0.0.8"),
+    ] {
+        let r = a
+            .call(
+                Method::PUT,
+                "/v1/agent/service/register",
+                Some(json!({"Name": name, "ID": id, "Address": address, "Port": 80})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{name}: {:?}", r.body);
+    }
+    for q in [
+        "web_app.service.muster.",
+        "Web_App.service.muster.",
+        "WEB_APP.service.muster.",
+    ] {
+        let m = udp(dns, q, RecordType::A).await;
+        assert_eq!(ips(&m.answers), ["10.0.0.7"], "{q}");
+    }
+    let m = udp(dns, "_web_app._tcp.service.muster.", RecordType::SRV).await;
+    assert_eq!(m.answers.len(), 1, "{m:?}");
+    let m = udp(dns, "api.v2.service.muster.", RecordType::A).await;
+    assert_eq!(rcode(&m), ResponseCode::NXDomain, "{m:?}");
+}
