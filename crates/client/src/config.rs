@@ -1,0 +1,334 @@
+//! Building a client: every setting, its default, and its validation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::balance::{BalanceConfig, Outlier, Policy};
+use crate::{Client, Error};
+
+/// Validated settings, as the client's parts use them.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    /// Base URLs, without a trailing slash.
+    pub agents: Vec<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub caller_service: Option<String>,
+    pub balance: BalanceConfig,
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub blocking_wait: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub backoff_reset: Duration,
+    pub first_sync_timeout: Duration,
+}
+
+/// Builds a [`Client`]. Only invalid settings fail; an unreachable registry never does.
+#[derive(Clone, Debug)]
+pub struct Builder {
+    agents: Vec<String>,
+    zone: Option<String>,
+    cache_dir: Option<PathBuf>,
+    caller_service: Option<String>,
+    balance: BalanceConfig,
+    request_timeout: Duration,
+    idle_timeout: Duration,
+    blocking_wait: Duration,
+    backoff_base: Duration,
+    backoff_cap: Duration,
+    backoff_reset: Duration,
+    first_sync_timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            agents: Vec::new(),
+            zone: None,
+            cache_dir: None,
+            caller_service: None,
+            balance: BalanceConfig::default(),
+            request_timeout: Duration::from_secs(10),
+            // The agent sends a keep-alive comment every 15 s: three missed ones mean the
+            // connection is dead even if TCP has not noticed.
+            idle_timeout: Duration::from_secs(45),
+            blocking_wait: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
+            backoff_reset: Duration::from_secs(120),
+            first_sync_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Builder {
+    /// The agents to talk to, in order of preference: `http://host:port` URLs or bare
+    /// `host:port`. With several, the client fails over between them.
+    pub fn agents<I, S>(mut self, agents: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.agents = agents.into_iter().map(|a| a.as_ref().to_string()).collect();
+        self
+    }
+
+    /// This process's zone: picks prefer instances in it (zone-aware routing).
+    pub fn zone(mut self, zone: impl Into<String>) -> Builder {
+        self.zone = Some(zone.into());
+        self
+    }
+
+    /// Where views are kept on disk, so a process that starts while the registry is down
+    /// still finds its peers. Created if missing.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Builder {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// The service this process is an instance of: its instances' zones tell how callers are
+    /// spread over zones, which zone-aware routing weighs against the upstreams' spread.
+    /// Without it, callers are assumed spread evenly over the upstreams' zones.
+    pub fn caller_service(mut self, service: impl Into<String>) -> Builder {
+        self.caller_service = Some(service.into());
+        self
+    }
+
+    /// The picking policy (default: P2C with peak-EWMA latency).
+    pub fn policy(mut self, policy: Policy) -> Builder {
+        self.balance.policy = policy;
+        self
+    }
+
+    /// Passive health settings.
+    pub fn outlier(mut self, outlier: Outlier) -> Builder {
+        self.balance.outlier = outlier;
+        self
+    }
+
+    /// Below this share of healthy instances, picks use all of them (default 0.5; 0 turns
+    /// panic mode off).
+    pub fn panic_threshold(mut self, share: f64) -> Builder {
+        self.balance.panic_threshold = share;
+        self
+    }
+
+    /// How long a new instance takes to reach its full share of picks (default 30 s).
+    pub fn slow_start(mut self, window: Duration) -> Builder {
+        self.balance.slow_start = window;
+        self
+    }
+
+    /// Seeds every random choice, for reproducible tests.
+    pub fn seed(mut self, seed: u64) -> Builder {
+        self.balance.seed = seed;
+        self
+    }
+
+    /// Bounds registry calls other than watches (default 10 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Builder {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// A watch silent for this long is reconnected (default 45 s; the agent sends a
+    /// keep-alive every 15 s).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Builder {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Reconnect backoff: full jitter between 0 and `base * 2^n`, at most `cap`, starting
+    /// over after a connection stayed up for `reset_after` (defaults 0.5 s, 30 s, 2 min).
+    pub fn backoff(mut self, base: Duration, cap: Duration, reset_after: Duration) -> Builder {
+        self.backoff_base = base;
+        self.backoff_cap = cap;
+        self.backoff_reset = reset_after;
+        self
+    }
+
+    /// How long [`Client::instances`] waits for a first answer before settling for the disk
+    /// copy or an error (default 5 s).
+    pub fn first_sync_timeout(mut self, timeout: Duration) -> Builder {
+        self.first_sync_timeout = timeout;
+        self
+    }
+
+    /// Validates the settings and builds the client. Must run inside a tokio runtime, where
+    /// the client's background tasks will live. Does not contact any agent.
+    pub fn build(self) -> Result<Client, Error> {
+        let settings = self.validate()?;
+        Client::from_settings(settings)
+    }
+
+    fn validate(self) -> Result<Settings, Error> {
+        if self.agents.is_empty() {
+            return Err(Error::invalid(
+                "agents",
+                "no agent given; pass at least one, e.g. \"http://127.0.0.1:8500\"",
+            ));
+        }
+        let agents = self
+            .agents
+            .iter()
+            .map(|a| agent_base(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(zone) = &self.zone {
+            if zone.is_empty() || zone.len() > 255 || zone.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    "zone",
+                    format!("{zone:?} is not a zone name (1 to 255 printable characters)"),
+                ));
+            }
+        }
+        let b = &self.balance;
+        if !(0.0..=1.0).contains(&b.panic_threshold) {
+            return Err(Error::invalid(
+                "panic_threshold",
+                format!("{} is not a share between 0 and 1", b.panic_threshold),
+            ));
+        }
+        let o = &b.outlier;
+        if o.consecutive_failures == 0 {
+            return Err(Error::invalid(
+                "outlier.consecutive_failures",
+                "must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&o.max_ejected_share) {
+            return Err(Error::invalid(
+                "outlier.max_ejected_share",
+                format!("{} is not a share between 0 and 1", o.max_ejected_share),
+            ));
+        }
+        if o.max_ejection < o.base_ejection {
+            return Err(Error::invalid(
+                "outlier.max_ejection",
+                "must not be shorter than outlier.base_ejection",
+            ));
+        }
+        if let Policy::PeakEwma { decay, .. } = b.policy {
+            if decay.is_zero() {
+                return Err(Error::invalid(
+                    "policy",
+                    "PeakEwma decay must be above zero",
+                ));
+            }
+        }
+        for (setting, d) in [
+            ("request_timeout", self.request_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("backoff.base", self.backoff_base),
+            ("backoff.cap", self.backoff_cap),
+        ] {
+            if d.is_zero() {
+                return Err(Error::invalid(setting, "must be above zero"));
+            }
+        }
+        if self.backoff_cap < self.backoff_base {
+            return Err(Error::invalid(
+                "backoff.cap",
+                "must not be below backoff.base",
+            ));
+        }
+        let mut balance = self.balance;
+        balance.zone = self.zone;
+        Ok(Settings {
+            agents,
+            cache_dir: self.cache_dir,
+            caller_service: self.caller_service,
+            balance,
+            request_timeout: self.request_timeout,
+            idle_timeout: self.idle_timeout,
+            blocking_wait: Duration::from_secs(60).min(self.blocking_wait),
+            backoff_base: self.backoff_base,
+            backoff_cap: self.backoff_cap,
+            backoff_reset: self.backoff_reset,
+            first_sync_timeout: self.first_sync_timeout,
+        })
+    }
+}
+
+/// `host:port` or an `http(s)://` URL, as a base URL without a trailing slash.
+fn agent_base(agent: &str) -> Result<String, Error> {
+    let with_scheme = if agent.contains("://") {
+        agent.to_string()
+    } else {
+        format!("http://{agent}")
+    };
+    let url = reqwest::Url::parse(&with_scheme)
+        .map_err(|e| Error::invalid("agents", format!("{agent:?} is not an agent address: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Error::invalid(
+            "agents",
+            format!("{agent:?}: the scheme must be http or https"),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::invalid("agents", format!("{agent:?} names no host")));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(Error::invalid(
+            "agents",
+            format!("{agent:?}: an agent address takes no query or fragment"),
+        ));
+    }
+    Ok(with_scheme.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting_of(b: Builder) -> &'static str {
+        match b.validate() {
+            Err(Error::InvalidSetting { setting, .. }) => setting,
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_settings_name_the_setting() {
+        let b = || Builder::default().agents(["127.0.0.1:8500"]);
+        assert_eq!(setting_of(Builder::default()), "agents");
+        assert_eq!(setting_of(Builder::default().agents(["ftp://x"])), "agents");
+        assert_eq!(setting_of(Builder::default().agents(["http://"])), "agents");
+        assert_eq!(setting_of(b().zone("")), "zone");
+        assert_eq!(setting_of(b().panic_threshold(1.5)), "panic_threshold");
+        assert_eq!(
+            setting_of(b().backoff(
+                Duration::from_secs(2),
+                Duration::from_secs(1),
+                Duration::from_secs(1)
+            )),
+            "backoff.cap"
+        );
+        assert_eq!(
+            setting_of(b().outlier(Outlier {
+                consecutive_failures: 0,
+                ..Outlier::default()
+            })),
+            "outlier.consecutive_failures"
+        );
+    }
+
+    #[test]
+    fn agent_addresses_become_base_urls() {
+        let s = Builder::default()
+            .agents([
+                "127.0.0.1:8500",
+                "http://a.example:1/",
+                "https://[::1]:8501",
+            ])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            s.agents,
+            [
+                "http://127.0.0.1:8500",
+                "http://a.example:1",
+                "https://[::1]:8501"
+            ]
+        );
+    }
+}

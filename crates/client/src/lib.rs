@@ -1,0 +1,163 @@
+//! muster-client: client-side discovery for muster.
+//!
+//! A [`Client`] keeps a live view of each service it is asked about: pushed by the agent's
+//! watch stream, kept through agent outages (and across restarts, with a cache directory),
+//! and picked from without waiting, by a policy that learns from the outcomes it is told.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), muster_client::Error> {
+//! use muster_client::{Client, Outcome, PickReq};
+//!
+//! let client = Client::builder().agents(["127.0.0.1:8500"]).zone("eu-1a").build()?;
+//! let picked = client.pick("payments", &PickReq::default())?;
+//! println!("calling {}", picked.authority());
+//! picked.record(Outcome::Success);
+//! # Ok(()) }
+//! ```
+//!
+//! Layout:
+//! - [`config`]: the builder, its settings and their validation.
+//! - `agents`: HTTP calls to the agents, failing over between them.
+//! - `view`: one service's live view: the watch, its fallbacks, and publishing snapshots.
+//! - `cache`: the views' copies on disk.
+//! - `sse`: parsing the agent's event stream.
+//! - `backoff`, `rng`: reconnect delays with full jitter; a seeded generator.
+//! - [`balance`]: picking: policies, zone-aware routing, passive health, slow start.
+//! - [`register`]: keeping this process registered.
+//! - [`tower`]: a tower `Discover` stream and a load-balancing, retrying `Service`.
+//! - [`metric`]: the metric names.
+
+mod agents;
+mod backoff;
+pub mod balance;
+mod cache;
+pub mod config;
+mod error;
+mod instance;
+pub mod metric;
+pub mod register;
+mod rng;
+mod sse;
+pub mod tower;
+mod view;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+pub use balance::{Balancer, Outcome, Outlier, PickReq, Picked, Policy};
+pub use config::Builder;
+pub use error::Error;
+pub use instance::{Health, Instance, Snapshot, Source};
+pub use register::{Registered, Registration};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+pub use view::View;
+
+use crate::agents::Agents;
+use crate::config::Settings;
+
+/// A handle to the registry: cheap to clone, shared by everything in a process that
+/// discovers or registers. Its background tasks end when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: Settings,
+    agents: Arc<Agents>,
+    views: RwLock<HashMap<String, View>>,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+    _stop_tasks: DropGuard,
+}
+
+impl Client {
+    /// Starts building a client.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn from_settings(settings: Settings) -> Result<Client, Error> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let agents = Arc::new(Agents::new(
+            settings.agents.clone(),
+            settings.request_timeout,
+        ));
+        let shutdown = CancellationToken::new();
+        Ok(Client {
+            inner: Arc::new(Inner {
+                settings,
+                agents,
+                views: RwLock::new(HashMap::new()),
+                runtime,
+                _stop_tasks: shutdown.clone().drop_guard(),
+                shutdown,
+            }),
+        })
+    }
+
+    /// The live view of `service`, started on first use: its disk copy (if any) is loaded
+    /// before this returns, and the watch starts in the background.
+    pub fn view(&self, service: &str) -> Result<View, Error> {
+        if let Some(v) = self.read_views().get(service) {
+            return Ok(v.clone());
+        }
+        muster_core::ServiceName::parse_lookup(service)
+            .map_err(|e| Error::invalid("service", e.to_string()))?;
+        let mut views = self.inner.views.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = views.get(service) {
+            return Ok(v.clone());
+        }
+        let view = View::start(
+            service,
+            &self.inner.settings,
+            self.inner.agents.clone(),
+            &self.inner.runtime,
+            self.inner.shutdown.child_token(),
+        );
+        views.insert(service.to_string(), view.clone());
+        Ok(view)
+    }
+
+    fn read_views(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, View>> {
+        self.inner.views.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The instances of `service`: live once an agent has answered; while none answers
+    /// (up to the first-sync timeout), the disk copy if there is one.
+    pub async fn instances(&self, service: &str) -> Result<Arc<Snapshot>, Error> {
+        self.view(service)?.first_sync().await
+    }
+
+    /// A receiver that sees every new snapshot of `service`.
+    pub fn watch(&self, service: &str) -> Result<watch::Receiver<Arc<Snapshot>>, Error> {
+        Ok(self.view(service)?.watch())
+    }
+
+    /// Picks an instance of `service`, at once. The first call for a service starts its
+    /// view, so it finds only what the disk copy holds; keep a [`View`] to skip the lookup.
+    pub fn pick(&self, service: &str, req: &PickReq) -> Result<Picked, Error> {
+        if let Some(v) = self.read_views().get(service) {
+            return v.pick(req);
+        }
+        self.view(service)?.pick(req)
+    }
+
+    /// Registers an instance and keeps it registered until the handle is dropped or
+    /// [`Registered::deregister`] is called.
+    pub async fn register(&self, registration: Registration) -> Result<Registered, Error> {
+        register::start(
+            registration,
+            self.inner.agents.clone(),
+            &self.inner.runtime,
+            self.inner.shutdown.child_token(),
+        )
+        .await
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+}

@@ -1,0 +1,1 @@
+//! Parsing the agent's server-sent-events stream.

@@ -1,0 +1,4 @@
+//! muster-client against real agents on port 0.
+
+mod support;
+mod view;
