@@ -21,6 +21,8 @@ pub(crate) struct Settings {
     pub backoff_cap: Duration,
     pub backoff_reset: Duration,
     pub first_sync_timeout: Duration,
+    /// The user seeded the client: views use the seed as given, not mixed per process.
+    pub seeded: bool,
 }
 
 /// Builds a [`Client`]. Only invalid settings fail; an unreachable registry never does.
@@ -38,6 +40,7 @@ pub struct Builder {
     backoff_cap: Duration,
     backoff_reset: Duration,
     first_sync_timeout: Duration,
+    seeded: bool,
 }
 
 impl Default for Builder {
@@ -57,6 +60,7 @@ impl Default for Builder {
             backoff_cap: Duration::from_secs(30),
             backoff_reset: Duration::from_secs(120),
             first_sync_timeout: Duration::from_secs(5),
+            seeded: false,
         }
     }
 }
@@ -122,6 +126,7 @@ impl Builder {
     /// Seeds every random choice, for reproducible tests.
     pub fn seed(mut self, seed: u64) -> Builder {
         self.balance.seed = seed;
+        self.seeded = true;
         self
     }
 
@@ -159,6 +164,12 @@ impl Builder {
     pub fn build(self) -> Result<Client, Error> {
         let settings = self.validate()?;
         Client::from_settings(settings)
+    }
+
+    /// The validated settings, for unit tests elsewhere in the crate.
+    #[cfg(test)]
+    pub(crate) fn settings_for_tests(self) -> Settings {
+        self.validate().expect("valid test settings")
     }
 
     fn validate(self) -> Result<Settings, Error> {
@@ -245,6 +256,7 @@ impl Builder {
             backoff_cap: self.backoff_cap,
             backoff_reset: self.backoff_reset,
             first_sync_timeout: self.first_sync_timeout,
+            seeded: self.seeded,
         })
     }
 }

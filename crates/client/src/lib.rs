@@ -51,7 +51,7 @@ pub use instance::{Health, Instance, Snapshot, Source};
 pub use register::{Registered, Registration};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
-pub use view::View;
+pub use view::{SyncState, View};
 
 use crate::agents::Agents;
 use crate::config::Settings;
@@ -68,6 +68,9 @@ struct Inner {
     settings: Settings,
     agents: Arc<Agents>,
     views: RwLock<HashMap<String, View>>,
+    /// How the caller service's healthy instances are spread over zones (empty without
+    /// `caller_service`), handed to every balancer.
+    caller_zones: RwLock<Vec<(String, usize)>>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
     _stop_tasks: DropGuard,
@@ -86,16 +89,51 @@ impl Client {
             settings.request_timeout,
         ));
         let shutdown = CancellationToken::new();
-        Ok(Client {
+        let client = Client {
             inner: Arc::new(Inner {
                 settings,
                 agents,
                 views: RwLock::new(HashMap::new()),
+                caller_zones: RwLock::new(Vec::new()),
                 runtime,
                 _stop_tasks: shutdown.clone().drop_guard(),
                 shutdown,
             }),
-        })
+        };
+        if let Some(caller) = client.inner.settings.caller_service.clone() {
+            client.follow_caller_zones(&caller)?;
+        }
+        Ok(client)
+    }
+
+    /// Keeps every balancer told how the callers (this process's own service) are spread
+    /// over zones. The task holds the client weakly, so dropping the client still ends it.
+    fn follow_caller_zones(&self, caller: &str) -> Result<(), Error> {
+        let view = self.view(caller).map_err(|_| {
+            Error::invalid(
+                "caller_service",
+                format!("{caller:?} is not a service name"),
+            )
+        })?;
+        let weak = Arc::downgrade(&self.inner);
+        let apply = move |zones: &[(String, usize)]| {
+            let Some(inner) = weak.upgrade() else { return };
+            // Released before the views are read: `view` takes the locks the other way round.
+            *inner
+                .caller_zones
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = zones.to_vec();
+            let views = inner.views.read().unwrap_or_else(|e| e.into_inner());
+            for v in views.values() {
+                v.balancer().set_caller_zones(zones);
+            }
+        };
+        self.inner.runtime.spawn(view::follow_caller_zones(
+            view,
+            self.inner.shutdown.child_token(),
+            apply,
+        ));
+        Ok(())
     }
 
     /// The live view of `service`, started on first use: its disk copy (if any) is loaded
@@ -117,6 +155,15 @@ impl Client {
             &self.inner.runtime,
             self.inner.shutdown.child_token(),
         );
+        let zones = self
+            .inner
+            .caller_zones
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if !zones.is_empty() {
+            view.balancer().set_caller_zones(&zones);
+        }
+        drop(zones);
         views.insert(service.to_string(), view.clone());
         Ok(view)
     }
