@@ -1,4 +1,5 @@
 //! muster-client against real agents on port 0.
 
+mod cache;
 mod support;
 mod view;

@@ -91,6 +91,14 @@ impl TestAgent {
         self.serve(listener).await;
     }
 
+    /// Stops the agent and starts it again on the same port with an empty store: an agent
+    /// that lost its data, whose index starts over.
+    pub async fn restart_wiped(&mut self) {
+        self.stop().await;
+        self.store = Arc::new(MemoryStore::new());
+        self.restart().await;
+    }
+
     /// Registers `service/id` on `port` with `extra` fields (zone, weight, ttl...).
     pub async fn register(&self, service: &str, id: &str, port: u16, extra: Value) {
         let mut body = json!({"address": "127.0.0.1", "port": port});
