@@ -52,6 +52,18 @@ impl Backoff {
         }
     }
 
+    /// A working connection was lost: the next delay is drawn from a window of at least
+    /// `window` (bounded by the cap). Every client of an agent loses its connection in the
+    /// same instant when the agent restarts; drawn from the base window they would all come
+    /// back within a second or two of it returning, while a window of several seconds
+    /// spreads them out (a short restart otherwise puts most of them in one second).
+    pub fn lost_connection(&mut self, window: Duration) {
+        let window = window.min(self.cap);
+        while self.failures < 31 && self.base.saturating_mul(1 << self.failures) < window {
+            self.failures += 1;
+        }
+    }
+
     /// Forgets the failures (an answer arrived).
     pub fn reset(&mut self) {
         self.failures = 0;
@@ -92,6 +104,73 @@ mod tests {
         for (i, n) in buckets.iter().enumerate() {
             assert!((800..1200).contains(n), "bucket {i} holds {n} of 10000");
         }
+    }
+
+    #[test]
+    fn a_lost_connection_starts_from_the_reconnect_window() {
+        let base = Duration::from_millis(500);
+        let window = Duration::from_secs(8);
+        let mut b = Backoff::new(base, Duration::from_secs(30), Duration::from_secs(120), 3);
+        b.lost_connection(window);
+        assert_eq!(b.failures(), 4, "0.5 s * 2^4 = 8 s");
+        // Already past it (a flapping connection): the sequence is not shortened.
+        for _ in 0..3 {
+            b.next_delay();
+        }
+        b.lost_connection(window);
+        assert_eq!(b.failures(), 7);
+        // Bounded by the cap.
+        let mut small = Backoff::new(base, Duration::from_secs(1), Duration::from_secs(120), 3);
+        small.lost_connection(window);
+        assert_eq!(small.failures(), 1);
+    }
+
+    /// A thousand clients lose their agent at t=0; it is back after `down`. Each waits, tries
+    /// (failing while the agent is down) and waits again, as a view does. Returns the largest
+    /// share of the successful reconnects that fall in any one second.
+    fn herd(down: Duration, window: Duration) -> f64 {
+        let mut times: Vec<Duration> = (0..1000u64)
+            .map(|client| {
+                let mut b = Backoff::new(
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                    Duration::from_secs(120),
+                    crate::rng::mix(client),
+                );
+                b.lost_connection(window);
+                let mut t = Duration::ZERO;
+                loop {
+                    t += b.next_delay();
+                    if t >= down {
+                        return t;
+                    }
+                }
+            })
+            .collect();
+        times.sort();
+        let (mut best, mut start) = (0, 0);
+        for end in 0..times.len() {
+            while times[end] - times[start] >= Duration::from_secs(1) {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best as f64 / 1000.0
+    }
+
+    #[test]
+    fn a_thousand_clients_back_after_a_restart_never_put_a_fifth_in_one_second() {
+        for down_ms in [300, 500, 2_000, 5_000, 10_000, 20_000] {
+            let down = Duration::from_millis(down_ms);
+            let share = herd(down, Duration::from_secs(8));
+            assert!(
+                share <= 0.20,
+                "agent down {down:?}: {share:.3} in one second"
+            );
+        }
+        // Without the window, full jitter from the 0.5 s base bunches them after a short
+        // restart: the reason the window exists.
+        assert!(herd(Duration::from_millis(500), Duration::ZERO) > 0.5);
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,6 +20,7 @@ pub(crate) struct Settings {
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub backoff_reset: Duration,
+    pub reconnect_window: Duration,
     pub first_sync_timeout: Duration,
     /// The user seeded the client: views use the seed as given, not mixed per process.
     pub seeded: bool,
@@ -39,6 +40,7 @@ pub struct Builder {
     backoff_base: Duration,
     backoff_cap: Duration,
     backoff_reset: Duration,
+    reconnect_window: Duration,
     first_sync_timeout: Duration,
     seeded: bool,
 }
@@ -59,6 +61,9 @@ impl Default for Builder {
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(30),
             backoff_reset: Duration::from_secs(120),
+            // Long enough that 1,000 views losing a restarting agent together come back
+            // at most a fifth in any second, whatever the restart's length (see backoff.rs).
+            reconnect_window: Duration::from_secs(8),
             first_sync_timeout: Duration::from_secs(5),
             seeded: false,
         }
@@ -149,6 +154,15 @@ impl Builder {
         self.backoff_base = base;
         self.backoff_cap = cap;
         self.backoff_reset = reset_after;
+        self
+    }
+
+    /// After a working watch is lost (the agent restarted, a proxy cut it), the reconnect
+    /// is spread over at least this window (default 8 s, at most the backoff cap), so the
+    /// clients of a restarted agent do not return together. The view keeps serving picks
+    /// from its last instances meanwhile. Zero: start from the backoff base.
+    pub fn reconnect_window(mut self, window: Duration) -> Builder {
+        self.reconnect_window = window;
         self
     }
 
@@ -255,6 +269,7 @@ impl Builder {
             backoff_base: self.backoff_base,
             backoff_cap: self.backoff_cap,
             backoff_reset: self.backoff_reset,
+            reconnect_window: self.reconnect_window,
             first_sync_timeout: self.first_sync_timeout,
             seeded: self.seeded,
         })

@@ -351,6 +351,7 @@ impl Sync {
                 }
                 Ended::StreamLost { connected, why } => {
                     self.backoff.connection_ended(connected);
+                    self.backoff.lost_connection(self.settings.reconnect_window);
                     self.failed(None);
                     let delay = self.backoff.next_delay();
                     tracing::info!(service, agent = %base, reason = %why, delay = ?delay, "watch stream ended; reconnecting");
