@@ -18,6 +18,10 @@
 //! Every line of the header is checked on load, so a file from another service, another
 //! program or a future format, or one cut short by a crash, is recognised and ignored.
 
+// The write time on disk and a stale view's `since` are wall-clock times for people and
+// across processes, read at this edge only; every delay and timeout uses tokio's clock.
+#![allow(clippy::disallowed_types)]
+
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};

@@ -8,6 +8,10 @@
 //! last instances (marked stale), fail over to the next agent, and wait a jittered,
 //! growing delay, so clients that lost the same agent come back spread out.
 
+// The write time on disk and a stale view's `since` are wall-clock times for people and
+// across processes, read at this edge only; every delay and timeout uses tokio's clock.
+#![allow(clippy::disallowed_types)]
+
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;

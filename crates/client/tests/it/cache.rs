@@ -11,8 +11,8 @@ const WITHIN: Duration = Duration::from_secs(10);
 
 /// An address nothing listens on.
 fn dead_agent() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("http://{}", l.local_addr().expect("local address"))
 }
 
 /// Runs a client against `agent` with `dir` until the view file holds `instances`.
@@ -21,8 +21,8 @@ async fn fill_cache(agent: &TestAgent, dir: &std::path::Path, instances: usize) 
         .agents([agent.url()])
         .cache_dir(dir)
         .build()
-        .unwrap();
-    let view = client.view("web").unwrap();
+        .expect("client");
+    let view = client.view("web").expect("view");
     eventually(WITHIN, "the view synced", || {
         view.snapshot().instances.len() == instances
     })

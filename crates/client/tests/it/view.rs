@@ -219,7 +219,7 @@ async fn without_stream(agent: String) -> String {
             Ok(r) => r,
             Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
         };
-        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).expect("status");
         let mut headers = HeaderMap::new();
         for (k, v) in resp.headers() {
             if k.as_str().starts_with("x-muster") || k.as_str() == "content-type" {
@@ -233,8 +233,10 @@ async fn without_stream(agent: String) -> String {
         .route("/api/v1/watch", get(|| async { StatusCode::NOT_FOUND }))
         .fallback(forward)
         .with_state(agent);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local address");
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
 }
