@@ -1,4 +1,5 @@
 //! muster-client against real agents on port 0.
 
+mod register;
 mod support;
 mod view;
