@@ -2,4 +2,5 @@
 
 mod register;
 mod support;
+mod tower;
 mod view;
