@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -248,13 +248,13 @@ pub(crate) async fn start(
         service: registration.service.clone(),
         ttl: registration.ttl,
         agents,
-        // Jitter is there to keep instances apart, so it is seeded per process and
-        // instance, not with the client's (reproducible) seed.
-        rng: Rng::new(mix(u64::from(std::process::id())
-            ^ u64::from(registration.port) << 32
-            ^ SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64))),
+        // Jitter is there to keep instances apart, so it is seeded per process (the std
+        // hasher's keys are random per process) and instance, not with the client's
+        // reproducible seed.
+        rng: Rng::new(mix(std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            (std::process::id(), registration.port),
+        ))),
     };
     let registered_at = keeper.register().await?;
     tracing::info!(service = %keeper.service, %id, "registered");

@@ -428,13 +428,13 @@ fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
     let mut next = Some(e);
     while let Some(e) = next {
-        if let Some(r) = e.downcast_ref::<reqwest::Error>() {
-            if r.is_connect() {
-                return true;
-            }
+        if let Some(r) = e.downcast_ref::<reqwest::Error>()
+            && r.is_connect()
+        {
+            return true;
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
                 io.kind(),
                 ConnectionRefused
                     | ConnectionReset
@@ -443,9 +443,9 @@ fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
                     | AddrNotAvailable
                     | HostUnreachable
                     | NetworkUnreachable
-            ) {
-                return true;
-            }
+            )
+        {
+            return true;
         }
         next = e.source();
     }

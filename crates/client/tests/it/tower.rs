@@ -176,6 +176,8 @@ async fn requests_go_to_the_views_instances_with_path_and_query_kept() {
     assert_eq!(a.hits(), before);
 }
 
+// Spreading is the balancer's policy at work (client-balance); the skeleton's `pick` always
+// takes the first healthy instance, so this holds only once the policies are in.
 #[tokio::test]
 async fn requests_are_spread_over_the_upstreams() {
     let agent = TestAgent::start().await;
