@@ -4,36 +4,34 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use muster_client::{Registered, Registration};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use reqwest::Method;
 use tokio::process::Command;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::args::RunArgs;
-use crate::client::Client;
-use crate::commands::instance_path;
 
-/// Registers, starts the command, heartbeats, and deregisters when it ends.
+/// Registers, starts the command, keeps it registered (muster-client's registration
+/// handle heartbeats and registers again when the agent forgot it), and deregisters when it
+/// ends.
 pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(addr);
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let id = args.id.clone().unwrap_or_else(|| {
-        let host: String = host
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        format!("{}-{host}-{}", args.service, args.instance.port)
-    });
-    let path = instance_path(&args.service, &id);
-    let mut body = args.instance.body();
-    body["ttl"] = serde_json::json!(humantime::format_duration(args.ttl).to_string());
+    // The handle reports heartbeat trouble and re-registrations through tracing.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("muster_client=info")),
+        )
+        .try_init();
+    let client = muster_client::Client::builder()
+        .agents([addr])
+        // Past the TTL a call is worthless: the instance lapsed meanwhile.
+        .request_timeout(args.ttl)
+        .build()?;
+    let registration = registration(&args);
 
     // Listen for TERM and INT before the child exists, so a signal that arrives while
     // registering still reaches the child instead of orphaning it.
@@ -43,52 +41,32 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
         .args(&args.command[1..])
         .spawn()
         .with_context(|| format!("cannot start {:?}", args.command[0]))?;
-    let registered = tokio::select! {
-        r = bounded(args.ttl, client.call(Method::PUT, &path, Some(&body))) => r.map(|_| ()),
+    let registered: anyhow::Result<Registered> = tokio::select! {
+        r = bounded(args.ttl, async { Ok(client.register(registration).await?) }) => r,
         _ = term.recv() => Err(anyhow::anyhow!("interrupted by TERM")),
         _ = int.recv() => Err(anyhow::anyhow!("interrupted by INT")),
     };
-    if let Err(e) = registered {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        return Err(e.context("registration failed; the command was stopped"));
-    }
-    eprintln!("muster: registered {}/{id}", args.service);
-
-    let heartbeat_path = format!("{path}/heartbeat");
-    let period = args.ttl / 3;
-    let mut next = tokio::time::Instant::now() + jittered(period);
-    let outcome = loop {
-        tokio::select! {
-            status = child.wait() => break Outcome::Exited(status?),
-            _ = term.recv() => break Outcome::Signal(Signal::SIGTERM),
-            _ = int.recv() => break Outcome::Signal(Signal::SIGINT),
-            () = tokio::time::sleep_until(next) => {
-                next = tokio::time::Instant::now() + jittered(period);
-                // A heartbeat later than the period is worthless; bounding the calls keeps an
-                // agent that stopped answering from blocking child exits and signals.
-                let beat = client.send(Method::PUT, &heartbeat_path, None);
-                match bounded(period, beat).await {
-                    Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
-                        // The agent forgot us (evicted, or a wiped agent): register again.
-                        let again = client.call(Method::PUT, &path, Some(&body));
-                        if let Err(e) = bounded(period, again).await {
-                            eprintln!("muster: re-registration failed: {e:#}");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => eprintln!("muster: heartbeat failed: {e:#}"),
-                }
-            }
+    let registered = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e.context("registration failed; the command was stopped"));
         }
     };
+    let name = format!("{}/{}", registered.service(), registered.id());
+    eprintln!("muster: registered {name}");
 
-    // Past the TTL the instance lapses anyway; do not wait longer for the agent.
-    let deregister = client.call(Method::DELETE, &path, None);
-    if let Err(e) = bounded(args.ttl, deregister).await {
-        eprintln!("muster: deregistration failed: {e:#}");
-    } else {
-        eprintln!("muster: deregistered {}/{id}", args.service);
+    let outcome = tokio::select! {
+        status = child.wait() => Outcome::Exited(status?),
+        _ = term.recv() => Outcome::Signal(Signal::SIGTERM),
+        _ = int.recv() => Outcome::Signal(Signal::SIGINT),
+    };
+
+    // Bounded by the TTL inside the handle: past it the instance lapses anyway.
+    match registered.deregister().await {
+        Ok(()) => eprintln!("muster: deregistered {name}"),
+        Err(e) => eprintln!("muster: deregistration failed: {e}"),
     }
     match outcome {
         Outcome::Exited(status) => Ok(exit_code(status)),
@@ -108,6 +86,17 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The instance `muster run` keeps registered.
+fn registration(args: &RunArgs) -> Registration {
+    let i = &args.instance;
+    let mut r = Registration::new(&args.service, &i.address, i.port).ttl(args.ttl);
+    r.id = args.id.clone();
+    r.tags = i.tags.clone();
+    r.meta = i.meta.iter().cloned().collect();
+    r.zone = i.zone.clone();
+    r
+}
+
 /// `call`, failing if it takes longer than `limit`.
 async fn bounded<T>(
     limit: Duration,
@@ -121,13 +110,6 @@ async fn bounded<T>(
 enum Outcome {
     Exited(std::process::ExitStatus),
     Signal(Signal),
-}
-
-/// A period with up to ±10% jitter, so many instances do not heartbeat in lockstep.
-fn jittered(period: Duration) -> Duration {
-    let spread = period.as_millis() as u64 / 5;
-    period.saturating_sub(Duration::from_millis(spread / 2))
-        + Duration::from_millis(fastrand::u64(0..=spread))
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {

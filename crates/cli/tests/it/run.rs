@@ -138,6 +138,27 @@ async fn sigterm_to_run_deregisters_and_stops_the_command() {
     .await;
 }
 
+#[tokio::test]
+async fn run_registers_again_when_the_agent_forgot_the_instance() {
+    let agent = Agent::dev().await;
+    let run = spawn_run(&agent, "3s", &["sleep", "30"]);
+    let inst = registered_echo(&agent, &run).await;
+    let id = inst["id"].as_str().unwrap().to_string();
+    let (status, _) = agent
+        .send_json(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/services/echo/instances/{id}"),
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    assert!(agent.instances("echo", Some("any")).await.is_empty());
+
+    // The next heartbeat (within about a second) gets a 404 and registers again.
+    let back = registered_echo(&agent, &run).await;
+    assert_eq!(back["id"], id.as_str());
+}
+
 /// A stand-in agent that accepts the registration and then never answers anything else,
 /// like an agent behind a network that drops packets. Returns its address and the request
 /// lines it received.

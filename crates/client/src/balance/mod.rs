@@ -267,3 +267,24 @@ impl Picked {
         let _ = outcome;
     }
 }
+
+impl Balancer {
+    /// Picks an endpoint other than those whose instance id is in `avoid` (a retry after
+    /// they failed): `NoEndpoints` when no other is available.
+    pub fn pick_avoiding(&self, _req: &PickReq, avoid: &[&str]) -> Result<Picked, Error> {
+        let set = self.set.load();
+        let Some(e) = set
+            .endpoints
+            .iter()
+            .find(|e| e.instance.is_healthy() && !avoid.contains(&e.instance.id.as_str()))
+        else {
+            return Err(Error::NoEndpoints {
+                service: self.service.clone(),
+            });
+        };
+        Ok(Picked {
+            endpoint: Arc::clone(e),
+            start: Instant::now(),
+        })
+    }
+}

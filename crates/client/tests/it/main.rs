@@ -1,5 +1,7 @@
 //! muster-client against real agents on port 0.
 
 mod cache;
+mod register;
 mod support;
+mod tower;
 mod view;
