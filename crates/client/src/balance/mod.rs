@@ -4,17 +4,68 @@
 //! `pick` loads it, chooses, and returns a [`Picked`] guard without locking or allocating.
 //! Per-endpoint counters (requests in flight, latency estimate, consecutive failures,
 //! ejection) are atomics that outlive set rebuilds for endpoints that stay.
+//!
+//! Layout:
+//! - `endpoint`: an endpoint and its counters (latency estimate, slow start).
+//! - `set`: the immutable set a pick reads, built on every update, ejection and return.
+//! - `zone`: the zone plan (Envoy's zone-aware routing).
+//! - `policy`: choosing within the set by policy, and the lock-free seeded generator.
+//! - `ring`: the consistent-hash ring.
+//! - `outlier`: ejection lengths and the cap on how many are out.
 
-use std::sync::Arc;
+mod endpoint;
+mod outlier;
+mod policy;
+mod ring;
+mod set;
+mod zone;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use metrics::Counter;
 use tokio::time::Instant;
 
+use self::endpoint::Counters;
+pub use self::endpoint::Endpoint;
+use self::policy::{Chooser, SharedRng};
+use self::ring::Ring;
+use self::set::{Inputs, Set};
 use crate::Error;
 use crate::instance::Instance;
+use crate::metric;
 
 /// How to choose among healthy endpoints.
+///
+/// ```
+/// use std::time::Duration;
+/// use muster_client::balance::{BalanceConfig, Balancer};
+/// use muster_client::{Health, Instance, PickReq, Policy};
+///
+/// let instance = |id: &str| Instance {
+///     service: "carts".into(), id: id.into(), address: "10.0.0.2".into(), port: 9000,
+///     tags: vec![], meta: Default::default(), zone: None, weight: 1,
+///     health: Health::Passing, modify_index: 1,
+/// };
+/// // Sticky sessions: the same cart id lands on the same instance while it is healthy.
+/// let config = BalanceConfig { policy: Policy::ConsistentHash, ..BalanceConfig::default() };
+/// let balancer = Balancer::new("carts", config);
+/// balancer.update(&[instance("a"), instance("b"), instance("c")]);
+/// let first = balancer.pick(&PickReq::key(b"cart-42"))?.instance().id.clone();
+/// let again = balancer.pick(&PickReq::key(b"cart-42"))?.instance().id.clone();
+/// assert_eq!(first, again);
+///
+/// // The default: P2C over peak-EWMA latency, decaying over 10 s.
+/// assert_eq!(
+///     Policy::default(),
+///     Policy::PeakEwma { decay: Duration::from_secs(10), default_rtt: Duration::from_millis(1) },
+/// );
+/// # Ok::<(), muster_client::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Policy {
@@ -145,68 +196,169 @@ pub enum Outcome {
     Failure,
 }
 
-/// One endpoint and its counters.
-#[derive(Debug)]
-pub struct Endpoint {
-    instance: Instance,
-    authority: String,
+/// What the balancer knows about one endpoint, for diagnostics and tests.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct EndpointStats {
+    /// The instance id.
+    pub id: String,
+    /// Requests picked and not yet reported or dropped.
+    pub in_flight: u32,
+    /// The peak-EWMA latency estimate, once measured.
+    pub latency: Option<Duration>,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Whether passive health has it out now.
+    pub ejected: bool,
+    /// Whether a pick may choose it now (healthy and in, or anything in panic mode).
+    pub usable: bool,
 }
 
-impl Endpoint {
-    /// The instance.
-    pub fn instance(&self) -> &Instance {
-        &self.instance
-    }
-
-    /// `address:port`.
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-}
-
-/// The endpoints of one service at one moment.
-#[derive(Debug, Default)]
-struct Set {
-    endpoints: Vec<Arc<Endpoint>>,
-}
-
-/// Picks endpoints of one service.
-#[derive(Debug)]
+/// Picks endpoints of one service: synchronously, without waiting or allocating, by the
+/// configured [`Policy`], with zone-aware routing, panic mode, passive health (ejection after
+/// consecutive failures) and slow start for endpoints that join later.
+///
+/// ```
+/// use muster_client::balance::{BalanceConfig, Balancer};
+/// use muster_client::{Health, Instance, Outcome, PickReq};
+///
+/// let instance = |id: &str, port| Instance {
+///     service: "payments".into(), id: id.into(), address: "10.0.0.1".into(), port,
+///     tags: vec![], meta: Default::default(), zone: None, weight: 1,
+///     health: Health::Passing, modify_index: 1,
+/// };
+/// let balancer = Balancer::new("payments", BalanceConfig::default());
+/// balancer.update(&[instance("a", 8080), instance("b", 8081)]);
+///
+/// let picked = balancer.pick(&PickReq::default())?;
+/// assert!(picked.authority().starts_with("10.0.0.1:808"));
+/// // ... send the request, then say how it went: it feeds latency and passive health.
+/// picked.record(Outcome::Success);
+/// # Ok::<(), muster_client::Error>(())
+/// ```
 pub struct Balancer {
+    shared: Arc<Shared>,
+}
+
+/// Everything pickers and outcomes share; `Picked` holds it so that outcomes can eject.
+struct Shared {
     service: String,
     config: BalanceConfig,
     set: ArcSwap<Set>,
+    /// Serialises rebuilds of the set (updates, caller zones, ejections, returns).
+    inputs: Mutex<RebuildInputs>,
+    rng: SharedRng,
+    rr: AtomicUsize,
+    epoch: Instant,
+    slow_start_ns: u64,
+    decay_ns: f64,
+    default_rtt_ns: f64,
+    // Created once: a pick must not build labels.
+    picks_success: Counter,
+    picks_failure: Counter,
+    picks_cancelled: Counter,
+    picks_none: Counter,
+    ejections: Counter,
+}
+
+#[derive(Default)]
+struct RebuildInputs {
+    caller_zones: Vec<(String, usize)>,
+    updated: bool,
+}
+
+impl fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = self.shared.set.load();
+        f.debug_struct("Balancer")
+            .field("service", &self.shared.service)
+            .field("policy", &self.shared.config.policy)
+            .field("endpoints", &set.endpoints.len())
+            .field("usable", &set.all.members.len())
+            .field("panic", &set.panic)
+            .finish()
+    }
 }
 
 impl Balancer {
-    /// A balancer with no endpoints yet.
+    /// A balancer with no endpoints yet. Metric handles are made here, so install a
+    /// `metrics` recorder before creating clients to see the picks counted.
     pub fn new(service: &str, config: BalanceConfig) -> Balancer {
+        let (decay, default_rtt) = match config.policy {
+            Policy::PeakEwma { decay, default_rtt } => (decay, default_rtt),
+            _ => (Duration::from_secs(10), Duration::from_millis(1)),
+        };
+        let picks = |outcome: &'static str| metrics::counter!(metric::PICKS, "service" => service.to_string(), "outcome" => outcome);
         Balancer {
-            service: service.to_string(),
-            config,
-            set: ArcSwap::from_pointee(Set::default()),
+            shared: Arc::new(Shared {
+                service: service.to_string(),
+                rng: SharedRng::new(config.seed),
+                rr: AtomicUsize::new(0),
+                epoch: Instant::now(),
+                slow_start_ns: duration_ns(config.slow_start),
+                decay_ns: duration_ns(decay).max(1) as f64,
+                default_rtt_ns: duration_ns(default_rtt) as f64,
+                set: ArcSwap::from_pointee(Set::default()),
+                inputs: Mutex::new(RebuildInputs::default()),
+                picks_success: picks("success"),
+                picks_failure: picks("failure"),
+                picks_cancelled: picks("cancelled"),
+                picks_none: picks("no_endpoints"),
+                ejections: metrics::counter!(metric::EJECTIONS, "service" => service.to_string()),
+                config,
+            }),
         }
     }
 
     /// The configuration.
     pub fn config(&self) -> &BalanceConfig {
-        &self.config
+        &self.shared.config
     }
 
     /// Replaces the endpoints with `instances` (every health; unhealthy ones are used only in
-    /// panic mode, maintenance never). Endpoints that stay keep their counters.
+    /// panic mode, maintenance never). Endpoints are keyed by instance id: one that stays at
+    /// the same address keeps its counters (in flight, latency, failures, ejection); one that
+    /// appears after the first update ramps up over the slow-start window.
     pub fn update(&self, instances: &[Instance]) {
-        let endpoints = instances
+        let sh = &self.shared;
+        let mut inputs = sh.lock_inputs();
+        let now = sh.now();
+        let old = sh.set.load_full();
+        let known: HashMap<&str, &Arc<Endpoint>> = old
+            .endpoints
             .iter()
-            .filter(|i| i.health != crate::Health::Maintenance)
+            .map(|e| (e.instance.id.as_str(), e))
+            .collect();
+        // Endpoints present at the first update start at full weight (Envoy's slow start
+        // applies to hosts added later, not to a fresh process's whole set).
+        let ramp_from = (inputs.updated && sh.slow_start_ns > 0).then_some(now);
+        let mut seen = std::collections::HashSet::new();
+        let endpoints: Vec<Arc<Endpoint>> = instances
+            .iter()
+            .filter(|i| i.health != crate::Health::Maintenance && seen.insert(i.id.as_str()))
             .map(|i| {
+                let counters = known
+                    .get(i.id.as_str())
+                    .filter(|e| e.instance.address == i.address && e.instance.port == i.port)
+                    .map_or_else(
+                        || Arc::new(Counters::new(ramp_from)),
+                        |e| Arc::clone(&e.counters),
+                    );
                 Arc::new(Endpoint {
                     authority: i.authority(),
                     instance: i.clone(),
+                    counters,
                 })
             })
             .collect();
-        self.set.store(Arc::new(Set { endpoints }));
+        // Only consistent hashing reads the ring; building it costs a sort of ~128 points
+        // per endpoint.
+        let ring = match sh.config.policy {
+            Policy::ConsistentHash => Arc::new(Ring::build(&endpoints)),
+            _ => Arc::new(Ring::default()),
+        };
+        inputs.updated = true;
+        sh.rebuild(&inputs, endpoints, ring, now);
     }
 
     /// How the callers of this service are spread over zones: `(zone, callers)` pairs, from
@@ -214,36 +366,238 @@ impl Balancer {
     /// proportion to this; with no pairs, callers count as spread evenly over the upstream
     /// zones.
     pub fn set_caller_zones(&self, zones: &[(String, usize)]) {
-        let _ = zones;
+        let sh = &self.shared;
+        let mut inputs = sh.lock_inputs();
+        inputs.caller_zones = zones.to_vec();
+        let set = sh.set.load_full();
+        sh.rebuild(
+            &inputs,
+            set.endpoints.clone(),
+            Arc::clone(&set.ring),
+            sh.now(),
+        );
     }
 
-    /// Picks an endpoint, at once: `NoEndpoints` when there is none.
-    pub fn pick(&self, _req: &PickReq) -> Result<Picked, Error> {
-        let set = self.set.load();
-        let healthy: Vec<_> = set
-            .endpoints
-            .iter()
-            .filter(|e| e.instance.is_healthy())
-            .collect();
-        let Some(e) = healthy.first() else {
+    /// Picks an endpoint, at once: `NoEndpoints` when there is none to pick.
+    pub fn pick(&self, req: &PickReq) -> Result<Picked, Error> {
+        self.pick_where(req, |_| true)
+    }
+
+    /// Picks an endpoint other than those whose instance id is in `avoid` (a retry after
+    /// they failed): `NoEndpoints` when no other is available.
+    pub fn pick_avoiding(&self, req: &PickReq, avoid: &[&str]) -> Result<Picked, Error> {
+        self.pick_where(req, |e| !avoid.contains(&e.instance.id.as_str()))
+    }
+
+    fn pick_where(
+        &self,
+        req: &PickReq,
+        accept: impl Fn(&Endpoint) -> bool,
+    ) -> Result<Picked, Error> {
+        // A few policy draws, then a scan: avoiding is for retries over small exclusions.
+        const TRIES: usize = 4;
+        let sh = &self.shared;
+        let now = sh.now();
+        let mut set = sh.set.load();
+        if now >= set.next_expiry {
+            sh.expire(now);
+            set = sh.set.load();
+        }
+        let chooser = Chooser {
+            policy: sh.config.policy,
+            set: &set,
+            rng: &sh.rng,
+            rr: &sh.rr,
+            now,
+            slow_start_ns: sh.slow_start_ns,
+            default_rtt_ns: sh.default_rtt_ns,
+        };
+        let mut chosen = None;
+        if !set.all.members.is_empty() {
+            for _ in 0..TRIES {
+                let i = match (sh.config.policy, req.key) {
+                    (Policy::ConsistentHash, Some(key)) => {
+                        // Stickiness wins over locality: the ring spans every zone.
+                        match set.ring.owner(key, &set.usable) {
+                            Some(i) => i,
+                            None => break,
+                        }
+                    }
+                    _ => chooser.choose(chooser.group()),
+                };
+                if accept(&set.endpoints[i as usize]) {
+                    chosen = Some(i);
+                    break;
+                }
+            }
+            if chosen.is_none() {
+                let members = &set.all.members;
+                let start = sh.rng.below(members.len() as u64) as usize;
+                chosen = (0..members.len())
+                    .map(|k| members[(start + k) % members.len()])
+                    .find(|&i| accept(&set.endpoints[i as usize]));
+            }
+        }
+        let Some(i) = chosen else {
+            sh.picks_none.increment(1);
             return Err(Error::NoEndpoints {
-                service: self.service.clone(),
+                service: sh.service.clone(),
             });
         };
+        let endpoint = Arc::clone(&set.endpoints[i as usize]);
+        endpoint.counters.in_flight.fetch_add(1, Relaxed);
         Ok(Picked {
-            endpoint: Arc::clone(e),
+            endpoint,
+            shared: Arc::clone(sh),
             start: Instant::now(),
+            reported: false,
         })
     }
+
+    /// What the balancer knows about each endpoint now (allocates; not for the request
+    /// path).
+    pub fn stats(&self) -> Vec<EndpointStats> {
+        let set = self.shared.set.load();
+        set.endpoints
+            .iter()
+            .zip(&set.usable)
+            .map(|(e, usable)| EndpointStats {
+                id: e.instance.id.clone(),
+                in_flight: e.counters.in_flight.load(Relaxed),
+                latency: e.counters.latency(),
+                consecutive_failures: e.counters.failures.load(Relaxed),
+                ejected: e.counters.is_ejected(),
+                usable: *usable,
+            })
+            .collect()
+    }
+
+    /// Whether the set is in panic mode (too few healthy endpoints, so all are used).
+    pub fn in_panic(&self) -> bool {
+        self.shared.set.load().panic
+    }
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        duration_ns(self.epoch.elapsed())
+    }
+
+    fn lock_inputs(&self) -> std::sync::MutexGuard<'_, RebuildInputs> {
+        self.inputs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn rebuild(
+        &self,
+        inputs: &RebuildInputs,
+        endpoints: Vec<Arc<Endpoint>>,
+        ring: Arc<Ring>,
+        now: u64,
+    ) {
+        let set = Set::build(
+            endpoints,
+            ring,
+            &Inputs {
+                panic_threshold: self.config.panic_threshold,
+                zone: self.config.zone.as_deref(),
+                min_zone_aware_size: self.config.min_zone_aware_size,
+                caller_zones: &inputs.caller_zones,
+                slow_start_ns: self.slow_start_ns,
+            },
+            now,
+        );
+        self.set.store(Arc::new(set));
+    }
+
+    /// Lets endpoints whose ejection ran out back in. Called by the pick that notices; a
+    /// pick that finds another thread rebuilding goes on with the set it has.
+    fn expire(&self, now: u64) {
+        let Ok(inputs) = self.inputs.try_lock() else {
+            return;
+        };
+        let set = self.set.load_full();
+        if now < set.next_expiry {
+            return;
+        }
+        self.rebuild(&inputs, set.endpoints.clone(), Arc::clone(&set.ring), now);
+    }
+
+    fn outcome(&self, endpoint: &Endpoint, outcome: Outcome, latency: Duration) {
+        let c = &endpoint.counters;
+        c.in_flight.fetch_sub(1, Relaxed);
+        let now = self.now();
+        let rtt = duration_ns(latency) as f64;
+        match outcome {
+            Outcome::Success => {
+                self.picks_success.increment(1);
+                c.failures.store(0, Relaxed);
+                c.observe(rtt, now, self.decay_ns);
+            }
+            Outcome::Failure => {
+                self.picks_failure.increment(1);
+                c.observe_peak(rtt, now);
+                let failures = c.failures.fetch_add(1, Relaxed).saturating_add(1);
+                if failures >= self.config.outlier.consecutive_failures && !c.is_ejected() {
+                    self.try_eject(endpoint, now);
+                }
+            }
+        }
+    }
+
+    fn try_eject(&self, endpoint: &Endpoint, now: u64) {
+        let inputs = self.lock_inputs();
+        let c = &endpoint.counters;
+        let set = self.set.load_full();
+        // Gone from the set, or ejected by a racing failure meanwhile.
+        if c.is_ejected() || !set.endpoints.iter().any(|e| Arc::ptr_eq(&e.counters, c)) {
+            return;
+        }
+        let out = set
+            .endpoints
+            .iter()
+            .filter(|e| e.counters.is_ejected())
+            .count();
+        if !outlier::may_eject(
+            out,
+            set.endpoints.len(),
+            self.config.outlier.max_ejected_share,
+        ) {
+            return;
+        }
+        let length = outlier::eject(c, &self.config.outlier, now);
+        self.ejections.increment(1);
+        tracing::warn!(
+            service = %self.service,
+            instance = %endpoint.instance.id,
+            ejected_for = ?length,
+            "instance ejected after consecutive failures"
+        );
+        self.rebuild(&inputs, set.endpoints.clone(), Arc::clone(&set.ring), now);
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A picked endpoint. Report how the request went with [`Picked::record`]; dropping it
 /// unreported counts the request as cancelled (it leaves the in-flight count, and says
 /// nothing about the endpoint's health).
-#[derive(Debug)]
 pub struct Picked {
     endpoint: Arc<Endpoint>,
+    shared: Arc<Shared>,
     start: Instant,
+    reported: bool,
+}
+
+impl fmt::Debug for Picked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Picked")
+            .field("service", &self.shared.service)
+            .field("instance", &self.endpoint.instance.id)
+            .field("authority", &self.endpoint.authority)
+            .finish()
+    }
 }
 
 impl Picked {
@@ -264,27 +618,22 @@ impl Picked {
 
     /// Reports the outcome; latency is measured from the pick to now.
     pub fn record(self, outcome: Outcome) {
-        let _ = outcome;
+        let latency = self.start.elapsed();
+        self.record_latency(outcome, latency);
+    }
+
+    /// Reports the outcome with a latency the caller measured itself.
+    pub fn record_latency(mut self, outcome: Outcome, latency: Duration) {
+        self.reported = true;
+        self.shared.outcome(&self.endpoint, outcome, latency);
     }
 }
 
-impl Balancer {
-    /// Picks an endpoint other than those whose instance id is in `avoid` (a retry after
-    /// they failed): `NoEndpoints` when no other is available.
-    pub fn pick_avoiding(&self, _req: &PickReq, avoid: &[&str]) -> Result<Picked, Error> {
-        let set = self.set.load();
-        let Some(e) = set
-            .endpoints
-            .iter()
-            .find(|e| e.instance.is_healthy() && !avoid.contains(&e.instance.id.as_str()))
-        else {
-            return Err(Error::NoEndpoints {
-                service: self.service.clone(),
-            });
-        };
-        Ok(Picked {
-            endpoint: Arc::clone(e),
-            start: Instant::now(),
-        })
+impl Drop for Picked {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.endpoint.counters.in_flight.fetch_sub(1, Relaxed);
+            self.shared.picks_cancelled.increment(1);
+        }
     }
 }
