@@ -67,7 +67,7 @@ fn picking_and_reporting_allocate_nothing() {
             });
             b.update(&more);
             let round = |i: usize| {
-                let req = if i % 2 == 0 {
+                let req = if i.is_multiple_of(2) {
                     keys[i % 64]
                 } else {
                     PickReq::default()
