@@ -67,10 +67,17 @@ impl Counters {
         self.ejected_until.load(Relaxed) != 0
     }
 
-    /// The latency estimate in nanoseconds, or `default_ns` if never measured.
-    pub fn latency_ns(&self, default_ns: f64) -> f64 {
+    /// The latency estimate in nanoseconds as a pick sees it at `now`: `default_ns` if never
+    /// measured; otherwise decayed toward zero for the time since the last observation (as
+    /// tower's and Finagle's peak EWMA do), so an endpoint that stopped being picked after
+    /// one slow answer is tried again within a few decay periods instead of never.
+    pub fn latency_ns(&self, default_ns: f64, now: u64, decay_ns: f64) -> f64 {
         let v = f64::from_bits(self.ewma.load(Relaxed));
-        if v.is_nan() { default_ns } else { v }
+        if v.is_nan() {
+            return default_ns;
+        }
+        let idle = now.saturating_sub(self.ewma_at.load(Relaxed)) as f64;
+        v * (-idle / decay_ns).exp()
     }
 
     /// The latency estimate, if measured.

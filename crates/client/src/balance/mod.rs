@@ -411,6 +411,7 @@ impl Balancer {
             now,
             slow_start_ns: sh.slow_start_ns,
             default_rtt_ns: sh.default_rtt_ns,
+            decay_ns: sh.decay_ns,
         };
         let mut chosen = None;
         if !set.all.members.is_empty() {

@@ -50,6 +50,7 @@ pub(super) struct Chooser<'a> {
     pub now: u64,
     pub slow_start_ns: u64,
     pub default_rtt_ns: f64,
+    pub decay_ns: f64,
 }
 
 impl Chooser<'_> {
@@ -101,20 +102,19 @@ impl Chooser<'_> {
                 // Envoy's weighted least request: weight / (active + 1), higher wins.
                 let score = |i: u32| {
                     let e = &self.set.endpoints[i as usize];
-                    f64::from(e.instance.weight) * self.ramp(i)
-                        / f64::from(e.counters.in_flight.load(Relaxed) + 1)
+                    f64::from(e.instance.weight) / f64::from(e.counters.in_flight.load(Relaxed) + 1)
                 };
                 if score(b) > score(a) { b } else { a }
             }
             Policy::PeakEwma { .. } => {
                 let (a, b) = self.two(g);
-                // Expected wait: latency times the queue it would join; weight and slow
-                // start divide it, so a lighter or ramping endpoint looks dearer.
+                // Expected wait: latency times the queue it would join; the weight divides
+                // it, so a lighter endpoint looks dearer.
                 let cost = |i: u32| {
                     let e = &self.set.endpoints[i as usize];
                     let c = &e.counters;
-                    let w = f64::from(e.instance.weight) * self.ramp(i);
-                    let load = c.latency_ns(self.default_rtt_ns)
+                    let w = f64::from(e.instance.weight);
+                    let load = c.latency_ns(self.default_rtt_ns, self.now, self.decay_ns)
                         * f64::from(c.in_flight.load(Relaxed) + 1);
                     if w > 0.0 { load / w } else { f64::INFINITY }
                 };
@@ -123,15 +123,27 @@ impl Chooser<'_> {
         }
     }
 
-    /// Two distinct members at random (power of two choices).
+    /// Two distinct members at random (power of two choices). Slow start thins how often a
+    /// ramping endpoint is drawn rather than scaling its cost: with nothing in flight (a
+    /// caller sending one request at a time) a scaled cost would lose every comparison, and
+    /// the endpoint would never be measured at all.
     fn two(&self, g: &Group) -> (u32, u32) {
         let n = g.members.len() as u64;
-        let a = self.rng.below(n);
-        let mut b = self.rng.below(n - 1);
-        if b >= a {
-            b += 1;
+        let draw = || g.members[self.rng.below(n) as usize];
+        let a = self.ramped(draw);
+        let mut b = self.ramped(draw);
+        for _ in 0..RAMP_TRIES {
+            if b != a {
+                break;
+            }
+            b = self.ramped(draw);
         }
-        (g.members[a as usize], g.members[b as usize])
+        if b == a {
+            // Only when all the others are ramping and kept losing the draw.
+            let k = g.members.iter().position(|&m| m == a).unwrap_or(0) as u64;
+            b = g.members[((k + 1 + self.rng.below(n - 1)) % n) as usize];
+        }
+        (a, b)
     }
 
     /// The endpoint's slow-start share now.

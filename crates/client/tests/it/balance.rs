@@ -206,6 +206,33 @@ fn peak_ewma_decays_toward_faster_answers() {
     assert_eq!(before, Duration::from_millis(100));
 }
 
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_tries_a_once_slow_endpoint_again_after_its_estimate_decays() {
+    let b = balancer(Policy::default(), &named(2));
+    let p = b.pick_avoiding(&PickReq::default(), &["e1"]).unwrap();
+    p.record_latency(Outcome::Success, Duration::from_millis(50));
+    let start = tokio::time::Instant::now();
+    // One request at a time, e1 answering in 1 ms: e0 looks dear until its idle estimate
+    // has decayed below e1's (10 s decay: ln 50 * 10 s, about 39 s).
+    loop {
+        let p = b.pick(&PickReq::default()).unwrap();
+        if p.instance().id == "e0" {
+            break;
+        }
+        p.record_latency(Outcome::Success, Duration::from_millis(1));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "e0 never tried again"
+        );
+    }
+    let after = start.elapsed();
+    assert!(
+        after > Duration::from_secs(30),
+        "tried again after {after:?}"
+    );
+}
+
 /// The figure: 10 endpoints, one 10x slower than the others, a fixed concurrency of
 /// requests each completing after its endpoint's latency. Simulated with paused time, so
 /// `record` measures the latency itself.
