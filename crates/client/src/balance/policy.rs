@@ -114,8 +114,16 @@ impl Chooser<'_> {
                     let e = &self.set.endpoints[i as usize];
                     let c = &e.counters;
                     let w = f64::from(e.instance.weight);
+                    let in_flight = c.in_flight.load(Relaxed);
+                    // Never measured and idle: free, so every new endpoint is tried once
+                    // (with a default above a fast network's latency it would otherwise
+                    // never be); with requests out, the default keeps it from a flood
+                    // until the first answer (Finagle's rule).
+                    if in_flight == 0 && c.latency().is_none() {
+                        return 0.0;
+                    }
                     let load = c.latency_ns(self.default_rtt_ns, self.now, self.decay_ns)
-                        * f64::from(c.in_flight.load(Relaxed) + 1);
+                        * f64::from(in_flight + 1);
                     if w > 0.0 { load / w } else { f64::INFINITY }
                 };
                 if cost(b) < cost(a) { b } else { a }

@@ -233,6 +233,20 @@ async fn peak_ewma_tries_a_once_slow_endpoint_again_after_its_estimate_decays() 
     );
 }
 
+#[test]
+fn peak_ewma_tries_an_unmeasured_endpoint_even_when_the_others_are_faster_than_the_default() {
+    let b = balancer(Policy::default(), &named(2));
+    let p = b.pick_avoiding(&PickReq::default(), &["e1"]).unwrap();
+    p.record_latency(Outcome::Success, Duration::from_micros(200));
+    // One request at a time: e1, never measured and idle, is tried next.
+    assert_eq!(picked_id(&b), "e1");
+    // While its first request is out, it is not flooded.
+    let first = b.pick(&PickReq::default()).unwrap();
+    assert_eq!(first.instance().id, "e1");
+    let c = spread(&b, 20, &PickReq::default());
+    assert_eq!(c.get("e0"), Some(&20), "{c:?}");
+}
+
 /// The figure: 10 endpoints, one 10x slower than the others, a fixed concurrency of
 /// requests each completing after its endpoint's latency. Simulated with paused time, so
 /// `record` measures the latency itself.
