@@ -70,6 +70,7 @@ impl Backoff {
     }
 
     /// Consecutive failures so far.
+    #[cfg(test)]
     pub fn failures(&self) -> u32 {
         self.failures
     }

@@ -198,13 +198,13 @@ impl Builder {
             .iter()
             .map(|a| agent_base(a))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(zone) = &self.zone {
-            if zone.is_empty() || zone.len() > 255 || zone.chars().any(char::is_control) {
-                return Err(Error::invalid(
-                    "zone",
-                    format!("{zone:?} is not a zone name (1 to 255 printable characters)"),
-                ));
-            }
+        if let Some(zone) = &self.zone
+            && (zone.is_empty() || zone.len() > 255 || zone.chars().any(char::is_control))
+        {
+            return Err(Error::invalid(
+                "zone",
+                format!("{zone:?} is not a zone name (1 to 255 printable characters)"),
+            ));
         }
         let b = &self.balance;
         if !(0.0..=1.0).contains(&b.panic_threshold) {
@@ -232,13 +232,13 @@ impl Builder {
                 "must not be shorter than outlier.base_ejection",
             ));
         }
-        if let Policy::PeakEwma { decay, .. } = b.policy {
-            if decay.is_zero() {
-                return Err(Error::invalid(
-                    "policy",
-                    "PeakEwma decay must be above zero",
-                ));
-            }
+        if let Policy::PeakEwma { decay, .. } = b.policy
+            && decay.is_zero()
+        {
+            return Err(Error::invalid(
+                "policy",
+                "PeakEwma decay must be above zero",
+            ));
         }
         for (setting, d) in [
             ("request_timeout", self.request_timeout),

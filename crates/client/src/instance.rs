@@ -1,5 +1,9 @@
 //! What a view holds: instances as the agent reports them, and snapshots of a service.
 
+// A snapshot's `since` and `written_at` are wall-clock times, for people and across
+// processes; they are only carried here, never read from the clock.
+#![allow(clippy::disallowed_types)]
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

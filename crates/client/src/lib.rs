@@ -203,8 +203,4 @@ impl Client {
         )
         .await
     }
-
-    pub(crate) fn settings(&self) -> &Settings {
-        &self.inner.settings
-    }
 }
