@@ -142,6 +142,17 @@ fn bench_pick(c: &mut Criterion) {
     }
     g.finish();
 
+    // The pick alone: the guard is dropped unreported (a cancelled request), which only
+    // leaves the in-flight count.
+    let mut g = c.benchmark_group("pick_only");
+    for n in SIZES {
+        let b = balancer(Policy::default(), n);
+        g.bench_with_input(BenchmarkId::new("peak_ewma", n), &n, |bench, _| {
+            bench.iter(|| drop(black_box(b.pick(&PickReq::default()))))
+        });
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("tower_p2c");
     let mut cx = Context::from_waker(noop_waker_ref());
     for n in SIZES {

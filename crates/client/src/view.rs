@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::agents::Agents;
 use crate::backoff::Backoff;
-use crate::balance::{Balancer, PickReq, Picked};
+use crate::balance::{BalanceConfig, Balancer, PickReq, Picked};
 use crate::cache;
 use crate::config::Settings;
 use crate::instance::{Instance, Snapshot, Source};
@@ -105,7 +105,14 @@ impl View {
         runtime: &tokio::runtime::Handle,
         shutdown: CancellationToken,
     ) -> View {
-        let balancer = Arc::new(Balancer::new(service, settings.balance.clone()));
+        let seed = view_seed(settings, service);
+        // Picks draw from their own sequence: processes that share a set must not all
+        // choose the same pairs in the same order.
+        let balance = BalanceConfig {
+            seed: mix(seed ^ 0x7069_636b),
+            ..settings.balance.clone()
+        };
+        let balancer = Arc::new(Balancer::new(service, balance));
         let mut writer = None;
         let mut initial = Snapshot::unsynced(service);
         if let Some(dir) = &settings.cache_dir {
@@ -146,7 +153,6 @@ impl View {
             stats: Stats::default(),
         });
         let view = View { shared };
-        let seed = backoff_seed(settings, service);
         let sync = Sync {
             view: view.clone(),
             agents,
@@ -265,10 +271,11 @@ impl View {
     }
 }
 
-/// Each view's own backoff sequence: the configured seed mixed with the service name and,
-/// unless the user seeded the client for reproducibility, a per-process random value, so a
-/// thousand processes restarted together do not retry in lockstep.
-fn backoff_seed(settings: &Settings, service: &str) -> u64 {
+/// Each view's own seed for its backoff and its picks: the configured seed mixed with the
+/// service name and, unless the user seeded the client for reproducibility, a per-process
+/// random value, so a thousand processes restarted together do not retry (or pick) in
+/// lockstep.
+fn view_seed(settings: &Settings, service: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     service.hash(&mut h);
     let mut seed = mix(settings.balance.seed ^ h.finish());
@@ -747,14 +754,14 @@ mod tests {
     fn backoff_seeds_differ_per_service_and_per_process_unless_seeded() {
         let seeded = settings(true);
         assert_eq!(
-            backoff_seed(&seeded, "web"),
-            backoff_seed(&seeded, "web"),
+            view_seed(&seeded, "web"),
+            view_seed(&seeded, "web"),
             "a seeded client is reproducible"
         );
-        assert_ne!(backoff_seed(&seeded, "web"), backoff_seed(&seeded, "api"));
+        assert_ne!(view_seed(&seeded, "web"), view_seed(&seeded, "api"));
         // Unseeded, two "processes" (two RandomStates) get different sequences.
         let free = settings(false);
-        assert_ne!(backoff_seed(&free, "web"), backoff_seed(&free, "web"));
+        assert_ne!(view_seed(&free, "web"), view_seed(&free, "web"));
     }
 
     #[test]
@@ -764,7 +771,7 @@ mod tests {
         let cap = Duration::from_secs(10);
         let mut per_second = [0u32; 10];
         for _ in 0..1000 {
-            let mut b = Backoff::new(cap, cap, cap, backoff_seed(&s, "web"));
+            let mut b = Backoff::new(cap, cap, cap, view_seed(&s, "web"));
             per_second[b.next_delay().as_secs() as usize] += 1;
         }
         let max = per_second.iter().max().copied().unwrap_or(0);

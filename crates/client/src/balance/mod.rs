@@ -450,7 +450,9 @@ impl Balancer {
         Ok(Picked {
             endpoint,
             shared: Arc::clone(sh),
-            start: Instant::now(),
+            // The clock read the pick already made: a second one would cost as much again
+            // as the rest of the pick.
+            start_ns: now,
             reported: false,
         })
     }
@@ -587,7 +589,8 @@ fn duration_ns(d: Duration) -> u64 {
 pub struct Picked {
     endpoint: Arc<Endpoint>,
     shared: Arc<Shared>,
-    start: Instant,
+    /// Nanoseconds since the balancer's epoch.
+    start_ns: u64,
     reported: bool,
 }
 
@@ -614,12 +617,12 @@ impl Picked {
 
     /// When the pick was made.
     pub fn started(&self) -> Instant {
-        self.start
+        self.shared.epoch + Duration::from_nanos(self.start_ns)
     }
 
     /// Reports the outcome; latency is measured from the pick to now.
     pub fn record(self, outcome: Outcome) {
-        let latency = self.start.elapsed();
+        let latency = Duration::from_nanos(self.shared.now().saturating_sub(self.start_ns));
         self.record_latency(outcome, latency);
     }
 
