@@ -49,7 +49,8 @@ fn args() -> Args {
             "--cache-dir" => a.cache_dir = value().into(),
             "--bench" => {} // added by `cargo bench`
             "--" => {
-                a.agent_cmd = it.by_ref().collect();
+                // `cargo bench` appends `--bench` after everything, the agent's command too.
+                a.agent_cmd = it.by_ref().filter(|x| x != "--bench").collect();
                 break;
             }
             other => panic!("unknown argument {other:?}"),

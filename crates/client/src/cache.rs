@@ -140,7 +140,9 @@ pub(crate) fn decode(service: &str, bytes: &[u8]) -> Result<Cached, String> {
     Ok(Cached {
         index: p.index,
         instances: p.instances,
-        written_at: UNIX_EPOCH + Duration::from_millis(written),
+        written_at: UNIX_EPOCH
+            .checked_add(Duration::from_millis(written))
+            .ok_or_else(|| format!("write time {written} ms is out of range"))?,
     })
 }
 
@@ -170,10 +172,16 @@ pub(crate) fn load(dir: &Path, service: &str) -> Option<Cached> {
 /// leaves either the old file or the new one, never a mix.
 pub(crate) fn write_atomic(dir: &Path, service: &str, bytes: &[u8]) -> io::Result<()> {
     let path = path_of(dir, service);
-    // The process id keeps two processes sharing a directory off each other's temp files.
-    let tmp = dir.join(format!(".{service}.view.{}.tmp", std::process::id()));
+    // The process id and a per-process counter keep writers sharing a directory (other
+    // processes, other clients in this one) off each other's temp files.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{service}.view.{}.{n}.tmp", std::process::id()));
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)

@@ -68,6 +68,29 @@ impl Instance {
     }
 }
 
+/// A list of instances read leniently: one this client cannot read (a health or a field
+/// shape from a newer agent) is skipped with a warning instead of making the whole answer
+/// unreadable, which would stop the view at its last state for good.
+#[derive(Debug, Default)]
+pub(crate) struct InstanceList(pub Vec<Instance>);
+
+impl<'de> Deserialize<'de> for InstanceList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<InstanceList, D::Error> {
+        let raw = Vec::<serde_json::Value>::deserialize(d)?;
+        Ok(InstanceList(
+            raw.into_iter()
+                .filter_map(|v| match serde_json::from_value::<Instance>(v) {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping an instance this client cannot read");
+                        None
+                    }
+                })
+                .collect(),
+        ))
+    }
+}
+
 /// Where a snapshot's instances come from, and so how far to trust them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -116,5 +139,23 @@ impl Snapshot {
     /// The instances the registry counts as healthy.
     pub fn healthy(&self) -> impl Iterator<Item = &Instance> {
         self.instances.iter().filter(|i| i.is_healthy())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_instance_is_skipped_not_the_whole_list() {
+        let json = r#"[
+            {"service":"web","id":"a","address":"10.0.0.1","port":80,"health":"passing"},
+            {"service":"web","id":"b","address":"10.0.0.2","port":80,"health":"draining"},
+            {"service":"web","id":"c","address":"10.0.0.3","port":"eighty","health":"passing"},
+            {"service":"web","id":"d","address":"10.0.0.4","port":80,"health":"warning"}
+        ]"#;
+        let list: InstanceList = serde_json::from_str(json).unwrap();
+        let ids: Vec<&str> = list.0.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["a", "d"]);
     }
 }

@@ -144,27 +144,43 @@ impl Client {
         }
         muster_core::ServiceName::parse_lookup(service)
             .map_err(|e| Error::invalid("service", e.to_string()))?;
-        let mut views = self.inner.views.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = views.get(service) {
-            return Ok(v.clone());
-        }
+        // Started outside the lock: loading the disk copy must not hold up picks of other
+        // services. Two callers racing for the same new service both start one; the loser's
+        // is stopped before anyone saw it.
+        let stop = self.inner.shutdown.child_token();
         let view = View::start(
             service,
             &self.inner.settings,
             self.inner.agents.clone(),
             &self.inner.runtime,
-            self.inner.shutdown.child_token(),
+            stop.clone(),
         );
         let zones = self
             .inner
             .caller_zones
             .read()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if !zones.is_empty() {
             view.balancer().set_caller_zones(&zones);
         }
-        drop(zones);
+        let mut views = self.inner.views.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = views.get(service) {
+            stop.cancel();
+            return Ok(v.clone());
+        }
         views.insert(service.to_string(), view.clone());
+        // The caller zones may have moved on since they were read; from here on the follower
+        // sees this view. (It never holds the zones while taking the views: no deadlock.)
+        let now = self
+            .inner
+            .caller_zones
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if *now != zones {
+            view.balancer().set_caller_zones(&now);
+        }
+        drop(now);
         Ok(view)
     }
 
@@ -175,7 +191,9 @@ impl Client {
     /// The instances of `service`: live once an agent has answered; while none answers
     /// (up to the first-sync timeout), the disk copy if there is one.
     pub async fn instances(&self, service: &str) -> Result<Arc<Snapshot>, Error> {
-        self.view(service)?.first_sync().await
+        self.view(service)?
+            .first_sync(self.inner.agents.bases().join(", "))
+            .await
     }
 
     /// A receiver that sees every new snapshot of `service`.

@@ -192,6 +192,7 @@ fn label_of(host: &str) -> String {
 /// Each of these ends with a deregistration; on drop and shutdown it runs in the background
 /// and is best effort, bounded by the TTL (past it the instance lapses anyway).
 #[derive(Debug)]
+#[must_use = "dropping the handle deregisters the instance at once"]
 pub struct Registered {
     service: String,
     id: String,
@@ -335,6 +336,10 @@ impl Keeper {
                             service = %self.service,
                             "heartbeat not answered within {period:?}"
                         );
+                        // An agent that swallows requests never refuses a connection, so
+                        // the call alone would never fail over: one more silent period and
+                        // the instance lapses. Move on; the next round registers there.
+                        self.agents.failed(current);
                         false
                     }
                 }

@@ -42,7 +42,7 @@ pub(crate) enum ParseError {
 impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ParseError::LineTooLong(max) => write!(f, "an event line is longer than {max} bytes"),
+            ParseError::LineTooLong(max) => write!(f, "an event is longer than {max} bytes"),
         }
     }
 }
@@ -92,7 +92,9 @@ impl Parser {
     }
 
     fn push_bytes(&mut self, bytes: &[u8]) -> Result<(), ParseError> {
-        if self.line.len() + bytes.len() > self.max_line {
+        // The event's data so far counts too: endless `data:` lines without the blank line
+        // that ends an event must not grow memory without bound either.
+        if self.data.len() + self.line.len() + bytes.len() > self.max_line {
             return Err(ParseError::LineTooLong(self.max_line));
         }
         self.line.extend_from_slice(bytes);

@@ -31,7 +31,7 @@ use crate::backoff::Backoff;
 use crate::balance::{BalanceConfig, Balancer, PickReq, Picked};
 use crate::cache;
 use crate::config::Settings;
-use crate::instance::{Instance, Snapshot, Source};
+use crate::instance::{Instance, InstanceList, Snapshot, Source};
 use crate::metric;
 use crate::rng::{Rng, mix};
 use crate::sse;
@@ -39,11 +39,14 @@ use crate::sse;
 /// While on blocking queries, the stream is tried again this often: the agent may have been
 /// upgraded, or the proxy in front of it fixed.
 const STREAM_RETRY: Duration = Duration::from_secs(180);
-/// An event line longer than this ends the stream as broken: a service's full instance list
-/// is far smaller even with thousands of instances.
-const MAX_EVENT_LINE: usize = 64 << 20;
+/// An event longer than this ends the stream as broken: a service's full instance list is
+/// far smaller even with thousands of instances.
+const MAX_EVENT: usize = 64 << 20;
 /// `Retry-After` when a 429 carries none (the agent's own hint is 5 s).
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The longest `Retry-After` obeyed: a larger (or hostile) hint must not park a view for
+/// hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// A blocking query answered faster than this without a new index did not block.
 const UNBLOCKED: Duration = Duration::from_secs(1);
 /// How often the stale-seconds gauge is brought up to date.
@@ -168,9 +171,15 @@ impl View {
             last_event: None,
             blocking_since: None,
             index: 0,
+            index_agent: None,
             shutdown: shutdown.clone(),
         };
-        runtime.spawn(sync.run());
+        let stopped = view.clone();
+        runtime.spawn(async move {
+            sync.run().await;
+            // The client shut down: a view handle kept beyond it must not claim to be live.
+            stopped.mark_stopped();
+        });
         runtime.spawn(stale_gauge(view.clone(), shutdown));
         view
     }
@@ -215,7 +224,8 @@ impl View {
 
     /// The snapshot once the first sync attempt ended (or the first-sync timeout passed):
     /// an error only when nothing at all is known.
-    pub(crate) async fn first_sync(&self) -> Result<Arc<Snapshot>, Error> {
+    /// `tried` names the agents, for the error.
+    pub(crate) async fn first_sync(&self, tried: String) -> Result<Arc<Snapshot>, Error> {
         let mut attempted = self.shared.attempted.subscribe();
         let _ = tokio::time::timeout(
             self.shared.first_sync_timeout,
@@ -225,7 +235,7 @@ impl View {
         let snap = self.snapshot();
         match snap.source {
             Source::Unsynced => Err(Error::Unreachable {
-                tried: String::new(),
+                tried,
                 last: format!(
                     "no agent answered about {:?} and no disk copy exists",
                     self.shared.service
@@ -244,16 +254,29 @@ impl View {
     }
 
     /// Marks the current snapshot stale (the agent was lost), keeping its instances.
+    /// The view stopped with its client: it keeps its instances, no longer followed.
+    fn mark_stopped(&self) {
+        self.go_stale();
+    }
+
     fn mark_stale(&self) {
-        let current = self.snapshot();
-        if current.source == Source::Live {
-            tracing::warn!(service = %self.shared.service, index = current.index, "view is stale: serving the last known instances");
-            let mut stale = (*current).clone();
-            stale.source = Source::Stale {
-                since: SystemTime::now(),
-            };
-            self.shared.snapshots.send_replace(Arc::new(stale));
+        if let Some(index) = self.go_stale() {
+            tracing::warn!(service = %self.shared.service, index, "view is stale: serving the last known instances");
         }
+    }
+
+    /// A live snapshot turns stale, instances kept; returns its index if it was live.
+    fn go_stale(&self) -> Option<u64> {
+        let current = self.snapshot();
+        if current.source != Source::Live {
+            return None;
+        }
+        let mut stale = (*current).clone();
+        stale.source = Source::Stale {
+            since: SystemTime::now(),
+        };
+        self.shared.snapshots.send_replace(Arc::new(stale));
+        Some(current.index)
     }
 
     /// Marks a stale snapshot live again, as it is (a resumed stream confirmed it).
@@ -292,14 +315,14 @@ fn view_seed(settings: &Settings, service: &str) -> u64 {
 #[derive(Deserialize)]
 struct Discovery {
     index: u64,
-    instances: Vec<Instance>,
+    instances: InstanceList,
 }
 
 /// `{"index":N,"services":{"name":[...]}}` of a stream event.
 #[derive(Deserialize)]
 struct StreamData {
     index: u64,
-    services: BTreeMap<String, Vec<Instance>>,
+    services: BTreeMap<String, InstanceList>,
 }
 
 /// How an attempt ended.
@@ -332,6 +355,8 @@ struct Sync {
     blocking_since: Option<Instant>,
     /// The blocking queries' index.
     index: u64,
+    /// The agent that index came from: another agent's index means nothing here.
+    index_agent: Option<usize>,
     shutdown: CancellationToken,
 }
 
@@ -375,11 +400,14 @@ impl Sync {
                     delay
                 }
                 Ended::Busy(after) => {
-                    self.failed(Some(position));
+                    // The agent is up, only full: wait as it asks rather than move the whole
+                    // client (registrations included) to another agent.
+                    self.failed(None);
                     // Up to half as much again: every client refused at once got the same
                     // hint, and should not all come back in the same instant.
                     let nanos = u64::try_from(after.as_nanos() / 2).unwrap_or(u64::MAX);
-                    let delay = after + Duration::from_nanos(self.jitter.below(nanos.max(1)));
+                    let delay =
+                        after.saturating_add(Duration::from_nanos(self.jitter.below(nanos.max(1))));
                     tracing::warn!(service, agent = %base, delay = ?delay, "the agent holds too many watchers; retrying later");
                     delay
                 }
@@ -468,7 +496,7 @@ impl Sync {
             self.view.mark_live();
         }
         let mut body = resp.bytes_stream();
-        let mut parser = sse::Parser::new(MAX_EVENT_LINE);
+        let mut parser = sse::Parser::new(MAX_EVENT);
         let mut events = Vec::new();
         let idle = self.settings.idle_timeout;
         loop {
@@ -530,7 +558,7 @@ impl Sync {
         let Some(instances) = data
             .services
             .into_iter()
-            .find_map(|(name, list)| (name == self.view.shared.service).then_some(list))
+            .find_map(|(name, list)| (name == self.view.shared.service).then_some(list.0))
         else {
             // Not about this service (the agent sends only what was asked; be lenient).
             self.last_event = Some((position, id));
@@ -557,6 +585,11 @@ impl Sync {
     /// One blocking query.
     async fn blocking_query(&mut self, position: usize) -> Ended {
         let wait = self.settings.blocking_wait;
+        if self.index_agent != Some(position) {
+            // After a failover, ask at once: the new agent may hold the query for a whole
+            // wait on an index it never had.
+            self.index = 0;
+        }
         let path = format!("/api/v1/services/{}", self.view.service());
         let req = self
             .agents
@@ -604,10 +637,11 @@ impl Sync {
             self.view.count(|s| &s.changes);
         }
         let went_back = d.index < self.index;
-        self.publish_live(d.index, d.instances);
+        self.publish_live(d.index, d.instances.0);
         // Consul's rules: an index that went backwards (a wiped or different agent) starts
         // over from 0; an index of 0 is never sent back, or the query would not block.
         self.index = if went_back { 0 } else { d.index.max(1) };
+        self.index_agent = Some(position);
         Ended::Answered
     }
 
@@ -637,7 +671,9 @@ fn retry_after(resp: &Response) -> Duration {
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs)
+        .map_or(DEFAULT_RETRY_AFTER, |secs| {
+            Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs()))
+        })
 }
 
 /// Keeps `metric::STALE_SECONDS` current: 0 while live, else the age of what the view
