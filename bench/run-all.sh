@@ -8,7 +8,7 @@ REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 OUT="$BENCH_DIR/out"
 mkdir -p "$OUT"
 
-read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks consul}"
+read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks consul client client-sync}"
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -38,6 +38,8 @@ if grep -q 'criterion_group\|criterion_main' "$REPO_DIR/crates/core/benches/look
     echo "building: cargo bench -p muster-core --bench lookup --no-run" >&2
     (cd "$REPO_DIR" && cargo bench -p muster-core --bench lookup --no-run --quiet) 2>&1 | tail -20 >&2
 fi
+echo "building: cargo bench -p muster-client --no-run" >&2
+(cd "$REPO_DIR" && cargo bench -p muster-client --no-run --quiet) 2>&1 | tail -20 >&2
 export BENCH_NO_BUILD=1
 
 failed=()
