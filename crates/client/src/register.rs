@@ -294,6 +294,8 @@ impl Keeper {
 
     /// Heartbeats until `stop`, then deregisters.
     async fn run(mut self, mut registered_at: usize, stop: CancellationToken) -> Result<(), Error> {
+        // Every agent that took the registration: after failovers, each holds a copy.
+        let mut holders = vec![registered_at];
         let period = self.ttl / 3;
         let heartbeat = format!("{}/heartbeat", self.path);
         loop {
@@ -352,6 +354,9 @@ impl Keeper {
                 match tokio::time::timeout(period, self.register()).await {
                     Ok(Ok(position)) => {
                         registered_at = position;
+                        if !holders.contains(&position) {
+                            holders.push(position);
+                        }
                         metrics::counter!(crate::metric::REREGISTRATIONS, "service" => self.service.clone())
                             .increment(1);
                         tracing::info!(
@@ -370,10 +375,40 @@ impl Keeper {
                 }
             }
         }
-        self.deregister().await
+        self.deregister(&holders).await
     }
 
-    async fn deregister(&self) -> Result<(), Error> {
+    /// Deregisters at the current agent, answering with its result, then (best effort) at
+    /// every other agent in `holders`, so no copy is left behind to turn critical there.
+    async fn deregister(&self, holders: &[usize]) -> Result<(), Error> {
+        let result = self.deregister_current().await;
+        let (current, _) = self.agents.current();
+        for &position in holders.iter().filter(|&&p| p != current) {
+            let call = self
+                .agents
+                .request(position, Method::DELETE, &self.path)
+                .timeout(self.ttl)
+                .send();
+            match call.await {
+                Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
+                Ok(r) => tracing::warn!(
+                    service = %self.service,
+                    agent = %self.agents.bases()[position],
+                    status = %r.status(),
+                    "the copy at a former agent was not deregistered"
+                ),
+                Err(e) => tracing::warn!(
+                    service = %self.service,
+                    agent = %self.agents.bases()[position],
+                    error = %e,
+                    "the copy at a former agent was not deregistered"
+                ),
+            }
+        }
+        result
+    }
+
+    async fn deregister_current(&self) -> Result<(), Error> {
         let call = self.agents.send(Method::DELETE, &self.path, |r| r);
         // Past the TTL the instance lapses anyway; do not hold anyone up longer.
         let (position, resp) =

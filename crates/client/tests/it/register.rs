@@ -118,6 +118,35 @@ async fn with_the_first_agent_stopped_the_instance_appears_on_the_second() {
 }
 
 #[tokio::test]
+async fn deregistering_after_a_failover_removes_the_copy_at_every_agent() {
+    let mut first = TestAgent::start().await;
+    let second = TestAgent::start().await;
+    let client = client(&[&first, &second]);
+    let reg = Registration::new("web", "127.0.0.1", 8080)
+        .id("web-1")
+        .ttl(Duration::from_secs(1));
+    let registered = client.register(reg).await.unwrap();
+    first.stop().await;
+    wait_instances(
+        &second,
+        "web",
+        "web-1 never reached the second agent",
+        |i| i.len() == 1,
+    )
+    .await;
+    // The first agent comes back with its copy, which nobody heartbeats any more.
+    first.restart().await;
+    assert_eq!(instances(&first, "web").await.len(), 1);
+
+    registered.deregister().await.unwrap();
+    assert!(instances(&second, "web").await.is_empty());
+    assert!(
+        instances(&first, "web").await.is_empty(),
+        "the copy at the former agent was left behind"
+    );
+}
+
+#[tokio::test]
 async fn dropping_the_handle_deregisters() {
     let agent = TestAgent::start().await;
     let client = client(&[&agent]);
