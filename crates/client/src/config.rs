@@ -71,8 +71,9 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// The agents to talk to, in order of preference: `http://host:port` URLs or bare
-    /// `host:port`. With several, the client fails over between them.
+    /// The agents to talk to: `http://host:port` URLs or bare `host:port`. The client starts
+    /// with the first and moves to the next when the one it uses cannot be reached (round the
+    /// list); it stays on the agent that works rather than moving back.
     pub fn agents<I, S>(mut self, agents: I) -> Builder
     where
         I: IntoIterator<Item = S>,
