@@ -415,6 +415,22 @@ def main() -> None:
     expect(isinstance(leader, str) and leader != "", "status.leader() is a non-empty string", leader)
     peers = c.status.peers()
     expect(isinstance(peers, list) and leader in peers, "status.peers() lists the leader", peers)
+    # Consul reports its leader as the server's RPC address, the same in agent/self.
+    leader_addr = me.get("Stats", {}).get("consul", {}).get("leader_addr")
+    expect(leader == leader_addr and leader.endswith(":8300"),
+           "status.leader() is agent/self Stats.consul.leader_addr, ip:8300", (leader, leader_addr))
+
+    step("the consul service of the server")
+    _, services = c.catalog.services()
+    expect(services.get("consul") == [], "catalog.services() lists consul with no tags", services)
+    _, cs = c.catalog.service("consul")
+    expect(len(cs) == 1 and cs[0]["Node"] == node and cs[0]["ServiceID"] == "consul"
+           and cs[0]["ServicePort"] == 8300, "catalog.service('consul') is this node on port 8300", cs)
+    _, hs = c.health.service("consul", passing=True)
+    expect([e["Service"]["ID"] for e in hs] == ["consul"]
+           and [ch["CheckID"] for ch in hs[0]["Checks"]] == ["serfHealth"],
+           "health.service('consul') passes with only the node's serfHealth check", hs)
+    expect("consul" not in c.agent.services(), "agent.services() does not list consul", c.agent.services())
 
     step("catalog.datacenters")
     expect(c.catalog.datacenters() == [dc], f"catalog.datacenters() == [{dc!r}]", c.catalog.datacenters())
@@ -423,6 +439,12 @@ def main() -> None:
     members = c.agent.members()
     expect(isinstance(members, list) and any(m.get("Name") == node and m.get("Status") == 1 for m in members),
            "agent.members() lists this node alive (Status 1)", members)
+    tags = members[0].get("Tags", {})
+    expect(tags.get("role") == "consul" and tags.get("dc") == dc and tags.get("port") == "8300"
+           and tags.get("segment") == "" and all(k in tags for k in ("vsn", "vsn_min", "vsn_max", "build", "id")),
+           "a server member's tags: role consul, dc, port 8300, segment, vsn*, build, id", tags)
+    wan = c.agent.members(wan=True)
+    expect([m.get("Name") for m in wan] == [f"{node}.{dc}"], "agent.members(wan=True) names node.datacenter", wan)
 
     # --- A service with a TTL check -------------------------------------------------------
     step("register py-web-1 (TTL check, tags, meta)")

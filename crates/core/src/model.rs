@@ -319,6 +319,11 @@ pub struct CompatFields {
     /// address. `None`: the agent's own node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<(String, String)>,
+    /// The registration gave no address of its own: `InstanceSpec::address` holds the
+    /// node's, which the native API and DNS serve, while Consul's agent endpoints show the
+    /// service's `Address` as registered, empty.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub address_from_node: bool,
 }
 
 /// What a client registers: everything about an instance except what the registry assigns.

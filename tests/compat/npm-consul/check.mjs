@@ -381,6 +381,13 @@ async function main() {
   expect(JSON.stringify(dcs) === JSON.stringify([dc]), `catalog.datacenters() is [${dc}]`, dcs);
   const members = await consul.agent.members();
   expect(members.some((m) => m.Name === node && m.Status === 1), "agent.members() lists this node alive", members);
+  const leaderAddr = me.Stats && me.Stats.consul && me.Stats.consul.leader_addr;
+  expect(leader === leaderAddr && leader.endsWith(":8300"), "status.leader() is agent.self() Stats.consul.leader_addr (ip:8300)", [leader, leaderAddr]);
+  const tags = members[0].Tags || {};
+  expect(tags.role === "consul" && tags.dc === dc && tags.port === "8300", "a server member's tags: role consul, dc, port 8300", tags);
+  const consulNodes = await consul.catalog.service.nodes("consul");
+  expect(consulNodes.length === 1 && consulNodes[0].Node === node && consulNodes[0].ServicePort === 8300,
+    "catalog.service.nodes('consul') is this node on port 8300", consulNodes);
 
   // --- A service with a TTL check ---------------------------------------------------------
   step("register js-web-1 (TTL check, tags, meta)");

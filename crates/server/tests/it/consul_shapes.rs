@@ -715,8 +715,8 @@ async fn consul_answers_decode_as_consuls_go_structs() {
     svc_ids.sort();
     assert_eq!(
         svc_ids,
-        ["db", "web-1", "web-2"],
-        "Services keyed by service ID"
+        ["consul", "db", "web-1", "web-2"],
+        "Services keyed by service ID, the server's consul service among them"
     );
 
     // agent/services: map[string]api.AgentService; agent/service/:id.
@@ -850,8 +850,8 @@ async fn every_read_has_an_index_and_empty_results_are_empty_not_null() {
     r.index();
     assert_eq!(
         r.json(),
-        json!({}),
-        "catalog/services with nothing registered"
+        json!({"consul": []}),
+        "catalog/services with nothing registered: the server's own consul service"
     );
     for uri in ["/v1/agent/services", "/v1/agent/checks"] {
         assert_eq!(get(&a, uri).await.json(), json!({}), "GET {uri}");
@@ -1039,12 +1039,15 @@ async fn reregistering_an_id_under_another_name_replaces_it() {
     let services = get(&a, "/v1/catalog/services").await.json();
     assert_eq!(
         services,
-        json!({"b": []}),
-        "only the new registration of ID x remains"
+        json!({"b": [], "consul": []}),
+        "only the new registration of ID x remains (beside the server's consul service)"
     );
     assert_eq!(get(&a, "/v1/catalog/service/a").await.json(), json!([]));
     put(&a, "/v1/agent/service/deregister/x", json!(null)).await;
-    assert_eq!(get(&a, "/v1/catalog/services").await.json(), json!({}));
+    assert_eq!(
+        get(&a, "/v1/catalog/services").await.json(),
+        json!({"consul": []})
+    );
 }
 
 /// Consul accepts any service name (it only warns that names outside [A-Za-z0-9-] or
@@ -1533,4 +1536,265 @@ async fn reads_of_names_no_registration_accepts_answer_as_consul_does() {
     get(&a, "/v1/agent/health/service/name/a%20b")
         .await
         .assert_error(StatusCode::NOT_FOUND, "ServiceName a b Not Found");
+}
+
+/// The address a Consul server answers as leader: its RPC port on the advertised address.
+const LEADER: &str = "127.0.0.1:8300";
+
+/// A Consul server registers a `consul` service on its node (ID and name `consul`, the RPC
+/// port 8300, no tags, no checks of its own: `handleAliveMember` in Consul's
+/// `agent/consul/leader.go`), which the catalog and health endpoints show and the agent's
+/// own service list does not.
+#[tokio::test]
+async fn the_agent_shows_the_consul_service_of_a_server() {
+    let a = shape_agent().await;
+    register_fixtures(&a).await;
+
+    let services = get(&a, "/v1/catalog/services").await.json();
+    assert_eq!(services["consul"], json!([]), "{services}");
+
+    let cs = get(&a, "/v1/catalog/service/consul").await;
+    cs.index();
+    let cs = cs.json();
+    assert_shape("catalog/service/consul", &cs, T::List(CATALOG_SERVICE));
+    assert_eq!(cs.as_array().map(Vec::len), Some(1), "{cs}");
+    let e = &cs[0];
+    assert_eq!(e["Node"], NODE_NAME);
+    assert_eq!(e["Address"], "127.0.0.1");
+    assert_eq!(e["ServiceID"], "consul");
+    assert_eq!(e["ServiceName"], "consul");
+    assert_eq!(e["ServicePort"], 8300);
+    assert_eq!(e["ServiceTags"], json!([]));
+    assert_eq!(
+        e["ServiceAddress"], "",
+        "registered without an address of its own"
+    );
+    assert_eq!(e["ServiceMeta"]["raft_version"], "3");
+    let node = get(&a, "/v1/catalog/nodes").await.json();
+    assert_eq!(e["ID"], node[0]["ID"], "on the agent's own node");
+
+    let hs = get(&a, "/v1/health/service/consul?passing").await;
+    hs.index();
+    let hs = hs.json();
+    assert_shape("health/service/consul", &hs, T::List(SERVICE_ENTRY));
+    assert_eq!(hs.as_array().map(Vec::len), Some(1), "{hs}");
+    assert_eq!(hs[0]["Service"]["ID"], "consul");
+    assert_eq!(hs[0]["Service"]["Port"], 8300);
+    assert_eq!(hs[0]["Node"]["Node"], NODE_NAME);
+    let checks: Vec<&str> = hs[0]["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["CheckID"].as_str().unwrap())
+        .collect();
+    assert_eq!(checks, ["serfHealth"], "only the node's check");
+    assert_eq!(
+        get(&a, "/v1/health/checks/consul").await.json(),
+        json!([]),
+        "no checks of its own"
+    );
+    // Filters and tags apply to it as to any service.
+    assert_eq!(
+        get(&a, "/v1/catalog/service/consul?tag=v1").await.json(),
+        json!([])
+    );
+    assert_eq!(
+        get(
+            &a,
+            "/v1/catalog/services?filter=ServiceName%20%3D%3D%20%22web%22"
+        )
+        .await
+        .json(),
+        json!({"web": ["primary", "v1"]})
+    );
+
+    // The node in maintenance fails it, as it fails every service on the node.
+    put(&a, "/v1/agent/maintenance?enable=true", json!(null)).await;
+    assert_eq!(
+        get(&a, "/v1/health/service/consul?passing").await.json(),
+        json!([])
+    );
+    put(&a, "/v1/agent/maintenance?enable=false", json!(null)).await;
+
+    // It is not one of the agent's registered services, nor an instance of the registry.
+    let asvc = get(&a, "/v1/agent/services").await.json();
+    assert!(asvc.get("consul").is_none(), "{asvc}");
+    send(&a, Method::PUT, "/v1/agent/service/deregister/consul", "")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "Unknown service ID");
+    let native = get(&a, "/api/v1/services").await;
+    assert_eq!(native.status, StatusCode::OK, "{}", native.text());
+    assert!(
+        !native.text().contains("\"consul\""),
+        "the native API does not list it: {}",
+        native.text()
+    );
+}
+
+/// The `consul` service is rendered, not registered: a registry full to
+/// `limits.max_instances` has room for exactly that many client instances.
+#[tokio::test]
+async fn the_consul_service_does_not_count_against_the_instance_limit() {
+    let mut c = config();
+    c.node = NODE_NAME.into();
+    c.limits.max_instances = 1;
+    let a = agent(c).await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "db", "Port": 5432}),
+    )
+    .await;
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        &json!({"Name": "other", "Port": 1}).to_string(),
+    )
+    .await;
+    assert_ne!(
+        r.status,
+        StatusCode::OK,
+        "the limit still holds: {}",
+        r.text()
+    );
+    let services = get(&a, "/v1/catalog/services").await.json();
+    assert_eq!(services, json!({"consul": [], "db": []}));
+}
+
+/// `/v1/status/leader` and `/v1/status/peers` answer the address `/v1/agent/self` reports
+/// under `Stats.consul.leader_addr`, `ip:8300`.
+#[tokio::test]
+async fn status_answers_the_leader_addr_agent_self_reports() {
+    let a = shape_agent().await;
+    let me = get(&a, "/v1/agent/self").await.json();
+    assert_eq!(
+        me["Stats"]["consul"]["leader_addr"], LEADER,
+        "{}",
+        me["Stats"]
+    );
+    assert_eq!(me["Stats"]["consul"]["leader"], "true");
+    assert_eq!(me["Stats"]["consul"]["server"], "true");
+    let leader = get(&a, "/v1/status/leader").await;
+    leader.index();
+    assert_eq!(leader.json(), json!(LEADER));
+    assert_eq!(get(&a, "/v1/status/peers").await.json(), json!([LEADER]));
+}
+
+/// Go writes a host and port as `JoinHostPort` does: an IPv6 address in brackets.
+#[tokio::test]
+async fn the_leader_address_of_an_ipv6_agent_is_bracketed() {
+    let mut c = config();
+    c.advertise_addr = "::1".into();
+    let a = agent(c).await;
+    assert_eq!(
+        get(&a, "/v1/status/leader").await.json(),
+        json!("[::1]:8300")
+    );
+    let me = get(&a, "/v1/agent/self").await.json();
+    assert_eq!(me["Stats"]["consul"]["leader_addr"], "[::1]:8300");
+}
+
+/// Members carry the tags a Consul server gossips (`setupSerfConfig` in Consul's
+/// `agent/consul/server_serf.go`); with `?wan` the member is named `node.datacenter` and
+/// shown on the WAN port.
+#[tokio::test]
+async fn members_carry_a_servers_tags_and_wan_names_node_dot_datacenter() {
+    let a = shape_agent().await;
+    let lan = get(&a, "/v1/agent/members").await;
+    lan.index();
+    let lan = lan.json();
+    assert_shape("agent/members", &lan, T::List(MEMBER));
+    let m = &lan[0];
+    assert_eq!(m["Name"], NODE_NAME);
+    assert_eq!(m["Addr"], "127.0.0.1");
+    assert_eq!(m["Port"], 8301);
+    let tags = &m["Tags"];
+    for (k, v) in [
+        ("role", "consul"),
+        ("dc", "dc1"),
+        ("segment", ""),
+        ("port", "8300"),
+        ("vsn", "2"),
+        ("vsn_min", "2"),
+        ("vsn_max", "3"),
+        ("raft_vsn", "3"),
+        ("wan_join_port", "8302"),
+    ] {
+        assert_eq!(tags[k], v, "tag {k}: {tags}");
+    }
+    assert!(
+        tags["build"].as_str().is_some_and(|b| !b.is_empty()),
+        "{tags}"
+    );
+    let me = get(&a, "/v1/agent/self").await.json();
+    assert_eq!(tags["id"], me["Config"]["NodeID"], "id is the node ID");
+    assert_eq!(me["Member"], *m, "agent/self.Member is the LAN member");
+
+    for uri in ["/v1/agent/members?wan=1", "/v1/agent/members?wan"] {
+        let wan = get(&a, uri).await.json();
+        assert_shape(uri, &wan, T::List(MEMBER));
+        assert_eq!(wan[0]["Name"], format!("{NODE_NAME}.dc1"), "{uri}");
+        assert_eq!(wan[0]["Port"], 8302, "{uri}");
+        assert_eq!(wan[0]["Tags"]["role"], "consul", "{uri}");
+        assert!(
+            wan[0]["Tags"].get("wan_join_port").is_none(),
+            "{uri}: a LAN tag"
+        );
+    }
+    assert_eq!(
+        get(&a, "/v1/agent/members?wan=0").await.json()[0]["Name"],
+        NODE_NAME
+    );
+    send(&a, Method::GET, "/v1/agent/members?wan=maybe", "")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "wan");
+}
+
+/// The agent's own endpoints show the service as registered: `Address` empty when none was
+/// given, no `CreateIndex`/`ModifyIndex` (Consul's local agent state has no raft index, and
+/// `api.AgentService` omits them when zero), no `Kind` for a typical service (`omitempty`).
+#[tokio::test]
+async fn agent_endpoints_show_the_service_as_registered() {
+    let a = shape_agent().await;
+    register_fixtures(&a).await;
+    let all = get(&a, "/v1/agent/services").await.json();
+    let one = get(&a, "/v1/agent/service/db").await.json();
+    let by_id = get(&a, "/v1/agent/health/service/id/db").await;
+    assert_eq!(by_id.status, StatusCode::OK, "{}", by_id.text());
+    let by_id = by_id.json();
+    let by_name = get(&a, "/v1/agent/health/service/name/db").await;
+    assert_eq!(by_name.status, StatusCode::OK, "{}", by_name.text());
+    let by_name = by_name.json();
+    for (what, svc) in [
+        ("agent/services", &all["db"]),
+        ("agent/service/db", &one),
+        ("agent/health/service/id/db", &by_id["Service"]),
+        ("agent/health/service/name/db", &by_name[0]["Service"]),
+    ] {
+        assert_shape(what, svc, T::Struct(AGENT_SERVICE));
+        assert_eq!(
+            svc["Address"], "",
+            "{what}: no address was registered: {svc}"
+        );
+        for absent in ["CreateIndex", "ModifyIndex", "Kind"] {
+            assert!(svc.get(absent).is_none(), "{what}: no {absent}: {svc}");
+        }
+    }
+    assert_eq!(
+        all["web-1"]["Address"], "10.0.0.1",
+        "an address given is shown"
+    );
+    // The catalog keeps its index fields.
+    let node = get(&a, &format!("/v1/catalog/node/{NODE_NAME}"))
+        .await
+        .json();
+    assert!(
+        node["Services"]["db"]["ModifyIndex"]
+            .as_u64()
+            .is_some_and(|i| i >= 1)
+    );
+    // Discovery still has an address to connect to: the node's.
+    let cs = get(&a, "/v1/catalog/service/db").await.json();
+    assert_eq!(cs[0]["Address"], "127.0.0.1");
 }

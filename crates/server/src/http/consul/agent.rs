@@ -202,8 +202,8 @@ pub struct ServiceRegistration {
     pub spec: InstanceSpec,
 }
 
-/// Reads `Name`/`Service`, `ID`, `Address` (`default_address` when empty), `Port`, `Tags`,
-/// `Meta`, `Weights`, `TaggedAddresses`, `EnableTagOverride`.
+/// Reads `Name`/`Service`, `ID`, `Address` (`default_address` when empty, remembered as not
+/// given), `Port`, `Tags`, `Meta`, `Weights`, `TaggedAddresses`, `EnableTagOverride`.
 pub fn service_registration(
     o: &Obj<'_>,
     default_address: &str,
@@ -222,7 +222,9 @@ pub fn service_registration(
     let id = InstanceId::parse(&id_text).map_err(|e| {
         ConsulError::bad_request(format!("Invalid service ID {id_text:?}: {}", e.message))
     })?;
-    let address = match o.str(&["Address"])?.as_deref() {
+    let given = o.str(&["Address"])?;
+    let address_from_node = given.as_deref().is_none_or(str::is_empty);
+    let address = match given.as_deref() {
         None | Some("") => default_address.to_string(),
         Some("0.0.0.0" | "::" | "[::]") => {
             return Err(ConsulError::bad_request("Invalid service address"));
@@ -254,6 +256,7 @@ pub fn service_registration(
         tagged_addresses,
         enable_tag_override: o.bool(&["EnableTagOverride"])?.unwrap_or(false),
         node: None,
+        address_from_node,
     };
     let compat = (compat != Default::default()).then(|| Box::new(compat));
     let spec = InstanceSpec {
@@ -395,7 +398,7 @@ pub async fn services(
     // The agent's own services: not external ones registered through the catalog.
     for svc in snap.services.values() {
         for i in svc.instances.values().filter(|i| !render::is_external(i)) {
-            let v = render::agent_service(i, dc);
+            let v = render::local_service(i, dc);
             if filter.as_ref().is_none_or(|f| f.matches(&v)) {
                 out.insert(i.id.to_string(), v);
             }
@@ -411,7 +414,7 @@ pub async fn service(
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
     let inst = find(&snap, &id).ok_or_else(|| unknown_service(&id))?;
-    let mut v = render::agent_service(&inst, &state.config().datacenter);
+    let mut v = render::local_service(&inst, &state.config().datacenter);
     let hash = render::uuid_from(&format!("{}:{}", inst.id, inst.modify_index));
     v["ContentHash"] = json!(hash.replace('-', "")[..16]);
     Ok(super::json(inst.modify_index, &v))
@@ -634,7 +637,7 @@ pub async fn health_by_id(
     let status = render::aggregated(inst.health());
     let body = json!({
         "AggregatedStatus": status,
-        "Service": render::agent_service(&inst, &node.datacenter),
+        "Service": render::local_service(&inst, &node.datacenter),
         "Checks": render::instance_checks(&node, &inst),
     });
     Ok(health_answer(status, body, q.get("format") == Some("text")))
@@ -665,7 +668,7 @@ pub async fn health_by_name(
         .map(|i| {
             json!({
                 "AggregatedStatus": render::aggregated(i.health()),
-                "Service": render::agent_service(i, &node.datacenter),
+                "Service": render::local_service(i, &node.datacenter),
                 "Checks": render::instance_checks(&node, i),
             })
         })
@@ -693,30 +696,89 @@ pub async fn self_info(State(state): State<AppState>) -> Response {
         },
         "DebugConfig": {},
         "Coord": {"Vec": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
-        "Member": member(&node),
-        "Stats": {"agent": {"check_monitors": "0"}, "muster": {"version": env!("CARGO_PKG_VERSION")}},
+        "Member": member(&node, Pool::Lan),
+        "Stats": {
+            "agent": {"check_monitors": "0"},
+            // What a Consul server that leads itself reports; the values are strings in Consul.
+            "consul": {
+                "acl": "disabled",
+                "bootstrap": "false",
+                "known_datacenters": "1",
+                "leader": "true",
+                "leader_addr": node.server_addr(),
+                "server": "true",
+            },
+            "muster": {"version": env!("CARGO_PKG_VERSION")},
+        },
         "Meta": {},
         "xDS": {},
     });
     super::json(state.snapshot().index, &body)
 }
 
-fn member(node: &Node) -> Value {
+/// Which gossip pool a member is shown in: Consul names WAN members `node.datacenter`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pool {
+    Lan,
+    Wan,
+}
+
+/// The agent as a Serf member, with the tags a Consul server gossips
+/// (`agent/consul/server_serf.go`, `setupSerfConfig`).
+fn member(node: &Node, pool: Pool) -> Value {
+    let (name, port) = match pool {
+        Pool::Lan => (node.name.to_string(), render::SERF_LAN_PORT),
+        Pool::Wan => (
+            format!("{}.{}", node.name, node.datacenter),
+            render::SERF_WAN_PORT,
+        ),
+    };
+    let mut tags = json!({
+        "role": "consul",
+        "dc": node.datacenter,
+        "segment": "",
+        "id": node.id,
+        "vsn": "2",
+        "vsn_min": "2",
+        "vsn_max": "3",
+        "raft_vsn": "3",
+        "build": env!("CARGO_PKG_VERSION"),
+        "port": render::SERVER_RPC_PORT.to_string(),
+        "acls": "0",
+        "ft_fs": "1",
+        "ft_si": "1",
+    });
+    if pool == Pool::Lan {
+        tags["wan_join_port"] = json!(render::SERF_WAN_PORT.to_string());
+    }
     json!({
-        "Name": node.name,
+        "Name": name,
         "Addr": node.address,
-        "Port": 8301,
-        "Tags": {"dc": node.datacenter, "role": "consul", "port": "8300", "id": node.id, "vsn": "2", "build": env!("CARGO_PKG_VERSION")},
+        "Port": port,
+        "Tags": tags,
         "Status": 1,
         "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2,
         "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
     })
 }
 
-/// `GET /v1/agent/members`: this node alone.
-pub async fn members(State(state): State<AppState>) -> Response {
+/// `GET /v1/agent/members[?wan]`: this node alone, in the LAN pool or, with `wan`, the WAN
+/// pool.
+pub async fn members(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let q = Query::parse(raw.as_deref())?;
+    let pool = if q.bool("wan")?.unwrap_or(false) {
+        Pool::Wan
+    } else {
+        Pool::Lan
+    };
     let node = Node::of(&state);
-    super::json(state.snapshot().index, &json!([member(&node)]))
+    Ok(super::json(
+        state.snapshot().index,
+        &json!([member(&node, pool)]),
+    ))
 }
 
 /// join, leave, force-leave, reload: a single-node agent has nothing to do.

@@ -101,6 +101,12 @@ pub async fn services(
                 .map_or(s.name.as_str(), |i| render::service_name(i));
             out.insert(name.to_string(), json!(tags));
         }
+        // The agent's own `consul` service (see `render::consul_agent_service`).
+        if !out.contains_key(render::CONSUL_SERVICE)
+            && r.keep(&render::consul_catalog_service(&r.node))
+        {
+            out.insert(render::CONSUL_SERVICE.to_string(), json!([]));
+        }
     }
     Ok(super::json(snap.index, &Value::Object(out)))
 }
@@ -116,6 +122,14 @@ fn instances<'a>(
         .filter(move |i| render::has_tags(i, tags))
 }
 
+/// Whether the agent's `consul` service answers a read of service `key` with `tags`.
+fn shows_consul_service(r: &Read, snap: &Snapshot, key: &str, tags: &[String]) -> bool {
+    key == render::CONSUL_SERVICE
+        && r.node_matches
+        && tags.is_empty()
+        && !render::consul_id_taken(snap)
+}
+
 /// `GET /v1/catalog/service/:service`: every instance, whatever its health.
 pub async fn service(
     State(state): State<AppState>,
@@ -126,14 +140,14 @@ pub async fn service(
     let key = service_key(&name);
     let snap = snapshot_for(&state, &r, |s| s.service_index(&key)).await?;
     let tags = r.q.tags();
-    let list: Vec<Value> = if r.node_matches {
-        instances(&snap, &key, &tags)
-            .map(|i| render::catalog_service(&r.node, i))
-            .filter(|v| r.keep(v))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let mut list: Vec<Value> = Vec::new();
+    if shows_consul_service(&r, &snap, &key, &tags) {
+        list.push(render::consul_catalog_service(&r.node));
+    }
+    if r.node_matches {
+        list.extend(instances(&snap, &key, &tags).map(|i| render::catalog_service(&r.node, i)));
+    }
+    list.retain(|v| r.keep(v));
     Ok(super::json(snap.service_index(&key), &Value::Array(list)))
 }
 
@@ -195,6 +209,12 @@ pub async fn node(
         return Ok(super::json(snap.index, &Value::Null));
     };
     let mut services = Map::new();
+    if r.node.is(&name) && !render::consul_id_taken(&snap) {
+        services.insert(
+            render::CONSUL_SERVICE.to_string(),
+            render::consul_agent_service(&r.node),
+        );
+    }
     for i in on_node(&r, &snap, &name) {
         services.insert(
             i.id.to_string(),
@@ -230,7 +250,7 @@ pub async fn health_service(
     if !r.node_matches {
         return Ok(super::json(index, &json!([])));
     }
-    let render = |tags: &[String]| {
+    let render = |tags: &[String]| -> Vec<Value> {
         let own = render::node(&r.node);
         let node_checks = render::node_checks(&r.node, &snap);
         let list: Vec<Value> = instances(&snap, &key, tags)
@@ -251,19 +271,37 @@ pub async fn health_service(
             })
             .filter(|v| r.keep(v))
             .collect();
-        Bytes::from(serde_json::to_vec(&list).unwrap_or_default())
+        list
     };
-    let body = match snap.service(&key) {
-        Some(s) if tags.is_empty() && r.filter.is_none() => {
-            let which = if passing {
-                Rendering::ConsulHealthPassing
-            } else {
-                Rendering::ConsulHealth
-            };
-            s.rendered(which, |_| render(&[]))
+    let to_bytes = |list: &[Value]| Bytes::from(serde_json::to_vec(list).unwrap_or_default());
+    let body = if shows_consul_service(&r, &snap, &key, &tags) {
+        // The agent's `consul` service: its only checks are the node's, as on a Consul server.
+        let checks = render::node_checks(&r.node, &snap);
+        let healthy = checks.iter().all(|c| c["Status"] == "passing");
+        let mut list = Vec::new();
+        let entry = json!({
+            "Node": render::node(&r.node),
+            "Service": render::consul_agent_service(&r.node),
+            "Checks": checks,
+        });
+        if (!passing || healthy) && r.keep(&entry) {
+            list.push(entry);
         }
-        Some(_) => render(&tags),
-        None => Bytes::from_static(b"[]"),
+        list.extend(render(&tags));
+        to_bytes(&list)
+    } else {
+        match snap.service(&key) {
+            Some(s) if tags.is_empty() && r.filter.is_none() => {
+                let which = if passing {
+                    Rendering::ConsulHealthPassing
+                } else {
+                    Rendering::ConsulHealth
+                };
+                s.rendered(which, |_| to_bytes(&render(&[])))
+            }
+            Some(_) => to_bytes(&render(&tags)),
+            None => Bytes::from_static(b"[]"),
+        }
     };
     Ok(super::json_bytes(index, body))
 }
@@ -343,22 +381,17 @@ pub async fn health_node(
     Ok(super::json(snap.index, &Value::Array(list)))
 }
 
-/// `GET /v1/status/leader`: this agent, on Consul's server port.
+/// `GET /v1/status/leader`: this agent, as `/v1/agent/self` reports it in
+/// `Stats.consul.leader_addr`.
 pub async fn leader(State(state): State<AppState>) -> Response {
     let node = Node::of(&state);
-    super::json(
-        state.snapshot().index,
-        &json!(format!("{}:8300", node.address)),
-    )
+    super::json(state.snapshot().index, &json!(node.server_addr()))
 }
 
-/// `GET /v1/status/peers`.
+/// `GET /v1/status/peers`: this agent alone.
 pub async fn peers(State(state): State<AppState>) -> Response {
     let node = Node::of(&state);
-    super::json(
-        state.snapshot().index,
-        &json!([format!("{}:8300", node.address)]),
-    )
+    super::json(state.snapshot().index, &json!([node.server_addr()]))
 }
 
 /// A catalog check: a status set by the registrant, never run.

@@ -43,6 +43,17 @@ impl Node {
         state.consul_node().clone()
     }
 
+    /// The address Consul gives a server by: its RPC port on the node's address, as
+    /// `/v1/status/leader`, `/v1/status/peers` and `Stats.consul.leader_addr` report it
+    /// (Go's `JoinHostPort` form, so an IPv6 address is bracketed).
+    pub fn server_addr(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{SERVER_RPC_PORT}", self.address)
+        } else {
+            format!("{}:{SERVER_RPC_PORT}", self.address)
+        }
+    }
+
     /// Whether `name` names this node (case-insensitively, as Consul matches).
     pub fn is(&self, name: &str) -> bool {
         self.name.eq_ignore_ascii_case(name)
@@ -60,6 +71,81 @@ impl Node {
             None => self.clone(),
         }
     }
+}
+
+/// Consul's server RPC port. The agent has no such listener; it is the port Consul clients
+/// expect in a server's address (`leader_addr`, `/v1/status/*`, the `consul` service).
+pub const SERVER_RPC_PORT: u16 = 8300;
+
+/// Consul's Serf LAN and WAN ports, which members report.
+pub const SERF_LAN_PORT: u16 = 8301;
+/// See [`SERF_LAN_PORT`].
+pub const SERF_WAN_PORT: u16 = 8302;
+
+/// The service every Consul server registers for itself (name and ID).
+pub const CONSUL_SERVICE: &str = "consul";
+
+/// `Meta` of the `consul` service, as Consul's leader writes it for a server
+/// (`agent/consul/leader.go`, `handleAliveMember`).
+fn consul_service_meta() -> Value {
+    json!({
+        "non_voter": "false",
+        "read_replica": "false",
+        "raft_version": "3",
+        "serf_protocol_current": "2",
+        "serf_protocol_min": "1",
+        "serf_protocol_max": "5",
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// The agent's `consul` service as an `AgentService` (health/service, catalog/node). It is
+/// rendered here, not registered: the adapter presents the agent as Consul presents a
+/// server, while the registry (native API, DNS, limits) holds only what clients registered.
+pub fn consul_agent_service(n: &Node) -> Value {
+    json!({
+        "ID": CONSUL_SERVICE,
+        "Service": CONSUL_SERVICE,
+        "Tags": [],
+        "Meta": consul_service_meta(),
+        "Port": SERVER_RPC_PORT,
+        "Address": "",
+        "Weights": {"Passing": 1, "Warning": 1},
+        "EnableTagOverride": false,
+        "Datacenter": n.datacenter,
+        "CreateIndex": 1,
+        "ModifyIndex": 1,
+    })
+}
+
+/// The agent's `consul` service as a `CatalogService` (`/v1/catalog/service/consul`).
+pub fn consul_catalog_service(n: &Node) -> Value {
+    json!({
+        "ID": n.id,
+        "Node": n.name,
+        "Address": n.address,
+        "Datacenter": n.datacenter,
+        "TaggedAddresses": {"lan": n.address, "wan": n.address},
+        "NodeMeta": {"consul-network-segment": ""},
+        "ServiceKind": "",
+        "ServiceID": CONSUL_SERVICE,
+        "ServiceName": CONSUL_SERVICE,
+        "ServiceTags": [],
+        "ServiceAddress": "",
+        "ServiceWeights": {"Passing": 1, "Warning": 1},
+        "ServiceMeta": consul_service_meta(),
+        "ServicePort": SERVER_RPC_PORT,
+        "ServiceEnableTagOverride": false,
+        "CreateIndex": 1,
+        "ModifyIndex": 1,
+    })
+}
+
+/// Whether the snapshot holds a service of the agent's own node with ID `consul`: then that
+/// one is shown, not the agent's `consul` service (IDs are unique on a node).
+pub fn consul_id_taken(snap: &muster_core::Snapshot) -> bool {
+    snap.instances_with_id(CONSUL_SERVICE)
+        .any(|i| !is_external(i))
 }
 
 /// Whether the instance is an external service registered through the catalog (on a node
@@ -174,6 +260,23 @@ pub fn agent_service(i: &Instance, dc: &str) -> Value {
     });
     if let Some(t) = tagged_addresses(i) {
         v["TaggedAddresses"] = t;
+    }
+    v
+}
+
+/// `AgentService` as the agent's own endpoints show it (`/v1/agent/services`,
+/// `/v1/agent/service/:id`, `/v1/agent/health/service/...`): the service's `Address` as
+/// registered (empty when none was given) and no `CreateIndex`/`ModifyIndex`, which Consul's
+/// agent state does not have (`api.AgentService` omits them when zero). `Kind` is omitted:
+/// every service here is a typical one, and `api.AgentService` omits an empty `Kind`.
+pub fn local_service(i: &Instance, dc: &str) -> Value {
+    let mut v = agent_service(i, dc);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("CreateIndex");
+        o.remove("ModifyIndex");
+    }
+    if i.spec.compat.as_ref().is_some_and(|c| c.address_from_node) {
+        v["Address"] = json!("");
     }
     v
 }
