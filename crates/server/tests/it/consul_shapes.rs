@@ -1798,3 +1798,44 @@ async fn agent_endpoints_show_the_service_as_registered() {
     let cs = get(&a, "/v1/catalog/service/db").await.json();
     assert_eq!(cs[0]["Address"], "127.0.0.1");
 }
+
+/// A service a client registers as `consul` is shown beside the server's; one registered
+/// with the ID `consul` on the agent's node takes its place (IDs are unique on a node).
+#[tokio::test]
+async fn a_registered_consul_service_is_shown_with_or_instead_of_the_servers() {
+    let a = shape_agent().await;
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "consul", "ID": "consul-2", "Port": 9000, "Tags": ["mine"]}),
+    )
+    .await;
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["ServiceID"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let cs = get(&a, "/v1/catalog/service/consul").await.json();
+    assert_eq!(ids(&cs), ["consul", "consul-2"]);
+    assert_eq!(
+        get(&a, "/v1/catalog/services").await.json()["consul"],
+        json!(["mine"])
+    );
+    put(
+        &a,
+        "/v1/agent/service/register",
+        json!({"Name": "consul", "ID": "consul", "Port": 9001}),
+    )
+    .await;
+    let cs = get(&a, "/v1/catalog/service/consul").await.json();
+    assert_eq!(ids(&cs), ["consul", "consul-2"]);
+    assert_eq!(cs[0]["ServicePort"], 9001, "the registered one: {cs}");
+    let hs = get(&a, "/v1/health/service/consul").await.json();
+    assert_eq!(hs.as_array().map(Vec::len), Some(2), "{hs}");
+    let node = get(&a, &format!("/v1/catalog/node/{NODE_NAME}"))
+        .await
+        .json();
+    assert_eq!(node["Services"]["consul"]["Port"], 9001);
+}
