@@ -7,6 +7,10 @@
 //! break on: PascalCase answers, lenient request keys, `X-Consul-Index` on every read (never
 //! 0), text errors, GET/PUT/POST on agent writes.
 //!
+//! The agent is shown as a Consul server leading itself. The `consul` service such a server
+//! registers is rendered here (`render::consul_agent_service`) rather than registered, so it
+//! stays out of the native API, DNS and the registry's limits, and no client can remove it.
+//!
 //! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
 //! - [`catalog`]: catalog, health and status reads.
 //! - [`events`]: user events, kept in memory.
