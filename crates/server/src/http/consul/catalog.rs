@@ -35,7 +35,7 @@ impl Read {
 }
 
 fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
-    let q = Query::local(raw, state)?;
+    let q = Query::parse(raw)?;
     let filter = filter(&q)?;
     let node = Node::of(state);
     let node_matches = q
@@ -394,7 +394,7 @@ pub async fn register(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    Query::local(raw.as_deref(), &state)?;
+    Query::parse(raw.as_deref())?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node_name = o
@@ -486,7 +486,7 @@ pub async fn deregister(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    Query::local(raw.as_deref(), &state)?;
+    Query::parse(raw.as_deref())?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node_name = o
