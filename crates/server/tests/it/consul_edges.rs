@@ -399,6 +399,7 @@ async fn consul_acls_answer_as_acls_disabled_and_unknown_paths_stay_unsupported(
         (Method::GET, "/v1/acl/tokens"),
         (Method::PUT, "/v1/acl/bootstrap"),
         (Method::GET, "/v1/acl/token/self"),
+        (Method::PUT, "/v1/agent/token/default"),
     ] {
         send(&a, method, uri, "")
             .await
@@ -431,4 +432,30 @@ async fn consul_blocking_read_of_an_absent_feature_waits() {
             start.elapsed()
         );
     }
+}
+
+#[tokio::test]
+async fn consul_raft_configuration_is_this_agent_alone_leading_at_the_leader_address() {
+    let a = edge_agent().await;
+    let leader = get(&a, "/v1/status/leader").await.json();
+    let raft = get(&a, "/v1/operator/raft/configuration")
+        .await
+        .assert_json_with_meta();
+    let servers = raft["Servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{raft}");
+    let s = &servers[0];
+    assert_eq!(s["Node"], json!(NODE_NAME), "{raft}");
+    assert_eq!(s["Address"], leader, "{raft}");
+    assert_eq!((&s["Leader"], &s["Voter"]), (&json!(true), &json!(true)));
+    assert!(s["ID"].as_str().is_some_and(|id| id.len() == 36), "{raft}");
+    assert!(
+        s["ProtocolVersion"].is_string() && raft["Index"].is_u64(),
+        "{raft}"
+    );
+
+    let v = get(&a, "/v1/agent/version").await.assert_json_with_meta();
+    for key in ["SHA", "BuildDate", "HumanVersion", "FIPS"] {
+        assert!(v[key].is_string(), "agent/version {key}: {v}");
+    }
+    assert!(!v["HumanVersion"].as_str().unwrap().is_empty(), "{v}");
 }

@@ -267,8 +267,8 @@ pub async fn config_apply() -> ConsulError {
     not_kept("Config entries")
 }
 
-/// `/v1/acl/*`: Consul's answer when ACLs are not enabled (401; py-consul raises
-/// `ACLDisabled`). Tokens sent with requests are ignored.
+/// `/v1/acl/*` and `PUT /v1/agent/token/:kind`: Consul's answer when ACLs are not enabled
+/// (401; py-consul raises `ACLDisabled`). Tokens sent with requests are ignored.
 pub async fn acl_disabled() -> ConsulError {
     ConsulError::new(StatusCode::UNAUTHORIZED, "ACL support disabled")
 }

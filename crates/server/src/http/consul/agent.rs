@@ -683,6 +683,19 @@ pub async fn health_by_name(
     ))
 }
 
+/// `GET /v1/agent/version`: Consul's `version` shape, with muster's version.
+pub async fn version() -> Response {
+    super::json(
+        1,
+        &json!({
+            "SHA": "",
+            "BuildDate": "",
+            "HumanVersion": env!("CARGO_PKG_VERSION"),
+            "FIPS": "",
+        }),
+    )
+}
+
 /// `GET /v1/agent/self`: every top-level value an object, as Go's client requires.
 pub async fn self_info(State(state): State<AppState>) -> Response {
     let node = Node::of(&state);

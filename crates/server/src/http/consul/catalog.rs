@@ -361,6 +361,25 @@ pub async fn peers(State(state): State<AppState>) -> Response {
     )
 }
 
+/// `GET /v1/operator/raft/configuration`: this agent, the single voter and leader, at the
+/// address `status/leader` answers.
+pub async fn raft_configuration(State(state): State<AppState>) -> Response {
+    let node = Node::of(&state);
+    let index = state.snapshot().index;
+    let body = json!({
+        "Servers": [{
+            "ID": node.id,
+            "Node": node.name,
+            "Address": format!("{}:8300", node.address),
+            "Leader": true,
+            "ProtocolVersion": "3",
+            "Voter": true,
+        }],
+        "Index": index,
+    });
+    super::json(index, &body)
+}
+
 /// A catalog check: a status set by the registrant, never run.
 fn external_check(
     o: &Obj<'_>,

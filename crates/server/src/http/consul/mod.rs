@@ -396,6 +396,7 @@ fn absent_features() -> Router<AppState> {
             get(absent::config_get).delete(absent::config_delete),
         )
         .route("/acl/{*rest}", any(absent::acl_disabled))
+        .route("/agent/token/{kind}", put(absent::acl_disabled))
 }
 
 /// The routes with the ordinary body limit.
@@ -472,6 +473,11 @@ fn rest() -> Router<AppState> {
         .route("/health/node/{node}", get(catalog::health_node))
         .route("/status/leader", get(catalog::leader))
         .route("/status/peers", get(catalog::peers))
+        .route(
+            "/operator/raft/configuration",
+            get(catalog::raft_configuration),
+        )
+        .route("/agent/version", get(agent::version))
         .fallback(any(unknown))
 }
 
