@@ -459,3 +459,48 @@ async fn consul_raft_configuration_is_this_agent_alone_leading_at_the_leader_add
     }
     assert!(!v["HumanVersion"].as_str().unwrap().is_empty(), "{v}");
 }
+
+#[tokio::test]
+async fn consul_node_services_lists_a_nodes_services_and_answers_unknown_nodes_empty() {
+    let a = edge_agent().await;
+    let reg = json!({"ID": "web-1", "Name": "web", "Port": 8080, "Tags": ["v1"]});
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        &reg.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let ext = json!({"Node": "ext-1", "Address": "10.0.0.9",
+                     "Service": {"ID": "ext-web", "Service": "ext-web", "Port": 80}});
+    send(&a, Method::PUT, "/v1/catalog/register", &ext.to_string()).await;
+
+    for (node, ids) in [(NODE_NAME, ["web-1"]), ("ext-1", ["ext-web"])] {
+        let v = get(&a, &format!("/v1/catalog/node-services/{node}"))
+            .await
+            .assert_json_with_meta();
+        assert_eq!(v["Node"]["Node"], json!(node), "{v}");
+        let got: Vec<&str> = v["Services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["ID"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, ids, "{v}");
+    }
+    let v = get(
+        &a,
+        "/v1/catalog/node-services/web-1?filter=Port%20%3D%3D%201",
+    )
+    .await
+    .assert_json_with_meta();
+    assert_eq!(v, json!({"Node": null, "Services": null}));
+    let v = get(
+        &a,
+        &format!("/v1/catalog/node-services/{NODE_NAME}?filter=Port%20%3D%3D%201"),
+    )
+    .await
+    .assert_json_with_meta();
+    assert_eq!(v["Services"], json!([]), "{v}");
+}

@@ -207,6 +207,31 @@ pub async fn node(
     ))
 }
 
+/// `GET /v1/catalog/node-services/:node`: the node and its services as a list; an unknown
+/// node is Consul's empty answer, `{"Node": null, "Services": null}`.
+pub async fn node_services(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let r = read(&state, raw.as_deref())?;
+    let snap = snapshot_for(&state, &r, |s| s.index).await?;
+    let Some(node) = all_nodes(&r, &snap).into_iter().find(|n| n.is(&name)) else {
+        return Ok(super::json(
+            snap.index,
+            &json!({"Node": null, "Services": null}),
+        ));
+    };
+    let services: Vec<Value> = on_node(&r, &snap, &name)
+        .map(|i| render::agent_service(i, &r.node.datacenter))
+        .filter(|v| r.keep(v))
+        .collect();
+    Ok(super::json(
+        snap.index,
+        &json!({"Node": render::node(&node), "Services": services}),
+    ))
+}
+
 /// `GET /v1/catalog/datacenters`.
 pub async fn datacenters(State(state): State<AppState>) -> Response {
     super::json(state.snapshot().index, &json!([state.config().datacenter]))

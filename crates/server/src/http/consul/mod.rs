@@ -458,6 +458,7 @@ fn rest() -> Router<AppState> {
         .route("/catalog/service/{service}", get(catalog::service))
         .route("/catalog/nodes", get(catalog::nodes))
         .route("/catalog/node/{node}", get(catalog::node))
+        .route("/catalog/node-services/{node}", get(catalog::node_services))
         .route("/catalog/datacenters", get(catalog::datacenters))
         .route(
             "/catalog/register",
