@@ -22,7 +22,7 @@ import urllib.request
 
 import consul
 from consul import Check
-from consul.exceptions import BadRequest, ClientError, NotFound
+from consul.exceptions import ACLDisabled, BadRequest, ClientError, ConsulException, NotFound
 
 DEADLINE = 20.0  # seconds any condition may take to come true (HTTP checks run every 1 s)
 
@@ -388,6 +388,58 @@ def event_steps(c) -> None:
     expect(none == [], "event.list(unknown name) is []", none)
 
 
+def refusal_steps(c) -> None:
+    """What Consul refuses, refused the way Consul refuses it (expected from Consul's source)."""
+    step("agent.check.register for a ServiceID that does not exist: 404, so False")
+    ok = c.agent.check.register("orphan", Check.ttl("10s"), check_id="orphan", service_id="no-such-service")
+    expect(ok is False, "check.register(service_id=unknown) returns False (404)", ok)
+    expect("orphan" not in c.agent.checks(), "no check was added", c.agent.checks())
+
+    step("session.create on a node that is not in the catalog: 500 Missing node registration")
+    e = raises(ConsulException, lambda: c.session.create(name="nowhere", node="no-such-node"))
+    expect("500" in str(e) and "Missing node registration" in str(e), "session.create(node=unknown)", str(e))
+
+    step("kv.put with acquire by a session that does not exist: 500 invalid session")
+    e = raises(ConsulException, lambda: c.kv.put("py/orphan-lock", "x", acquire="00000000-0000-0000-0000-000000000000"))
+    expect("500" in str(e) and "invalid session" in str(e), "kv.put(acquire=unknown)", str(e))
+    _, pair = c.kv.get("py/orphan-lock")
+    expect(pair is None, "the failed acquire stored nothing", pair)
+    expect(c.kv.put("py/orphan-lock", "x", release="00000000-0000-0000-0000-000000000000") is False,
+           "kv.put(release=unknown) is False, as in Consul")
+    c.kv.delete("py/orphan-lock")
+
+    step("a request for another datacenter: 500 No path to datacenter")
+    e = raises(ConsulException, lambda: c.catalog.nodes(dc="elsewhere"))
+    expect("No path to datacenter" in str(e), "catalog.nodes(dc='elsewhere')", str(e))
+    e = raises(ConsulException, lambda: c.kv.get("py/anything", dc="elsewhere"))
+    expect("No path to datacenter" in str(e), "kv.get(dc='elsewhere')", str(e))
+
+
+def absent_feature_steps(c) -> None:
+    """Connect, gateways, config entries, ACLs: answered as a Consul that does not use them."""
+    step("connect: no CA roots, no intentions; the default (no ACLs) allows")
+    roots = c.connect.ca.roots()
+    expect(roots == {"ActiveRootID": "", "TrustDomain": "", "Roots": []}, "connect.ca.roots()", roots)
+    intentions = c.connect.intentions.list()
+    expect(intentions == [], "connect.intentions.list()", intentions)
+    e = raises(ConsulException, lambda: c.connect.ca.configuration())
+    expect("Connect must be enabled" in str(e), "connect.ca.configuration() without a CA", str(e))
+
+    step("gateways and connect-capable services: none")
+    gw = c.catalog.gateway_services("ingress-gw")
+    expect(gw == [], "catalog.gateway_services()", gw)
+
+    step("config entries: none of a known kind; a named one is Consul's 404 (None)")
+    entries = c.config.list("service-defaults")
+    expect(entries == [], "config.list('service-defaults')", entries)
+    got = c.config.get("service-defaults", "web")
+    expect(got is None, "config.get() of a missing entry is None (404)", got)
+
+    step("ACLs are not enabled: 401, raised as ACLDisabled")
+    e = raises(ACLDisabled, lambda: c.acl.token.list())
+    expect("ACL support disabled" in str(e), "acl.token.list()", str(e))
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: py_consul_check.py HOST:PORT [NODE]")
@@ -751,6 +803,8 @@ def main() -> None:
     session_steps(c, node)
     txn_steps(c)
     event_steps(c)
+    refusal_steps(c)
+    absent_feature_steps(c)
     print("py-consul: all steps passed", flush=True)
 
 

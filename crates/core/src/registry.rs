@@ -1714,10 +1714,9 @@ impl Registry {
                 }
             }
         }
+        // A release by a session that does not exist is refused like one by any session
+        // not holding the lock (Consul answers `false`, not an error): it holds nothing.
         if let Some(s) = &put.release {
-            if !self.state.sessions.contains_key(s.as_str()) {
-                return Err(RegistryError::UnknownSession(s.clone()));
-            }
             match &session {
                 Some(holder) if **holder == **s => session = None,
                 _ => return refused,

@@ -351,6 +351,33 @@ async function eventSteps(consul) {
   expect(Array.isArray(none) && none.length === 0, "event.list(unknown name) is []", none);
 }
 
+/** What Consul refuses, refused the way Consul refuses it (expected from Consul's source). */
+async function refusalSteps(consul) {
+  step("agent.check.register for a ServiceID that does not exist rejects with the 404");
+  const orphan = await rejects(
+    consul.agent.check.register({ name: "orphan", id: "orphan", serviceid: "no-such-service", ttl: "10s" }),
+    "check.register(unknown ServiceID)",
+  );
+  expect(orphan.statusCode === 404 && /ServiceID "no-such-service" does not exist/.test(orphan.message),
+    "404 ServiceID \"...\" does not exist", [orphan.statusCode, orphan.message]);
+
+  step("session.create on a node not in the catalog rejects with 500 Missing node registration");
+  const noNode = await rejects(consul.session.create({ node: "no-such-node" }), "session.create(unknown node)");
+  expect(noNode.statusCode === 500 && /Missing node registration/.test(noNode.message),
+    "500 Missing node registration", [noNode.statusCode, noNode.message]);
+
+  step("kv.set with acquire by a session that does not exist rejects with 500 invalid session");
+  const ghost = "00000000-0000-0000-0000-000000000000";
+  const noSession = await rejects(consul.kv.set({ key: "js/orphan-lock", value: "x", acquire: ghost }), "acquire(unknown)");
+  expect(noSession.statusCode === 500 && /invalid session/.test(noSession.message),
+    "500 invalid session", [noSession.statusCode, noSession.message]);
+
+  step("another datacenter rejects with 500 No path to datacenter");
+  const noDc = await rejects(consul.catalog.node.list({ dc: "elsewhere" }), "catalog.node.list(dc=elsewhere)");
+  expect(noDc.statusCode === 500 && /No path to datacenter/.test(noDc.message),
+    "500 No path to datacenter", [noDc.statusCode, noDc.message]);
+}
+
 async function main() {
   const [addr, nodeArg] = process.argv.slice(2);
   if (!addr) {
@@ -587,6 +614,7 @@ async function main() {
   await sessionSteps(consul, node);
   await txnSteps(consul);
   await eventSteps(consul);
+  await refusalSteps(consul);
 
   consul.destroy();
   console.log("npm consul: all steps passed");

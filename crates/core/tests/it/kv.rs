@@ -114,6 +114,23 @@ fn acquiring_with_an_unknown_session_is_an_error() {
 }
 
 #[test]
+fn releasing_with_an_unknown_session_is_refused_not_an_error() {
+    let mut reg = Registry::new(config_without_preservation(60_000));
+    session(&mut reg, "s1", None, SessionBehavior::Release);
+    let mut a = put("lock", "v");
+    a.acquire = Some("s1".into());
+    assert!(ok(apply(&mut reg, Command::KvPut(a), 0)));
+    let mut r = put("lock", "v");
+    r.release = Some("nope".into());
+    assert!(!ok(apply(&mut reg, Command::KvPut(r), 0)));
+    let snap = reg.snapshot();
+    assert_eq!(
+        snap.kv_get("lock").expect("exists").session.as_deref(),
+        Some("s1")
+    );
+}
+
+#[test]
 fn a_session_whose_lease_expires_releases_or_deletes_its_keys() {
     let mut reg = Registry::new(config_without_preservation(60_000));
     session(&mut reg, "rel", Some(10_000), SessionBehavior::Release);

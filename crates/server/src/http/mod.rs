@@ -89,7 +89,11 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1", limit_bodies(api, body_limit))
         .nest(
             "/v1",
-            consul::router(config.max_body_bytes, config.limits.max_kv_value_bytes),
+            consul::router(
+                config.max_body_bytes,
+                config.limits.max_kv_value_bytes,
+                &config.datacenter,
+            ),
         )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -3,6 +3,7 @@
 mod api;
 mod checks;
 mod consul_compat;
+mod consul_edges;
 mod consul_shapes;
 mod dns;
 mod expiry;

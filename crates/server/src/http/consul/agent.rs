@@ -474,10 +474,16 @@ pub async fn register_check(
         submit(&state, Command::RegisterNodeCheck(check)).await?;
         return Ok(empty());
     };
+    // Consul's agent attaches checks only to its own services, not to external ones
+    // registered through the catalog; any other ID is its 404.
     let snap = state.snapshot();
-    let inst = find(&snap, &service_id).ok_or_else(|| {
-        ConsulError::not_found(format!("ServiceID {service_id:?} does not exist"))
-    })?;
+    let inst = snap
+        .instances_with_id(&service_id)
+        .find(|i| !render::is_external(i))
+        .cloned()
+        .ok_or_else(|| {
+            ConsulError::not_found(format!("ServiceID {service_id:?} does not exist"))
+        })?;
     let check = parse_check(&o, id, render::service_name(&inst))?;
     let mut spec = inst.spec.clone();
     spec.checks.retain(|c| c.name != check.name);
@@ -678,6 +684,19 @@ pub async fn health_by_name(
         Value::Array(entries),
         q.get("format") == Some("text"),
     ))
+}
+
+/// `GET /v1/agent/version`: Consul's `version` shape, with muster's version.
+pub async fn version() -> Response {
+    super::json(
+        1,
+        &json!({
+            "SHA": "",
+            "BuildDate": "",
+            "HumanVersion": env!("CARGO_PKG_VERSION"),
+            "FIPS": "",
+        }),
+    )
 }
 
 /// `GET /v1/agent/self`: every top-level value an object, as Go's client requires.

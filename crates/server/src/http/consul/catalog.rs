@@ -35,7 +35,7 @@ impl Read {
 }
 
 fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
-    let q = Query::local(raw, state)?;
+    let q = Query::parse(raw)?;
     let filter = filter(&q)?;
     let node = Node::of(state);
     let node_matches = q
@@ -227,6 +227,31 @@ pub async fn node(
     ))
 }
 
+/// `GET /v1/catalog/node-services/:node`: the node and its services as a list; an unknown
+/// node is Consul's empty answer, `{"Node": null, "Services": null}`.
+pub async fn node_services(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    let r = read(&state, raw.as_deref())?;
+    let snap = snapshot_for(&state, &r, |s| s.index).await?;
+    let Some(node) = all_nodes(&r, &snap).into_iter().find(|n| n.is(&name)) else {
+        return Ok(super::json(
+            snap.index,
+            &json!({"Node": null, "Services": null}),
+        ));
+    };
+    let services: Vec<Value> = on_node(&r, &snap, &name)
+        .map(|i| render::agent_service(i, &r.node.datacenter))
+        .filter(|v| r.keep(v))
+        .collect();
+    Ok(super::json(
+        snap.index,
+        &json!({"Node": render::node(&node), "Services": services}),
+    ))
+}
+
 /// `GET /v1/catalog/datacenters`.
 pub async fn datacenters(State(state): State<AppState>) -> Response {
     super::json(state.snapshot().index, &json!([state.config().datacenter]))
@@ -394,6 +419,25 @@ pub async fn peers(State(state): State<AppState>) -> Response {
     super::json(state.snapshot().index, &json!([node.server_addr()]))
 }
 
+/// `GET /v1/operator/raft/configuration`: this agent, the single voter and leader, at the
+/// address `status/leader` answers.
+pub async fn raft_configuration(State(state): State<AppState>) -> Response {
+    let node = Node::of(&state);
+    let index = state.snapshot().index;
+    let body = json!({
+        "Servers": [{
+            "ID": node.id,
+            "Node": node.name,
+            "Address": format!("{}:8300", node.address),
+            "Leader": true,
+            "ProtocolVersion": "3",
+            "Voter": true,
+        }],
+        "Index": index,
+    });
+    super::json(index, &body)
+}
+
 /// A catalog check: a status set by the registrant, never run.
 fn external_check(
     o: &Obj<'_>,
@@ -427,7 +471,7 @@ pub async fn register(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    Query::local(raw.as_deref(), &state)?;
+    Query::parse(raw.as_deref())?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node_name = o
@@ -519,7 +563,7 @@ pub async fn deregister(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    Query::local(raw.as_deref(), &state)?;
+    Query::parse(raw.as_deref())?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node_name = o

@@ -50,7 +50,7 @@ pub async fn fire(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    let q = Query::local(raw.as_deref(), &state)?;
+    let q = Query::parse(raw.as_deref())?;
     if name.is_empty() {
         return Err(ConsulError::bad_request("Missing name"));
     }

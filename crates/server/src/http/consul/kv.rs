@@ -52,7 +52,7 @@ pub async fn get(
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let q = Query::local(raw.as_deref(), &state)?;
+    let q = Query::parse(raw.as_deref())?;
     let recurse = q.has("recurse");
     let keys = q.has("keys");
     if key.is_empty() && !recurse && !keys {
@@ -138,7 +138,7 @@ pub async fn put(
             format!("Request body(KV value) exceeds {limit} byte limit"),
         )
     })?;
-    let q = Query::local(raw.as_deref(), &state)?;
+    let q = Query::parse(raw.as_deref())?;
     if key.is_empty() {
         return Err(ConsulError::bad_request("Missing key name"));
     }
@@ -177,7 +177,7 @@ pub async fn delete(
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let q = Query::local(raw.as_deref(), &state)?;
+    let q = Query::parse(raw.as_deref())?;
     let recurse = q.has("recurse");
     let cas = uint(&q, "cas")?;
     if recurse && cas.is_some() {
@@ -220,18 +220,36 @@ pub async fn create_session(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    Query::local(raw.as_deref(), &state)?;
+    Query::parse(raw.as_deref())?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node = Node::of(&state);
-    if let Some(n) = o.str(&["Node"])?.filter(|n| !n.is_empty())
-        && !node.is(&n)
-    {
-        return Err(ConsulError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("Missing node registration {n:?}"),
-        ));
-    }
+    // A session is for a node in the catalog: this agent's or an external service's.
+    // Consul's state store refuses any other with this 500 and text, which its clients
+    // (and code waiting for an agent to register itself) recognise.
+    let session_node = match o.str(&["Node"])?.filter(|n| !n.is_empty()) {
+        None => node.name.to_string(),
+        Some(n) if node.is(&n) => node.name.to_string(),
+        Some(n) => {
+            let snap = state.snapshot();
+            let known = snap
+                .services
+                .values()
+                .flat_map(|s| s.instances.values())
+                .filter(|i| super::render::is_external(i))
+                .map(|i| node.of_instance(i))
+                .find(|m| m.is(&n));
+            match known {
+                Some(m) => m.name.to_string(),
+                None => {
+                    return Err(ConsulError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Missing node registration",
+                    ));
+                }
+            }
+        }
+    };
     let behavior = match o.str(&["Behavior"])?.as_deref() {
         None | Some("" | "release") => SessionBehavior::Release,
         Some("delete") => SessionBehavior::Delete,
@@ -256,7 +274,7 @@ pub async fn create_session(
         .unwrap_or(Duration::from_secs(15));
     let spec = SessionSpec {
         name: o.str(&["Name"])?.unwrap_or_default(),
-        node: node.name.to_string(),
+        node: session_node,
         lock_delay,
         behavior,
         ttl,
@@ -431,7 +449,7 @@ pub async fn txn(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
-    Query::local(raw.as_deref(), &state)?;
+    Query::parse(raw.as_deref())?;
     let v = body::parse(&bytes)?;
     let Value::Array(items) = &v else {
         return Err(ConsulError::bad_request(

@@ -11,6 +11,8 @@
 //! registers is rendered here (`render::consul_agent_service`) rather than registered, so it
 //! stays out of the native API, DNS and the registry's limits, and no client can remove it.
 //!
+//! - [`absent`]: Connect, gateways, peering, config entries and ACLs, answered as a Consul
+//!   that does not use them answers.
 //! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
 //! - [`catalog`]: catalog, health and status reads.
 //! - [`events`]: user events, kept in memory.
@@ -19,6 +21,7 @@
 //! - [`render`]: Consul's JSON shapes.
 //! - [`body`]: lenient request bodies and Go durations.
 
+pub mod absent;
 pub mod agent;
 pub mod body;
 pub mod catalog;
@@ -27,12 +30,15 @@ pub mod filter;
 pub mod kv;
 pub mod render;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, any, get, put};
+use axum::routing::{MethodRouter, any, get, post, put};
 
 use super::error::ApiError;
 use super::limits::{BodyLimit, Shape, limit_bodies};
@@ -186,14 +192,6 @@ impl Query {
         Ok(q)
     }
 
-    /// Parses the raw query string of a request that must be for this agent's datacenter
-    /// (`dc` absent or the agent's own; any other is Consul's 500).
-    pub fn local(raw: Option<&str>, state: &AppState) -> Result<Query, ConsulError> {
-        let q = Query::parse(raw)?;
-        q.check_dc(&state.config().datacenter)?;
-        Ok(q)
-    }
-
     /// Whether `name` is present, with any value.
     pub fn has(&self, name: &str) -> bool {
         self.pairs.iter().any(|(k, _)| k == name)
@@ -243,18 +241,6 @@ impl Query {
         Ok(Block::from_params(index, wait))
     }
 
-    /// `dc`: the local datacenter or nothing; Consul answers others with 500.
-    fn check_dc(&self, local: &str) -> Result<(), ConsulError> {
-        match self.get("dc") {
-            None | Some("") => Ok(()),
-            Some(dc) if dc.eq_ignore_ascii_case(local) => Ok(()),
-            Some(_) => Err(ConsulError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "No path to datacenter",
-            )),
-        }
-    }
-
     /// `tag` values (all must match, case-insensitively).
     pub fn tags(&self) -> Vec<String> {
         self.all("tag").map(str::to_lowercase).collect()
@@ -288,11 +274,40 @@ where
     get(handler.clone()).put(handler.clone()).post(handler)
 }
 
+/// `?dc=` naming another datacenter than `local` (compared case-insensitively): Consul
+/// forwards such a request to a server of that datacenter, and with none to reach answers
+/// 500 `No path to datacenter`. That 500 is Consul's wire contract, which clients and tools
+/// recognise by its text, so it is kept although the client asked for something impossible.
+/// The agent's own endpoints (`/v1/agent/...`), `catalog/datacenters` and `event/list` are
+/// local in Consul and ignore `dc`.
+async fn refuse_other_datacenters(
+    State(local): State<Arc<str>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    let path = path.strip_prefix("/v1").unwrap_or(path);
+    let local_only =
+        path.starts_with("/agent/") || path == "/catalog/datacenters" || path == "/event/list";
+    // A malformed query is left to the handler, which names what is wrong with it.
+    let other = (!local_only)
+        .then(|| super::body::query_pairs(req.uri().query()).ok())
+        .flatten()
+        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "dc").map(|(_, dc)| dc))
+        .is_some_and(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(&local));
+    if other {
+        return ConsulError::new(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter")
+            .into_response();
+    }
+    next.run(req).await
+}
+
 /// The `/v1` router. Bodies are bounded by `max_body` bytes, except KV writes, which take
 /// values up to `max_kv_value` bytes (buffered with a byte more, so an oversized value is
 /// told apart and answered 413 by the registry's own check), and transactions, up to twice
 /// that.
-pub fn router(max_body: usize, max_kv_value: usize) -> Router<AppState> {
+/// Requests naming another datacenter than `datacenter` are refused as Consul refuses them.
+pub fn router(max_body: usize, max_kv_value: usize, datacenter: &str) -> Router<AppState> {
     let kv = Router::new().route(
         "/kv/{*key}",
         get(kv::get).put(kv::put).post(kv::put).delete(kv::delete),
@@ -320,6 +335,72 @@ pub fn router(max_body: usize, max_kv_value: usize) -> Router<AppState> {
     limit_bodies(kv, kv_limit)
         .merge(limit_bodies(txn, txn_limit))
         .merge(limit_bodies(rest(), body_limit))
+        .merge(limit_bodies(absent_features(), body_limit))
+        .layer(middleware::from_fn_with_state(
+            Arc::<str>::from(datacenter),
+            refuse_other_datacenters,
+        ))
+}
+
+/// Endpoints of features muster does not have (see [`absent`]).
+fn absent_features() -> Router<AppState> {
+    Router::new()
+        .route("/connect/ca/roots", get(absent::ca_roots))
+        .route("/agent/connect/ca/roots", get(absent::ca_roots))
+        .route(
+            "/agent/connect/ca/leaf/{service}",
+            get(absent::needs_connect_for),
+        )
+        .route("/agent/connect/authorize", post(absent::needs_connect))
+        .route(
+            "/connect/ca/configuration",
+            get(absent::needs_connect).put(absent::needs_connect),
+        )
+        .route(
+            "/discovery-chain/{service}",
+            get(absent::needs_connect_for).post(absent::needs_connect_for),
+        )
+        .route(
+            "/connect/intentions",
+            get(absent::empty_list).post(absent::intention_write),
+        )
+        .route("/connect/intentions/match", get(absent::intention_match))
+        .route("/connect/intentions/check", get(absent::intention_check))
+        .route(
+            "/connect/intentions/exact",
+            get(absent::intention_exact)
+                .put(absent::intention_write)
+                .delete(absent::intention_delete),
+        )
+        .route(
+            "/connect/intentions/{id}",
+            get(absent::intention_by_id)
+                .put(absent::intention_write_by_id)
+                .delete(absent::intention_delete_by_id),
+        )
+        .route(
+            "/catalog/gateway-services/{gateway}",
+            get(absent::empty_list_for),
+        )
+        .route("/catalog/connect/{service}", get(absent::empty_list_for))
+        .route("/health/connect/{service}", get(absent::empty_list_for))
+        .route("/health/ingress/{service}", get(absent::empty_list_for))
+        .route("/exported-services", get(absent::empty_list))
+        .route("/peerings", get(absent::empty_list))
+        .route("/peering/token", post(absent::peering_write))
+        .route("/peering/establish", post(absent::peering_write))
+        .route(
+            "/peering/{name}",
+            get(absent::peering).delete(absent::peering_delete),
+        )
+        .route("/config", put(absent::config_apply))
+        .route("/config/{kind}", get(absent::config_list))
+        .route(
+            "/config/{kind}/{name}",
+            get(absent::config_get).delete(absent::config_delete),
+        )
+        .route("/acl/{*rest}", any(absent::acl_disabled))
+        .route("/agent/token/{kind}", put(absent::acl_disabled))
 }
 
 /// The routes with the ordinary body limit.
@@ -381,6 +462,7 @@ fn rest() -> Router<AppState> {
         .route("/catalog/service/{service}", get(catalog::service))
         .route("/catalog/nodes", get(catalog::nodes))
         .route("/catalog/node/{node}", get(catalog::node))
+        .route("/catalog/node-services/{node}", get(catalog::node_services))
         .route("/catalog/datacenters", get(catalog::datacenters))
         .route(
             "/catalog/register",
@@ -396,9 +478,15 @@ fn rest() -> Router<AppState> {
         .route("/health/node/{node}", get(catalog::health_node))
         .route("/status/leader", get(catalog::leader))
         .route("/status/peers", get(catalog::peers))
+        .route(
+            "/operator/raft/configuration",
+            get(catalog::raft_configuration),
+        )
+        .route("/agent/version", get(agent::version))
         .fallback(any(unknown))
 }
 
+/// Only for paths Consul itself does not have: every Consul endpoint answers as Consul does.
 async fn unknown() -> ConsulError {
     ConsulError::not_found("Unsupported endpoint")
 }
