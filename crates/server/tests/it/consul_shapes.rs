@@ -1277,10 +1277,14 @@ async fn catalog_register_adds_an_external_service_on_its_own_node() {
     let e = &entries[0];
     assert_eq!(e["Node"]["Node"], "ext-db");
     assert_eq!(e["Node"]["Address"], "10.1.2.3");
+    // Consul keeps the service's address as registered: empty, meaning "use the node's".
     assert_eq!(
-        e["Service"]["Address"], "10.1.2.3",
-        "the node's address when the service has none"
+        e["Service"]["Address"], "",
+        "a service registered without an address reports none"
     );
+    let catalog = get(&a, "/v1/catalog/service/postgres").await.json();
+    assert_eq!(catalog[0]["ServiceAddress"], "");
+    assert_eq!(catalog[0]["Address"], "10.1.2.3");
     let checks: Vec<&str> = e["Checks"]
         .as_array()
         .expect("checks")

@@ -243,6 +243,17 @@ fn tagged_addresses(i: &Instance) -> Option<Value> {
     Some(Value::Object(map))
 }
 
+/// The service's own address as Consul reports it: empty when it was registered without one
+/// (discovery then uses the node's, which the registry stores and DNS answers with; Consul's
+/// clients fall back to the node's `Address` the same way).
+fn service_address(i: &Instance) -> &str {
+    if i.spec.compat.as_ref().is_some_and(|c| c.address_from_node) {
+        ""
+    } else {
+        &i.spec.address
+    }
+}
+
 /// `AgentService`: `/agent/services`, `health/service` entries, catalog node services.
 pub fn agent_service(i: &Instance, dc: &str) -> Value {
     let mut v = json!({
@@ -251,7 +262,7 @@ pub fn agent_service(i: &Instance, dc: &str) -> Value {
         "Tags": i.spec.tags,
         "Meta": i.spec.meta,
         "Port": i.spec.port,
-        "Address": i.spec.address,
+        "Address": service_address(i),
         "Weights": weights(i),
         "EnableTagOverride": tag_override(i),
         "Datacenter": dc,
@@ -275,9 +286,6 @@ pub fn local_service(i: &Instance, dc: &str) -> Value {
         o.remove("CreateIndex");
         o.remove("ModifyIndex");
     }
-    if i.spec.compat.as_ref().is_some_and(|c| c.address_from_node) {
-        v["Address"] = json!("");
-    }
     v
 }
 
@@ -295,7 +303,7 @@ pub fn catalog_service(n: &Node, i: &Instance) -> Value {
         "ServiceID": i.id,
         "ServiceName": service_name(i),
         "ServiceTags": i.spec.tags,
-        "ServiceAddress": i.spec.address,
+        "ServiceAddress": service_address(i),
         "ServiceWeights": weights(i),
         "ServiceMeta": i.spec.meta,
         "ServicePort": i.spec.port,
