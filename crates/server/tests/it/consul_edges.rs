@@ -476,7 +476,11 @@ async fn consul_node_services_lists_a_nodes_services_and_answers_unknown_nodes_e
                      "Service": {"ID": "ext-web", "Service": "ext-web", "Port": 80}});
     send(&a, Method::PUT, "/v1/catalog/register", &ext.to_string()).await;
 
-    for (node, ids) in [(NODE_NAME, ["web-1"]), ("ext-1", ["ext-web"])] {
+    // The agent's node carries the `consul` service a Consul server shows, as catalog/node does.
+    for (node, ids) in [
+        (NODE_NAME, &["consul", "web-1"][..]),
+        ("ext-1", &["ext-web"][..]),
+    ] {
         let v = get(&a, &format!("/v1/catalog/node-services/{node}"))
             .await
             .assert_json_with_meta();

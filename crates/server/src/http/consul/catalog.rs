@@ -197,6 +197,27 @@ pub async fn nodes(
     Ok(super::json(snap.index, &Value::Array(list)))
 }
 
+/// The services on node `name` as `AgentService`s by ID: on the agent's own node, the
+/// `consul` service a Consul server shows first (unless a client took that ID).
+fn services_on_node<'a>(
+    r: &'a Read,
+    snap: &'a Snapshot,
+    name: &'a str,
+) -> impl Iterator<Item = (String, Value)> + 'a {
+    let consul = (r.node.is(name) && !render::consul_id_taken(snap)).then(|| {
+        (
+            render::CONSUL_SERVICE.to_string(),
+            render::consul_agent_service(&r.node),
+        )
+    });
+    consul.into_iter().chain(on_node(r, snap, name).map(|i| {
+        (
+            i.id.to_string(),
+            render::agent_service(i, &r.node.datacenter),
+        )
+    }))
+}
+
 /// `GET /v1/catalog/node/:node`: the node and its services, or `null`.
 pub async fn node(
     State(state): State<AppState>,
@@ -208,19 +229,7 @@ pub async fn node(
     let Some(node) = all_nodes(&r, &snap).into_iter().find(|n| n.is(&name)) else {
         return Ok(super::json(snap.index, &Value::Null));
     };
-    let mut services = Map::new();
-    if r.node.is(&name) && !render::consul_id_taken(&snap) {
-        services.insert(
-            render::CONSUL_SERVICE.to_string(),
-            render::consul_agent_service(&r.node),
-        );
-    }
-    for i in on_node(&r, &snap, &name) {
-        services.insert(
-            i.id.to_string(),
-            render::agent_service(i, &r.node.datacenter),
-        );
-    }
+    let services: Map<String, Value> = services_on_node(&r, &snap, &name).collect();
     Ok(super::json(
         snap.index,
         &json!({"Node": render::node(&node), "Services": services}),
@@ -242,8 +251,8 @@ pub async fn node_services(
             &json!({"Node": null, "Services": null}),
         ));
     };
-    let services: Vec<Value> = on_node(&r, &snap, &name)
-        .map(|i| render::agent_service(i, &r.node.datacenter))
+    let services: Vec<Value> = services_on_node(&r, &snap, &name)
+        .map(|(_, v)| v)
         .filter(|v| r.keep(v))
         .collect();
     Ok(super::json(

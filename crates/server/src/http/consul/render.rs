@@ -120,7 +120,26 @@ pub fn consul_agent_service(n: &Node) -> Value {
 
 /// The agent's `consul` service as a `CatalogService` (`/v1/catalog/service/consul`).
 pub fn consul_catalog_service(n: &Node) -> Value {
-    json!({
+    catalog_entry(
+        n,
+        json!({
+            "ServiceID": CONSUL_SERVICE,
+            "ServiceName": CONSUL_SERVICE,
+            "ServiceTags": [],
+            "ServiceAddress": "",
+            "ServiceWeights": {"Passing": 1, "Warning": 1},
+            "ServiceMeta": consul_service_meta(),
+            "ServicePort": SERVER_RPC_PORT,
+            "ServiceEnableTagOverride": false,
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
+        }),
+    )
+}
+
+/// A `CatalogService`: the node's half, then `service`'s `Service*` fields.
+fn catalog_entry(n: &Node, service: Value) -> Value {
+    let mut v = json!({
         "ID": n.id,
         "Node": n.name,
         "Address": n.address,
@@ -128,17 +147,11 @@ pub fn consul_catalog_service(n: &Node) -> Value {
         "TaggedAddresses": {"lan": n.address, "wan": n.address},
         "NodeMeta": {"consul-network-segment": ""},
         "ServiceKind": "",
-        "ServiceID": CONSUL_SERVICE,
-        "ServiceName": CONSUL_SERVICE,
-        "ServiceTags": [],
-        "ServiceAddress": "",
-        "ServiceWeights": {"Passing": 1, "Warning": 1},
-        "ServiceMeta": consul_service_meta(),
-        "ServicePort": SERVER_RPC_PORT,
-        "ServiceEnableTagOverride": false,
-        "CreateIndex": 1,
-        "ModifyIndex": 1,
-    })
+    });
+    if let (Some(o), Value::Object(fields)) = (v.as_object_mut(), service) {
+        o.extend(fields);
+    }
+    v
 }
 
 /// Whether the snapshot holds a service of the agent's own node with ID `consul`: then that
@@ -291,26 +304,21 @@ pub fn local_service(i: &Instance, dc: &str) -> Value {
 
 /// `CatalogService`: `/catalog/service/:name` items.
 pub fn catalog_service(n: &Node, i: &Instance) -> Value {
-    let n = &n.of_instance(i);
-    let mut v = json!({
-        "ID": n.id,
-        "Node": n.name,
-        "Address": n.address,
-        "Datacenter": n.datacenter,
-        "TaggedAddresses": {"lan": n.address, "wan": n.address},
-        "NodeMeta": {"consul-network-segment": ""},
-        "ServiceKind": "",
-        "ServiceID": i.id,
-        "ServiceName": service_name(i),
-        "ServiceTags": i.spec.tags,
-        "ServiceAddress": service_address(i),
-        "ServiceWeights": weights(i),
-        "ServiceMeta": i.spec.meta,
-        "ServicePort": i.spec.port,
-        "ServiceEnableTagOverride": tag_override(i),
-        "CreateIndex": i.create_index,
-        "ModifyIndex": i.modify_index,
-    });
+    let mut v = catalog_entry(
+        &n.of_instance(i),
+        json!({
+            "ServiceID": i.id,
+            "ServiceName": service_name(i),
+            "ServiceTags": i.spec.tags,
+            "ServiceAddress": service_address(i),
+            "ServiceWeights": weights(i),
+            "ServiceMeta": i.spec.meta,
+            "ServicePort": i.spec.port,
+            "ServiceEnableTagOverride": tag_override(i),
+            "CreateIndex": i.create_index,
+            "ModifyIndex": i.modify_index,
+        }),
+    );
     if let Some(t) = tagged_addresses(i) {
         v["ServiceTaggedAddresses"] = t;
     }
