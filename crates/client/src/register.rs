@@ -249,13 +249,9 @@ pub(crate) async fn start(
         service: registration.service.clone(),
         ttl: registration.ttl,
         agents,
-        // Jitter is there to keep instances apart, so it is seeded per process (the std
-        // hasher's keys are random per process) and instance, not with the client's
-        // reproducible seed.
-        rng: Rng::new(mix(std::hash::BuildHasher::hash_one(
-            &std::collections::hash_map::RandomState::new(),
-            (std::process::id(), registration.port),
-        ))),
+        // Jitter is there to keep instances apart, so it is seeded per process and instance,
+        // not with the client's reproducible seed.
+        rng: Rng::new(mix(crate::rng::unshared(registration.port))),
     };
     let registered_at = keeper.register().await?;
     tracing::info!(service = %keeper.service, %id, "registered");

@@ -27,3 +27,10 @@ pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+/// A value no other process (or call) shares, for seeding what must not run in lockstep
+/// across processes: the std hasher's keys come from the OS and differ per `RandomState`.
+pub fn unshared(salt: impl std::hash::Hash) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one((std::process::id(), salt))
+}

@@ -13,7 +13,7 @@
 #![allow(clippy::disallowed_types)]
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -303,10 +303,7 @@ fn view_seed(settings: &Settings, service: &str) -> u64 {
     service.hash(&mut h);
     let mut seed = mix(settings.balance.seed ^ h.finish());
     if !settings.seeded {
-        // RandomState's keys come from the OS once per thread and change with every
-        // instance: a value no other process (or view) shares.
-        let process = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
-        seed = mix(seed ^ process);
+        seed = mix(seed ^ crate::rng::unshared(service));
     }
     seed
 }
