@@ -33,7 +33,7 @@ TIMEOUT=${TIMEOUT:-2}
 WINDOW=${WINDOW:-60}
 WARMUP=${WARMUP:-$((INTERVAL + 2))}
 JSON_OUT=${JSON_OUT:-$BENCH_DIR/out/checks.json}
-CHECK_TARGET_BIN=${CHECK_TARGET_BIN:-$REPO_DIR/target/release/examples/check_target}
+CHECK_TARGET_BIN=${CHECK_TARGET_BIN:-$TARGET_DIR/release/examples/check_target}
 TOTAL=$((CHECKS_HTTP + CHECKS_TCP + CHECKS_GRPC))
 mkdir -p "$(dirname "$JSON_OUT")"
 

@@ -6,11 +6,17 @@ Subcommands:
   watchers    park blocking queries and SSE subscribers, make changes, time the wake-ups
               (the native API by default; --path/--index-header/--change-* for another)
   restart     exec the agent (or etcd) and time it until it is ready and serves a service
+  propagation register on one agent at a fixed rate, time when blocking queries parked on
+              another agent see each registration (cluster mode)
   etcd-load   put the instances of a discovery answer into etcd, print the range request
   etcd-leases grant etcd leases, write their ids one per line
+  etcd-revision  etcd's current revision (through its gateway)
   median      median of a field over wrk/driver JSON result files
   annotate    add a server's CPU and bytes written during a wrk run to its JSON result
   usage       CPU seconds and bytes written so far by a process and its descendants
+  gw-swap     register and deregister instances with a route tag, time until the gateway
+              routes (or stops routing) each change
+  hold        open many keep-alive connections, send one request on each, keep them open
 """
 
 import argparse
@@ -20,6 +26,7 @@ import http.client
 import json
 import os
 import resource
+import signal
 import socket
 import statistics
 import struct
@@ -123,7 +130,7 @@ def etcd_put_request(service, iid, body):
             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
 
 
-async def populate_worker(port, jobs, depth, counts, make_request):
+async def populate_worker(port, jobs, depth, counts, make_request, route_tags=False):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps(REGISTER_BODY).encode()
     try:
@@ -137,6 +144,9 @@ async def populate_worker(port, jobs, depth, counts, make_request):
             if not batch:
                 return
             for service, iid in batch:
+                if route_tags:
+                    # A gateway route per service, as a tagged fleet would have.
+                    body = json.dumps(dict(REGISTER_BODY, tags=["a", f"urlprefix-/{service}"])).encode()
                 writer.write(make_request(service, iid, body))
             await writer.drain()
             for _ in batch:
@@ -158,7 +168,7 @@ def cmd_populate(a):
     make = etcd_put_request if a.etcd else register_request
 
     async def main():
-        await asyncio.gather(*(populate_worker(a.port, it, a.depth, counts, make)
+        await asyncio.gather(*(populate_worker(a.port, it, a.depth, counts, make, a.route_tags)
                                for _ in range(a.conns)))
 
     started = time.monotonic()
@@ -474,6 +484,183 @@ def cmd_restart(a):
          "serving_seconds": round(t_serving - t0, 3)})
 
 
+# --- propagation --------------------------------------------------------------------------
+
+
+async def read_http(reader):
+    """One HTTP/1.1 response with a Content-Length: (status, headers dict, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0][9:12])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        if k:
+            headers[k.strip().lower().decode()] = v.strip().decode()
+    body = await reader.readexactly(int(headers.get("content-length", 0)))
+    return status, headers, body
+
+
+async def propagation_main(a):
+    """Registrations go to agent A (--write-port) at --rate per second, open loop: the k-th is
+    due at start + k/rate, sent on the first free one of --conns connections. Each lands in
+    one of --lanes services, each watched on agent B (--read-port) by one blocking query that
+    is parked again at once with the index it was answered with. A registration is seen when
+    its service's query on B first answers with an index at or past the registration's
+    modify_index; its propagation time runs from A's acknowledgement (and, second figure,
+    from sending it) to that answer."""
+    lanes = [f"{a.prefix}-{i}" for i in range(a.lanes)]
+    body = json.dumps(REGISTER_BODY).encode()
+    loop = asyncio.get_running_loop()
+
+    # Every lane gets one instance first, so each query starts parked on an existing service.
+    async def seed(lane_ids):
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.write_port)
+        for lane in lane_ids:
+            writer.write(register_request(lanes[lane], "seed", body))
+            await writer.drain()
+            status, _, _ = await read_http(reader)
+            if status not in (200, 201):
+                raise SystemExit(f"propagation: seeding {lanes[lane]} answered {status}")
+        writer.close()
+
+    await asyncio.gather(*(seed(range(i, a.lanes, 16)) for i in range(16)))
+    answers = [[] for _ in lanes]  # per lane: (monotonic time, index), in arrival order
+    stop = asyncio.Event()
+
+    async def park(lane):
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.read_port)
+        path = f"/api/v1/services/{lanes[lane]}"
+        index = 0
+        deadline = time.monotonic() + 30
+        while index == 0:  # wait until B's copy has the seed
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            status, headers, payload = await read_http(reader)
+            if status == 200 and json.loads(payload)["instances"]:
+                index = int(headers["x-muster-index"])
+            elif time.monotonic() > deadline:
+                raise SystemExit(f"propagation: {path} not on the reading agent after 30 s")
+            else:
+                await asyncio.sleep(0.05)
+        answers[lane].append((time.monotonic(), index))
+        try:
+            while not stop.is_set():
+                writer.write(f"GET {path}?index={index}&wait=30s HTTP/1.1\r\nHost: bench\r\n\r\n"
+                             .encode())
+                status, headers, _ = await read_http(reader)
+                t = time.monotonic()
+                if status != 200:
+                    raise SystemExit(f"propagation: blocking query on {path} answered {status}")
+                index = int(headers["x-muster-index"])
+                answers[lane].append((t, index))
+        finally:
+            writer.close()
+
+    parkers = [asyncio.create_task(park(i)) for i in range(a.lanes)]
+    await wait_until(lambda: all(answers), 60, "the blocking queries to start")
+    await asyncio.sleep(0.5)
+
+    total = int(a.rate * a.seconds)
+    queue = asyncio.Queue()
+    sent = []  # per registration: lane, due, sent, acked, status, index
+
+    async def feeder():
+        t0 = time.monotonic() + 0.1
+        for k in range(total):
+            due = t0 + k / a.rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            queue.put_nowait((k, due))
+        for _ in range(a.conns):
+            queue.put_nowait(None)
+
+    async def writer_conn():
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.write_port)
+        try:
+            while (job := await queue.get()) is not None:
+                k, due = job
+                lane = k % a.lanes
+                t_send = time.monotonic()
+                writer.write(register_request(lanes[lane], f"p{k}", body))
+                await writer.drain()
+                status, _, payload = await read_http(reader)
+                t_ack = time.monotonic()
+                index = None
+                if status in (200, 201):
+                    index = json.loads(payload)["instance"]["modify_index"]
+                sent.append((lane, due, t_send, t_ack, status, index))
+        finally:
+            writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(feeder(), *(writer_conn() for _ in range(a.conns)))
+    send_secs = time.monotonic() - started
+    last = {}
+    for lane, _, _, _, _, index in sent:
+        if index is not None:
+            last[lane] = max(last.get(lane, 0), index)
+
+    def caught_up():
+        return all(answers[lane][-1][1] >= idx for lane, idx in last.items())
+
+    try:
+        await wait_until(caught_up, a.settle, "the reading agent to see every registration")
+    except SystemExit:
+        pass  # reported as missing below
+    stop.set()
+    for t in parkers:
+        t.cancel()
+    await asyncio.gather(*parkers, return_exceptions=True)
+
+    from bisect import bisect_left
+    from_ack, from_send, ack, missing, failed, late = [], [], [], 0, {}, 0
+    for lane, due, t_send, t_ack, status, index in sent:
+        if t_send - due > 0.010:
+            late += 1
+        if index is None:
+            failed[status] = failed.get(status, 0) + 1
+            continue
+        ack.append((t_ack - t_send) * 1e3)
+        seen_idx = [i for _, i in answers[lane]]
+        pos = bisect_left(seen_idx, index)
+        if pos == len(seen_idx):
+            missing += 1
+            continue
+        t_seen = answers[lane][pos][0]
+        from_ack.append((t_seen - t_ack) * 1e3)
+        from_send.append((t_seen - t_send) * 1e3)
+
+    def r(v):
+        return None if v is None else round(v, 2)
+
+    out({
+        "rate": a.rate,
+        "seconds": a.seconds,
+        "lanes": a.lanes,
+        "sent": len(sent),
+        "acked": len(ack),
+        "achieved_per_second": round(len(ack) / send_secs, 1),
+        "failed": failed,
+        "late_sends": late,
+        "seen": len(from_ack),
+        "missing": missing,
+        "ack_p50_ms": r(pct(ack, 50)),
+        "ack_p99_ms": r(pct(ack, 99)),
+        "p50_ms": r(pct(from_ack, 50)),
+        "p99_ms": r(pct(from_ack, 99)),
+        "max_ms": r(max(from_ack) if from_ack else None),
+        "seen_before_ack": sum(1 for v in from_ack if v < 0),
+        "from_send_p50_ms": r(pct(from_send, 50)),
+        "from_send_p99_ms": r(pct(from_send, 99)),
+    })
+
+
+def cmd_propagation(a):
+    raise_nofile()
+    asyncio.run(propagation_main(a))
+
+
 # --- etcd ---------------------------------------------------------------------------------
 
 
@@ -515,6 +702,13 @@ def cmd_etcd_leases(a):
 
 
 # --- small helpers ------------------------------------------------------------------------
+
+
+def cmd_etcd_revision(a):
+    status, _, body = request(a.port, "POST", "/v3/kv/range", {"key": b64("\0")})
+    if status != 200:
+        raise SystemExit(f"etcd range answered {status}: {body[:200]!r}")
+    print(json.loads(body)["header"]["revision"])
 
 
 def cmd_median(a):
@@ -577,6 +771,135 @@ def cmd_usage(a):
     print(f"{ticks / tck:.2f} {written}")
 
 
+# --- gateway ------------------------------------------------------------------------------
+
+
+class KeepAlive:
+    """One keep-alive HTTP/1.1 connection for polling; reconnects when the server closes."""
+
+    def __init__(self, port):
+        self.port = port
+        self.conn = None
+
+    def get(self, path):
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                self.conn.request("GET", path)
+                resp = self.conn.getresponse()
+                resp.read()
+                if resp.will_close:
+                    self.conn.close()
+                    self.conn = None
+                return resp.status
+            except (OSError, http.client.HTTPException):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        return None
+
+
+def cmd_gw_swap(a):
+    """Round k registers swap-k (tagged urlprefix-/swap-k strip=/swap-k, pointing at the
+    upstream) and times from the agent's answer until GET /swap-k<path> through the gateway
+    answers 200; then deregisters it and times until the gateway stops answering 200 (404:
+    the route went with its last instance). Polls on one keep-alive connection."""
+    gw = KeepAlive(a.gateway_port)
+    agent = http.client.HTTPConnection("127.0.0.1", a.agent_port, timeout=10)
+    added, removed, failures = [], [], []
+
+    def agent_call(method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        agent.request(method, path, body=data,
+                      headers={"Content-Type": "application/json"} if data else {})
+        resp = agent.getresponse()
+        resp.read()
+        return resp.status
+
+    def wait_for(path, want_routed, k, what):
+        deadline = time.monotonic() + a.timeout
+        while True:
+            status = gw.get(path)
+            routed = status == 200
+            if routed == want_routed:
+                if not routed and status != 404:
+                    failures.append(f"{what} {k}: the gateway answered {status}, not 404")
+                return True
+            if status not in (200, 404):
+                failures.append(f"{what} {k}: the gateway answered {status} meanwhile")
+            if time.monotonic() > deadline:
+                failures.append(f"{what} {k}: not routed as expected after {a.timeout}s")
+                return False
+
+    for k in range(a.rounds):
+        svc = f"swap-{k}"
+        route = f"/{svc}{a.path}"
+        if gw.get(route) != 404:
+            failures.append(f"round {k}: {route} answered before registering")
+        body = dict(REGISTER_BODY, address="127.0.0.1", port=a.upstream_port,
+                    tags=[f"urlprefix-/{svc} strip=/{svc}"])
+        status = agent_call("PUT", f"/api/v1/services/{svc}/instances/i-0", body)
+        t0 = time.monotonic()
+        if status not in (200, 201):
+            failures.append(f"register {k}: the agent answered {status}")
+            continue
+        if wait_for(route, True, k, "register"):
+            added.append((time.monotonic() - t0) * 1000)
+        status = agent_call("DELETE", f"/api/v1/services/{svc}/instances/i-0")
+        t0 = time.monotonic()
+        if status not in (200, 204):
+            failures.append(f"deregister {k}: the agent answered {status}")
+            continue
+        if wait_for(route, False, k, "deregister"):
+            removed.append((time.monotonic() - t0) * 1000)
+
+    both = added + removed
+    r = lambda v: None if v is None else round(v, 2)
+    out({"rounds": a.rounds, "swaps": len(both), "failures": len(failures),
+         "failure_samples": failures[:5],
+         "p50_ms": r(pct(both, 50)), "p99_ms": r(pct(both, 99)),
+         "max_ms": r(max(both) if both else None),
+         "register_p50_ms": r(pct(added, 50)), "register_p99_ms": r(pct(added, 99)),
+         "deregister_p50_ms": r(pct(removed, 50)), "deregister_p99_ms": r(pct(removed, 99))})
+    if failures:
+        sys.exit(1)
+
+
+def cmd_hold(a):
+    """Opens --conns connections, sends GET --path on each (all at once), reads the answers,
+    prints one JSON line, then keeps the connections open and idle until SIGTERM."""
+    raise_nofile()
+    req = b"GET %s HTTP/1.1\r\nHost: bench\r\n\r\n" % a.path.encode()
+
+    async def one(counts, held):
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+        writer.write(req)
+        status = await read_response(reader)
+        counts[status] = counts.get(status, 0) + 1
+        held.append(writer)
+
+    async def main():
+        counts, held = {}, []
+        sem = asyncio.Semaphore(100)
+
+        async def limited():
+            async with sem:
+                await one(counts, held)
+
+        await asyncio.gather(*(limited() for _ in range(a.conns)))
+        out({"open": len(held), "statuses": counts})
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        for w in held:
+            w.close()
+
+    asyncio.run(main())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="sub", required=True)
@@ -590,7 +913,25 @@ def main():
     s.add_argument("--depth", type=int, default=1, help="requests pipelined per connection")
     s.add_argument("--etcd", action="store_true",
                    help="put svc/<service>/<id> into etcd (gateway) instead of registering")
+    s.add_argument("--route-tags", action="store_true",
+                   help="tag each instance urlprefix-/<service>: one gateway route per service")
     s.set_defaults(fn=cmd_populate)
+
+    s = sub.add_parser("gw-swap")
+    s.add_argument("--agent-port", type=int, required=True)
+    s.add_argument("--gateway-port", type=int, required=True)
+    s.add_argument("--upstream-port", type=int, required=True,
+                   help="what the instances point at: serves --path with 200")
+    s.add_argument("--path", default="/bench/200b")
+    s.add_argument("--rounds", type=int, default=100)
+    s.add_argument("--timeout", type=float, default=5, help="seconds a change may take")
+    s.set_defaults(fn=cmd_gw_swap)
+
+    s = sub.add_parser("hold")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--conns", type=int, required=True)
+    s.add_argument("--path", required=True)
+    s.set_defaults(fn=cmd_hold)
 
     s = sub.add_parser("watchers")
     s.add_argument("--port", type=int, required=True)
@@ -639,6 +980,22 @@ def main():
     s.add_argument("--ttl", type=int, default=600)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_etcd_leases)
+
+    s = sub.add_parser("propagation")
+    s.add_argument("--write-port", type=int, required=True, help="agent A: registrations")
+    s.add_argument("--read-port", type=int, required=True, help="agent B: blocking queries")
+    s.add_argument("--rate", type=float, required=True, help="registrations per second")
+    s.add_argument("--seconds", type=float, default=10)
+    s.add_argument("--lanes", type=int, default=500, help="services, one blocking query each")
+    s.add_argument("--conns", type=int, default=128, help="connections to agent A")
+    s.add_argument("--prefix", default="prop")
+    s.add_argument("--settle", type=float, default=10,
+                   help="seconds to wait after the last registration for B to see them all")
+    s.set_defaults(fn=cmd_propagation)
+
+    s = sub.add_parser("etcd-revision")
+    s.add_argument("--port", type=int, required=True)
+    s.set_defaults(fn=cmd_etcd_revision)
 
     s = sub.add_parser("median")
     s.add_argument("field")

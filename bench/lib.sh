@@ -3,13 +3,15 @@
 # `set -euo pipefail`; it installs a trap that stops every server started through it.
 #
 # Environment:
-#   MUSTER_BIN       the agent binary (default: target/release/muster)
+#   MUSTER_BIN       the agent binary (default: release/muster under $CARGO_TARGET_DIR, or target/)
 #   BENCH_NO_BUILD=1 do not run `cargo build --release -p muster` (run-all.sh builds once)
 #   BENCH_KEEP=1     keep the scratch directory (logs, data dirs) after the run
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
-MUSTER_BIN=${MUSTER_BIN:-$REPO_DIR/target/release/muster}
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
+[[ "$TARGET_DIR" == /* ]] || TARGET_DIR=$REPO_DIR/$TARGET_DIR
+MUSTER_BIN=${MUSTER_BIN:-$TARGET_DIR/release/muster}
 DRIVER="$BENCH_DIR/driver.py"
 WORK=$(mktemp -d /tmp/muster-bench.XXXXXX)
 BENCH_PIDS=()
@@ -219,6 +221,33 @@ start_etcd() {
     wait_http "http://127.0.0.1:$1/health" 30
 }
 
+# start_etcd_cluster NAME: three etcd members (NAME-m1..m3) on picked loopback ports, data in
+# $WORK/NAME-m*, with periodic auto-compaction and a backend quota as a registry's etcd runs;
+# sets ETCD_ENDPOINTS (comma-separated client URLs), ETCD_PORTS (client ports) and ETCD_PIDS.
+start_etcd_cluster() {
+    local name=$1 i peers=() cluster
+    ETCD_PORTS=() ETCD_PIDS=()
+    for i in 1 2 3; do
+        ETCD_PORTS+=("$(pick_port)")
+        peers+=("$(pick_port)")
+    done
+    cluster="m1=http://127.0.0.1:${peers[0]},m2=http://127.0.0.1:${peers[1]},m3=http://127.0.0.1:${peers[2]}"
+    for i in 0 1 2; do
+        spawn "$name-m$((i + 1))" etcd --name "m$((i + 1))" --data-dir "$WORK/$name-m$((i + 1))" \
+            --listen-client-urls "http://127.0.0.1:${ETCD_PORTS[$i]}" \
+            --advertise-client-urls "http://127.0.0.1:${ETCD_PORTS[$i]}" \
+            --listen-peer-urls "http://127.0.0.1:${peers[$i]}" \
+            --initial-advertise-peer-urls "http://127.0.0.1:${peers[$i]}" \
+            --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token "$name" \
+            --auto-compaction-mode periodic --auto-compaction-retention 5m \
+            --quota-backend-bytes $((4 * 1024 * 1024 * 1024)) --logger zap --log-level warn
+        ETCD_PIDS+=("$SPAWNED_PID")
+    done
+    for i in 0 1 2; do wait_http "http://127.0.0.1:${ETCD_PORTS[$i]}/health" 30; done
+    ETCD_ENDPOINTS=$(printf 'http://127.0.0.1:%s,' "${ETCD_PORTS[@]}")
+    ETCD_ENDPOINTS=${ETCD_ENDPOINTS%,}
+}
+
 # Resident set size of PID in KiB.
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
@@ -227,13 +256,15 @@ rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # run_wrk OUT.json LUA THREADS CONNS SECONDS URL [PID]: one wrk run; its lua script is LUA
 # followed by lua/report.lua, whose done() prints one JSON line (rps, ok_rps, latency
 # percentiles). With PID, the CPU time and bytes written of PID and its descendants during
-# the run are added (cpu_us_per_req, write_bytes_per_req).
+# the run are added (cpu_us_per_req, write_bytes_per_req). With WRK_CPU set, wrk runs pinned
+# to that CPU list (taskset -c).
 run_wrk() {
-    local out=$1 lua=$2 threads=$3 conns=$4 secs=$5 url=$6 pid=${7:-} script u0='' u1=''
+    local out=$1 lua=$2 threads=$3 conns=$4 secs=$5 url=$6 pid=${7:-} script u0='' u1='' pin=()
     script="$WORK/$(basename "$lua" .lua)-run.lua"
     cat "$lua" "$BENCH_DIR/lua/report.lua" >"$script"
+    [[ -z "${WRK_CPU:-}" ]] || pin=(taskset -c "$WRK_CPU")
     [[ -z "$pid" ]] || u0=$(python3 "$DRIVER" usage "$pid")
-    timeout $((secs + 30)) wrk -t"$threads" -c"$conns" -d"${secs}s" --latency -s "$script" "$url" \
+    timeout $((secs + 30)) ${pin[@]+"${pin[@]}"} wrk -t"$threads" -c"$conns" -d"${secs}s" --latency -s "$script" "$url" \
         >"$out.txt" 2>&1 || die "wrk failed: $(tail -5 "$out.txt")"
     [[ -z "$pid" ]] || u1=$(python3 "$DRIVER" usage "$pid")
     grep '^WRKJSON ' "$out.txt" | tail -1 | cut -d' ' -f2- >"$out"

@@ -8,7 +8,9 @@ REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 OUT="$BENCH_DIR/out"
 mkdir -p "$OUT"
 
-read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks consul client client-sync}"
+read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks consul client client-sync cluster gateway}"
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
+[[ "$TARGET_DIR" == /* ]] || TARGET_DIR=$REPO_DIR/$TARGET_DIR
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -23,12 +25,12 @@ echo "building: cargo build --release -p muster" >&2
 # Every script runs this copy, whatever happens to target/ meanwhile.
 BIN_DIR=$(mktemp -d /tmp/muster-bench-bin.XXXXXX)
 trap 'rm -rf "$BIN_DIR"' EXIT
-cp "$REPO_DIR/target/release/muster" "$BIN_DIR/muster"
+cp "$TARGET_DIR/release/muster" "$BIN_DIR/muster"
 export MUSTER_BIN="$BIN_DIR/muster"
 # The target of bench/checks.sh: answers HTTP, TCP and gRPC health checks.
 echo "building: cargo build --release -p muster-server --example check_target" >&2
 (cd "$REPO_DIR" && cargo build --release -p muster-server --example check_target --quiet) 2>&1 | tail -20 >&2
-cp "$REPO_DIR/target/release/examples/check_target" "$BIN_DIR/check_target"
+cp "$TARGET_DIR/release/examples/check_target" "$BIN_DIR/check_target"
 export CHECK_TARGET_BIN="$BIN_DIR/check_target"
 {
     echo "commit at build: $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO_DIR" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || echo ' (with uncommitted changes under crates/)')"
@@ -46,7 +48,13 @@ failed=()
 for s in "${SCRIPTS[@]}"; do
     echo "=== running bench/$s.sh ===" >&2
     started=$SECONDS
-    if timeout 300 bash "$BENCH_DIR/$s.sh" >"$OUT/$s.txt" 2>"$OUT/$s.log"; then
+    # The cluster bench starts three etcd members and three agents several times and loads
+    # 100,000 instances through them.
+    limit=300
+    [[ "$s" != cluster ]] || limit=900
+    # The gateway bench runs five targets three times for 20 s, then four 30 s latency runs.
+    [[ "$s" != gateway ]] || limit=900
+    if timeout "$limit" bash "$BENCH_DIR/$s.sh" >"$OUT/$s.txt" 2>"$OUT/$s.log"; then
         echo "bench/$s.sh: ok in $((SECONDS - started)) s" >&2
     else
         echo "bench/$s.sh: FAILED (exit $?) after $((SECONDS - started)) s; see $OUT/$s.log" >&2

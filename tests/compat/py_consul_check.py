@@ -440,6 +440,80 @@ def absent_feature_steps(c) -> None:
     expect("ACL support disabled" in str(e), "acl.token.list()", str(e))
 
 
+def lenient_steps(c) -> None:
+    """What Consul accepts although muster's native API would not (Consul's docs: names that
+    are not DNS labels only lose DNS; intervals under the 1 s minimum are raised to it)."""
+    name = "py-app#127.0.0.1#3000"
+    step(f"agent.service.register({name!r}) with a 200ms TTL check and a 100ms TCP check")
+    expect(c.agent.service.register(name, port=3000, check=Check.ttl("200ms")) is True,
+           "a name that is no DNS label and a TTL under 1 s are accepted", name)
+    expect(c.agent.check.register("py-app-tcp", Check.tcp("127.0.0.1", 1, "100ms"), check_id="py-app-tcp",
+                                  service_id=name) is True, "an interval under 1 s is accepted")
+    ac = c.agent.checks()
+    expect(ac.get("py-app-tcp", {}).get("Interval") == "1s", "the interval is raised to 1s", ac.get("py-app-tcp"))
+    expect(name in c.agent.services(), "agent.services() keys it by its ID (the name)", list(c.agent.services()))
+    expect(c.agent.check.ttl_pass(f"service:{name}") is True, "its TTL check passes")
+    _, entries = c.health.service(name)
+    expect([e["Service"]["Service"] for e in entries] == [name], "health.service(name) finds it", entries)
+    _, cs = c.catalog.service(name)
+    expect([e["ServiceID"] for e in cs] == [name], "catalog.service(name) finds it", cs)
+    _, services = c.catalog.services()
+    expect(name in services, "catalog.services() lists it", services)
+
+    step("catalog.register of an external service named with dots and underscores")
+    expect(c.catalog.register("py-ext-node", "10.1.2.3",
+                              service={"Service": "py_db.v2", "ID": "py_db.1", "Port": 5432}) is True,
+           "catalog.register() returns True")
+    _, entries = c.health.service("py_db.v2")
+    expect([(e["Node"]["Node"], e["Service"]["ID"]) for e in entries] == [("py-ext-node", "py_db.1")],
+           "health.service('py_db.v2') has it on its node", entries)
+    expect(c.catalog.deregister("py-ext-node") is True, "catalog.deregister(node)")
+    expect(c.agent.service.deregister(name) is True, f"deregister({name!r})")
+    _, entries = c.health.service(name)
+    expect(entries == [], "gone after deregistration", entries)
+
+
+def agent_ops_steps(c, node: str) -> None:
+    """agent.metrics and the coordinate API (shapes from Consul's API docs)."""
+    step("agent.metrics(): Consul's JSON shape")
+    m = c.agent.metrics()
+    expect(sorted(m) == ["Counters", "Gauges", "Points", "Samples", "Timestamp"], "the five keys", sorted(m))
+    expect(m["Timestamp"].endswith(" +0000 UTC"), "a go-metrics Timestamp", m["Timestamp"])
+    expect(any(g["Name"] == "muster_instances" and isinstance(g["Value"], (int, float)) for g in m["Gauges"]),
+           "a muster_instances gauge", m["Gauges"])
+    expect(any(k["Name"] == "muster_http_requests_total" and "route" in k["Labels"] for k in m["Counters"]),
+           "HTTP request counters by route", m["Counters"])
+    text = c.agent.metrics(format_prometheus=True)
+    text = text.decode() if isinstance(text, bytes) else text
+    expect("# TYPE muster_instances gauge" in text, "agent.metrics(format_prometheus=True) is Prometheus text", text[:200])
+
+    step("coordinate.datacenters / nodes / node / update")
+    coord = {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05}
+    dcs = c.coordinate.datacenters()
+    expect(len(dcs) == 1 and dcs[0]["AreaID"] == "wan" and dcs[0]["Coordinates"][0]["Coord"] == coord,
+           "one datacenter, its server at the initial coordinate", dcs)
+    idx, nodes = c.coordinate.nodes()
+    expect(int(idx) >= 1 and nodes == [{"Node": node, "Segment": "", "Coord": coord}], "coordinate.nodes()", nodes)
+    _, mine = c.coordinate.node(node)
+    expect(mine == nodes, "coordinate.node(node)", mine)
+    expect(c.coordinate.update(node, coord) is True, "coordinate.update() returns True")
+
+
+def leave_step(c, base: str) -> None:
+    """Last: agent.leave() stops the agent, after answering."""
+    step("agent.leave(): answered, then the agent stops")
+    expect(c.agent.leave() is True, "agent.leave() returns True")
+
+    def stopped():
+        try:
+            urllib.request.urlopen(f"{base}/v1/agent/self", timeout=2)
+        except OSError:
+            return True
+        return False
+
+    eventually("the agent stops serving after leave", stopped)
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: py_consul_check.py HOST:PORT [NODE]")
@@ -805,6 +879,9 @@ def main() -> None:
     event_steps(c)
     refusal_steps(c)
     absent_feature_steps(c)
+    lenient_steps(c)
+    agent_ops_steps(c, node)
+    leave_step(c, base)
     print("py-consul: all steps passed", flush=True)
 
 

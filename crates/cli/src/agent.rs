@@ -58,6 +58,28 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
     if let Some(v) = &args.advertise_addr {
         c.advertise_addr = v.clone();
     }
+    if !args.etcd.is_empty() {
+        c.cluster.etcd = args.etcd.clone();
+    }
+    if let Some(v) = args.etcd_lease_ttl {
+        c.cluster.lease_ttl = v;
+    }
+    if let Some(v) = args.etcd_timeout {
+        c.cluster.timeout = v;
+    }
+    if let Some(v) = &args.etcd_prefix {
+        c.cluster.prefix = v.clone();
+    }
+    if let Some(v) = &args.etcd_ca {
+        c.cluster.ca_file = Some(v.clone());
+    }
+    if let Some(v) = &args.etcd_cert {
+        c.cluster.cert_file = Some(v.clone());
+    }
+    if let Some(v) = &args.etcd_key {
+        c.cluster.key_file = Some(v.clone());
+    }
+    c.cluster.validate().map_err(|e| anyhow::anyhow!(e))?;
     if let Some(v) = &args.node_id {
         c.node_id = v.clone();
     }
@@ -89,6 +111,9 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
     // Resolved here rather than in the library, whose callers (tests) keep one runtime.
     c.http_threads = c.http_threads();
     c.enable_script_checks |= args.enable_script_checks;
+    if !args.config_dirs.is_empty() {
+        c.config_dir = args.config_dirs.clone();
+    }
     if args.disable_self_preservation {
         c.self_preservation.enabled = false;
     }
@@ -113,21 +138,30 @@ fn is_uuid(s: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-/// Runs the agent until Ctrl-C or TERM.
-pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()> {
+/// Logs to stderr, filtered by `filter` (tracing's EnvFilter syntax), for the agent and the
+/// gateway.
+pub(crate) fn init_logging(filter: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_new(&args.log)
-                .with_context(|| format!("invalid --log filter {:?}", args.log))?,
+            EnvFilter::try_new(filter)
+                .with_context(|| format!("invalid --log filter {filter:?}"))?,
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    Ok(())
+}
+
+/// Runs the agent until Ctrl-C or TERM.
+pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()> {
+    init_logging(&args.log)?;
     let mut config = config(http_addr, &args)?;
     fit_open_file_limit(&mut config);
-    let store: Arc<dyn Store> = if config.dev {
+    let store: Option<Arc<dyn Store>> = if config.cluster.enabled() {
+        None
+    } else if config.dev {
         tracing::warn!("--dev: everything is kept in memory and lost when the agent stops");
-        Arc::new(MemoryStore::new())
+        Some(Arc::new(MemoryStore::new()))
     } else {
         let dir = config.data_dir.clone();
         let options = RedbOptions {
@@ -135,7 +169,9 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             ..RedbOptions::default()
         };
         // The store's errors name the file and what to do about it.
-        Arc::new(tokio::task::spawn_blocking(move || RedbStore::open_with(&dir, options)).await??)
+        Some(Arc::new(
+            tokio::task::spawn_blocking(move || RedbStore::open_with(&dir, options)).await??,
+        ))
     };
     let listener = TcpListener::bind(config.http_addr).await.with_context(|| {
         format!(
@@ -154,18 +190,68 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
     let dns_addr = udp.local_addr()?;
     let shutdown = CancellationToken::new();
     let addr = listener.local_addr()?;
-    let data = if config.dev {
+    let data = if config.cluster.enabled() {
+        format!("etcd {}", config.cluster.etcd.join(","))
+    } else if config.dev {
         "memory (--dev)".to_string()
     } else {
         config.data_dir.display().to_string()
     };
     let domain = config.dns_domain.clone();
-    let mut agent = Agent::open(config, store, shutdown.clone()).await?;
+    let mut agent = match store {
+        Some(store) => Agent::open(config, store, shutdown.clone()).await?,
+        None => {
+            // The lease id survives restarts in the data directory (not with --dev).
+            let lease_file = (!config.dev).then(|| config.data_dir.join("cluster-lease"));
+            if let Some(f) = &lease_file
+                && let Some(dir) = f.parent()
+            {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!("cannot create the data directory {}", dir.display())
+                })?;
+            }
+            // Other agents pass heartbeats here: they need the port actually bound.
+            let mut config = config;
+            config.http_addr = addr;
+            Agent::open_cluster(config, lease_file, shutdown.clone()).await?
+        }
+    };
+    // Through the same path as the Consul API, so a definition it would refuse stops the
+    // start here, naming the file.
+    let synced = agent
+        .load_definitions()
+        .await
+        .context("cannot register the definitions of --config-dir")?;
+    if !agent.state().config().config_dir.is_empty() {
+        tracing::info!(
+            services = synced.services,
+            checks = synced.checks,
+            "service and check definitions registered"
+        );
+    }
     agent.serve_dns(udp, tcp)?;
     tracing::info!(http = %addr, dns = %dns_addr, domain = %domain, data = %data, "muster agent ready");
+    let gateway = match args.gateway {
+        None => None,
+        Some(listen) => {
+            let mut g = muster_gateway::GatewayConfig::new(listen, vec![addr.to_string()]);
+            g.routes_file = args.gateway_routes.clone();
+            g.cache_dir = (!agent.state().config().dev)
+                .then(|| agent.state().config().data_dir.join("gateway-cache"));
+            let started = muster_gateway::Gateway::start(g, None)
+                .await
+                .context("cannot start the embedded gateway (--gateway)")?;
+            Some(Arc::new(started))
+        }
+    };
+    tokio::spawn(reload_on_hangup(agent.state(), gateway.clone()));
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
+        // The gateway first: it drains its requests while the agent still answers it.
+        if let Some(g) = gateway {
+            g.shutdown().await;
+        }
         shutdown.cancel();
     });
     agent.serve(listener).await?;
@@ -211,7 +297,29 @@ async fn bind_dns(
     }
 }
 
-async fn wait_for_signal() {
+/// Syncs the config directories' definitions again on every SIGHUP, as `consul reload`
+/// does; an unusable file is logged and the previous definitions stay.
+async fn reload_on_hangup(
+    state: muster_server::AppState,
+    gateway: Option<Arc<muster_gateway::Gateway>>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload with PUT /v1/agent/reload");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        // The outcome is logged by `reload`.
+        let _ = muster_server::definitions::reload(&state).await;
+        if let Some(g) = &gateway
+            && let Err(e) = g.reload()
+        {
+            tracing::error!(error = %e, "gateway reload refused");
+        }
+    }
+}
+
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
@@ -276,6 +384,35 @@ mod tests {
         assert_eq!(
             config(http.as_deref(), &args).unwrap().http_addr.port(),
             9100
+        );
+    }
+
+    #[test]
+    fn config_dir_flags_replace_the_files_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("muster.toml");
+        std::fs::write(&file, "config_dir = [\"/etc/consul.d\"]\n").unwrap();
+        let path = file.to_str().unwrap();
+        let (http, args) = agent_args(&["muster", "agent", "--config", path]);
+        let c = config(http.as_deref(), &args).unwrap();
+        assert_eq!(c.config_dir, [std::path::PathBuf::from("/etc/consul.d")]);
+        let (http, args) = agent_args(&[
+            "muster",
+            "agent",
+            "--config",
+            path,
+            "--config-dir",
+            "/a",
+            "--config-dir",
+            "/b",
+        ]);
+        let c = config(http.as_deref(), &args).unwrap();
+        assert_eq!(
+            c.config_dir,
+            [
+                std::path::PathBuf::from("/a"),
+                std::path::PathBuf::from("/b")
+            ]
         );
     }
 

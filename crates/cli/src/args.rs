@@ -63,6 +63,68 @@ pub enum Command {
     /// Heartbeats at a third of the TTL with jitter. Ctrl-C or TERM deregisters first, then
     /// passes the signal on to the command. Exits with the command's exit code.
     Run(RunArgs),
+    /// Run a reverse proxy that routes requests to healthy instances.
+    ///
+    /// Routes come from the `urlprefix-` tags of registered instances (`urlprefix-/api
+    /// strip=/api`, `urlprefix-shop.example.com/`) and from a routes file (--routes). The table
+    /// follows the registry live, keeps serving while the registry is down, and starts from
+    /// its disk copy (--cache-dir) when the registry is unreachable at start. SIGHUP reloads
+    /// the routes file and the TLS certificate; TERM or Ctrl-C drains (stop accepting, finish
+    /// requests in flight within --drain-timeout).
+    Gateway(GatewayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Where clients connect.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "MUSTER_GATEWAY_LISTEN")]
+    pub listen: std::net::SocketAddr,
+    /// An agent to follow (repeatable, or comma-separated; tried in turn) [default: the
+    /// --http-addr, or 127.0.0.1:8500].
+    #[arg(long = "agent", value_delimiter = ',', env = "MUSTER_GATEWAY_AGENTS")]
+    pub agents: Vec<String>,
+    /// Health, readiness, metrics and the route listing: /healthz /readyz /metrics /routes.
+    #[arg(long, env = "MUSTER_GATEWAY_ADMIN")]
+    pub admin: Option<std::net::SocketAddr>,
+    /// The routes file (TOML): host, path, method and header predicates, weighted splits,
+    /// stickiness, rewrites, timeouts, retries, auth and rate limits per route.
+    #[arg(long, env = "MUSTER_GATEWAY_ROUTES")]
+    pub routes: Option<PathBuf>,
+    /// Where the registry's copy is kept, so a gateway started while the registry is down
+    /// still routes [default: none].
+    #[arg(long, env = "MUSTER_GATEWAY_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// This gateway's zone: instances there are preferred while they can take the load.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// TLS certificate chain (PEM); with --tls-key, clients connect over TLS (HTTP/2 and
+    /// HTTP/1.1 offered by ALPN).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Write a JSON line per request to stdout.
+    #[arg(long)]
+    pub access_log: bool,
+    /// On TERM, requests in flight get this long to finish.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Connecting to an instance may take this long before the next one is tried.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Request heads larger than this get 431.
+    #[arg(long, default_value_t = 65536)]
+    pub max_header_bytes: usize,
+    /// Open client connections at most; more are closed on accept.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Worker threads [default: one per CPU].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, default_value = "info", env = "MUSTER_LOG")]
+    pub log: String,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +156,31 @@ pub struct AgentArgs {
     /// The node's ID in the Consul API, a UUID [default: derived from the node name].
     #[arg(long)]
     pub node_id: Option<String>,
+    /// Cluster mode: share one registry with other agents through this etcd v3 cluster
+    /// (comma-separated client URLs, http://10.0.0.1:2379). Without it the agent keeps its
+    /// registry in its own data directory.
+    #[arg(long, value_delimiter = ',', value_name = "URL,...")]
+    pub etcd: Vec<String>,
+    /// Cluster mode: TTL of this agent's etcd lease; its instances that did not move to
+    /// another agent disappear this long after it dies [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub etcd_lease_ttl: Option<Duration>,
+    /// Cluster mode: time limit of each etcd request [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub etcd_timeout: Option<Duration>,
+    /// Cluster mode: where the catalog lives in etcd [default: /muster/v1/].
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
+    /// Cluster mode: CA certificates (PEM) for https:// etcd endpoints [default: the
+    /// system's roots].
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Cluster mode: client certificate (PEM) for etcd members that require one.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Cluster mode: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// How long an instance whose TTL lapsed stays (critical) before removal [default: 1m].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub evict_after: Option<Duration>,
@@ -136,6 +223,18 @@ pub struct AgentArgs {
     /// user, so they are refused unless this is given.
     #[arg(long)]
     pub enable_script_checks: bool,
+    /// A directory of Consul service and check definitions (`*.json` and `*.hcl` files with
+    /// `service`, `services`, `check`, `checks`), registered at start and synced again on
+    /// SIGHUP and `PUT /v1/agent/reload`; repeatable. Replaces the file's `config_dir`.
+    #[arg(long = "config-dir", value_name = "DIR")]
+    pub config_dirs: Vec<PathBuf>,
+    /// Also run the gateway (the reverse proxy of `muster gateway`) in this process, listening
+    /// here and following this agent: a one-process set-up. Its metrics join the agent's.
+    #[arg(long, value_name = "ADDR")]
+    pub gateway: Option<std::net::SocketAddr>,
+    /// The embedded gateway's routes file (see `muster gateway --routes`).
+    #[arg(long, value_name = "FILE", requires = "gateway")]
+    pub gateway_routes: Option<PathBuf>,
     /// Log filter, e.g. info or muster_server=debug.
     #[arg(long, env = "MUSTER_LOG", default_value = "info")]
     pub log: String,

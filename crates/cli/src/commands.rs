@@ -136,7 +136,7 @@ pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
         }
         Command::Members(o) => members(&client, o, &mut out).await,
         Command::Catalog(c) => catalog(&client, c, &mut out).await,
-        Command::Agent(_) | Command::Run(_) => unreachable_command(),
+        Command::Agent(_) | Command::Run(_) | Command::Gateway(_) => unreachable_command(),
     }
 }
 

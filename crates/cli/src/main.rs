@@ -8,12 +8,14 @@
 //! - [`commands`]: register, deregister, heartbeat, services, discover, watch, status,
 //!   members, catalog.
 //! - [`run`]: `muster run`, which keeps a child process registered while it lives.
+//! - [`gateway`]: `muster gateway`, the reverse proxy, on a multi-threaded runtime of its own.
 
 mod agent;
 mod args;
 mod client;
 mod commands;
 mod fd_limit;
+mod gateway;
 mod run;
 
 use std::process::ExitCode;
@@ -29,11 +31,20 @@ use crate::args::{Cli, Command};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Where the agent listens, and where the client commands look for it, by default.
-const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
+pub(crate) const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     quiet_caught_panics();
+    if let Command::Gateway(g) = cli.command {
+        return match gateway::main(cli.http_addr.as_deref(), g) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     // One thread: the agent spreads HTTP connections over threads of its own
     // (`--http-threads`), and the client commands need no more.
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -1,8 +1,9 @@
-//! The views' copies on disk: written atomically with a checksum, read before the first
-//! sync so a process that starts while the registry is down still finds its peers.
+//! The disk copies of views and of the catalog: written atomically with a checksum, read
+//! before the first sync so a process that starts while the registry is down still finds its
+//! peers.
 //!
-//! A file is `<cache_dir>/<service>.view`: a text header, a blank line, then the payload
-//! (JSON: the index and the instances):
+//! A file is a text header, a blank line, then the payload (JSON). A view's is
+//! `<cache_dir>/<service>.view`, holding the index and the instances:
 //!
 //! ```text
 //! muster-view
@@ -15,8 +16,14 @@
 //! {"index":42,"instances":[...]}
 //! ```
 //!
-//! Every line of the header is checked on load, so a file from another service, another
-//! program or a future format, or one cut short by a crash, is recognised and ignored.
+//! The catalog's is `<cache_dir>/catalog.registry`, the same header with `muster-catalog`
+//! and `name catalog` in its first and third lines, and the same payload with every
+//! service's instances by name (`{"index":42,"instances":{"api":[...],...}}`). Its file name
+//! ends in `.registry`, so no service's view file can take it.
+//!
+//! Every line of the header is checked on load, so a file of another kind, another service,
+//! another program or a future format, or one cut short by a crash, is recognised and
+//! ignored.
 
 // The write time on disk and a stale view's `since` are wall-clock times for people and
 // across processes, read at this edge only; every delay and timeout uses tokio's clock.
@@ -28,174 +35,269 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::instance::{Instance, Snapshot};
+use crate::metric;
 
-const MAGIC: &str = "muster-view";
 const VERSION: u32 = 1;
-/// At most one write per view per this long: a burst of changes (a deploy rolling through a
+/// At most one write per file per this long: a burst of changes (a deploy rolling through a
 /// service) costs one fsync, not one per instance. The last state is always written.
 pub(crate) const COALESCE: Duration = Duration::from_millis(100);
 
-/// A view read back from disk.
+/// What a kind of file holds, and how its header and name say so. The view's header is the
+/// one version 1 has always had, so copies written before the catalog existed still load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Kind {
+    /// `view`: the header starts `muster-view`, and errors speak of "a view".
+    what: &'static str,
+    /// The header field naming whose copy it is (`service payments`).
+    owner: &'static str,
+    /// The file name's ending.
+    ext: &'static str,
+}
+
+/// One service's view.
+pub(crate) const VIEW: Kind = Kind {
+    what: "view",
+    owner: "service",
+    ext: "view",
+};
+/// Every service: the catalog.
+pub(crate) const CATALOG: Kind = Kind {
+    what: "catalog",
+    owner: "name",
+    ext: "registry",
+};
+
+/// What is kept on disk: a state with an index and its instances.
+pub(crate) trait Persist: Sized + Send + Sync + 'static {
+    /// The instances: a view's list, or the catalog's lists by service.
+    type Instances: Serialize + DeserializeOwned;
+    /// The registry index of this state: the writer skips a state it already wrote.
+    fn index(&self) -> u64;
+    fn instances(&self) -> &Self::Instances;
+    /// The state read back for `owner` from a file written at `written_at`.
+    fn from_disk(
+        owner: &str,
+        index: u64,
+        instances: Self::Instances,
+        written_at: SystemTime,
+    ) -> Self;
+}
+
+/// Every file's payload.
+#[derive(Serialize, Deserialize)]
+struct Payload<I> {
+    index: u64,
+    instances: I,
+}
+
+/// One file in the cache directory: its kind and whose it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CacheFile {
+    kind: Kind,
+    owner: String,
+}
+
+/// A payload read back from disk.
 #[derive(Debug)]
-pub(crate) struct Cached {
-    pub index: u64,
-    pub instances: Vec<Instance>,
+pub(crate) struct Cached<'a> {
+    pub payload: &'a [u8],
     pub written_at: SystemTime,
 }
 
-#[derive(Serialize)]
-struct PayloadOut<'a> {
-    index: u64,
-    instances: &'a [Instance],
-}
-
-#[derive(Deserialize)]
-struct PayloadIn {
-    index: u64,
-    instances: Vec<Instance>,
-}
-
-/// The file holding `service`'s view.
-pub(crate) fn path_of(dir: &Path, service: &str) -> PathBuf {
-    // Service names are DNS labels (validated before a view starts): safe as file names.
-    dir.join(format!("{service}.view"))
-}
-
-/// The file's bytes for this state.
-pub(crate) fn encode(
-    service: &str,
-    index: u64,
-    instances: &[Instance],
-    written_at: SystemTime,
-) -> Vec<u8> {
-    let payload = serde_json::to_vec(&PayloadOut { index, instances }).unwrap_or_default();
-    let millis = written_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let mut out = format!(
-        "{MAGIC}\nversion {VERSION}\nservice {service}\nwritten {millis}\nlength {}\ncrc32 {:08x}\n\n",
-        payload.len(),
-        crc32fast::hash(&payload)
-    )
-    .into_bytes();
-    out.extend_from_slice(&payload);
-    out
-}
-
-/// Reads a file's bytes back, checking everything; the error says what is wrong.
-pub(crate) fn decode(service: &str, bytes: &[u8]) -> Result<Cached, String> {
-    let split = bytes
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .ok_or("no header (truncated, or not a muster view file)")?;
-    let header = std::str::from_utf8(&bytes[..split]).map_err(|_| "the header is not text")?;
-    let payload = &bytes[split + 2..];
-    let mut lines = header.lines();
-    if lines.next() != Some(MAGIC) {
-        return Err(format!("not a muster view file (no {MAGIC:?} line)"));
-    }
-    let mut field = |name: &str| -> Result<&str, String> {
-        lines
-            .next()
-            .and_then(|l| l.strip_prefix(name))
-            .and_then(|l| l.strip_prefix(' '))
-            .ok_or_else(|| format!("the header has no {name:?} line where expected"))
-    };
-    let version = field("version")?;
-    if version != VERSION.to_string() {
-        return Err(format!(
-            "format version {version}, this client reads {VERSION}"
-        ));
-    }
-    let owner = field("service")?;
-    if owner != service {
-        return Err(format!("it holds service {owner:?}, not {service:?}"));
-    }
-    let written: u64 = field("written")?
-        .parse()
-        .map_err(|_| "the write time is not a number")?;
-    let length: usize = field("length")?
-        .parse()
-        .map_err(|_| "the length is not a number")?;
-    let crc = u32::from_str_radix(field("crc32")?, 16).map_err(|_| "the checksum is not hex")?;
-    if payload.len() != length {
-        return Err(format!(
-            "truncated or padded: the header says {length} payload bytes, the file has {}",
-            payload.len()
-        ));
-    }
-    let actual = crc32fast::hash(payload);
-    if actual != crc {
-        return Err(format!(
-            "checksum mismatch (header {crc:08x}, payload {actual:08x}): corrupt"
-        ));
-    }
-    let p: PayloadIn =
-        serde_json::from_slice(payload).map_err(|e| format!("the payload is not a view: {e}"))?;
-    Ok(Cached {
-        index: p.index,
-        instances: p.instances,
-        written_at: UNIX_EPOCH
-            .checked_add(Duration::from_millis(written))
-            .ok_or_else(|| format!("write time {written} ms is out of range"))?,
-    })
-}
-
-/// Reads `service`'s view from `dir`: `None` when there is no file, or (with one warning)
-/// when it cannot be used.
-pub(crate) fn load(dir: &Path, service: &str) -> Option<Cached> {
-    let path = path_of(dir, service);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot read the cached view; ignoring it");
-            return None;
-        }
-    };
-    match decode(service, &bytes) {
-        Ok(c) => Some(c),
-        Err(why) => {
-            tracing::warn!(file = %path.display(), problem = %why, "ignoring the cached view");
-            None
+impl CacheFile {
+    /// `service`'s view.
+    pub(crate) fn view(service: &str) -> CacheFile {
+        CacheFile {
+            kind: VIEW,
+            owner: service.to_string(),
         }
     }
-}
 
-/// Writes `bytes` as `service`'s view: a temporary file in the same directory, written and
-/// synced, renamed over the old one, then the directory synced, so a crash at any point
-/// leaves either the old file or the new one, never a mix.
-pub(crate) fn write_atomic(dir: &Path, service: &str, bytes: &[u8]) -> io::Result<()> {
-    let path = path_of(dir, service);
-    // The process id and a per-process counter keep writers sharing a directory (other
-    // processes, other clients in this one) off each other's temp files.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{service}.view.{}.{n}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    /// The catalog.
+    pub(crate) fn catalog() -> CacheFile {
+        CacheFile {
+            kind: CATALOG,
+            owner: "catalog".to_string(),
+        }
     }
-    result?;
-    // Makes the rename itself durable. Not every platform can open a directory (Windows
-    // cannot); the file is complete either way.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+
+    /// Where the file lives in `dir`.
+    pub(crate) fn path(&self, dir: &Path) -> PathBuf {
+        // Service names are DNS labels (validated before a view starts): safe as file names.
+        dir.join(format!("{}.{}", self.owner, self.kind.ext))
     }
-    Ok(())
+
+    fn magic(&self) -> String {
+        format!("muster-{}", self.kind.what)
+    }
+
+    /// The file's bytes for this state.
+    pub(crate) fn encode<S: Persist>(&self, state: &S, written_at: SystemTime) -> Vec<u8> {
+        let payload = Payload {
+            index: state.index(),
+            instances: state.instances(),
+        };
+        self.encode_payload(
+            &serde_json::to_vec(&payload).unwrap_or_default(),
+            written_at,
+        )
+    }
+
+    fn encode_payload(&self, payload: &[u8], written_at: SystemTime) -> Vec<u8> {
+        let millis = written_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut out = format!(
+            "{}\nversion {VERSION}\n{} {}\nwritten {millis}\nlength {}\ncrc32 {:08x}\n\n",
+            self.magic(),
+            self.kind.owner,
+            self.owner,
+            payload.len(),
+            crc32fast::hash(payload)
+        )
+        .into_bytes();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Reads a file's bytes back, checking everything but the payload's own shape; the
+    /// error says what is wrong.
+    pub(crate) fn decode<'a>(&self, bytes: &'a [u8]) -> Result<Cached<'a>, String> {
+        let magic = self.magic();
+        let what = self.kind.what;
+        let split = bytes
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .ok_or_else(|| format!("no header (truncated, or not a muster {what} file)"))?;
+        let header = std::str::from_utf8(&bytes[..split]).map_err(|_| "the header is not text")?;
+        let payload = &bytes[split + 2..];
+        let mut lines = header.lines();
+        if lines.next() != Some(magic.as_str()) {
+            return Err(format!("not a muster {what} file (no {magic:?} line)"));
+        }
+        let mut field = |name: &str| -> Result<&str, String> {
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix(name))
+                .and_then(|l| l.strip_prefix(' '))
+                .ok_or_else(|| format!("the header has no {name:?} line where expected"))
+        };
+        let version = field("version")?;
+        if version != VERSION.to_string() {
+            return Err(format!(
+                "format version {version}, this client reads {VERSION}"
+            ));
+        }
+        let owner = field(self.kind.owner)?;
+        if owner != self.owner {
+            return Err(format!(
+                "it holds {} {owner:?}, not {:?}",
+                self.kind.owner, self.owner
+            ));
+        }
+        let written: u64 = field("written")?
+            .parse()
+            .map_err(|_| "the write time is not a number")?;
+        let length: usize = field("length")?
+            .parse()
+            .map_err(|_| "the length is not a number")?;
+        let crc =
+            u32::from_str_radix(field("crc32")?, 16).map_err(|_| "the checksum is not hex")?;
+        if payload.len() != length {
+            return Err(format!(
+                "truncated or padded: the header says {length} payload bytes, the file has {}",
+                payload.len()
+            ));
+        }
+        let actual = crc32fast::hash(payload);
+        if actual != crc {
+            return Err(format!(
+                "checksum mismatch (header {crc:08x}, payload {actual:08x}): corrupt"
+            ));
+        }
+        Ok(Cached {
+            payload,
+            written_at: UNIX_EPOCH
+                .checked_add(Duration::from_millis(written))
+                .ok_or_else(|| format!("write time {written} ms is out of range"))?,
+        })
+    }
+
+    /// The state in `bytes`, header and payload checked.
+    pub(crate) fn read<S: Persist>(&self, bytes: &[u8]) -> Result<S, String> {
+        let c = self.decode(bytes)?;
+        let p: Payload<S::Instances> = serde_json::from_slice(c.payload)
+            .map_err(|e| format!("the payload is not a {}: {e}", self.kind.what))?;
+        Ok(S::from_disk(
+            &self.owner,
+            p.index,
+            p.instances,
+            c.written_at,
+        ))
+    }
+
+    /// Reads the file from `dir`: `None` when there is none, or (with one warning) when it
+    /// cannot be used.
+    pub(crate) fn load<S: Persist>(&self, dir: &Path) -> Option<S> {
+        let path = self.path(dir);
+        let what = self.kind.what;
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the cached {what}; ignoring it");
+                return None;
+            }
+        };
+        match self.read(&bytes) {
+            Ok(s) => Some(s),
+            Err(why) => {
+                tracing::warn!(file = %path.display(), problem = %why, "ignoring the cached {what}");
+                None
+            }
+        }
+    }
+
+    /// Writes `bytes` as the file: a temporary file in the same directory, written and
+    /// synced, renamed over the old one, then the directory synced, so a crash at any point
+    /// leaves either the old file or the new one, never a mix.
+    pub(crate) fn write_atomic(&self, dir: &Path, bytes: &[u8]) -> io::Result<()> {
+        let path = self.path(dir);
+        // The process id and a per-process counter keep writers sharing a directory (other
+        // processes, other clients in this one) off each other's temp files.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(
+            ".{}.{}.{}.{n}.tmp",
+            self.owner,
+            self.kind.ext,
+            std::process::id()
+        ));
+        let result = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        // Makes the rename itself durable. Not every platform can open a directory (Windows
+        // cannot); the file is complete either way.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
 }
 
 /// Creates the cache directory; a failure is logged, not returned: the client works
@@ -204,42 +306,65 @@ pub(crate) fn prepare_dir(dir: &Path) -> bool {
     match fs::create_dir_all(dir) {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the cache directory; views will not be kept on disk");
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the cache directory; nothing will be kept on disk");
             false
         }
     }
 }
 
-/// Hands live snapshots to a background writer without ever waiting for the disk.
-#[derive(Debug)]
-pub(crate) struct Writer {
-    latest: watch::Sender<Option<Arc<Snapshot>>>,
+/// With a cache directory: the state `file` holds there (counted as a disk fallback under
+/// `label`), and the writer that keeps it current. Without one, or where the directory
+/// cannot be created, no writer.
+pub(crate) fn open<S: Persist>(
+    dir: Option<&Path>,
+    file: CacheFile,
+    label: &str,
+    runtime: &tokio::runtime::Handle,
+    shutdown: &CancellationToken,
+) -> (Option<S>, Option<Writer<S>>) {
+    let Some(dir) = dir else {
+        return (None, None);
+    };
+    let loaded = file.load::<S>(dir);
+    if let Some(s) = &loaded {
+        tracing::info!(service = label, file = %file.path(dir).display(), index = s.index(), "loaded the disk copy");
+        metrics::counter!(metric::DISK_FALLBACKS, "service" => label.to_string()).increment(1);
+    }
+    let writer =
+        prepare_dir(dir).then(|| Writer::start(dir.to_path_buf(), file, runtime, shutdown.clone()));
+    (loaded, writer)
 }
 
-impl Writer {
-    /// Starts the writer of `service`'s view in `dir`; it ends with `shutdown` once the last
-    /// state handed to it is written.
+/// Hands live states to a background writer without ever waiting for the disk.
+#[derive(Debug)]
+pub(crate) struct Writer<S> {
+    latest: watch::Sender<Option<Arc<S>>>,
+}
+
+impl<S: Persist> Writer<S> {
+    /// Starts the writer of `file` in `dir`; it ends with `shutdown` once the last state
+    /// handed to it is written.
     pub(crate) fn start(
         dir: PathBuf,
-        service: &str,
+        file: CacheFile,
         runtime: &tokio::runtime::Handle,
         shutdown: CancellationToken,
-    ) -> Writer {
+    ) -> Writer<S> {
         let (latest, rx) = watch::channel(None);
-        runtime.spawn(write_loop(dir, service.to_string(), rx, shutdown));
+        runtime.spawn(write_loop(dir, file, rx, shutdown));
         Writer { latest }
     }
 
-    /// Queues `snap` to be written (replacing any state not yet written).
-    pub(crate) fn write(&self, snap: Arc<Snapshot>) {
-        self.latest.send_replace(Some(snap));
+    /// Queues `state` to be written (replacing any state not yet written).
+    pub(crate) fn write(&self, state: Arc<S>) {
+        self.latest.send_replace(Some(state));
     }
 }
 
-async fn write_loop(
+async fn write_loop<S: Persist>(
     dir: PathBuf,
-    service: String,
-    mut rx: watch::Receiver<Option<Arc<Snapshot>>>,
+    file: CacheFile,
+    mut rx: watch::Receiver<Option<Arc<S>>>,
     shutdown: CancellationToken,
 ) {
     let mut written: Option<u64> = None;
@@ -249,19 +374,23 @@ async fn write_loop(
             r = rx.changed() => r.is_err(),
             () = shutdown.cancelled() => true,
         };
-        let snap = rx.borrow_and_update().clone();
-        if let Some(snap) = snap.filter(|s| written != Some(s.index)) {
-            let bytes = encode(&service, snap.index, &snap.instances, SystemTime::now());
-            let (d, s) = (dir.clone(), service.clone());
-            let result = tokio::task::spawn_blocking(move || write_atomic(&d, &s, &bytes)).await;
+        let state = rx.borrow_and_update().clone();
+        if let Some(state) = state.filter(|s| written != Some(s.index())) {
+            let index = state.index();
+            let (d, f) = (dir.clone(), file.clone());
+            // Encoding is off the runtime too: the catalog's payload is every instance.
+            let result = tokio::task::spawn_blocking(move || {
+                f.write_atomic(&d, &f.encode(&*state, SystemTime::now()))
+            })
+            .await;
             match result {
                 Ok(Ok(())) => {
-                    written = Some(snap.index);
+                    written = Some(index);
                     warned = false;
                 }
                 Ok(Err(e)) if !warned => {
                     warned = true;
-                    tracing::warn!(file = %path_of(&dir, &service).display(), error = %e, "cannot write the cached view");
+                    tracing::warn!(file = %file.path(&dir).display(), error = %e, "cannot write the disk copy");
                 }
                 _ => {}
             }
@@ -279,7 +408,8 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Health;
+    use crate::catalog::CatalogSnapshot;
+    use crate::{Health, Instance, Snapshot, Source};
 
     fn instance(id: &str, port: u16) -> Instance {
         Instance {
@@ -296,58 +426,138 @@ mod tests {
         }
     }
 
+    fn snap(index: u64, instances: Vec<Instance>) -> Snapshot {
+        Snapshot {
+            service: "web".into(),
+            index,
+            source: Source::Live,
+            instances: Arc::from(instances),
+        }
+    }
+
     #[test]
     fn a_written_view_reads_back_whole() {
         let when = UNIX_EPOCH + Duration::from_millis(1_767_225_600_123);
         let instances = vec![instance("a", 1), instance("b", 2)];
-        let bytes = encode("web", 42, &instances, when);
-        let back = decode("web", &bytes).unwrap();
+        let file = CacheFile::view("web");
+        let bytes = file.encode(&snap(42, instances.clone()), when);
+        let back: Snapshot = file.read(&bytes).unwrap();
         assert_eq!(back.index, 42);
-        assert_eq!(back.instances, instances);
-        assert_eq!(back.written_at, when);
+        assert_eq!(*back.instances, instances[..]);
+        assert_eq!(back.source, Source::Disk { written_at: when });
     }
 
-    fn problem(service: &str, bytes: &[u8]) -> String {
-        match decode(service, bytes) {
+    #[test]
+    fn a_view_file_keeps_the_version_1_header() {
+        // Copies written before the catalog existed must still load: the view's header is
+        // byte for byte what it was.
+        let when = UNIX_EPOCH + Duration::from_millis(5);
+        let bytes = CacheFile::view("web").encode(&snap(1, vec![]), when);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(
+            text.starts_with("muster-view\nversion 1\nservice web\nwritten 5\nlength "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_written_catalog_reads_back_whole() {
+        let when = UNIX_EPOCH + Duration::from_millis(1_767_225_600_123);
+        let catalog = CatalogSnapshot {
+            index: 42,
+            source: Source::Live,
+            services: [
+                ("api".to_string(), Arc::from(vec![instance("a", 1)])),
+                ("web".to_string(), Arc::from(vec![instance("b", 2)])),
+            ]
+            .into(),
+        };
+        let file = CacheFile::catalog();
+        let bytes = file.encode(&catalog, when);
+        assert!(bytes.starts_with(b"muster-catalog\nversion 1\nname catalog\n"));
+        let back: CatalogSnapshot = file.read(&bytes).unwrap();
+        assert_eq!(
+            back,
+            CatalogSnapshot {
+                source: Source::Disk { written_at: when },
+                ..catalog
+            }
+        );
+    }
+
+    fn problem<S: Persist + std::fmt::Debug>(file: &CacheFile, bytes: &[u8]) -> String {
+        match file.read::<S>(bytes) {
             Err(why) => why,
-            Ok(_) => panic!("{:?} was accepted", String::from_utf8_lossy(bytes)),
+            Ok(s) => panic!("{:?} was accepted as {s:?}", String::from_utf8_lossy(bytes)),
         }
     }
 
     #[test]
     fn damaged_or_foreign_files_are_refused_with_the_reason() {
-        let good = encode("web", 7, &[instance("a", 1)], SystemTime::now());
-        assert!(problem("api", &good).contains("holds service \"web\""));
+        let web = CacheFile::view("web");
+        let good = web.encode(&snap(7, vec![instance("a", 1)]), SystemTime::now());
+        let view_problem = |bytes: &[u8]| problem::<Snapshot>(&web, bytes);
+        assert!(
+            problem::<Snapshot>(&CacheFile::view("api"), &good).contains("holds service \"web\"")
+        );
         let cut = &good[..good.len() - 5];
-        assert!(problem("web", cut).contains("truncated"));
+        assert!(view_problem(cut).contains("truncated"));
         let mut flipped = good.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 0x01;
-        assert!(problem("web", &flipped).contains("checksum mismatch"));
+        assert!(view_problem(&flipped).contains("checksum mismatch"));
         let newer = String::from_utf8(good.clone())
             .unwrap()
             .replacen("version 1", "version 2", 1);
-        assert!(problem("web", newer.as_bytes()).contains("format version 2"));
-        assert!(problem("web", b"{\"index\":1}").contains("no header"));
-        assert!(problem("web", b"hello\n\nworld").contains("not a muster view"));
-        assert!(problem("web", &[0xff, 0xfe, b'\n', b'\n']).contains("not text"));
+        assert!(view_problem(newer.as_bytes()).contains("format version 2"));
+        assert!(view_problem(b"{\"index\":1}").contains("no header"));
+        assert!(view_problem(b"hello\n\nworld").contains("not a muster view"));
+        assert!(view_problem(&[0xff, 0xfe, b'\n', b'\n']).contains("not text"));
         // Every truncation point is refused, none panics.
         for n in 0..good.len() {
-            assert!(decode("web", &good[..n]).is_err(), "cut at {n} accepted");
+            assert!(
+                web.read::<Snapshot>(&good[..n]).is_err(),
+                "cut at {n} accepted"
+            );
         }
+        // A well-formed file whose payload is not a view.
+        let odd = web.encode_payload(b"{\"index\":1}", SystemTime::now());
+        assert!(view_problem(&odd).contains("the payload is not a view"));
+    }
+
+    #[test]
+    fn a_view_file_is_not_a_catalog_and_the_other_way_round() {
+        let catalog = CatalogSnapshot::unsynced();
+        let as_catalog = CacheFile::catalog().encode(&catalog, SystemTime::now());
+        let as_view = CacheFile::view("web").encode(&snap(3, vec![]), SystemTime::now());
+        assert!(
+            problem::<Snapshot>(&CacheFile::view("web"), &as_catalog)
+                .contains("not a muster view file")
+        );
+        assert!(
+            problem::<CatalogSnapshot>(&CacheFile::catalog(), &as_view)
+                .contains("not a muster catalog file")
+        );
+        // A service named like the catalog's file still has a file of its own.
+        let dir = Path::new("/cache");
+        assert_ne!(
+            CacheFile::view("catalog").path(dir),
+            CacheFile::catalog().path(dir)
+        );
     }
 
     #[test]
     fn an_atomic_write_replaces_the_file_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        write_atomic(dir.path(), "web", &encode("web", 1, &[], SystemTime::now())).unwrap();
-        write_atomic(
+        let web = CacheFile::view("web");
+        web.write_atomic(dir.path(), &web.encode(&snap(1, vec![]), SystemTime::now()))
+            .unwrap();
+        web.write_atomic(
             dir.path(),
-            "web",
-            &encode("web", 2, &[instance("a", 1)], SystemTime::now()),
+            &web.encode(&snap(2, vec![instance("a", 1)]), SystemTime::now()),
         )
         .unwrap();
-        let back = load(dir.path(), "web").unwrap();
+        let back: Snapshot = web.load(dir.path()).unwrap();
         assert_eq!((back.index, back.instances.len()), (2, 1));
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
@@ -359,34 +569,33 @@ mod tests {
     #[test]
     fn a_missing_file_is_no_copy_and_no_error() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(load(dir.path(), "web").is_none());
-    }
-
-    fn snap(index: u64) -> Arc<Snapshot> {
-        Arc::new(Snapshot {
-            service: "web".into(),
-            index,
-            source: crate::Source::Live,
-            instances: Arc::from(vec![instance("a", 1)]),
-        })
+        assert!(
+            CacheFile::view("web")
+                .load::<Snapshot>(dir.path())
+                .is_none()
+        );
     }
 
     #[tokio::test]
     async fn a_burst_of_states_ends_with_the_last_one_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
+        let web = CacheFile::view("web");
         let writer = Writer::start(
             dir.path().to_path_buf(),
-            "web",
+            web.clone(),
             &tokio::runtime::Handle::current(),
             shutdown.clone(),
         );
         for i in 1..=50 {
-            writer.write(snap(i));
+            writer.write(Arc::new(snap(i, vec![instance("a", 1)])));
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            if load(dir.path(), "web").is_some_and(|c| c.index == 50) {
+            if web
+                .load::<Snapshot>(dir.path())
+                .is_some_and(|c| c.index == 50)
+            {
                 break;
             }
             assert!(

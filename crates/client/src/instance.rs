@@ -112,7 +112,7 @@ pub enum Source {
 }
 
 /// A service's instances at one index, and how fresh they are.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
     /// The service.
     pub service: String,

@@ -3,6 +3,8 @@
 //! A [`Client`] keeps a live view of each service it is asked about: pushed by the agent's
 //! watch stream, kept through agent outages (and across restarts, with a cache directory),
 //! and picked from without waiting, by a policy that learns from the outcomes it is told.
+//! [`Client::catalog`] keeps one live view of every service, over one stream, for those
+//! (a gateway) that route to all of them.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), muster_client::Error> {
@@ -18,8 +20,11 @@
 //! Layout:
 //! - [`config`]: the builder, its settings and their validation.
 //! - `agents`: HTTP calls to the agents, failing over between them.
-//! - `view`: one service's live view: the watch, its fallbacks, and publishing snapshots.
-//! - `cache`: the views' copies on disk.
+//! - `follow`: the sync task behind views and the catalog: the watch, its failures and
+//!   fallbacks, and publishing snapshots.
+//! - `view`: one service's live view, with its balancer.
+//! - `catalog`: the live view of every service.
+//! - `cache`: the views' and the catalog's copies on disk.
 //! - `sse`: parsing the agent's event stream.
 //! - `backoff`, `rng`: reconnect delays with full jitter; a seeded generator.
 //! - [`balance`]: picking: policies, zone-aware routing, passive health, slow start.
@@ -31,8 +36,10 @@ mod agents;
 mod backoff;
 pub mod balance;
 mod cache;
+mod catalog;
 pub mod config;
 mod error;
+mod follow;
 mod instance;
 pub mod metric;
 pub mod register;
@@ -42,16 +49,18 @@ pub mod tower;
 mod view;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 pub use balance::{Balancer, Outcome, Outlier, PickReq, Picked, Policy};
+pub use catalog::{Catalog, CatalogSnapshot};
 pub use config::Builder;
 pub use error::Error;
+pub use follow::SyncState;
 pub use instance::{Health, Instance, Snapshot, Source};
 pub use register::{Registered, Registration};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
-pub use view::{SyncState, View};
+pub use view::View;
 
 use crate::agents::Agents;
 use crate::config::Settings;
@@ -68,6 +77,8 @@ struct Inner {
     settings: Settings,
     agents: Arc<Agents>,
     views: RwLock<HashMap<String, View>>,
+    /// The live view of every service, once asked for.
+    catalog: OnceLock<Catalog>,
     /// How the caller service's healthy instances are spread over zones (empty without
     /// `caller_service`), handed to every balancer.
     caller_zones: RwLock<Vec<(String, usize)>>,
@@ -94,6 +105,7 @@ impl Client {
                 settings,
                 agents,
                 views: RwLock::new(HashMap::new()),
+                catalog: OnceLock::new(),
                 caller_zones: RwLock::new(Vec::new()),
                 runtime,
                 _stop_tasks: shutdown.clone().drop_guard(),
@@ -199,6 +211,23 @@ impl Client {
     /// A receiver that sees every new snapshot of `service`.
     pub fn watch(&self, service: &str) -> Result<watch::Receiver<Arc<Snapshot>>, Error> {
         Ok(self.view(service)?.watch())
+    }
+
+    /// The live view of every service, started on first use (one per client; later calls
+    /// return the same one), over one watch stream however many services there are. Its
+    /// disk copy (with a cache directory) is loaded before this returns.
+    pub fn catalog(&self) -> Catalog {
+        self.inner
+            .catalog
+            .get_or_init(|| {
+                Catalog::start(
+                    &self.inner.settings,
+                    self.inner.agents.clone(),
+                    &self.inner.runtime,
+                    self.inner.shutdown.child_token(),
+                )
+            })
+            .clone()
     }
 
     /// Picks an instance of `service`, at once. The first call for a service starts its

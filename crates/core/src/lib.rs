@@ -26,6 +26,7 @@ pub mod liveness;
 pub mod model;
 pub mod preservation;
 pub mod registry;
+pub mod replica;
 pub mod snapshot;
 pub mod time;
 
@@ -41,5 +42,5 @@ pub use registry::{
     Applied, Command, Expiry, Mutation, Registry, RegistryConfig, RegistryError, SWEEP_NAMES,
     StoredInstance, StoredLease, SweepReport, TxnOp,
 };
-pub use snapshot::{Lease, Rendering, Service, Snapshot};
+pub use snapshot::{Lease, RecentChange, Rendering, Service, Snapshot};
 pub use time::Time;

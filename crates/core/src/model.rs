@@ -136,27 +136,14 @@ impl ServiceName {
         &self.0
     }
 
-    /// A name as other registries' APIs allow it (Consul's `node_exporter`, `api.v2`):
-    /// lowercased (names match case-insensitively), 1 to 128 characters from letters,
-    /// digits, `-`, `_` and `.`. Such a name is served over HTTP; over DNS only when it is
-    /// also a DNS label. Reads use it too, so every stored name can be looked up.
+    /// A name as other registries' APIs allow it: Consul takes any string (`node_exporter`,
+    /// `api.v2`, `app#127.0.0.1#3000`) and only warns that DNS cannot serve it. Lowercased
+    /// (names match case-insensitively); 1 to 256 bytes without control characters or `/`,
+    /// and not `.` or `..` (a name is a path segment of the URLs that read it). Such a name
+    /// is served over HTTP; over DNS only when it is also a DNS label. Reads use it too, so
+    /// every stored name can be looked up.
     pub fn parse_lenient(name: &str) -> Result<ServiceName, ValidationError> {
-        refuse_dot_segment("service", name)?;
-        if name.is_empty() || name.len() > 128 {
-            return Err(ValidationError::new(
-                "service",
-                format!("must be 1 to 128 characters, got {}", name.len()),
-            ));
-        }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-        {
-            return Err(ValidationError::new(
-                "service",
-                format!("{c:?} is not allowed: use letters, digits, '-', '_' and '.'"),
-            ));
-        }
+        check_free_text("service", name)?;
         Ok(ServiceName(name.to_ascii_lowercase().into()))
     }
 
@@ -191,6 +178,25 @@ pub fn refuse_dot_segment(field: &str, text: &str) -> Result<(), ValidationError
                 "{text:?} is not allowed: as a URL path segment it means the current or parent \
                  directory, so it could not be addressed"
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// Free text that is still one URL path segment: 1 to 256 bytes, no control characters or
+/// `/`, not `.` or `..`.
+fn check_free_text(field: &str, text: &str) -> Result<(), ValidationError> {
+    refuse_dot_segment(field, text)?;
+    if text.is_empty() || text.len() > 256 {
+        return Err(ValidationError::new(
+            field,
+            format!("must be 1 to 256 bytes, got {}", text.len()),
+        ));
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control() || *c == '/') {
+        return Err(ValidationError::new(
+            field,
+            format!("{c:?} is not allowed: any text without '/' or control characters"),
         ));
     }
     Ok(())
@@ -246,6 +252,23 @@ impl InstanceId {
             ));
         }
         Ok(InstanceId(id.into()))
+    }
+
+    /// An id as Consul's API allows it (an ID defaults to the service's name there, so
+    /// `app#127.0.0.1#3000` is an ID too): 1 to 256 bytes without control characters or
+    /// `/`, and not `.` or `..`; kept as written.
+    pub fn parse_lenient(id: &str) -> Result<InstanceId, ValidationError> {
+        check_free_text("id", id)?;
+        Ok(InstanceId(id.into()))
+    }
+
+    /// An id a read looks up: every id some registration can store is accepted; any other
+    /// gets the error the native registration gives it (as [`ServiceName::parse_lookup`]).
+    pub fn parse_lookup(id: &str) -> Result<InstanceId, ValidationError> {
+        InstanceId::parse_lenient(id).map_err(|lenient| match InstanceId::parse(id) {
+            Err(strict) => strict,
+            Ok(_) => lenient,
+        })
     }
 
     /// The id.
@@ -324,6 +347,39 @@ pub struct CompatFields {
     /// service's `Address` as registered, empty.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub address_from_node: bool,
+    /// What a Eureka client registered beyond the fields above.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eureka: Option<EurekaFields>,
+}
+
+/// The parts of a Eureka `InstanceInfo` that have no field of their own in the core model,
+/// kept so Eureka clients read back what they registered.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EurekaFields {
+    /// `hostName` (the address is `ipAddr`).
+    pub host_name: String,
+    /// The status the client reports (`UP`, `DOWN`, `STARTING`, `UNKNOWN`); overrides are
+    /// the core's maintenance.
+    pub status: String,
+    /// `port` and whether it is enabled.
+    pub port: (u16, bool),
+    /// `securePort` and whether it is enabled.
+    pub secure_port: (u16, bool),
+    /// `countryId`.
+    pub country_id: u32,
+    /// `dataCenterInfo.name` (`MyOwn`, `Amazon`, `Netflix`).
+    pub data_center: String,
+    /// `dataCenterInfo.metadata` (Amazon's instance id, zone, addresses).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub data_center_meta: BTreeMap<String, String>,
+    /// `leaseInfo.renewalIntervalInSecs`.
+    pub renewal_interval_secs: u32,
+    /// `lastDirtyTimestamp`: when the client's copy last changed, in epoch milliseconds.
+    pub last_dirty: u64,
+    /// The optional string fields (`vipAddress`, `homePageUrl`, ...) by their Eureka names.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub strings: BTreeMap<String, String>,
 }
 
 /// What a client registers: everything about an instance except what the registry assigns.
@@ -617,6 +673,10 @@ pub struct Instance {
     pub modify_index: u64,
     /// Its heartbeat deadline (for lease-bound instances, the lease's).
     pub liveness: Arc<Liveness>,
+    /// In cluster mode, the agent that owns it when that is another agent: its heartbeats
+    /// and checks run there, and this agent only shows what the owner reported. `None` for
+    /// the instances of this agent.
+    pub owner: Option<Arc<str>>,
 }
 
 use crate::check::{CheckCell, CheckSpec, MAX_CHECKS};
@@ -695,7 +755,13 @@ impl Instance {
 
     /// Whether it is on the agent's own node (not an external service of another node).
     pub fn is_local(&self) -> bool {
-        self.spec.compat.as_ref().is_none_or(|c| c.node.is_none())
+        self.owner.is_none() && self.spec.compat.as_ref().is_none_or(|c| c.node.is_none())
+    }
+
+    /// Whether this agent keeps it alive: runs its checks and expires it (in cluster mode,
+    /// another agent may own it).
+    pub fn is_owned(&self) -> bool {
+        self.owner.is_none()
     }
 
     /// Whether discovery returns it by default: not critical, not in maintenance.
@@ -815,12 +881,41 @@ mod tests {
     }
 
     #[test]
+    fn consul_ids_are_free_text_within_one_path_segment() {
+        let id = InstanceId::parse_lenient("App#127.0.0.1#3000").unwrap();
+        assert_eq!(id.as_str(), "App#127.0.0.1#3000", "kept as written");
+        assert!(
+            InstanceId::parse("App#127.0.0.1#3000").is_err(),
+            "native stays strict"
+        );
+        assert_eq!(InstanceId::parse_lookup("App#127.0.0.1#3000").unwrap(), id);
+        for bad in ["", "a/b", "a\nb", ".."] {
+            assert_eq!(
+                InstanceId::parse_lenient(bad).unwrap_err().field,
+                "id",
+                "{bad:?}"
+            );
+            assert_eq!(
+                InstanceId::parse_lookup(bad).unwrap_err(),
+                InstanceId::parse(bad).unwrap_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn lookups_accept_every_storable_name_and_refuse_the_rest_as_registration_does() {
         assert_eq!(
             ServiceName::parse_lookup("Node_Exporter").unwrap().as_str(),
             "node_exporter"
         );
-        for bad in ["a b", "web!", "", &"x".repeat(200), "-x/"] {
+        assert_eq!(
+            ServiceName::parse_lookup("App#127.0.0.1#3000")
+                .unwrap()
+                .as_str(),
+            "app#127.0.0.1#3000"
+        );
+        for bad in ["", &"x".repeat(300), "-x/", "a\tb"] {
             assert_eq!(
                 ServiceName::parse_lookup(bad).unwrap_err(),
                 ServiceName::parse(bad).unwrap_err(),

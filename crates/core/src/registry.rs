@@ -46,6 +46,26 @@ impl RegistryConfig {
             ..RegistryConfig::default()
         }
     }
+
+    /// Whether a registration of `spec` passes validation here: its fields within the
+    /// limits, and script checks only where they are enabled. What the registry itself
+    /// applies to every registration, for callers that check a batch before writing any.
+    pub fn admits(&self, spec: &InstanceSpec) -> Result<(), ValidationError> {
+        spec.validate(&self.limits)?;
+        if !self.script_checks
+            && let Some(i) = spec
+                .checks
+                .iter()
+                .position(|c| matches!(c.kind, CheckKind::Script { .. }))
+        {
+            return Err(ValidationError::new(
+                format!("checks[{i}].script"),
+                "script checks are disabled on this agent; start it with \
+                 --enable-script-checks to allow them",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A change a client (or the agent itself) asks for.
@@ -139,6 +159,16 @@ pub enum Command {
         recurse: bool,
         /// Only if the entry's modify index is this (0: only if absent).
         cas: Option<u64>,
+    },
+    /// Cluster mode: releases the locks of a session that ended on another agent (or with
+    /// its agent's lease), as its behavior says. Keys no longer held are left alone.
+    ReleaseLocks {
+        /// The session that ended.
+        session: String,
+        /// What its end does to its keys.
+        behavior: SessionBehavior,
+        /// Its lock delay.
+        lock_delay: Duration,
     },
     /// Create a session.
     CreateSession {
@@ -404,18 +434,24 @@ pub enum Mutation {
 /// The registry: current state plus what the writer needs to persist and decide.
 #[derive(Clone, Debug)]
 pub struct Registry {
-    state: Snapshot,
+    pub(crate) state: Snapshot,
     config: RegistryConfig,
-    preservation: Preservation,
+    pub(crate) preservation: Preservation,
     mutations: Vec<Mutation>,
     persisted_index: u64,
     /// The time of the command being applied.
-    now: Time,
+    pub(crate) now: Time,
     /// Inside a KV transaction: every change shares one index.
     in_txn: bool,
     txn_index: Option<u64>,
     /// What the last sweeps learned about quiet services, so the next ones can skip them.
     sweep_hints: SweepHints,
+    /// In cluster mode, this agent's name and the instances changed since the last
+    /// [`Registry::take_touched`] (what the writer must send to the shared catalog).
+    pub(crate) cluster: Option<Arc<str>>,
+    pub(crate) touched: Vec<Key>,
+    /// Cluster mode: sessions removed by the catalog while keys still named them.
+    pub(crate) ended_sessions: Vec<Arc<Session>>,
 }
 
 /// Per service: when a sweep could next find anything to do in it.
@@ -480,7 +516,7 @@ struct SweepHint {
     renewers: usize,
 }
 
-type Key = (ServiceName, InstanceId);
+pub(crate) type Key = (ServiceName, InstanceId);
 
 /// A check status to show: its position in the instance, the status, since when.
 type CheckChange = (usize, Status, Time);
@@ -585,6 +621,9 @@ impl Registry {
             in_txn: false,
             txn_index: None,
             sweep_hints: SweepHints::default(),
+            cluster: None,
+            touched: Vec::new(),
+            ended_sessions: Vec::new(),
         }
     }
 
@@ -613,12 +652,14 @@ impl Registry {
                     ttl,
                     instances: Default::default(),
                     liveness: Arc::new(Liveness::new(now + ttl)),
+                    owner: None,
                 }),
             );
         }
         for s in instances {
-            let parsed = ServiceName::parse(&s.service)
-                .and_then(|n| InstanceId::parse(&s.id).map(|i| (n, i)));
+            // Lenient: names registered through the Consul API are stored too.
+            let parsed = ServiceName::parse_lenient(&s.service)
+                .and_then(|n| InstanceId::parse_lenient(&s.id).map(|i| (n, i)));
             let Ok((service, id)) = parsed else {
                 warnings.push(format!(
                     "skipped stored instance {}/{}: invalid name",
@@ -669,6 +710,7 @@ impl Registry {
                 create_index: s.create_index,
                 modify_index: s.modify_index,
                 liveness,
+                owner: None,
             };
             let svc = reg
                 .state
@@ -753,8 +795,9 @@ impl Registry {
             Command::CreateLease { ttl } => {
                 self.check_lease(ttl)?;
                 let index = self.bump();
-                self.add_lease(index, ttl, now);
-                Ok(Applied::LeaseCreated { id: index, index })
+                let id = self.new_lease_id(index);
+                self.add_lease(id, ttl, now);
+                Ok(Applied::LeaseCreated { id, index })
             }
             Command::RevokeLease { id } => {
                 if !self.state.leases.contains_key(&id) {
@@ -817,6 +860,17 @@ impl Registry {
             Command::KvTxn(ops) => self.kv_txn(ops),
             Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas),
             Command::CreateSession { id, spec } => self.create_session(id, spec, now),
+            Command::ReleaseLocks {
+                session,
+                behavior,
+                lock_delay,
+            } => {
+                let index = self.state.index + 1;
+                if self.release_locks(&session, behavior, lock_delay, index) > 0 {
+                    self.bump();
+                }
+                Ok(Applied::Kv { ok: true, index })
+            }
             Command::DestroySession { id } => {
                 if !self.state.sessions.contains_key(id.as_str()) {
                     return Err(RegistryError::UnknownSession(id));
@@ -859,20 +913,7 @@ impl Registry {
         spec: InstanceSpec,
         now: Time,
     ) -> Result<Applied, RegistryError> {
-        spec.validate(&self.config.limits)?;
-        if !self.config.script_checks
-            && let Some(i) = spec
-                .checks
-                .iter()
-                .position(|c| matches!(c.kind, CheckKind::Script { .. }))
-        {
-            return Err(ValidationError::new(
-                format!("checks[{i}].script"),
-                "script checks are disabled on this agent; start it with \
-                 --enable-script-checks to allow them",
-            )
-            .into());
-        }
+        self.config.admits(&spec)?;
         let lease_liveness = match spec.keep_alive {
             KeepAlive::Lease(lid) => Some(
                 self.state
@@ -913,9 +954,12 @@ impl Registry {
             }
         };
 
+        // (An instance another agent owns moves here: that is a change even when the
+        // spec is the same.)
         if let Some(old) = &old
             && old.spec == spec
             && old.heartbeat != Status::Critical
+            && old.is_owned()
         {
             return Ok(Applied::Unchanged {
                 index: old.modify_index,
@@ -969,6 +1013,7 @@ impl Registry {
             create_index: old.as_ref().map_or(index, |o| o.create_index),
             modify_index: index,
             liveness,
+            owner: None,
         };
         self.put_instance(instance, index);
         Ok(Applied::Registered {
@@ -1018,6 +1063,19 @@ impl Registry {
             create_index: instance.create_index,
             modify_index: instance.modify_index,
         }));
+        self.touch(&instance.service, &instance.id);
+        self.insert_instance(instance, index);
+    }
+
+    /// Notes, in cluster mode, that an instance changed.
+    fn touch(&mut self, service: &ServiceName, id: &InstanceId) {
+        if self.cluster.is_some() {
+            self.touched.push((service.clone(), id.clone()));
+        }
+    }
+
+    /// Inserts or replaces an instance in memory at `index`.
+    pub(crate) fn insert_instance(&mut self, instance: Instance, index: u64) {
         self.state.tombstones.remove(instance.service.as_str());
         let name = instance.service.clone();
         let svc = self
@@ -1046,6 +1104,24 @@ impl Registry {
             self.state.unindex_instance(old);
         }
         self.state.index_instance(&instance);
+        self.note_recent(&instance.service, &instance.id, index, None);
+    }
+
+    /// Notes a change for readers that answer "what changed lately" ([`Snapshot::recent`]).
+    fn note_recent(
+        &mut self,
+        service: &ServiceName,
+        id: &InstanceId,
+        index: u64,
+        removed: Option<Arc<Instance>>,
+    ) {
+        self.state.note_recent(crate::RecentChange {
+            index,
+            at: self.now,
+            service: service.clone(),
+            id: id.clone(),
+            removed,
+        });
     }
 
     /// Changes an instance's heartbeat status without persisting it (health is not stored).
@@ -1083,15 +1159,35 @@ impl Registry {
         next.modify_index = index;
         *inst = Arc::new(next);
         svc.index = index;
+        if self.cluster.is_some() {
+            self.touched.push(key.clone());
+        }
+        self.note_recent(&key.0, &key.1, index, None);
     }
 
     fn remove_instance(&mut self, service: &ServiceName, id: &InstanceId, index: u64) {
+        if self.drop_instance(service, id, index) {
+            self.touch(service, id);
+            self.mutations.push(Mutation::DeleteInstance {
+                service: service.to_string(),
+                id: id.to_string(),
+            });
+        }
+    }
+
+    /// Removes an instance from memory at `index`; whether there was one.
+    pub(crate) fn drop_instance(
+        &mut self,
+        service: &ServiceName,
+        id: &InstanceId,
+        index: u64,
+    ) -> bool {
         let Some(svc) = self.state.services.get_mut(service.as_str()) else {
-            return;
+            return false;
         };
         let svc_mut = Arc::make_mut(svc);
         let Some(old) = svc_mut.instances.remove(id.as_str()) else {
-            return;
+            return false;
         };
         self.state.instance_total -= 1;
         if !old.checks.is_empty() {
@@ -1109,10 +1205,8 @@ impl Registry {
         if let KeepAlive::Lease(lid) = old.spec.keep_alive {
             self.unbind(lid, &(service.clone(), id.clone()));
         }
-        self.mutations.push(Mutation::DeleteInstance {
-            service: service.to_string(),
-            id: id.to_string(),
-        });
+        self.note_recent(service, id, index, Some(old));
+        true
     }
 
     fn add_tombstone(&mut self, name: ServiceName, index: u64) {
@@ -1185,6 +1279,10 @@ impl Registry {
             let mut quiet_until = NEVER;
             let mut renewers = 0;
             for inst in svc.instances.values() {
+                // Another agent keeps it alive (cluster mode): its owner reports its health.
+                if !inst.is_owned() {
+                    continue;
+                }
                 let key = || (inst.service.clone(), inst.id.clone());
                 if !inst.checks.is_empty() {
                     quiet = false;
@@ -1269,6 +1367,10 @@ impl Registry {
         }
         let mut expire = Vec::new();
         for lease in self.state.leases.values() {
+            // Another agent renews and expires it (cluster mode).
+            if lease.owner.is_some() {
+                continue;
+            }
             if lease.liveness.lapsed(now) {
                 if preservation.written_off(lease.liveness.deadline()) {
                     written_off += 1;
@@ -1784,8 +1886,13 @@ impl Registry {
     }
 
     fn remove_kv(&mut self, key: Arc<str>, index: u64) {
-        self.state.kv.remove(&key);
         self.mutations.push(Mutation::DeleteKv(key.to_string()));
+        self.forget_kv(key, index);
+    }
+
+    /// Removes a KV entry from memory at `index`, remembering the deletion.
+    pub(crate) fn forget_kv(&mut self, key: Arc<str>, index: u64) {
+        self.state.kv.remove(&key);
         self.state.kv_tombstones.insert(key.clone(), index);
         self.state.kv_tombstone_order.push_back((index, key));
         while self.state.kv_tombstone_order.len() > TOMBSTONE_CAPACITY {
@@ -1822,6 +1929,7 @@ impl Registry {
                 ttl,
                 instances: Default::default(),
                 liveness: Arc::new(Liveness::new(now + ttl)),
+                owner: None,
             }),
         );
         self.mutations.push(Mutation::PutLease(StoredLease {
@@ -1862,8 +1970,9 @@ impl Registry {
         }
         let index = self.bump();
         let lease = spec.ttl.map(|ttl| {
-            self.add_lease(index, ttl, now);
-            index
+            let id = self.new_lease_id(index);
+            self.add_lease(id, ttl, now);
+            id
         });
         let id: Arc<str> = id.as_str().into();
         let session = Session {
@@ -1885,6 +1994,22 @@ impl Registry {
         };
         self.mutations
             .push(Mutation::DeleteSession(session.id.to_string()));
+        self.release_locks(id, session.spec.behavior, session.spec.lock_delay, index);
+        if let Some(lease) = session.lease
+            && self.state.leases.remove(&lease).is_some()
+        {
+            self.mutations.push(Mutation::DeleteLease(lease));
+        }
+    }
+
+    /// Releases (or, with `Delete`, removes) the keys session `id` holds, at `index`.
+    pub(crate) fn release_locks(
+        &mut self,
+        id: &str,
+        behavior: SessionBehavior,
+        lock_delay: Duration,
+        index: u64,
+    ) -> usize {
         let held: Vec<Arc<KvEntry>> = self
             .state
             .kv
@@ -1892,11 +2017,12 @@ impl Registry {
             .filter(|e| e.session.as_deref() == Some(id))
             .cloned()
             .collect();
+        let count = held.len();
         for e in held {
-            match session.spec.behavior {
+            match behavior {
                 SessionBehavior::Delete => self.remove_kv(e.key.clone(), index),
                 SessionBehavior::Release => {
-                    let delay = session.spec.lock_delay;
+                    let delay = lock_delay;
                     let released = KvEntry {
                         session: None,
                         modify_index: index,
@@ -1908,11 +2034,7 @@ impl Registry {
                 }
             }
         }
-        if let Some(lease) = session.lease
-            && self.state.leases.remove(&lease).is_some()
-        {
-            self.mutations.push(Mutation::DeleteLease(lease));
-        }
+        count
     }
 }
 
@@ -1976,7 +2098,7 @@ pub enum TxnOp {
 }
 
 /// A deadline that never comes, for instances without a heartbeat.
-const NEVER: Time = Time::from_millis(u64::MAX);
+pub(crate) const NEVER: Time = Time::from_millis(u64::MAX);
 
 fn new_check(spec: &CheckSpec, status: Status, now: Time) -> CheckState {
     let ttl = match spec.kind {
@@ -2005,5 +2127,6 @@ fn clone_instance(i: &Instance) -> Instance {
         create_index: i.create_index,
         modify_index: i.modify_index,
         liveness: i.liveness.clone(),
+        owner: i.owner.clone(),
     }
 }

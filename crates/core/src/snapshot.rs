@@ -106,6 +106,8 @@ pub struct Lease {
     pub instances: BTreeSet<(ServiceName, InstanceId)>,
     /// Its deadline.
     pub liveness: Arc<Liveness>,
+    /// In cluster mode, the agent that renews and expires it when that is another agent.
+    pub owner: Option<Arc<str>>,
 }
 
 /// How many removed services the registry remembers, so a stream can tell a reconnecting
@@ -155,6 +157,38 @@ pub struct Snapshot {
     pub node_checks: Arc<Vec<NodeCheck>>,
     /// The worst status of `node_checks` (passing without any).
     pub node_status: Status,
+    /// In cluster mode, the agents of the cluster by name (empty on a single node).
+    pub members: OrdMap<Arc<str>, Arc<crate::replica::Member>>,
+    /// Changes to instances in the last [`RECENT_WINDOW`] (at most [`RECENT_CAPACITY`]),
+    /// oldest first: what Eureka's delta answers, which needs removed instances as they were
+    /// and when each change happened, neither of which the services' indexes keep.
+    pub recent: imbl::Vector<RecentChange>,
+}
+
+/// How long [`Snapshot::recent`] keeps a change: Eureka keeps its recently-changed queue for
+/// three minutes, and its clients fetch the delta every 30 s, so a client that misses no
+/// more than a few fetches still gets every change.
+pub const RECENT_WINDOW: Duration = Duration::from_secs(180);
+
+/// The most changes [`Snapshot::recent`] keeps, whatever their age: a bound on memory under
+/// a storm of changes. A client that needed the dropped ones finds its copy's hash wrong and
+/// fetches the whole registry, which is Eureka's own recovery.
+pub const RECENT_CAPACITY: usize = 65_536;
+
+/// One change to one instance, as [`Snapshot::recent`] keeps it.
+#[derive(Clone, Debug)]
+pub struct RecentChange {
+    /// The index of the change.
+    pub index: u64,
+    /// When it happened.
+    pub at: Time,
+    /// The instance's service.
+    pub service: ServiceName,
+    /// The instance's id.
+    pub id: InstanceId,
+    /// The instance as it was when it was removed; `None` for a registration or a change
+    /// (the current instance is in the snapshot).
+    pub removed: Option<Arc<Instance>>,
 }
 
 /// What changed for one service since a given index.
@@ -167,6 +201,25 @@ pub enum Change<'a> {
 }
 
 impl Snapshot {
+    /// Notes a change to an instance at `at`, forgetting what is older than the window or
+    /// over the capacity.
+    pub(crate) fn note_recent(&mut self, change: RecentChange) {
+        let horizon = change.at.saturating_sub(RECENT_WINDOW);
+        self.recent.push_back(change);
+        while self
+            .recent
+            .front()
+            .is_some_and(|c| c.at < horizon || self.recent.len() > RECENT_CAPACITY)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The changes kept in [`Snapshot::recent`] that happened at or after `since`.
+    pub fn recent_since(&self, since: Time) -> impl Iterator<Item = &RecentChange> {
+        self.recent.iter().filter(move |c| c.at >= since)
+    }
+
     pub(crate) fn index_instance(&mut self, inst: &Instance) {
         self.by_id
             .insert((inst.id.clone(), inst.service.clone()), ());

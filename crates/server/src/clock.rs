@@ -33,4 +33,12 @@ impl Clock {
     pub fn wall(&self, t: Time) -> SystemTime {
         self.start_wall + Duration::from_millis(t.as_millis())
     }
+
+    /// The wall-clock time of `t` in milliseconds since the Unix epoch, as Eureka's
+    /// timestamps are written (0 for a clock set before 1970).
+    pub fn epoch_millis(&self, t: Time) -> u64 {
+        self.wall(t)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
 }

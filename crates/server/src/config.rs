@@ -24,6 +24,8 @@ pub struct AgentConfig {
     pub dns_domain: String,
     /// DNS answers: TTLs, health filter, recursors, size and connection bounds.
     pub dns: DnsConfig,
+    /// Cluster mode: the etcd cluster that holds the shared catalog (`[cluster]`).
+    pub cluster: ClusterConfig,
     /// Where redb keeps its file.
     pub data_dir: PathBuf,
     /// Keep everything in memory, nothing on disk.
@@ -61,6 +63,9 @@ pub struct AgentConfig {
     /// Accept and run script checks. Off by default: they run commands on this host as the
     /// agent's user.
     pub enable_script_checks: bool,
+    /// Directories of Consul service and check definition files (`*.json`, `*.hcl`),
+    /// registered at start and synced again on SIGHUP and `PUT /v1/agent/reload`.
+    pub config_dir: Vec<PathBuf>,
 }
 
 impl AgentConfig {
@@ -81,6 +86,7 @@ impl Default for AgentConfig {
             dns_addr: SocketAddr::from(([127, 0, 0, 1], 8600)),
             dns_domain: "muster".into(),
             dns: DnsConfig::default(),
+            cluster: ClusterConfig::default(),
             data_dir: PathBuf::from("./muster-data"),
             dev: false,
             datacenter: "dc1".into(),
@@ -95,7 +101,81 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             self_preservation: PreservationConfig::default(),
             enable_script_checks: false,
+            config_dir: Vec::new(),
         }
+    }
+}
+
+/// Cluster mode: several agents share one registry through an etcd v3 cluster. Off while
+/// `etcd` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Client URLs of the etcd members (`http://10.0.0.1:2379`).
+    pub etcd: Vec<String>,
+    /// TTL of this agent's etcd lease: how long after the agent dies its instances that
+    /// did not move to another agent disappear. At least twice the heartbeat TTLs in use.
+    #[serde(with = "humantime_serde_compat")]
+    pub lease_ttl: Duration,
+    /// Time limit of each etcd request.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Where the catalog lives in etcd; agents of one cluster must agree.
+    pub prefix: String,
+    /// TLS to etcd (`https://` endpoints): CA certificates (PEM) that sign the members'
+    /// certificates; without it, the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for members that require one.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
+            etcd: Vec::new(),
+            lease_ttl: Duration::from_secs(30),
+            timeout: Duration::from_secs(5),
+            prefix: "/muster/v1/".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Refuses settings that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for url in &self.etcd {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                return Err(format!(
+                    "cluster.etcd: {url:?} is not an etcd client URL like http://10.0.0.1:2379"
+                ));
+            }
+        }
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err("cluster.lease_ttl must be at least 2s".into());
+        }
+        if self.timeout < Duration::from_millis(100) {
+            return Err("cluster.timeout must be at least 100ms".into());
+        }
+        if !self.prefix.starts_with('/') {
+            return Err(format!(
+                "cluster.prefix {:?} must start with /",
+                self.prefix
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.etcd.is_empty()
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`dns`]: the DNS interface (UDP and TCP), answering from the same snapshots.
 //! - [`telemetry`]: metric names and the Prometheus recorder.
 //! - [`clock`]: tokio's clock as the registry's time.
+//! - [`definitions`]: Consul service and check definitions from config directories, synced
+//!   at start and on reload through the Consul adapter's registration path.
 //!
 //! [`Agent::open`] loads the store and starts the writer and sweeper; [`Agent::serve_dns`]
 //! and [`Agent::serve`] take already bound sockets and stop on the shutdown token, so tests
@@ -17,7 +19,9 @@
 
 pub mod checks;
 pub mod clock;
+pub mod cluster;
 pub mod config;
+pub mod definitions;
 pub mod dns;
 pub mod http;
 mod lanes;
@@ -54,6 +58,11 @@ struct Inner {
     shutdown: CancellationToken,
     events: http::consul::events::Events,
     consul_node: http::consul::render::Node,
+    /// Passes heartbeats to the agents owning their instances (cluster mode).
+    forwarder: reqwest::Client,
+    /// What the config directories' definitions registered. A tokio mutex: a sync holds it
+    /// across its writes, so two reloads cannot interleave.
+    definitions: tokio::sync::Mutex<definitions::Loaded>,
 }
 
 impl AppState {
@@ -78,6 +87,11 @@ impl AppState {
         self.inner.clock.wall(t)
     }
 
+    /// The wall-clock time of `t` in milliseconds since the Unix epoch, for display.
+    pub fn epoch_millis(&self, t: Time) -> u64 {
+        self.inner.clock.epoch_millis(t)
+    }
+
     /// The node the Consul API presents.
     pub fn consul_node(&self) -> &http::consul::render::Node {
         &self.inner.consul_node
@@ -92,6 +106,11 @@ impl AppState {
     pub fn config(&self) -> &AgentConfig {
         &self.inner.config
     }
+
+    /// What the config directories' definitions registered.
+    pub(crate) fn loaded_definitions(&self) -> &tokio::sync::Mutex<definitions::Loaded> {
+        &self.inner.definitions
+    }
 }
 
 /// Why the agent could not start.
@@ -104,6 +123,9 @@ pub enum ServerError {
     /// Serving failed.
     #[error("HTTP server failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Cluster mode cannot start: etcd is out of reach or refuses this agent.
+    #[error("cluster mode: {0}")]
+    Cluster(String),
     /// DNS cannot be served: the domain or datacenter is no valid DNS name, or the socket
     /// cannot be set up.
     #[error("DNS: {0}")]
@@ -156,6 +178,149 @@ impl Agent {
             "registry loaded"
         );
         let (writer, snapshots, writer_task) = Writer::spawn(registry, store, clock);
+        Ok(Agent::assemble(
+            config,
+            clock,
+            writer,
+            snapshots,
+            vec![writer_task],
+            shutdown,
+        ))
+    }
+
+    /// Joins the cluster whose catalog is in etcd at `cluster.endpoints`: takes this agent's
+    /// lease (back, after a restart within its TTL), copies the catalog, and starts the
+    /// writer, the sweeper and the checker on that copy.
+    ///
+    /// `lease_file` keeps the lease id across restarts (`None`: a new lease each start).
+    pub async fn open_cluster(
+        mut config: AgentConfig,
+        lease_file: Option<std::path::PathBuf>,
+        shutdown: CancellationToken,
+    ) -> Result<Agent, ServerError> {
+        use muster_cluster::{Etcd, EtcdSettings, Keys, feed, keys, lease};
+        let cluster = config.cluster.clone();
+        if config.node.is_empty() {
+            config.node = "muster".into();
+        }
+        let clock = Clock::start();
+        let etcd = Arc::new(Etcd::new(EtcdSettings {
+            endpoints: cluster.etcd.clone(),
+            timeout: cluster.timeout,
+            user: None,
+            tls: (cluster.ca_file.is_some() || cluster.cert_file.is_some()).then(|| {
+                muster_cluster::TlsFiles {
+                    ca: cluster.ca_file.clone(),
+                    cert: cluster.cert_file.clone(),
+                    key: cluster.key_file.clone(),
+                }
+            }),
+        }));
+        let catalog = Keys::new(&cluster.prefix);
+        #[allow(clippy::disallowed_types)]
+        let started_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        let member = muster_core::replica::Member {
+            name: config.node.clone(),
+            http: format!("{}:{}", config.advertise_addr, config.http_addr.port()),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_ms,
+        };
+        let membership = lease::Membership {
+            key: catalog.member(&config.node),
+            value: keys::encode_member(&member),
+        };
+        // etcd may still be starting (agents and members often start together): retry for
+        // a while, then give up with the last error.
+        let give_up = tokio::time::Instant::now() + cluster.timeout * 5;
+        let (held, reused) = loop {
+            match lease::obtain(&etcd, cluster.lease_ttl, lease_file.as_ref(), &membership).await {
+                Ok(held) => break held,
+                Err(e) if tokio::time::Instant::now() < give_up => {
+                    tracing::warn!(error = %e, "cannot join the cluster yet; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(ServerError::Cluster(e.to_string())),
+            }
+        };
+        tracing::info!(
+            lease = held.id,
+            reused,
+            endpoints = %cluster.etcd.join(","),
+            "joined the cluster"
+        );
+        let (lease_tx, lease_rx) = watch::channel(held);
+        let (feed_tx, mut feed_rx) = tokio::sync::mpsc::channel(64);
+        let feed_task = tokio::spawn(feed::run(
+            etcd.clone(),
+            catalog.clone(),
+            feed_tx,
+            shutdown.clone(),
+        ));
+        let first = async {
+            while let Some(event) = feed_rx.recv().await {
+                if let feed::FeedEvent::Reset { revision, listing } = event {
+                    return Some((revision, listing));
+                }
+            }
+            None
+        };
+        let Ok(Some((revision, listing))) = tokio::time::timeout(cluster.timeout * 6, first).await
+        else {
+            feed_task.abort();
+            return Err(ServerError::Cluster(format!(
+                "cannot copy the catalog from etcd at {} within {:?}; check that the \
+                 endpoints are right and the cluster has a leader",
+                cluster.etcd.join(","),
+                cluster.timeout * 6
+            )));
+        };
+        let mut registry = Registry::new(config.registry());
+        registry.set_cluster_member(&config.node);
+        for w in registry.resync(listing, revision, clock.now()) {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(
+            instances = registry.snapshot().instance_count(),
+            revision,
+            "catalog copied"
+        );
+        let (writer, snapshots, writer_task) = cluster::spawn(
+            registry,
+            etcd.clone(),
+            catalog,
+            feed_rx,
+            lease_rx,
+            cluster.lease_ttl,
+            clock,
+        );
+        let lease_task = tokio::spawn(lease::keep(
+            etcd,
+            cluster.lease_ttl,
+            lease_file,
+            membership,
+            lease_tx,
+            shutdown.clone(),
+        ));
+        Ok(Agent::assemble(
+            config,
+            clock,
+            writer,
+            snapshots,
+            vec![writer_task, feed_task, lease_task],
+            shutdown,
+        ))
+    }
+
+    fn assemble(
+        config: AgentConfig,
+        clock: Clock,
+        writer: Writer,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        mut tasks: Vec<tokio::task::JoinHandle<()>>,
+        shutdown: CancellationToken,
+    ) -> Agent {
         let sweeper_task = tokio::spawn(sweeper::run(
             writer.clone(),
             config.sweep_interval,
@@ -170,7 +335,8 @@ impl Agent {
         ));
         telemetry::handle();
         let consul_node = http::consul::render::Node::from_config(&config);
-        Ok(Agent {
+        tasks.extend([sweeper_task, checker_task]);
+        Agent {
             state: AppState {
                 inner: Arc::new(Inner {
                     writer,
@@ -181,10 +347,23 @@ impl Agent {
                     shutdown,
                     events: Default::default(),
                     consul_node,
+                    forwarder: reqwest::Client::builder()
+                        .no_proxy()
+                        .build()
+                        .unwrap_or_default(),
+                    definitions: Default::default(),
                 }),
             },
-            tasks: vec![writer_task, sweeper_task, checker_task],
-        })
+            tasks,
+        }
+    }
+
+    /// Registers the service and check definitions of the config directories; an unusable
+    /// file is an error naming it. Call once the agent is open, before serving.
+    pub async fn load_definitions(
+        &self,
+    ) -> Result<definitions::Synced, definitions::DefinitionError> {
+        definitions::sync(&self.state).await
     }
 
     /// The handlers' state (for tests that call the router directly).

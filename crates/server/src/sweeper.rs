@@ -12,15 +12,26 @@ use crate::writer::{WriteError, Writer};
 pub async fn run(writer: Writer, interval: Duration, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Failures are logged when they start and when they end, not at every tick (a cluster
+    // agent cut off from etcd fails every sweep until it is back).
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
         match writer.submit(Command::Sweep).await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("sweeps work again");
+            }
             Ok(_) => {}
             Err(WriteError::Closed) => return,
-            Err(e) => tracing::warn!(error = %e, "sweep failed; retrying at the next tick"),
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "sweep failed; retrying at every tick until it works");
+            }
+            Err(e) => tracing::debug!(error = %e, "sweep failed again"),
         }
     }
 }

@@ -41,6 +41,9 @@ pub const COMMIT_SECONDS: &str = "muster_store_commit_duration_seconds";
 pub const COMMIT_BATCH: &str = "muster_store_commit_batch_size";
 /// Failed commits (each fails every write in its batch with 503).
 pub const COMMIT_FAILURES: &str = "muster_store_commit_failures_total";
+/// Cluster mode: writes decided on a stale copy (a KV write retried, a health transition
+/// dropped for a newer write).
+pub const CLUSTER_CONFLICTS: &str = "muster_cluster_write_conflicts_total";
 /// 1 while self-preservation holds back expirations.
 pub const PRESERVATION: &str = "muster_self_preservation_active";
 /// Expirations held back by self-preservation at the last sweep.
@@ -234,6 +237,48 @@ const METRICS: &[(&str, Kind, &str, Series)] = {
             COMMIT_FAILURES,
             Counter,
             "Commits the store refused; each failed its writes with 503.",
+            Plain,
+        ),
+        (
+            CLUSTER_CONFLICTS,
+            Counter,
+            "Cluster mode: writes decided on a stale copy of the catalog (retried or dropped).",
+            Plain,
+        ),
+        (
+            muster_cluster::metric::FAILOVERS,
+            Counter,
+            "Cluster mode: moves from one etcd member to the next.",
+            Plain,
+        ),
+        (
+            muster_cluster::metric::RELISTS,
+            Counter,
+            "Cluster mode: listings of the whole catalog (start, compaction, lost watch).",
+            Plain,
+        ),
+        (
+            muster_cluster::metric::EVENTS,
+            Counter,
+            "Cluster mode: changes received from etcd's watch.",
+            Plain,
+        ),
+        (
+            muster_cluster::metric::LEASE_GRANTS,
+            Counter,
+            "Cluster mode: etcd leases granted to this agent.",
+            Plain,
+        ),
+        (
+            muster_cluster::metric::LEASE_RENEWALS,
+            Counter,
+            "Cluster mode: renewals of this agent's etcd lease.",
+            Plain,
+        ),
+        (
+            muster_cluster::metric::LEASE_EXPIRIES,
+            Counter,
+            "Cluster mode: times this agent's etcd lease was found expired.",
             Plain,
         ),
         (

@@ -21,10 +21,10 @@ use crate::clock::Clock;
 use crate::telemetry as m;
 
 /// Most commands taken into one commit.
-const MAX_BATCH: usize = 1024;
+pub(crate) const MAX_BATCH: usize = 1024;
 
 /// Queue depth before callers wait for room (back-pressure instead of unbounded memory).
-const QUEUE: usize = 8192;
+pub(crate) const QUEUE: usize = 8192;
 
 /// Why a write was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +39,17 @@ pub enum WriteError {
     /// The agent is shutting down.
     #[error("the agent is shutting down")]
     Closed,
+    /// Cluster mode: etcd did not take the write (out of reach, or it timed out).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Cluster mode does not run this command yet.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
-struct Request {
-    command: Command,
-    reply: oneshot::Sender<Result<Applied, WriteError>>,
+pub(crate) struct Request {
+    pub(crate) command: Command,
+    pub(crate) reply: oneshot::Sender<Result<Applied, WriteError>>,
 }
 
 /// A handle to submit commands to the writer. Cheap to clone.
@@ -51,6 +57,7 @@ struct Request {
 pub struct Writer {
     tx: mpsc::Sender<Request>,
     preservation: watch::Receiver<PreservationState>,
+    cluster: Option<Arc<crate::cluster::ClusterHealth>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -75,18 +82,37 @@ impl Writer {
         let (snap_tx, snap_rx) = watch::channel(registry.snapshot());
         let (pres_tx, pres_rx) = watch::channel(registry.preservation());
         let task = tokio::spawn(run(registry, store, clock, rx, snap_tx, pres_tx));
-        (
-            Writer {
-                tx,
-                preservation: pres_rx,
-            },
-            snap_rx,
-            task,
-        )
+        (Writer::new(tx, pres_rx, None), snap_rx, task)
+    }
+
+    pub(crate) fn new(
+        tx: mpsc::Sender<Request>,
+        preservation: watch::Receiver<PreservationState>,
+        cluster: Option<Arc<crate::cluster::ClusterHealth>>,
+    ) -> Writer {
+        Writer {
+            tx,
+            preservation,
+            cluster,
+        }
+    }
+
+    /// In cluster mode, how the link to etcd is doing.
+    pub fn cluster(&self) -> Option<&crate::cluster::ClusterHealth> {
+        self.cluster.as_deref()
     }
 
     /// Applies `command`; returns once it is durable and visible.
     pub async fn submit(&self, command: Command) -> Result<Applied, WriteError> {
+        if let Some(c) = &self.cluster
+            && !c.known_leader()
+        {
+            // Refused at once: nothing can be written while etcd is out of reach.
+            return Err(WriteError::Unavailable(format!(
+                "this agent has lost contact with etcd ({} ms ago); nothing was changed,                  retry on another agent",
+                c.last_contact().as_millis()
+            )));
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { command, reply })
@@ -152,14 +178,14 @@ async fn run(
 
 /// What a command was about, kept for its log line once it is durable.
 #[derive(Debug)]
-enum About {
+pub(crate) enum About {
     Instance(ServiceName, InstanceId),
     Lease(LeaseId),
     Other,
 }
 
 impl About {
-    fn of(command: &Command) -> About {
+    pub(crate) fn of(command: &Command) -> About {
         match command {
             // Logged at debug: the names are only copied when that is on.
             Command::Register { service, id, .. }
@@ -193,7 +219,7 @@ async fn commit(
     result
 }
 
-fn publish(
+pub(crate) fn publish(
     registry: &Registry,
     snapshots: &watch::Sender<Arc<Snapshot>>,
     preservation: &watch::Sender<PreservationState>,
@@ -218,7 +244,7 @@ fn publish(
 }
 
 /// Counts and logs what a command did, once it is durable.
-fn record(applied: &Applied, about: About) {
+pub(crate) fn record(applied: &Applied, about: About) {
     match (applied, about) {
         (Applied::Registered { created, index }, About::Instance(service, id)) => {
             metrics::counter!(m::REGISTRATIONS).increment(1);

@@ -6,9 +6,12 @@
 //! polled against a deadline.
 
 mod cli;
+mod cluster;
+mod config_dir;
 mod crash;
 mod damage;
 mod fd_limit;
+mod gateway;
 mod metrics;
 mod restart;
 mod run;

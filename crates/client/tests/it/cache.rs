@@ -5,15 +5,9 @@ use std::time::Duration;
 use muster_client::{Client, PickReq, Source};
 use serde_json::json;
 
-use crate::support::{TestAgent, eventually};
+use crate::support::{TestAgent, damaged, dead_agent, eventually, offline};
 
 const WITHIN: Duration = Duration::from_secs(10);
-
-/// An address nothing listens on.
-fn dead_agent() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("http://{}", l.local_addr().expect("local address"))
-}
 
 /// Runs a client against `agent` with `dir` until the view file holds `instances`.
 async fn fill_cache(agent: &TestAgent, dir: &std::path::Path, instances: usize) {
@@ -98,12 +92,6 @@ async fn changes_reach_the_file_and_the_last_state_is_what_stays() {
     })
     .await;
     drop(client);
-    let reader = Client::builder()
-        .agents([dead_agent()])
-        .cache_dir(dir.path())
-        .build()
-        .unwrap();
-    let from_disk = reader.view("web").unwrap();
     eventually(WITHIN, "the last state on disk", || {
         // A reader started now sees whatever the writer finished last.
         let c = Client::builder()
@@ -114,6 +102,13 @@ async fn changes_reach_the_file_and_the_last_state_is_what_stays() {
         c.view("web").unwrap().snapshot().instances.len() == 10
     })
     .await;
+    // Once the file holds it, a reader with no agent starts from it, marked as the disk's.
+    let reader = Client::builder()
+        .agents([dead_agent()])
+        .cache_dir(dir.path())
+        .build()
+        .unwrap();
+    let from_disk = reader.view("web").unwrap();
     assert!(matches!(from_disk.snapshot().source, Source::Disk { .. }));
 }
 
@@ -130,25 +125,16 @@ async fn corrupt_and_foreign_cache_files_are_ignored() {
         let dir = dir.path().to_path_buf();
         async move {
             std::fs::write(dir.join("web.view"), &path_bytes).unwrap();
-            let client = Client::builder()
-                .agents([dead_agent()])
-                .cache_dir(&dir)
-                .first_sync_timeout(Duration::from_millis(200))
-                .build()
-                .unwrap();
+            let client = offline(&dir);
             let view = client.view("web").unwrap();
             assert_eq!(view.snapshot().source, Source::Unsynced);
             assert!(client.pick("web", &PickReq::default()).is_err());
             assert!(client.instances("web").await.is_err());
         }
     };
-    // One flipped payload byte.
-    let mut corrupt = good.clone();
-    let at = corrupt.len() - 4;
-    corrupt[at] ^= 0x20;
-    starts_empty(corrupt).await;
-    // Cut short, as by a crash without the atomic rename.
-    starts_empty(good[..good.len() / 2].to_vec()).await;
+    for bad in damaged(&good) {
+        starts_empty(bad).await;
+    }
     // Another service's file under this name.
     let foreign =
         String::from_utf8(good.clone())

@@ -2,6 +2,7 @@
 
 mod balance;
 mod cache;
+mod catalog;
 mod register;
 mod support;
 mod tower;

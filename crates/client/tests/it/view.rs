@@ -3,26 +3,12 @@
 
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use muster_client::{Client, PickReq, Source, View};
 use serde_json::json;
 
-use crate::support::{TestAgent, eventually};
+use crate::support::{TestAgent, client, eventually, without_stream};
 
 const WITHIN: Duration = Duration::from_secs(10);
-
-/// A client with short reconnect delays, so tests do not wait out the production backoff.
-fn client(agents: &[String]) -> muster_client::Builder {
-    Client::builder().agents(agents).seed(1).backoff(
-        Duration::from_millis(20),
-        Duration::from_millis(200),
-        Duration::from_secs(120),
-    )
-}
 
 fn ids(view: &View) -> Vec<String> {
     let mut ids: Vec<_> = view
@@ -207,38 +193,6 @@ async fn with_the_first_agent_stopped_the_view_follows_the_second() {
     second.register("web", "on-second-2", 9003, json!({})).await;
     until_ids(&view, &["on-second", "on-second-2"]).await;
     assert_eq!(view.snapshot().source, Source::Live);
-}
-
-/// A stand-in for an agent behind a proxy that does not pass the event stream: 404 on
-/// `/api/v1/watch`, every other GET forwarded to the agent.
-async fn without_stream(agent: String) -> String {
-    async fn forward(State(agent): State<String>, req: Request) -> Response {
-        let uri = req.uri();
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let resp = match reqwest::get(format!("{agent}{path}")).await {
-            Ok(r) => r,
-            Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-        };
-        let status = StatusCode::from_u16(resp.status().as_u16()).expect("status");
-        let mut headers = HeaderMap::new();
-        for (k, v) in resp.headers() {
-            if k.as_str().starts_with("x-muster") || k.as_str() == "content-type" {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-        let body = resp.bytes().await.unwrap_or_default();
-        (status, headers, body).into_response()
-    }
-    let app = Router::new()
-        .route("/api/v1/watch", get(|| async { StatusCode::NOT_FOUND }))
-        .fallback(forward)
-        .with_state(agent);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local address");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
 }
 
 #[tokio::test]

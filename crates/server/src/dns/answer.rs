@@ -389,6 +389,25 @@ impl Responder {
                 }
                 0
             }
+            // In cluster mode, another agent: the address it advertises.
+            Lookup::OtherNode(name) => {
+                let ip = snapshot
+                    .members
+                    .values()
+                    .find(|m| m.name.eq_ignore_ascii_case(name))
+                    .and_then(|m| member_ip(&m.http));
+                let Some(ip) = ip else {
+                    self.soa(w, snapshot, Section::Authority);
+                    return NXDOMAIN;
+                };
+                let rr = addr_rr(&QNAME_PTR, ip, node_ttl);
+                if family_matches(ip, qtype) {
+                    w.add(Section::Answer, &rr);
+                } else {
+                    self.soa(w, snapshot, Section::Authority);
+                }
+                0
+            }
             Lookup::Addr(ip) => {
                 let rr = addr_rr(&QNAME_PTR, *ip, node_ttl);
                 if family_matches(*ip, qtype) {
@@ -653,6 +672,15 @@ fn one_of(rrs: &[Vec<u8>]) -> Vec<&[u8]> {
         return Vec::new();
     }
     vec![rrs[fastrand::usize(..rrs.len())].as_slice()]
+}
+
+/// The IP of a member's advertised `host:port` HTTP address, when the host is an IP.
+fn member_ip(http: &str) -> Option<IpAddr> {
+    let host = http.rsplit_once(':').map_or(http, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 fn family_matches(ip: IpAddr, qtype: RecordType) -> bool {

@@ -30,6 +30,8 @@ pub enum Lookup<'a> {
     },
     /// The agent's own node.
     Node,
+    /// Another node (in cluster mode, another agent of the cluster), by its lowercase name.
+    OtherNode(String),
     /// An address encoded in hex.
     Addr(IpAddr),
     /// A name in the domain that names nothing.
@@ -56,7 +58,14 @@ pub fn parse<'a>(labels: &[&'a str], dc: &str, node: &str) -> Lookup<'a> {
     let (left, right) = (&labels[..k], &labels[k + 1..]);
     match labels[k] {
         "service" => service(left, right, dc),
-        "node" if !left.is_empty() && dc_matches(right, dc) && joined(left) == node => Lookup::Node,
+        "node" if !left.is_empty() && dc_matches(right, dc) => {
+            let name = joined(left);
+            if name == node {
+                Lookup::Node
+            } else {
+                Lookup::OtherNode(name.into_owned())
+            }
+        }
         "addr" if left.len() == 1 && dc_matches(right, dc) => {
             hex_ip(left[0]).map_or(Lookup::NotFound, Lookup::Addr)
         }
@@ -185,7 +194,7 @@ mod tests {
     fn node_and_addr_forms_parse() {
         assert_eq!(p("n1.example.node"), Lookup::Node);
         assert_eq!(p("n1.example.node.dc1"), Lookup::Node);
-        assert_eq!(p("other.node"), Lookup::NotFound);
+        assert_eq!(p("other.node"), Lookup::OtherNode("other".into()));
         assert_eq!(
             p("0a000001.addr.dc1"),
             Lookup::Addr("10.0.0.1".parse().unwrap())

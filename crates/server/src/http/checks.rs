@@ -305,7 +305,7 @@ pub async fn instance_checks(
 ) -> Result<Response, ApiError> {
     let (service, id) = (
         ServiceName::parse_lookup(&service)?,
-        InstanceId::parse(&id)?,
+        InstanceId::parse_lookup(&id)?,
     );
     let snap = state.snapshot();
     let inst = snap
@@ -339,7 +339,7 @@ pub async fn report(
 ) -> Result<Response, ApiError> {
     let (service, id) = (
         ServiceName::parse_lookup(&service)?,
-        InstanceId::parse(&id)?,
+        InstanceId::parse_lookup(&id)?,
     );
     let f = body::object(body)?;
     f.only(&["status", "output"])?;

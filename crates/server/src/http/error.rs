@@ -70,6 +70,12 @@ error_codes! {
     StoreUnavailable => "store_unavailable",
     /// 503: the agent is shutting down.
     ShuttingDown => "shutting_down",
+    /// 503 (cluster mode): etcd is out of reach, or did not confirm the write.
+    ClusterUnavailable => "cluster_unavailable",
+    /// 501 (cluster mode): a feature that does not run in cluster mode yet.
+    NotInCluster => "not_in_cluster",
+    /// 502 (cluster mode): the agent owning the instance did not answer a forwarded request.
+    OwnerUnreachable => "owner_unreachable",
     /// 500: a bug.
     Internal => "internal",
 }
@@ -173,6 +179,16 @@ impl From<WriteError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::StoreUnavailable,
                 format!("{e}; nothing was changed, retry later"),
+            ),
+            WriteError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ClusterUnavailable,
+                e.to_string(),
+            ),
+            WriteError::Unsupported(_) => ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                ErrorCode::NotInCluster,
+                e.to_string(),
             ),
             _ => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -3,21 +3,28 @@
 //! - [`native`]: `/api/v1/` handlers.
 //! - [`watch`]: blocking queries and the push stream.
 //! - [`consul`]: the Consul-compatible API under `/v1/`.
+//! - [`eureka`]: the Eureka-compatible API under `/eureka/` (and `/eureka/v2/`, `/v2/`, `/apps`).
 //! - [`checks`]: check definitions, results and TTL reports.
+//! - [`prometheus_sd`]: the registry as Prometheus HTTP service discovery.
 //! - [`body`]: body and query parsing that names fields.
 //! - [`limits`]: body size limits and the body-read deadline.
 //! - [`conn`]: one connection: hyper's HTTP/1 server, header and idle timeouts.
 //! - [`render`]: the JSON shapes.
+//! - [`ui`]: the dashboard at `/ui/`, embedded in the binary.
 //! - [`error`]: the error shape and status mapping.
 
 pub mod body;
 pub mod checks;
+pub mod cluster;
 pub(crate) mod conn;
 pub mod consul;
 pub mod error;
+pub mod eureka;
 pub mod limits;
 pub mod native;
+pub mod prometheus_sd;
 pub mod render;
+pub mod ui;
 pub mod watch;
 
 use axum::Router;
@@ -71,6 +78,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/leases/{id}/renew", put(native::renew_lease))
         .route("/watch", get(watch::stream))
+        .route("/prometheus/targets", get(prometheus_sd::targets))
         .route("/status", get(native::status))
         .route(
             "/self-preservation",
@@ -95,6 +103,8 @@ pub fn app(state: AppState) -> Router {
                 &config.datacenter,
             ),
         )
+        .merge(eureka::router(config.max_body_bytes))
+        .merge(ui::router())
         .route("/metrics", get(prometheus))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -103,6 +113,10 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             config.http.body_read_timeout,
             limits::body_deadline,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            cluster::staleness,
         ))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
@@ -129,9 +143,11 @@ async fn prometheus() -> impl IntoResponse {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.inner.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else {
-        "ready\n".into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    match cluster::ready(&state) {
+        Ok(()) => "ready\n".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 

@@ -28,10 +28,13 @@ pub const INDEX_HEADER: &str = "x-muster-index";
 pub const PRESERVATION_HEADER: &str = "x-muster-self-preservation";
 
 /// Names in a path. Every name a registration can store is accepted, so instances
-/// registered through the Consul API (whose names may hold `_` or `.`) can be read and
+/// registered through the Consul API (whose names and ids may hold `_`, `.` or `#`) can be read and
 /// managed here too; any other name gets the 400 the native registration gives it.
 fn names(service: &str, id: &str) -> Result<(ServiceName, InstanceId), ApiError> {
-    Ok((ServiceName::parse_lookup(service)?, InstanceId::parse(id)?))
+    Ok((
+        ServiceName::parse_lookup(service)?,
+        InstanceId::parse_lookup(id)?,
+    ))
 }
 
 /// A JSON answer with the index and self-preservation headers.
@@ -60,9 +63,8 @@ struct ReadQuery {
     block: Option<Block>,
 }
 
-/// Reads the query string. Filter values are validated as registration validates the
-/// fields they match (`limits`), so a filter no instance could match is a 400 naming what
-/// is wrong, not an empty answer.
+/// Reads the query string: blocking parameters, and filters ([`filter_param`]) where
+/// `filters_allowed`.
 fn read_query(
     raw: Option<&str>,
     filters_allowed: bool,
@@ -79,23 +81,10 @@ fn read_query(
                 })?)
             }
             "wait" => wait = Some(body::duration("wait", &value)?),
-            "tag" if filters_allowed => {
-                model::validate_tag(&value, limits)?;
-                filter.tags.push(value)
-            }
-            "zone" if filters_allowed => {
-                model::validate_zone(&value)?;
-                filter.zone = Some(value)
-            }
-            "meta" if filters_allowed => {
-                let (k, v) = value.split_once(':').ok_or_else(|| {
-                    ApiError::invalid("meta", format!("{value:?} must be written key:value"))
-                })?;
-                model::validate_meta_key(k, limits)?;
-                filter.meta.push((k.to_string(), v.to_string()));
-            }
-            "health" if filters_allowed => filter.health = body::health_filter(&value)?,
             other => {
+                if filters_allowed && filter_param(&mut filter, other, &value, limits)? {
+                    continue;
+                }
                 let known = if filters_allowed {
                     "index, wait, tag, zone, meta, health"
                 } else {
@@ -112,6 +101,38 @@ fn read_query(
         filter,
         block: Block::from_params(index, wait),
     })
+}
+
+/// Adds the discovery filter `key=value` (`tag`, `zone`, `meta` or `health`) to `filter`,
+/// validated as registration validates the field it matches (`limits`), so a filter no
+/// instance could match is a 400 naming what is wrong, not an empty answer. `false` when
+/// `key` is not a filter.
+pub(super) fn filter_param(
+    filter: &mut Filter,
+    key: &str,
+    value: &str,
+    limits: &Limits,
+) -> Result<bool, ApiError> {
+    match key {
+        "tag" => {
+            model::validate_tag(value, limits)?;
+            filter.tags.push(value.to_string())
+        }
+        "zone" => {
+            model::validate_zone(value)?;
+            filter.zone = Some(value.to_string())
+        }
+        "meta" => {
+            let (k, v) = value.split_once(':').ok_or_else(|| {
+                ApiError::invalid("meta", format!("{value:?} must be written key:value"))
+            })?;
+            model::validate_meta_key(k, limits)?;
+            filter.meta.push((k.to_string(), v.to_string()));
+        }
+        "health" => filter.health = body::health_filter(value)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// `GET /api/v1/services/{service}`: the service's instances, healthy ones by default.
@@ -296,9 +317,16 @@ pub async fn deregister(
 pub async fn heartbeat(
     State(state): State<AppState>,
     Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (service, id) = names(&service, &id)?;
     let snap = state.snapshot();
+    let forwarded = headers.contains_key(super::cluster::FORWARDED);
+    if let Some(answer) =
+        super::cluster::forward_heartbeat(&state, &snap, &service, &id, forwarded).await
+    {
+        return answer;
+    }
     let Some(inst) = snap.heartbeat(service.as_str(), id.as_str(), state.now()) else {
         metrics::counter!(m::HEARTBEATS, "result" => "unknown").increment(1);
         return Err(unknown_instance(&service, &id));
@@ -446,9 +474,14 @@ pub async fn get_lease(
 pub async fn renew_lease(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = lease_id(&id)?;
     let snap = state.snapshot();
+    let forwarded = headers.contains_key(super::cluster::FORWARDED);
+    if let Some(answer) = super::cluster::forward_renewal(&state, &snap, id, forwarded).await {
+        return answer;
+    }
     let now = state.now();
     let l = snap.renew_lease(id, now).ok_or_else(|| unknown_lease(id))?;
     metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
@@ -496,6 +529,7 @@ pub async fn status(State(state): State<AppState>) -> Response {
         "instances": snap.instance_count(),
         "leases": snap.leases.len(),
         "node_maintenance": snap.node_maintenance.as_deref(),
+        "cluster": super::cluster::status(&state, &snap),
         "uptime_seconds": Duration::from_millis(state.now().as_millis()).as_secs(),
         "self_preservation": p,
     });

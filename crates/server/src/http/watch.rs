@@ -97,11 +97,12 @@ pub async fn wait_for(
     block: Option<Block>,
     relevant: impl Fn(&Snapshot) -> u64,
 ) -> Result<Arc<Snapshot>, ApiError> {
+    let Some(block) = block else {
+        return Ok(state.snapshot());
+    };
+    catch_up(state, block.index, block.wait).await?;
     let mut rx = state.inner.snapshots.clone();
     let snap = rx.borrow_and_update().clone();
-    let Some(block) = block else {
-        return Ok(snap);
-    };
     if relevant(&snap) > block.index || block.index > snap.index {
         return Ok(snap);
     }
@@ -124,6 +125,55 @@ pub async fn wait_for(
     Ok(rx.borrow().clone())
 }
 
+/// How long, in cluster mode, a read naming an index ahead of this agent's copy waits at
+/// least before it may conclude that etcd itself is behind that index (restored from a
+/// backup) and answer at once, so the client starts over as after any index reset.
+pub const CATCH_UP: Duration = Duration::from_secs(3);
+
+/// How long a stream resumed at an index ahead of the copy waits for it, at most.
+const STREAM_CATCH_UP: Duration = Duration::from_secs(10);
+
+/// In cluster mode, waits for the copy to reach `index`, which the client saw on another
+/// agent: the change is on its way here. Only when etcd itself reports a revision below
+/// `index` (after [`CATCH_UP`]) does the read go on from the copy. A copy still behind after
+/// `within` is refused with 503: answering from it would take the client back to changes it
+/// has seen, and it can retry, here or on another agent.
+async fn catch_up(state: &AppState, index: u64, within: Duration) -> Result<(), ApiError> {
+    let Some(health) = state.writer().cluster() else {
+        return Ok(());
+    };
+    let mut rx = state.inner.snapshots.clone();
+    let started = Instant::now();
+    let deadline = started + within.max(CATCH_UP);
+    loop {
+        if rx.borrow_and_update().index >= index {
+            return Ok(());
+        }
+        let etcd_behind = health
+            .revision_reported_after(started)
+            .is_some_and(|r| r < index);
+        if etcd_behind && started.elapsed() >= CATCH_UP {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let tick = (deadline - now).min(Duration::from_millis(250));
+        let _ = tokio::time::timeout(tick, rx.changed()).await;
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ClusterUnavailable,
+        format!(
+            "this agent's copy of the catalog is at index {}, behind the index {index} asked \
+             for, and did not catch up; retry, here or on another agent",
+            state.snapshot().index
+        ),
+    )
+    .with_retry_after(1))
+}
+
 /// What a stream subscriber watches.
 struct Subscription {
     names: Vec<ServiceName>,
@@ -143,10 +193,12 @@ impl Subscription {
             if i > 0 {
                 out.push(',');
             }
-            // Service names are DNS labels: nothing in them needs escaping.
-            out.push('"');
-            out.push_str(name.as_str());
-            out.push_str("\":");
+            // Names registered through the Consul API need not be DNS labels (`a"b` is one).
+            match serde_json::to_string(name.as_str()) {
+                Ok(quoted) => out.push_str(&quoted),
+                Err(_) => out.push_str("\"\""),
+            }
+            out.push(':');
             let list = render::instance_list(service, &self.filter);
             out.push_str(std::str::from_utf8(&list).unwrap_or("[]"));
         }
@@ -221,6 +273,9 @@ pub async fn stream(
         since = Some(parse_index("Last-Event-ID", text)?);
     }
     let guard = WatcherGuard::acquire(&state, m::STREAMS)?;
+    if let Some(since) = since {
+        catch_up(&state, since, STREAM_CATCH_UP).await?;
+    }
     let sub = Subscription { names, filter };
     let rx = state.inner.snapshots.clone();
     let shutdown = state.inner.shutdown.clone();

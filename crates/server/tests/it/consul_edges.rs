@@ -508,3 +508,420 @@ async fn consul_node_services_lists_a_nodes_services_and_answers_unknown_nodes_e
     .assert_json_with_meta();
     assert_eq!(v["Services"], json!([]), "{v}");
 }
+
+/// The check of `service`/`id` named `check`, as the registry stores it.
+fn stored_check(a: &TestAgent, id: &str, check: &str) -> muster_core::CheckSpec {
+    let snap = a.state.snapshot();
+    let inst = snap
+        .instances_with_id(id)
+        .next()
+        .unwrap_or_else(|| panic!("no instance {id}"))
+        .clone();
+    inst.spec
+        .checks
+        .iter()
+        .find(|c| c.name == check)
+        .unwrap_or_else(|| panic!("no check {check} on {id}: {:?}", inst.spec.checks))
+        .clone()
+}
+
+/// Consul accepts intervals under its minimum (one second) and raises them to it with a
+/// warning (`agent.go`, "check has interval below minimum"); TTLs have no minimum there.
+/// muster accepts both on the Consul API and raises them to its own minimums, logging why.
+#[tokio::test]
+async fn consul_checks_under_a_second_are_raised_to_the_minimum_with_a_warning() {
+    let (log, _guard) = crate::logs::Captured::start();
+    let a = edge_agent().await;
+    let reg = json!({
+        "ID": "fast-1", "Name": "fast", "Port": 1,
+        "Checks": [
+            {"CheckID": "fast-ttl", "TTL": "200ms"},
+            {"CheckID": "fast-tcp", "TCP": "127.0.0.1:1", "Interval": "100ms", "Timeout": "50ms"},
+            {"CheckID": "fast-http", "HTTP": "http://127.0.0.1:1/", "Interval": "500ms",
+             "DeregisterCriticalServiceAfter": "10ms"},
+        ],
+    });
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        &reg.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    let ttl = stored_check(&a, "fast-1", "fast-ttl");
+    assert_eq!(
+        ttl.kind,
+        muster_core::CheckKind::Ttl {
+            ttl: Duration::from_secs(1)
+        }
+    );
+    let tcp = stored_check(&a, "fast-1", "fast-tcp");
+    assert_eq!(tcp.interval, Duration::from_secs(1));
+    assert_eq!(
+        tcp.timeout,
+        Duration::from_millis(50),
+        "a short timeout is kept"
+    );
+    let http = stored_check(&a, "fast-1", "fast-http");
+    assert_eq!(http.interval, Duration::from_secs(1));
+    assert_eq!(http.deregister_critical_after, Some(Duration::from_secs(1)));
+
+    // The agent shows the interval it runs, as Consul shows the raised one.
+    let checks = get(&a, "/v1/agent/checks").await.assert_json_with_meta();
+    assert_eq!(checks["fast-tcp"]["Interval"], json!("1s"), "{checks}");
+    assert_eq!(checks["fast-http"]["Interval"], json!("1s"), "{checks}");
+
+    for (check, what, given) in [
+        ("fast-ttl", "TTL", "200ms"),
+        ("fast-tcp", "interval", "100ms"),
+        ("fast-http", "interval", "500ms"),
+        ("fast-http", "deregister interval", "10ms"),
+    ] {
+        let lines = log.lines_with(&[
+            "WARN",
+            &format!("check has {what} below minimum"),
+            check,
+            given,
+        ]);
+        assert_eq!(lines.len(), 1, "{check} {what}:\n{}", log.text());
+    }
+
+    // A check registered on its own is raised the same way.
+    let check = json!({"Name": "late", "ServiceID": "fast-1", "TTL": "1ms"});
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/check/register",
+        &check.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        stored_check(&a, "fast-1", "late").kind,
+        muster_core::CheckKind::Ttl {
+            ttl: Duration::from_secs(1)
+        }
+    );
+}
+
+/// What Consul still refuses (`CheckType.Validate`): a zero interval on a check that runs,
+/// a zero TTL.
+#[tokio::test]
+async fn consul_checks_with_zero_intervals_or_ttls_are_refused() {
+    let a = edge_agent().await;
+    for (check, error) in [
+        (
+            json!({"TCP": "127.0.0.1:1", "Interval": "0s"}),
+            r#"Interval must be > 0 for Script, HTTP, H2PING, TCP or UDP checks (TCP check "service:zero-1")"#,
+        ),
+        (
+            json!({"TTL": "0s"}),
+            r#"TTL must be > 0 for TTL checks (check "service:zero-1")"#,
+        ),
+    ] {
+        let reg = json!({"ID": "zero-1", "Name": "zero", "Check": check});
+        send(
+            &a,
+            Method::PUT,
+            "/v1/agent/service/register",
+            &reg.to_string(),
+        )
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, error);
+    }
+    assert!(
+        a.state
+            .snapshot()
+            .instances_with_id("zero-1")
+            .next()
+            .is_none()
+    );
+}
+
+/// Consul takes any service name and only warns that DNS cannot serve it; clients use names
+/// such as `app#127.0.0.1#3000` (and the ID defaults to the name). Such services are
+/// registered through both registration endpoints and served by catalog, health and agent
+/// reads, by their percent-encoded names.
+#[tokio::test]
+async fn consul_service_names_that_are_not_dns_labels_are_registered_and_served() {
+    let a = edge_agent().await;
+    let reg = json!({"Name": "App#127.0.0.1#3000", "Port": 3000, "Check": {"TTL": "10s"}});
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        &reg.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let ext = json!({"Node": "ext-1", "Address": "10.0.0.9",
+                     "Service": {"ID": "db_1.primary", "Service": "db_main.v2", "Port": 5432}});
+    let r = send(&a, Method::PUT, "/v1/catalog/register", &ext.to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), json!(true));
+
+    let services = get(&a, "/v1/catalog/services")
+        .await
+        .assert_json_with_meta();
+    assert_eq!(services["App#127.0.0.1#3000"], json!([]), "{services}");
+    assert_eq!(services["db_main.v2"], json!([]), "{services}");
+
+    let app = "App%23127.0.0.1%233000";
+    let v = get(&a, &format!("/v1/catalog/service/{app}"))
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v[0]["ServiceID"], json!("App#127.0.0.1#3000"), "{v}");
+    assert_eq!(v[0]["ServiceName"], json!("App#127.0.0.1#3000"), "{v}");
+    assert_eq!(v[0]["ServicePort"], json!(3000), "{v}");
+    let v = get(&a, &format!("/v1/agent/service/{app}"))
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v["Service"], json!("App#127.0.0.1#3000"), "{v}");
+    // Not passing until its TTL check passes; then it is.
+    let v = get(&a, &format!("/v1/health/service/{app}?passing"))
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v, json!([]));
+    let r = send(
+        &a,
+        Method::PUT,
+        &format!("/v1/agent/check/pass/service:{app}"),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = get(&a, &format!("/v1/health/service/{app}?passing"))
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v[0]["Service"]["ID"], json!("App#127.0.0.1#3000"), "{v}");
+
+    let v = get(&a, "/v1/health/service/db_main.v2")
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v[0]["Service"]["ID"], json!("db_1.primary"), "{v}");
+    assert_eq!(v[0]["Node"]["Node"], json!("ext-1"), "{v}");
+
+    let r = send(
+        &a,
+        Method::PUT,
+        &format!("/v1/agent/service/deregister/{app}"),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = get(&a, &format!("/v1/catalog/service/{app}"))
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v, json!([]));
+
+    // The native API keeps its own rules: DNS labels only.
+    let r = send(
+        &a,
+        Method::PUT,
+        "/api/v1/services/db_main.v2/instances/x1",
+        &json!({"address": "10.0.0.1", "port": 1}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+}
+
+/// `/v1/agent/metrics` answers Consul's JSON shape (`Timestamp`, `Gauges`, `Points`,
+/// `Counters`, `Samples`: Consul's agent/metrics API docs), filled from the agent's own
+/// metrics; `?format=prometheus` answers the Prometheus text with Consul's media type.
+#[tokio::test]
+async fn consul_agent_metrics_answer_consuls_json_shape_and_prometheus_text() {
+    let a = edge_agent().await;
+    let reg = json!({"ID": "m-1", "Name": "metered", "Port": 1});
+    send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        &reg.to_string(),
+    )
+    .await;
+    let first = get(&a, "/v1/agent/metrics").await.assert_json_with_meta();
+    let v = get(&a, "/v1/agent/metrics").await.assert_json_with_meta();
+    assert_eq!(
+        v.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["Counters", "Gauges", "Points", "Samples", "Timestamp"],
+        "{v}"
+    );
+    let ts = v["Timestamp"].as_str().unwrap();
+    assert!(ts.ends_with(" +0000 UTC") && ts.len() == 29, "{ts}");
+    assert_eq!(v["Points"], json!([]));
+    let named = |list: &str, name: &str| -> Vec<Value> {
+        v[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["Name"] == name)
+            .cloned()
+            .collect()
+    };
+    // The recorder is the process's, shared with other tests' agents: values are at least
+    // what this agent did.
+    for gauge in ["muster_instances", "muster_services", "muster_index"] {
+        let g = named("Gauges", gauge);
+        assert_eq!(g.len(), 1, "{gauge}: {v}");
+        assert!(g[0]["Value"].as_f64().unwrap() >= 1.0, "{gauge}: {g:?}");
+        assert_eq!(g[0]["Labels"], json!({}), "{gauge}");
+    }
+    let requests = named("Counters", "muster_http_requests_total");
+    let mine = requests
+        .iter()
+        .find(|c| c["Labels"]["route"] == "/v1/agent/metrics" && c["Labels"]["status"] == "200")
+        .unwrap_or_else(|| panic!("no counter for this route: {requests:?}\nfirst: {first}"));
+    assert!(mine["Count"].as_f64().unwrap() >= 1.0, "{mine}");
+    assert_eq!(mine["Count"], mine["Sum"], "{mine}");
+    let latency = named("Samples", "muster_http_request_duration_seconds");
+    assert!(
+        latency
+            .iter()
+            .any(|s| s["Count"].as_f64().unwrap() >= 1.0 && s["Sum"].as_f64().is_some()),
+        "{latency:?}"
+    );
+
+    let p = get(&a, "/v1/agent/metrics?format=prometheus").await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text());
+    assert_eq!(
+        p.headers[header::CONTENT_TYPE],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert!(
+        p.text().contains("# TYPE muster_instances gauge"),
+        "{}",
+        p.text()
+    );
+
+    get(&a, "/v1/agent/metrics?format=xml").await.assert_error(
+        StatusCode::BAD_REQUEST,
+        r#"Invalid value for ?format: "xml" (omit it for JSON, or use "prometheus")"#,
+    );
+}
+
+/// `PUT /v1/agent/leave` answers 200 and then stops the agent gracefully (Consul's agent
+/// API docs: a graceful leave and shutdown); GET does not stop it.
+#[tokio::test]
+async fn consul_agent_leave_answers_then_shuts_the_agent_down() {
+    let a = edge_agent().await;
+    let r = get(&a, "/v1/agent/leave").await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{}", r.text());
+    let ready = get(&a, "/readyz").await;
+    assert_eq!(
+        ready.status,
+        StatusCode::OK,
+        "a GET must not stop the agent"
+    );
+
+    let mut c = config();
+    c.node = NODE_NAME.into();
+    let (addr, _shutdown, served) = crate::support::serve_joined(c).await;
+    let resp = reqwest::Client::new()
+        .put(format!("http://{addr}/v1/agent/leave"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap(), "");
+    let ended = tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the agent still serves 10 s after leave");
+    ended.unwrap().unwrap();
+}
+
+/// The coordinate endpoints answer with the agent's node at the coordinate a fresh Consul
+/// node has (`coordinate.NewCoordinate`: 8 zeros, Error 1.5, Adjustment 0, Height 1e-5);
+/// updates are checked and accepted.
+#[tokio::test]
+async fn consul_coordinates_show_the_agents_node_unmeasured() {
+    let a = edge_agent().await;
+    let coord = json!({"Vec": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "Error": 1.5,
+                       "Adjustment": 0.0, "Height": 1e-05});
+    let v = get(&a, "/v1/coordinate/datacenters")
+        .await
+        .assert_json_with_meta();
+    assert_eq!(
+        v,
+        json!([{"Datacenter": DC, "AreaID": "wan",
+                "Coordinates": [{"Node": format!("{NODE_NAME}.{DC}"), "Coord": coord}]}])
+    );
+    let mine = json!([{"Node": NODE_NAME, "Segment": "", "Coord": coord}]);
+    let v = get(&a, "/v1/coordinate/nodes")
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v, mine);
+    let v = get(&a, &format!("/v1/coordinate/node/{NODE_NAME}"))
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v, mine);
+    let r = get(&a, "/v1/coordinate/node/elsewhere").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.text(), "");
+    assert!(r.headers.contains_key("x-consul-index"));
+
+    let update = json!({"Node": NODE_NAME, "Segment": "", "Coord": coord});
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/coordinate/update",
+        &update.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    for (body, error) in [
+        (
+            "[1]".to_string(),
+            "Request decode failed: the body must be a JSON object",
+        ),
+        (json!({"Coord": coord}).to_string(), "Missing node name"),
+        (
+            json!({"Node": "n"}).to_string(),
+            "Missing coordinate (Coord)",
+        ),
+        (
+            json!({"Node": "n", "Coord": {"Vec": [0.0, 1.0]}}).to_string(),
+            "coordinate dimensionality does not match: 2 dimensions, this agent uses 8",
+        ),
+        (
+            json!({"Node": "n", "Coord": {"Vec": "x"}}).to_string(),
+            "invalid coordinate: Vec must be an array of numbers",
+        ),
+        (
+            json!({"Node": "n", "Coord": {"Vec": [0, 0, 0, 0, 0, 0, 0, 0], "Height": "h"}})
+                .to_string(),
+            "invalid coordinate: Height must be a number",
+        ),
+    ] {
+        send(&a, Method::PUT, "/v1/coordinate/update", &body)
+            .await
+            .assert_error(StatusCode::BAD_REQUEST, error);
+    }
+}
+
+/// A service the Consul API registered under a name that is no DNS label is still there
+/// after a restart (the stored registry is read with the rules that stored it).
+#[tokio::test]
+async fn consul_names_that_are_not_dns_labels_survive_a_restart() {
+    let store = std::sync::Arc::new(muster_store::MemoryStore::new());
+    let mut c = config();
+    c.node = NODE_NAME.into();
+    let a = crate::support::agent_on(c.clone(), store.clone()).await;
+    let reg = json!({"Name": "App#127.0.0.1#3000", "Port": 3000});
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        &reg.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    drop(a);
+
+    let restarted = crate::support::agent_on(c, store).await;
+    let v = get(&restarted, "/v1/catalog/service/App%23127.0.0.1%233000")
+        .await
+        .assert_json_with_meta();
+    assert_eq!(v[0]["ServiceID"], json!("App#127.0.0.1#3000"), "{v}");
+}

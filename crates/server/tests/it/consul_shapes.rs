@@ -1523,23 +1523,23 @@ async fn reads_of_names_no_registration_accepts_answer_as_consul_does() {
         &a,
         Method::PUT,
         "/v1/agent/service/register",
-        &json!({"Name": "a b", "Port": 1}).to_string(),
+        &json!({"Name": "a\tb", "Port": 1}).to_string(),
     )
     .await;
     reg.assert_error(StatusCode::BAD_REQUEST, "Invalid service name");
     for uri in [
-        "/v1/catalog/service/a%20b",
-        "/v1/health/service/a%20b",
-        "/v1/health/service/a%20b?passing",
-        "/v1/health/checks/a%20b",
+        "/v1/catalog/service/a%09b",
+        "/v1/health/service/a%09b",
+        "/v1/health/service/a%09b?passing",
+        "/v1/health/checks/a%09b",
     ] {
         let r = get(&a, uri).await;
         r.index();
         assert_eq!(r.json(), json!([]), "GET {uri}");
     }
-    get(&a, "/v1/agent/health/service/name/a%20b")
+    get(&a, "/v1/agent/health/service/name/a%09b")
         .await
-        .assert_error(StatusCode::NOT_FOUND, "ServiceName a b Not Found");
+        .assert_error(StatusCode::NOT_FOUND, "ServiceName a\tb Not Found");
 }
 
 /// The address a Consul server answers as leader: its RPC port on the advertised address.

@@ -41,7 +41,7 @@ async fn udp_raw(dns: SocketAddr, packet: &[u8]) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-async fn udp(dns: SocketAddr, name: &str, qtype: RecordType) -> Message {
+pub async fn udp(dns: SocketAddr, name: &str, qtype: RecordType) -> Message {
     udp_edns(dns, name, qtype, None).await
 }
 

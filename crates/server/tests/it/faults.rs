@@ -121,7 +121,15 @@ async fn failed_checkpoints_lose_nothing_and_the_log_keeps_every_change() {
             .await;
         assert_eq!(r.status, StatusCode::CREATED);
     }
-    assert!(faults.injected() > 0, "no checkpoint was attempted");
+    // The checkpointer is a thread of its own: wait (with a deadline) until it tried.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while faults.injected() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint was attempted within 20 s of 20 commits"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(dir.path(), crashed.path());
     let restarted = agent_on(config(), open(crashed.path(), None)).await;

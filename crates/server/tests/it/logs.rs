@@ -15,11 +15,11 @@ use crate::support::{agent, config, instance, with_ttl};
 
 /// Log output captured from this thread (the test runtime's only one), as text.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl Captured {
     /// Captures everything logged at debug and above on this thread while the guard lives.
-    fn start() -> (Captured, DefaultGuard) {
+    pub fn start() -> (Captured, DefaultGuard) {
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -30,12 +30,12 @@ impl Captured {
         (captured, tracing::subscriber::set_default(subscriber))
     }
 
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
     /// The lines that contain every one of `words`.
-    fn lines_with(&self, words: &[&str]) -> Vec<String> {
+    pub fn lines_with(&self, words: &[&str]) -> Vec<String> {
         self.text()
             .lines()
             .filter(|l| words.iter().all(|w| l.contains(w)))

@@ -28,6 +28,7 @@ const SERVED: &[(&str, &str)] = &[
     ("DELETE", "/leases/{id}"),
     ("PUT", "/leases/{id}/renew"),
     ("GET", "/watch"),
+    ("GET", "/prometheus/targets"),
     ("GET", "/status"),
     ("DELETE", "/self-preservation"),
     ("GET", "/openapi.json"),

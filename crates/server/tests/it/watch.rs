@@ -295,3 +295,25 @@ async fn too_many_watchers_are_refused_with_429() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_many_watchers");
 }
+
+#[tokio::test]
+async fn stream_events_stay_valid_json_for_consul_names_that_need_escaping() {
+    let (addr, _stop) = serve(config()).await;
+    let c = reqwest::Client::new();
+    // The Consul API takes names that are not DNS labels, quotes and backslashes included.
+    let name = "we\"b\\1";
+    let r = c
+        .put(url(addr, "/v1/agent/service/register"))
+        .json(&json!({"Name": name, "ID": "q1", "Port": 80}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let mut events = Events::open(addr, "/api/v1/watch", None).await;
+    let first = events.next().await;
+    assert_eq!(first.kind, "snapshot");
+    assert_eq!(ids(&first.data["services"][name]), ["q1"]);
+    register(&c, addr, "web", "w1", 81).await;
+    let change = events.next().await;
+    assert_eq!(ids(&change.data["services"]["web"]), ["w1"]);
+}

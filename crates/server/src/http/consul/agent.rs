@@ -1,12 +1,13 @@
 //! `/v1/agent/...`: the agent's services and checks, maintenance, self and members.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use muster_core::check::{DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
+use muster_core::check::{DEFAULT_INTERVAL, DEFAULT_TIMEOUT, MIN_INTERVAL};
 use muster_core::{
     Applied, CheckKind, CheckSpec, Command, Health, HttpCheck, Instance, InstanceId, InstanceSpec,
     KeepAlive, ServiceName, Snapshot, Status,
@@ -17,6 +18,10 @@ use super::body::{self, Obj};
 use super::render::{self, Node};
 use super::{ConsulError, Query, empty};
 use crate::AppState;
+
+/// The shortest `DeregisterCriticalServiceAfter` muster keeps (Consul's is a minute; the
+/// registry's own bound is a second).
+const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(1);
 
 fn unknown_service(id: &str) -> ConsulError {
     ConsulError::not_found(format!(
@@ -48,22 +53,51 @@ fn find_check(snap: &Snapshot, id: &str) -> Option<(Arc<Instance>, usize)> {
     Some((inst, pos))
 }
 
-/// Reads one Consul check definition. `default_id` applies when it names none.
-fn parse_check(o: &Obj<'_>, default_id: String, service: &str) -> Result<CheckSpec, ConsulError> {
+/// Raises `value` to `minimum` as Consul raises a check's interval to its own minimum:
+/// accepted, with a warning in the log, so that a client written against Consul's rules
+/// works here unchanged.
+fn raise_to_minimum(check: &str, what: &str, value: Duration, minimum: Duration) -> Duration {
+    if value >= minimum {
+        return value;
+    }
+    tracing::warn!(
+        check,
+        given = %body::go_format(value),
+        minimum = %body::go_format(minimum),
+        "check has {what} below minimum; raised to the minimum"
+    );
+    minimum
+}
+
+/// Reads one Consul check definition. `default_id` applies when it names none. Intervals,
+/// TTLs and deregistration delays shorter than muster's minimums (`min_ttl` for TTLs) are
+/// raised to them, as Consul does; zero ones are refused, as Consul refuses them.
+fn parse_check(
+    o: &Obj<'_>,
+    default_id: String,
+    service: &str,
+    min_ttl: Duration,
+) -> Result<CheckSpec, ConsulError> {
     let id = o
         .str(&["CheckID", "ID"])?
         .filter(|s| !s.is_empty())
         .unwrap_or(default_id);
     let interval = o.duration(&["Interval"])?;
-    let need_interval = |kind: &str| {
-        interval.ok_or_else(|| {
-            ConsulError::bad_request(format!(
-                "Interval must be > 0 for Script, HTTP, H2PING, TCP or UDP checks ({kind} check {id:?})"
-            ))
-        })
+    let need_interval = |kind: &str| match interval {
+        Some(i) if !i.is_zero() => Ok(()),
+        _ => Err(ConsulError::bad_request(format!(
+            "Interval must be > 0 for Script, HTTP, H2PING, TCP or UDP checks ({kind} check {id:?})"
+        ))),
     };
     let kind = if let Some(ttl) = o.duration(&["TTL"])? {
-        CheckKind::Ttl { ttl }
+        if ttl.is_zero() {
+            return Err(ConsulError::bad_request(format!(
+                "TTL must be > 0 for TTL checks (check {id:?})"
+            )));
+        }
+        CheckKind::Ttl {
+            ttl: raise_to_minimum(&id, "TTL", ttl, min_ttl),
+        }
     } else if let Some(url) = o.str(&["HTTP"])? {
         need_interval("HTTP")?;
         CheckKind::Http(HttpCheck {
@@ -112,7 +146,11 @@ fn parse_check(o: &Obj<'_>, default_id: String, service: &str) -> Result<CheckSp
             "Must provide TTL or Script/DockerContainerID/HTTP/TCP and Interval",
         ));
     };
-    let interval = interval.unwrap_or(DEFAULT_INTERVAL);
+    let interval = match interval {
+        Some(i) if kind.is_active() => raise_to_minimum(&id, "interval", i, MIN_INTERVAL),
+        Some(i) => i,
+        None => DEFAULT_INTERVAL,
+    };
     let status = match o.str(&["Status"])?.as_deref() {
         None | Some("") => None,
         Some(name) => Some(check_status(name)?),
@@ -121,12 +159,18 @@ fn parse_check(o: &Obj<'_>, default_id: String, service: &str) -> Result<CheckSp
         Ok(o.uint(names)?.unwrap_or(0).min(u64::from(u32::MAX)) as u32)
     };
     let failures_before_critical = threshold(&["FailuresBeforeCritical"])?;
+    let deregister_critical_after = o
+        .duration(&["DeregisterCriticalServiceAfter"])?
+        .filter(|d| !d.is_zero())
+        .map(|d| raise_to_minimum(&id, "deregister interval", d, MIN_DEREGISTER_AFTER));
     let spec = CheckSpec {
         name: id,
         kind,
         interval,
+        // Consul reads a zero timeout as its default.
         timeout: o
             .duration(&["Timeout"])?
+            .filter(|t| !t.is_zero())
             .unwrap_or(DEFAULT_TIMEOUT)
             .min(interval),
         success_before_passing: threshold(&["SuccessBeforePassing"])?,
@@ -136,9 +180,7 @@ fn parse_check(o: &Obj<'_>, default_id: String, service: &str) -> Result<CheckSp
                 v.min(u64::from(u32::MAX)) as u32
             }),
         failures_before_critical,
-        deregister_critical_after: o
-            .duration(&["DeregisterCriticalServiceAfter"])?
-            .filter(|d| !d.is_zero()),
+        deregister_critical_after,
         initial_status: status,
         display_name: o
             .str(&["Name"])?
@@ -165,8 +207,19 @@ pub async fn register_service(
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
     let node = Node::of(&state);
-    let mut reg = service_registration(&o, &node.address)?;
+    let reg = service_definition(&o, &node.address, state.config().limits.min_ttl)?;
+    register(&state, reg, !replace).await?;
+    Ok(empty())
+}
 
+/// A whole Consul service definition, as the register endpoint and service definition files
+/// give it: the service with its `Check` and `Checks`.
+pub fn service_definition(
+    o: &Obj<'_>,
+    default_address: &str,
+    min_ttl: Duration,
+) -> Result<ServiceRegistration, ConsulError> {
+    let mut reg = service_registration(o, default_address)?;
     // Checks: `Check` first, then `Checks`; empty objects are ignored.
     let mut defs: Vec<Obj<'_>> = Vec::new();
     if let Some(c) = o.obj(&["Check"])?
@@ -183,10 +236,9 @@ pub async fn register_service(
         };
         reg.spec
             .checks
-            .push(parse_check(def, default_id, &reg.name)?);
+            .push(parse_check(def, default_id, &reg.name, min_ttl)?);
     }
-    register(&state, reg, !replace).await?;
-    Ok(empty())
+    Ok(reg)
 }
 
 /// A Consul service definition read into a registration (without its checks).
@@ -219,7 +271,7 @@ pub fn service_registration(
         .str(&["ID"])?
         .filter(|i| !i.is_empty())
         .unwrap_or_else(|| name.clone());
-    let id = InstanceId::parse(&id_text).map_err(|e| {
+    let id = InstanceId::parse_lenient(&id_text).map_err(|e| {
         ConsulError::bad_request(format!("Invalid service ID {id_text:?}: {}", e.message))
     })?;
     let given = o.str(&["Address"])?;
@@ -257,6 +309,7 @@ pub fn service_registration(
         enable_tag_override: o.bool(&["EnableTagOverride"])?.unwrap_or(false),
         node: None,
         address_from_node,
+        eureka: None,
     };
     let compat = (compat != Default::default()).then(|| Box::new(compat));
     let spec = InstanceSpec {
@@ -459,32 +512,14 @@ pub async fn register_check(
 ) -> Result<Response, ConsulError> {
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
-    let name = o
-        .str(&["Name"])?
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| ConsulError::bad_request("Missing check name"))?;
-    let id = o
-        .str(&["CheckID", "ID"])?
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| name.clone());
+    let CheckDefinition { service_id, check } =
+        check_definition(&o, state.config().limits.min_ttl)?;
     // Without a ServiceID it is a check of the node: it counts for every service on it.
-    let Some(service_id) = o.str(&["ServiceID"])?.filter(|s| !s.is_empty()) else {
-        let mut check = parse_check(&o, id, "")?;
-        check.display_name = Some(name);
+    let Some(service_id) = service_id else {
         submit(&state, Command::RegisterNodeCheck(check)).await?;
         return Ok(empty());
     };
-    // Consul's agent attaches checks only to its own services, not to external ones
-    // registered through the catalog; any other ID is its 404.
-    let snap = state.snapshot();
-    let inst = snap
-        .instances_with_id(&service_id)
-        .find(|i| !render::is_external(i))
-        .cloned()
-        .ok_or_else(|| {
-            ConsulError::not_found(format!("ServiceID {service_id:?} does not exist"))
-        })?;
-    let check = parse_check(&o, id, render::service_name(&inst))?;
+    let inst = own_service(&state.snapshot(), &service_id)?;
     let mut spec = inst.spec.clone();
     spec.checks.retain(|c| c.name != check.name);
     spec.checks.push(check);
@@ -498,6 +533,43 @@ pub async fn register_check(
     )
     .await?;
     Ok(empty())
+}
+
+/// A standalone check definition: the register endpoint's body, or a `check` in a service
+/// definition file.
+#[derive(Debug)]
+pub struct CheckDefinition {
+    /// The service it belongs to; none: a check of the node.
+    pub service_id: Option<String>,
+    /// The check.
+    pub check: CheckSpec,
+}
+
+/// Reads a standalone check definition: `Name` required, `CheckID`/`ID` defaulting to it.
+pub fn check_definition(o: &Obj<'_>, min_ttl: Duration) -> Result<CheckDefinition, ConsulError> {
+    let name = o
+        .str(&["Name"])?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ConsulError::bad_request("Missing check name"))?;
+    let id = o
+        .str(&["CheckID", "ID"])?
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| name.clone());
+    let mut check = parse_check(o, id, "", min_ttl)?;
+    check.display_name = Some(name);
+    Ok(CheckDefinition {
+        service_id: o.str(&["ServiceID"])?.filter(|s| !s.is_empty()),
+        check,
+    })
+}
+
+/// The agent's own service with ID `id`. Consul's agent attaches checks only to its own
+/// services, not to external ones registered through the catalog; any other ID is its 404.
+pub fn own_service(snap: &Snapshot, id: &str) -> Result<Arc<Instance>, ConsulError> {
+    snap.instances_with_id(id)
+        .find(|i| !render::is_external(i))
+        .cloned()
+        .ok_or_else(|| ConsulError::not_found(format!("ServiceID {id:?} does not exist")))
 }
 
 /// `PUT /v1/agent/check/deregister/:id`.
@@ -714,7 +786,7 @@ pub async fn self_info(State(state): State<AppState>) -> Response {
             "BuildDate": "",
         },
         "DebugConfig": {},
-        "Coord": {"Vec": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
+        "Coord": super::coordinate::initial(),
         "Member": member(&node, Pool::Lan),
         "Stats": {
             "agent": {"check_monitors": "0"},
@@ -794,13 +866,38 @@ pub async fn members(
         Pool::Lan
     };
     let node = Node::of(&state);
-    Ok(super::json(
-        state.snapshot().index,
-        &json!([member(&node, pool)]),
-    ))
+    let snap = state.snapshot();
+    // In cluster mode, every agent of the cluster; else this one.
+    let members: Vec<Value> = if snap.members.is_empty() {
+        vec![member(&node, pool)]
+    } else {
+        snap.members
+            .values()
+            .map(|m| member(&node.of_member(m), pool))
+            .collect()
+    };
+    Ok(super::json(snap.index, &json!(members)))
 }
 
-/// join, leave, force-leave, reload: a single-node agent has nothing to do.
+/// `PUT /v1/agent/leave`: stops the agent gracefully, as Consul's leave does. The answer
+/// goes out first: the HTTP server drains requests in flight before it stops.
+pub async fn leave(State(state): State<AppState>) -> Response {
+    tracing::info!("leave requested through /v1/agent/leave: shutting down");
+    state.inner.shutdown.cancel();
+    empty()
+}
+
+/// `PUT /v1/agent/reload`: reads the service and check definitions of the config
+/// directories again. A file that cannot be used is Consul's 500 with the reason; the
+/// previous definitions stay.
+pub async fn reload(State(state): State<AppState>) -> Result<Response, ConsulError> {
+    crate::definitions::reload(&state)
+        .await
+        .map_err(|e| ConsulError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(empty())
+}
+
+/// join, force-leave: a single-node agent has nothing to do.
 pub async fn stub() -> Response {
     empty()
 }

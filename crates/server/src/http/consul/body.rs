@@ -15,7 +15,8 @@ pub struct Obj<'a> {
     map: &'a Map<String, Value>,
 }
 
-fn norm(key: &str) -> String {
+/// A key as Consul matches it: without case or underscores.
+pub fn norm(key: &str) -> String {
     key.chars()
         .filter(|c| *c != '_')
         .flat_map(char::to_lowercase)

@@ -154,7 +154,8 @@ pub async fn service(
 /// The nodes of external services, by name, with the agent's own first.
 fn all_nodes(r: &Read, snap: &Snapshot) -> Vec<Node> {
     let mut nodes = vec![r.node.clone()];
-    let mut seen = BTreeSet::new();
+    nodes.extend(r.node.others());
+    let mut seen: BTreeSet<Arc<str>> = nodes.iter().map(|n| n.name.clone()).collect();
     for s in snap.services.values() {
         for i in s.instances.values() {
             if render::is_external(i) {

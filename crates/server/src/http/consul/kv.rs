@@ -322,7 +322,25 @@ pub async fn renew_session(
         .get(id.as_str())
         .ok_or_else(|| ConsulError::not_found(format!("Session id '{id}' not found")))?;
     if let Some(lease) = s.lease {
-        snap.renew_lease(lease, state.now());
+        // In cluster mode the session's agent keeps its TTL.
+        match crate::http::cluster::forward_renewal(&state, &snap, lease, false).await {
+            Some(Ok(r)) if r.status().is_success() => {}
+            Some(Ok(r)) if r.status() == axum::http::StatusCode::NOT_FOUND => {
+                return Err(ConsulError::not_found(format!(
+                    "Session id '{id}' not found"
+                )));
+            }
+            Some(Ok(r)) => {
+                return Err(ConsulError::new(
+                    r.status(),
+                    format!("the agent holding session {id} could not renew it"),
+                ));
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                snap.renew_lease(lease, state.now());
+            }
+        }
     }
     Ok(super::json(snap.index, &json!([session_value(s)])))
 }

@@ -15,9 +15,11 @@
 //!   that does not use them answers.
 //! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
 //! - [`catalog`]: catalog, health and status reads.
+//! - [`coordinate`]: network coordinates (the agent's node, unmeasured).
 //! - [`events`]: user events, kept in memory.
 //! - [`filter`]: `?filter=` expressions (the go-bexpr subset Consul uses).
 //! - [`kv`]: the key/value store and sessions.
+//! - [`metrics`]: the agent's metrics in Consul's JSON shape or as Prometheus text.
 //! - [`render`]: Consul's JSON shapes.
 //! - [`body`]: lenient request bodies and Go durations.
 
@@ -25,9 +27,11 @@ pub mod absent;
 pub mod agent;
 pub mod body;
 pub mod catalog;
+pub mod coordinate;
 pub mod events;
 pub mod filter;
 pub mod kv;
+pub mod metrics;
 pub mod render;
 
 use std::sync::Arc;
@@ -71,6 +75,11 @@ impl ConsulError {
     /// 404.
     pub fn not_found(message: impl Into<String>) -> ConsulError {
         ConsulError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// The reason given.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -454,10 +463,12 @@ fn rest() -> Router<AppState> {
         )
         .route("/agent/self", get(agent::self_info))
         .route("/agent/members", get(agent::members))
+        .route("/agent/metrics", get(metrics::metrics))
         .route("/agent/join/{addr}", lenient(agent::stub))
-        .route("/agent/leave", lenient(agent::stub))
+        // Not GET: a leave stops the agent, which a link followed by mistake must not do.
+        .route("/agent/leave", put(agent::leave).post(agent::leave))
         .route("/agent/force-leave/{node}", lenient(agent::stub))
-        .route("/agent/reload", lenient(agent::stub))
+        .route("/agent/reload", lenient(agent::reload))
         .route("/catalog/services", get(catalog::services))
         .route("/catalog/service/{service}", get(catalog::service))
         .route("/catalog/nodes", get(catalog::nodes))
@@ -483,6 +494,13 @@ fn rest() -> Router<AppState> {
             get(catalog::raft_configuration),
         )
         .route("/agent/version", get(agent::version))
+        .route("/coordinate/datacenters", get(coordinate::datacenters))
+        .route("/coordinate/nodes", get(coordinate::nodes))
+        .route("/coordinate/node/{node}", get(coordinate::node))
+        .route(
+            "/coordinate/update",
+            put(coordinate::update).post(coordinate::update),
+        )
         .fallback(any(unknown))
 }
 

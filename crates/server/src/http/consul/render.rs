@@ -21,6 +21,8 @@ pub struct Node {
     pub address: Arc<str>,
     /// Datacenter.
     pub datacenter: Arc<str>,
+    /// In cluster mode, the other agents: the nodes their instances are on.
+    pub members: imbl::OrdMap<Arc<str>, Arc<muster_core::replica::Member>>,
 }
 
 impl Node {
@@ -35,12 +37,23 @@ impl Node {
             },
             address: c.advertise_addr.as_str().into(),
             datacenter: c.datacenter.as_str().into(),
+            members: Default::default(),
         }
     }
 
     /// The agent's node.
     pub fn of(state: &AppState) -> Node {
-        state.consul_node().clone()
+        let mut node = state.consul_node().clone();
+        node.members = state.snapshot().members.clone();
+        node
+    }
+
+    /// The other agents of the cluster, as nodes (none on a single agent).
+    pub fn others(&self) -> impl Iterator<Item = Node> + '_ {
+        self.members
+            .values()
+            .filter(|m| *m.name != *self.name)
+            .map(|m| self.of_member(m))
     }
 
     /// The address Consul gives a server by: its RPC port on the node's address, as
@@ -59,6 +72,23 @@ impl Node {
         self.name.eq_ignore_ascii_case(name)
     }
 
+    /// Another agent of the cluster, as a node of this datacenter.
+    pub fn of_member(&self, m: &muster_core::replica::Member) -> Node {
+        let host = m
+            .http
+            .rsplit_once(':')
+            .map_or(m.http.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        Node {
+            name: m.name.as_str().into(),
+            id: uuid_from(&m.name).into(),
+            address: host.into(),
+            datacenter: self.datacenter.clone(),
+            members: Default::default(),
+        }
+    }
+
     /// The node an instance is on: an external service's own node, else this one.
     pub fn of_instance(&self, i: &Instance) -> Node {
         match i.spec.compat.as_ref().and_then(|c| c.node.as_ref()) {
@@ -67,8 +97,22 @@ impl Node {
                 id: uuid_from(name).into(),
                 address: address.as_str().into(),
                 datacenter: self.datacenter.clone(),
+                members: Default::default(),
             },
-            None => self.clone(),
+            // In cluster mode, an instance is on the node of the agent that owns it.
+            None => match &i.owner {
+                Some(owner) => match self.members.get(owner) {
+                    Some(m) => self.of_member(m),
+                    None => Node {
+                        name: owner.clone(),
+                        id: uuid_from(owner).into(),
+                        address: self.address.clone(),
+                        datacenter: self.datacenter.clone(),
+                        members: Default::default(),
+                    },
+                },
+                None => self.clone(),
+            },
         }
     }
 }

@@ -1,0 +1,853 @@
+//! Forwarding one request: match a route, apply its policies, pick an instance, send,
+//! retry on another instance when that is safe, and stream the answer back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use muster_client::{Outcome, PickReq, Picked};
+
+use crate::budget::RetryBudget;
+use crate::metric;
+use crate::routes::{Protocol, Sticky};
+use crate::table::{Backend, Route, Table};
+
+/// The body of requests sent upstream and of answers sent back: streamed, or whole.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Request bodies up to this size are kept so that a retry can send them again; larger
+/// (or streamed without a length) bodies are sent once, never retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// Headers that concern one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What the proxy knows about the connection a request came on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    /// The client.
+    pub peer: SocketAddr,
+    /// Whether it came over TLS.
+    pub tls: bool,
+}
+
+/// Settings of the forwarding itself.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// Connecting to an instance may take this long.
+    pub connect_timeout: Duration,
+    /// Idle upstream connections are kept this long.
+    pub pool_idle_timeout: Duration,
+    /// A JSON line per request on stdout.
+    pub access_log: bool,
+}
+
+/// The proxy: the current table and the upstream connection pools.
+#[derive(Debug)]
+pub struct Proxy {
+    table: ArcSwap<Table>,
+    http1: Client<HttpConnector, ProxyBody>,
+    h2c: Client<HttpConnector, ProxyBody>,
+    budget: RetryBudget,
+    access_log: bool,
+}
+
+/// Why a request got an answer of the gateway's own.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Proxy {
+    /// A proxy with an empty table.
+    pub fn new(settings: &ProxySettings) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(1024)
+            .pool_timer(hyper_util::rt::TokioTimer::new());
+        let http1 = builder.build(connector.clone());
+        let h2c = builder.http2_only(true).build(connector);
+        Proxy {
+            table: ArcSwap::from_pointee(Table::default()),
+            http1,
+            h2c,
+            budget: RetryBudget::default(),
+            access_log: settings.access_log,
+        }
+    }
+
+    /// The table requests are routed by.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Swaps in a new table; requests already routed finish on the old one.
+    pub fn swap(&self, table: Table) {
+        metrics::gauge!(metric::ROUTES).set(table.routes().len() as f64);
+        metrics::gauge!(metric::TABLE_INDEX).set(table.index as f64);
+        metrics::counter!(metric::TABLE_SWAPS).increment(1);
+        self.table.store(Arc::new(table));
+    }
+
+    /// Answers one request.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let request_id = req
+            .headers()
+            .get(&X_REQUEST_ID)
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        // What the access log needs of the request, taken before the request moves on (and
+        // only when there is a log: the hot path allocates as little as it can).
+        let logged = self.access_log.then(|| {
+            (
+                req.method().clone(),
+                request_host(&req).into_owned(),
+                req.uri().path().to_string(),
+            )
+        });
+        let route = {
+            let host = request_host(&req);
+            self.table
+                .load()
+                .find(&host, req.uri().path(), req.method(), req.headers())
+                .cloned()
+        };
+        let (mut resp, log) = match route {
+            None => {
+                metrics::counter!(metric::NO_ROUTE).increment(1);
+                let refusal = Refusal {
+                    status: StatusCode::NOT_FOUND,
+                    code: "no_route",
+                    message: format!(
+                        "no route for {} {}{}",
+                        req.method(),
+                        request_host(&req),
+                        req.uri().path()
+                    ),
+                };
+                (refusal.response(), Log::default())
+            }
+            Some(route) => self.routed(req, &route, conn, &request_id).await,
+        };
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        if let Some((method, host, path)) = logged {
+            log.write(
+                &method,
+                &host,
+                &path,
+                resp.status(),
+                conn,
+                &request_id,
+                started,
+            );
+        }
+        Ok(resp)
+    }
+
+    /// A request that matched `route`.
+    async fn routed(
+        &self,
+        mut req: Request<Incoming>,
+        route: &Route,
+        conn: ConnInfo,
+        request_id: &HeaderValue,
+    ) -> (Response<ProxyBody>, Log) {
+        let started = Instant::now();
+        let mut log = Log {
+            on: self.access_log,
+            route: self.access_log.then(|| route.spec.name.clone()),
+            ..Log::default()
+        };
+        if !route.spec.policy.is_empty() {
+            let (parts, body) = req.into_parts();
+            let checked = route.spec.policy.check(&parts, conn.peer.ip());
+            req = Request::from_parts(parts, body);
+            match checked {
+                Ok(identity) => log.subject = identity.subject,
+                Err(denial) => {
+                    let (status, headers, body) = denial.into_response_parts();
+                    let mut resp = Response::new(Either::Right(Full::new(body)));
+                    *resp.status_mut() = status;
+                    resp.headers_mut().extend(headers);
+                    return (resp, log);
+                }
+            }
+        }
+        // The side: sticky by cookie or header when the route asks, else by weight.
+        let mut set_cookie = None;
+        let sticky_key = match &route.spec.sticky {
+            None => None,
+            Some(Sticky::Header(name)) => req.headers().get(name).map(|v| hash(v.as_bytes())),
+            Some(Sticky::Cookie(name)) => match cookie(req.headers(), name) {
+                Some(v) => Some(hash(v.as_bytes())),
+                None if route.sides.len() > 1 => {
+                    let value = format!("{:016x}", fastrand::u64(..));
+                    let key = hash(value.as_bytes());
+                    set_cookie = HeaderValue::from_str(&format!(
+                        "{name}={value}; Path=/; HttpOnly; SameSite=Lax"
+                    ))
+                    .ok();
+                    Some(key)
+                }
+                None => None,
+            },
+        };
+        let side = route.side(sticky_key);
+        if log.on {
+            log.service = Some(side.target.service.clone());
+        }
+        let mut resp = self
+            .forward(req, route, side, conn, request_id, &mut log)
+            .await;
+        if let Some(c) = set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, c);
+        }
+        side.metrics.observe(resp.status(), started.elapsed());
+        (resp, log)
+    }
+
+    /// Sends the request to an instance of `side`, retrying on another when that is safe.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        route: &Route,
+        side: &Backend,
+        conn: ConnInfo,
+        request_id: &HeaderValue,
+        log: &mut Log,
+    ) -> Response<ProxyBody> {
+        self.budget.deposit();
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let protocol = match route.spec.protocol {
+            Protocol::Auto if is_grpc(&req) => Protocol::H2c,
+            p => p,
+        };
+        let (mut parts, body) = req.into_parts();
+        let original_host = host_header(&parts);
+        prepare_headers(
+            &mut parts.headers,
+            conn,
+            original_host.as_ref(),
+            request_id,
+            upgrade,
+        );
+        let path_and_query = rewrite(&parts.uri, route);
+        // A body is kept for a retry only if it is small and its length is known.
+        let may_retry = route.spec.retries > 0 && idempotent(&parts.method) && !upgrade;
+        let mut body = Some(body);
+        let replay = if may_retry {
+            match body.take().map(|b| (b.size_hint().exact(), b)) {
+                Some((Some(0), _)) => Some(Bytes::new()),
+                Some((Some(n), b)) if n <= MAX_REPLAY_BODY => {
+                    match Limited::new(b, MAX_REPLAY_BODY as usize).collect().await {
+                        Ok(c) => Some(c.to_bytes()),
+                        Err(e) => {
+                            return Refusal {
+                                status: StatusCode::BAD_REQUEST,
+                                code: "bad_request_body",
+                                message: format!("the request body could not be read: {e}"),
+                            }
+                            .response();
+                        }
+                    }
+                }
+                Some((_, b)) => {
+                    body = Some(b);
+                    None
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        let attempts = if replay.is_some() {
+            route.spec.retries + 1
+        } else {
+            1
+        };
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<Response<ProxyBody>> = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                if !self.budget.withdraw() {
+                    metrics::counter!(metric::RETRIES_REFUSED).increment(1);
+                    break;
+                }
+                side.metrics.retries.increment(1);
+                log.retries += 1;
+            }
+            let avoid: Vec<&str> = tried.iter().map(String::as_str).collect();
+            let picked = match side.balancer.pick_avoiding(&PickReq::default(), &avoid) {
+                Ok(p) => p,
+                Err(_) => break,
+            };
+            let up_body = match (&replay, body.take()) {
+                (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
+                (None, Some(b)) => Either::Left(b),
+                (None, None) => break,
+            };
+            // The headers are cloned only for an attempt that may be followed by another.
+            let headers = if attempt + 1 < attempts {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let upstream = match upstream_request(
+                &parts.method,
+                headers,
+                &picked,
+                &path_and_query,
+                protocol,
+                up_body,
+            ) {
+                Ok(r) => r,
+                Err(message) => {
+                    picked.record(Outcome::Failure);
+                    return Refusal {
+                        status: StatusCode::BAD_GATEWAY,
+                        code: "bad_upstream_address",
+                        message,
+                    }
+                    .response();
+                }
+            };
+            if log.on {
+                log.instance = Some(picked.instance().id.clone());
+                log.upstream = Some(picked.authority().to_string());
+            }
+            let client = match protocol {
+                Protocol::H2c => &self.h2c,
+                _ => &self.http1,
+            };
+            let sent = tokio::time::timeout(route.spec.timeout, client.request(upstream)).await;
+            let can_retry = attempt + 1 < attempts;
+            let failure = match sent {
+                Ok(Ok(mut resp)) => {
+                    let status = resp.status();
+                    let failed = matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                    );
+                    if failed && can_retry {
+                        tried.push(picked.instance().id.clone());
+                        picked.record(Outcome::Failure);
+                        last = Some(response_from(resp));
+                        continue;
+                    }
+                    picked.record(if status.is_server_error() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    });
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(client_side) = client_upgrade {
+                            let upstream_side = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(splice(client_side, upstream_side));
+                        }
+                    } else {
+                        strip_hop_by_hop(resp.headers_mut());
+                    }
+                    return response_from(resp);
+                }
+                Ok(Err(e)) => {
+                    let connect = e.is_connect();
+                    metrics::counter!(metric::UPSTREAM_ERRORS, "kind" => if connect { "connect" } else { "protocol" }).increment(1);
+                    tracing::debug!(route = %route.spec.name, upstream = %picked.authority(), error = ?e, "upstream request failed");
+                    Refusal {
+                        status: StatusCode::BAD_GATEWAY,
+                        code: if connect {
+                            "upstream_unreachable"
+                        } else {
+                            "bad_upstream_response"
+                        },
+                        message: format!(
+                            "route {}: instance {} of {} at {} {}",
+                            route.spec.name,
+                            picked.instance().id,
+                            side.target.service,
+                            picked.authority(),
+                            if connect {
+                                "refused the connection"
+                            } else {
+                                "sent no valid HTTP answer"
+                            }
+                        ),
+                    }
+                }
+                Err(_) => {
+                    metrics::counter!(metric::UPSTREAM_ERRORS, "kind" => "timeout").increment(1);
+                    let refusal = Refusal {
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                        code: "upstream_timeout",
+                        message: format!(
+                            "route {}: instance {} of {} did not answer within {:?}",
+                            route.spec.name,
+                            picked.instance().id,
+                            side.target.service,
+                            route.spec.timeout
+                        ),
+                    };
+                    // Not retried: the instance may be working on it still.
+                    picked.record(Outcome::Failure);
+                    return refusal.response();
+                }
+            };
+            if can_retry {
+                tried.push(picked.instance().id.clone());
+                picked.record(Outcome::Failure);
+                last = Some(failure.response());
+                continue;
+            }
+            picked.record(Outcome::Failure);
+            return failure.response();
+        }
+
+        if let Some(resp) = last {
+            return resp;
+        }
+        let mut target = side.target.service.clone();
+        if !side.target.tags.is_empty() {
+            target.push_str(&format!(" with tags {:?}", side.target.tags));
+        }
+        if let Some(z) = &side.target.zone {
+            target.push_str(&format!(" in zone {z}"));
+        }
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "no_healthy_instance",
+            message: format!(
+                "route {}: service {target} has no healthy instance",
+                route.spec.name
+            ),
+        }
+        .response()
+    }
+}
+
+impl Refusal {
+    fn response(self) -> Response<ProxyBody> {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+        bytes.push(b'\n');
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(bytes))));
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// The upstream's answer as the client's: the client's connection has its own version (an
+/// HTTP/1.0 upstream must not turn the client's HTTP/1.1 connection into 1.0).
+fn response_from(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let mut resp = resp.map(Either::Left);
+    *resp.version_mut() = Version::HTTP_11;
+    resp
+}
+
+/// The request's host, lower-case, without a port: from the URI (HTTP/2, absolute form) or
+/// the `Host` header.
+fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
+    let raw = req
+        .uri()
+        .host()
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    let bare = strip_port(raw);
+    if bare.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(bare.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(bare)
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host.split(']').next().map_or(host, |h| &host[..=h.len()]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// The host the client asked for, as a header value for the upstream.
+fn host_header(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The headers the upstream gets: hop-by-hop removed (the upgrade ones kept for an
+/// upgrade), `TE: trailers` kept (gRPC needs it), forwarding headers added.
+fn prepare_headers(
+    headers: &mut HeaderMap,
+    conn: ConnInfo,
+    host: Option<&HeaderValue>,
+    request_id: &HeaderValue,
+    upgrade: bool,
+) {
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| has_token(v, "trailers"));
+    let upgrade_to = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    headers.remove(header::TE);
+    headers.remove(header::UPGRADE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade && let Some(to) = upgrade_to {
+        headers.insert(header::UPGRADE, to);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let peer = conn.peer.ip().to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.is_empty() => format!("{prior}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Some(h) = host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+        }
+        // An HTTP/2 client sends :authority, not Host: the upstream gets the host the client
+        // asked for either way, not the instance's address.
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, h.clone());
+        }
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// The path and query for the upstream: `strip` removed, `prepend` added.
+fn rewrite(uri: &Uri, route: &Route) -> String {
+    let path = uri.path();
+    let mut out = String::with_capacity(path.len() + 16);
+    let stripped = match route.spec.strip.as_deref() {
+        Some(s) if s != "/" => match path.strip_prefix(s) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+            _ => path,
+        },
+        _ => path,
+    };
+    if let Some(p) = route.spec.prepend.as_deref()
+        && p != "/"
+    {
+        out.push_str(p);
+    }
+    if stripped.is_empty() {
+        out.push('/');
+    } else if !(out.ends_with('/') && stripped.starts_with('/')) {
+        out.push_str(stripped);
+    } else {
+        out.push_str(&stripped[1..]);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    if let Some(q) = uri.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+fn upstream_request(
+    method: &Method,
+    headers: HeaderMap,
+    picked: &Picked,
+    path_and_query: &str,
+    protocol: Protocol,
+    body: ProxyBody,
+) -> Result<Request<ProxyBody>, String> {
+    let mut uri = String::with_capacity(7 + picked.authority().len() + path_and_query.len());
+    uri.push_str("http://");
+    uri.push_str(picked.authority());
+    uri.push_str(path_and_query);
+    let uri = Uri::try_from(uri).map_err(|e| {
+        format!(
+            "instance address {:?} is not usable: {e}",
+            picked.authority()
+        )
+    })?;
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    *req.version_mut() = match protocol {
+        Protocol::H2c => {
+            req.headers_mut().remove(header::HOST);
+            Version::HTTP_2
+        }
+        _ => Version::HTTP_11,
+    };
+    Ok(req)
+}
+
+/// Joins an upgraded client connection to the upgraded upstream one until either closes.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "an upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    metrics::gauge!(metric::UPGRADED).increment(1.0);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    metrics::gauge!(metric::UPGRADED).decrement(1.0);
+}
+
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then_some(v)
+        })
+}
+
+/// FNV-1a, stable across processes: the same user lands on the same side after a restart.
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// 32 random hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (half, word) in out
+        .chunks_mut(16)
+        .zip([fastrand::u64(..), fastrand::u64(..)])
+    {
+        for (i, b) in half.iter_mut().enumerate() {
+            *b = HEX[((word >> (60 - 4 * i)) & 0xf) as usize];
+        }
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// The access log is an edge: its time is the wall clock's.
+#[allow(clippy::disallowed_types)]
+fn wall_clock() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
+/// What the access log line says beyond the request itself.
+#[derive(Debug, Default)]
+struct Log {
+    /// Whether there is an access log (else the fields stay empty).
+    on: bool,
+    route: Option<String>,
+    service: Option<String>,
+    instance: Option<String>,
+    upstream: Option<String>,
+    subject: Option<String>,
+    retries: u32,
+}
+
+impl Log {
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        method: &Method,
+        host: &str,
+        path: &str,
+        status: StatusCode,
+        conn: ConnInfo,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) {
+        use std::io::Write;
+        let line = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(wall_clock()).to_string(),
+            "client": conn.peer.ip().to_string(),
+            "method": method.as_str(),
+            "host": host,
+            "path": path,
+            "status": status.as_u16(),
+            "route": self.route,
+            "service": self.service,
+            "instance": self.instance,
+            "upstream": self.upstream,
+            "subject": self.subject,
+            "retries": self.retries,
+            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+            "request_id": request_id.to_str().unwrap_or(""),
+        });
+        let mut out = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, &line);
+        let _ = out.write_all(b"\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        let conn = ConnInfo {
+            peer: "10.0.0.7:5555".parse().unwrap(),
+            tls: false,
+        };
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        prepare_headers(
+            &mut h,
+            conn,
+            Some(&HeaderValue::from_static("shop")),
+            &HeaderValue::from_static("id1"),
+            false,
+        );
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "1.2.3.4, 10.0.0.7");
+        assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
+        assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "shop");
+    }
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; canary=xyz; b=2"),
+        );
+        assert_eq!(cookie(&h, "canary"), Some("xyz"));
+        assert_eq!(cookie(&h, "c"), None);
+    }
+}

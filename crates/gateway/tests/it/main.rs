@@ -1,0 +1,13 @@
+//! muster-gateway against a real agent and real upstreams on loopback port 0.
+
+mod access;
+mod admin;
+mod policy;
+mod protocols;
+mod registry;
+mod reload;
+mod resilience;
+mod routing;
+mod split;
+mod support;
+mod upstream;

@@ -1,0 +1,263 @@
+//! The Eureka-compatible HTTP API under `/eureka/`, `/eureka/v2/`, `/v2/` and bare `/apps`.
+//!
+//! An adapter at the edge, like the Consul one: it translates Eureka's requests onto the
+//! registry's commands and renders snapshots in Eureka's shapes, holding no state of its
+//! own, so an instance registered by a Eureka client is the same instance in every other
+//! API. `shared/reference/eureka-etcd-zk.md` §0 and §1 list the wire contract reproduced
+//! here: status codes clients depend on (204 on register, 404 on renew to re-register), JSON
+//! only when `Accept` says `json` and XML otherwise, lenient bodies, `apps__hashcode`.
+//!
+//! Answers are made from the current snapshot on every request: there is no response cache,
+//! so a change is in the next full or delta fetch (stock Eureka lags 30 s or more).
+//!
+//! - [`apps`]: the handlers.
+//! - [`body`]: JSON and XML bodies read into one tree, leniently.
+//! - [`render`]: `InstanceInfo` in Eureka's JSON and XStream's XML, and the hash code.
+
+pub mod apps;
+pub mod body;
+pub mod render;
+
+use std::io::Write as _;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+
+use super::error::ApiError;
+use super::limits::{BodyLimit, Shape, limit_bodies};
+use crate::AppState;
+
+/// An error as Eureka answers it: a status and a plain-text reason (clients only look at
+/// the status; people read the text).
+#[derive(Debug)]
+pub struct EurekaError {
+    status: StatusCode,
+    message: String,
+}
+
+impl EurekaError {
+    /// An error with `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> EurekaError {
+        EurekaError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> EurekaError {
+        EurekaError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> EurekaError {
+        EurekaError::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl From<ApiError> for EurekaError {
+    fn from(e: ApiError) -> EurekaError {
+        let (status, message) = e.parts();
+        EurekaError::new(status, message)
+    }
+}
+
+impl From<crate::writer::WriteError> for EurekaError {
+    fn from(e: crate::writer::WriteError) -> EurekaError {
+        ApiError::from(e).into()
+    }
+}
+
+impl From<muster_core::ValidationError> for EurekaError {
+    fn from(e: muster_core::ValidationError) -> EurekaError {
+        EurekaError::bad_request(e.to_string())
+    }
+}
+
+impl IntoResponse for EurekaError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            self.message,
+        )
+            .into_response()
+    }
+}
+
+/// The Eureka routes. Every base and resource goes to one dispatcher, which reads the path
+/// segment by segment: that is what makes `/eureka//apps` (Prometheus joins its `server`
+/// and `/apps`) and `/apps/` (the Java and JS clients' full fetch) work like `/eureka/apps`.
+pub fn router(max_body: usize) -> Router<AppState> {
+    let routes = Router::new()
+        .route("/eureka", any(dispatch))
+        .route("/eureka/", any(dispatch))
+        .route("/eureka/{*rest}", any(dispatch))
+        .route("/v2/{*rest}", any(dispatch))
+        .route("/apps", any(dispatch))
+        .route("/apps/", any(dispatch))
+        .route("/apps/{*rest}", any(dispatch))
+        .route("/instances/{*rest}", any(dispatch))
+        .route("/vips/{*rest}", any(dispatch))
+        .route("/svips/{*rest}", any(dispatch));
+    limit_bodies(
+        routes,
+        BodyLimit {
+            max: max_body,
+            buffer: max_body,
+            setting: "max_body_bytes",
+            shape: Shape::Consul,
+        },
+    )
+}
+
+/// How an answer is written.
+#[derive(Clone, Copy, Debug)]
+pub struct Format {
+    /// XML (the default) or JSON.
+    pub xml: bool,
+    /// Gzip the body.
+    pub gzip: bool,
+}
+
+impl Format {
+    /// Eureka's rule: JSON when `Accept` contains `json`, XML otherwise, including when there
+    /// is no `Accept` (py_eureka_client and Prometheus send none and parse only XML).
+    pub fn of(headers: &HeaderMap) -> Format {
+        let has = |name: header::HeaderName, what: &str| {
+            headers.get_all(name).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains(what))
+            })
+        };
+        Format {
+            xml: !has(header::ACCEPT, "json"),
+            gzip: has(header::ACCEPT_ENCODING, "gzip"),
+        }
+    }
+
+    /// A 200 answer with `body`.
+    pub fn answer(self, body: Vec<u8>) -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(if self.xml {
+                "application/xml"
+            } else {
+                "application/json"
+            }),
+        );
+        let body = if self.gzip {
+            let mut enc = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 4),
+                flate2::Compression::fast(),
+            );
+            match enc.write_all(&body).and_then(|()| enc.finish()) {
+                Ok(zipped) => {
+                    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                    zipped
+                }
+                // Writing into memory does not fail; were it to, the plain body is correct.
+                Err(_) => body,
+            }
+        } else {
+            body
+        };
+        headers.insert(
+            header::VARY,
+            HeaderValue::from_static("Accept, Accept-Encoding"),
+        );
+        (StatusCode::OK, headers, body).into_response()
+    }
+}
+
+/// One request, routed by its path's non-empty segments after the base.
+async fn dispatch(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let segments: Vec<String> = uri
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let mut rest: &[String] = &segments;
+    if rest.first().is_some_and(|s| s == "eureka") {
+        rest = &rest[1..];
+    }
+    if rest.first().is_some_and(|s| s == "v2") {
+        rest = &rest[1..];
+    }
+    let path: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let format = Format::of(&headers);
+    let query = uri.query();
+    let result = match (path.as_slice(), &method) {
+        (["apps"], &Method::GET) => apps::all(&state, format),
+        (["apps", "delta"], &Method::GET) => apps::delta(&state, format),
+        (["apps", app], &Method::GET) => apps::app(&state, app, format),
+        (["apps", app], &Method::POST) => apps::register(&state, app, &body).await,
+        (["apps", app, id], &Method::GET) => apps::instance(&state, Some(app), id, format),
+        (["apps", app, id], &Method::PUT) => apps::renew(&state, app, id, query).await,
+        (["apps", app, id], &Method::DELETE) => apps::cancel(&state, app, id).await,
+        (["apps", app, id, "status"], &Method::PUT) => {
+            apps::set_status(&state, app, id, query).await
+        }
+        (["apps", app, id, "status"], &Method::DELETE) => {
+            apps::remove_status(&state, app, id).await
+        }
+        (["apps", app, id, "metadata"], &Method::PUT) => {
+            apps::metadata(&state, app, id, query).await
+        }
+        (["instances", id], &Method::GET) => apps::instance(&state, None, id, format),
+        (["vips", vip], &Method::GET) => apps::vip(&state, vip, "vipAddress", format),
+        (["svips", vip], &Method::GET) => apps::vip(&state, vip, "secureVipAddress", format),
+        (["status"], &Method::GET) => apps::status(&state, format),
+        (
+            ["apps"]
+            | ["apps", "delta"]
+            | ["apps", _]
+            | ["apps", _, _]
+            | ["apps", _, _, "status" | "metadata"]
+            | ["instances" | "vips" | "svips", _]
+            | ["status"],
+            _,
+        ) => Err(EurekaError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {}", uri.path()),
+        )),
+        _ => Err(EurekaError::not_found(format!(
+            "no such Eureka endpoint: {}",
+            uri.path()
+        ))),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A path segment with `%XX` escapes decoded (instance ids hold `:`, which some clients
+/// escape); invalid escapes are kept as written.
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = segment.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
