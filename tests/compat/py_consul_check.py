@@ -474,7 +474,7 @@ def lenient_steps(c) -> None:
 
 
 def agent_ops_steps(c, node: str) -> None:
-    """agent.metrics and the coordinate API (shapes from Consul's API docs)."""
+    """agent.metrics, agent.monitor's refusal and the coordinate API (shapes from Consul's API docs)."""
     step("agent.metrics(): Consul's JSON shape")
     m = c.agent.metrics()
     expect(sorted(m) == ["Counters", "Gauges", "Points", "Samples", "Timestamp"], "the five keys", sorted(m))
@@ -486,6 +486,12 @@ def agent_ops_steps(c, node: str) -> None:
     text = c.agent.metrics(format_prometheus=True)
     text = text.decode() if isinstance(text, bytes) else text
     expect("# TYPE muster_instances gauge" in text, "agent.metrics(format_prometheus=True) is Prometheus text", text[:200])
+
+    # A monitor that attaches streams until the client leaves, which py-consul's monitor()
+    # cannot do (it returns once the connection ends); the refusal is what it can check.
+    step("agent.monitor(loglevel='bogus'): 400 naming the level")
+    e = raises(BadRequest, lambda: c.agent.monitor(loglevel="bogus"))
+    expect("Unknown log level: bogus" in str(e), "Consul's message", str(e))
 
     step("coordinate.datacenters / nodes / node / update")
     coord = {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05}

@@ -3,11 +3,13 @@
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use muster_server::{Agent, AgentConfig};
+use muster_server::{Agent, AgentConfig, Monitor};
 use muster_store::{MemoryStore, RedbOptions, RedbStore, Store};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::args::AgentArgs;
 use crate::fd_limit;
@@ -139,22 +141,26 @@ fn is_uuid(s: &str) -> bool {
 }
 
 /// Logs to stderr, filtered by `filter` (tracing's EnvFilter syntax), for the agent and the
-/// gateway.
-pub(crate) fn init_logging(filter: &str) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_new(filter)
-                .with_context(|| format!("invalid --log filter {filter:?}"))?,
-        )
+/// gateway; and to `monitor`'s monitors, each at its own level. The filter applies to stderr
+/// alone, so a monitor can ask for more than stderr shows.
+pub(crate) fn init_logging(filter: &str, monitor: Option<&Monitor>) -> anyhow::Result<()> {
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("invalid --log filter {filter:?}"))?;
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(filter);
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(monitor.map(Monitor::layer))
         .init();
     Ok(())
 }
 
 /// Runs the agent until Ctrl-C or TERM.
 pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()> {
-    init_logging(&args.log)?;
+    let monitor = Monitor::new();
+    init_logging(&args.log, Some(&monitor))?;
     let mut config = config(http_addr, &args)?;
     fit_open_file_limit(&mut config);
     let store: Option<Arc<dyn Store>> = if config.cluster.enabled() {
@@ -215,7 +221,8 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             config.http_addr = addr;
             Agent::open_cluster(config, lease_file, shutdown.clone()).await?
         }
-    };
+    }
+    .with_monitor(monitor);
     // Through the same path as the Consul API, so a definition it would refuse stops the
     // start here, naming the file.
     let synced = agent

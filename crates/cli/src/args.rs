@@ -235,7 +235,8 @@ pub struct AgentArgs {
     /// The embedded gateway's routes file (see `muster gateway --routes`).
     #[arg(long, value_name = "FILE", requires = "gateway")]
     pub gateway_routes: Option<PathBuf>,
-    /// Log filter, e.g. info or muster_server=debug.
+    /// Log filter for stderr, e.g. info or muster_server=debug (/v1/agent/monitor streams
+    /// at each monitor's own level).
     #[arg(long, env = "MUSTER_LOG", default_value = "info")]
     pub log: String,
 }

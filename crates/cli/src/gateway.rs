@@ -11,7 +11,7 @@ use crate::args::GatewayArgs;
 
 /// Runs the gateway until TERM or Ctrl-C.
 pub fn main(http_addr: Option<&str>, args: GatewayArgs) -> anyhow::Result<ExitCode> {
-    crate::agent::init_logging(&args.log)?;
+    crate::agent::init_logging(&args.log, None)?;
     // A proxy's memory is mostly small, long-lived allocations spread thin: transparent huge
     // pages would back each touched 4 KiB with 2 MiB (about 20 MiB more RSS for 1,000 routes)
     // for a TLB gain a proxy does not notice.

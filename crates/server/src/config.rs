@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub max_body_bytes: usize,
     /// Most blocking queries and stream subscribers held at once; more get 429.
     pub max_watchers: usize,
+    /// Most log monitors (`/v1/agent/monitor`) attached at once; more get 429. Each formats
+    /// every line it receives, so a few are plenty.
+    pub max_monitors: usize,
     /// Threads serving HTTP connections, each with its own event loop, connections dealt to
     /// them in turn; 0: two per CPU. The agent usually shares its machine with the services
     /// it serves, and with more event loops than cores a thread the kernel preempts holds up
@@ -97,6 +100,7 @@ impl Default for AgentConfig {
             sweep_interval: Duration::from_millis(250),
             max_body_bytes: 64 * 1024,
             max_watchers: 65_536,
+            max_monitors: 32,
             http_threads: 0,
             limits: Limits::default(),
             self_preservation: PreservationConfig::default(),

@@ -9,6 +9,7 @@
 //! - [`http`]: the router: native API, watches, metrics, health.
 //! - [`dns`]: the DNS interface (UDP and TCP), answering from the same snapshots.
 //! - [`telemetry`]: metric names and the Prometheus recorder.
+//! - [`monitor`]: the tracing layer that streams the agent's log to `/v1/agent/monitor`.
 //! - [`clock`]: tokio's clock as the registry's time.
 //! - [`definitions`]: Consul service and check definitions from config directories, synced
 //!   at start and on reload through the Consul adapter's registration path.
@@ -25,12 +26,13 @@ pub mod definitions;
 pub mod dns;
 pub mod http;
 mod lanes;
+pub mod monitor;
 pub mod sweeper;
 pub mod telemetry;
 pub mod writer;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock};
 
 use muster_core::{Registry, Snapshot, Time};
 use muster_store::{Store, StoreError};
@@ -40,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 pub use crate::config::AgentConfig;
+pub use crate::monitor::Monitor;
 pub use crate::writer::Writer;
 
 /// Shared state of the HTTP handlers: a cheap `Clone` handle.
@@ -63,6 +66,9 @@ struct Inner {
     /// What the config directories' definitions registered. A tokio mutex: a sync holds it
     /// across its writes, so two reloads cannot interleave.
     definitions: tokio::sync::Mutex<definitions::Loaded>,
+    /// Where `/v1/agent/monitor` reads the log: the program's hub ([`Agent::with_monitor`]),
+    /// else one of the agent's own that no layer feeds.
+    monitor: OnceLock<Monitor>,
 }
 
 impl AppState {
@@ -105,6 +111,11 @@ impl AppState {
     /// The configuration.
     pub fn config(&self) -> &AgentConfig {
         &self.inner.config
+    }
+
+    /// The hub log monitors attach to.
+    pub fn monitor(&self) -> &Monitor {
+        self.inner.monitor.get_or_init(Monitor::new)
     }
 
     /// What the config directories' definitions registered.
@@ -352,6 +363,7 @@ impl Agent {
                         .build()
                         .unwrap_or_default(),
                     definitions: Default::default(),
+                    monitor: OnceLock::new(),
                 }),
             },
             tasks,
@@ -364,6 +376,15 @@ impl Agent {
         &self,
     ) -> Result<definitions::Synced, definitions::DefinitionError> {
         definitions::sync(&self.state).await
+    }
+
+    /// Streams the log to `/v1/agent/monitor` through `monitor`, whose [`Monitor::layer`]
+    /// the program installed in its tracing subscriber. Call before serving: once a
+    /// monitor has attached, the agent keeps the hub it attached to. Without it the endpoint
+    /// answers from a hub nothing feeds, whose streams stay open and empty.
+    pub fn with_monitor(self, monitor: Monitor) -> Agent {
+        let _ = self.state.inner.monitor.set(monitor);
+        self
     }
 
     /// The handlers' state (for tests that call the router directly).

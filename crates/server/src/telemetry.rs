@@ -20,6 +20,10 @@ pub const LEASE_EXPIRIES: &str = "muster_lease_expirations_total";
 pub const PARKED: &str = "muster_parked_watchers";
 /// Push-stream subscribers right now.
 pub const STREAMS: &str = "muster_stream_subscribers";
+/// Log monitors (`/v1/agent/monitor`) attached right now.
+pub const MONITORS: &str = "muster_monitors";
+/// Log lines monitors lost by falling behind.
+pub const MONITOR_DROPPED: &str = "muster_monitor_dropped_lines_total";
 /// Watch requests refused because the watcher limit was reached.
 pub const WATCHERS_REFUSED: &str = "muster_watchers_refused_total";
 /// HTTP requests by `route` (the matched route or `unmatched`), `method` (`other` for
@@ -184,6 +188,18 @@ const METRICS: &[(&str, Kind, &str, Series)] = {
         (LEASE_EXPIRIES, Counter, "Leases that expired.", Plain),
         (PARKED, Gauge, "Blocking queries waiting now.", Plain),
         (STREAMS, Gauge, "Push-stream subscribers now.", Plain),
+        (
+            MONITORS,
+            Gauge,
+            "Log monitors (/v1/agent/monitor) attached now.",
+            Plain,
+        ),
+        (
+            MONITOR_DROPPED,
+            Counter,
+            "Log lines monitors lost by falling behind.",
+            Plain,
+        ),
         (
             WATCHERS_REFUSED,
             Counter,

@@ -13,6 +13,7 @@ mod damage;
 mod fd_limit;
 mod gateway;
 mod metrics;
+mod monitor;
 mod restart;
 mod run;
 mod support;

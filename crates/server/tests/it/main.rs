@@ -17,6 +17,7 @@ mod faults;
 mod http_limits;
 mod lanes;
 mod logs;
+mod monitor;
 mod openapi;
 mod prometheus_sd;
 mod prometheus_server;

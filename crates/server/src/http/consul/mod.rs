@@ -20,6 +20,7 @@
 //! - [`filter`]: `?filter=` expressions (the go-bexpr subset Consul uses).
 //! - [`kv`]: the key/value store and sessions.
 //! - [`metrics`]: the agent's metrics in Consul's JSON shape or as Prometheus text.
+//! - [`monitor`]: the agent's log, streamed.
 //! - [`render`]: Consul's JSON shapes.
 //! - [`body`]: lenient request bodies and Go durations.
 
@@ -32,6 +33,7 @@ pub mod events;
 pub mod filter;
 pub mod kv;
 pub mod metrics;
+pub mod monitor;
 pub mod render;
 
 use std::sync::Arc;
@@ -75,6 +77,14 @@ impl ConsulError {
     /// 404.
     pub fn not_found(message: impl Into<String>) -> ConsulError {
         ConsulError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// Adds `Retry-After: secs`, for refusals that pass.
+    pub fn with_retry_after(self, secs: u64) -> ConsulError {
+        ConsulError {
+            retry_after: Some(secs),
+            ..self
+        }
     }
 
     /// The reason given.
@@ -464,6 +474,7 @@ fn rest() -> Router<AppState> {
         .route("/agent/self", get(agent::self_info))
         .route("/agent/members", get(agent::members))
         .route("/agent/metrics", get(metrics::metrics))
+        .route("/agent/monitor", get(monitor::monitor))
         .route("/agent/join/{addr}", lenient(agent::stub))
         // Not GET: a leave stops the agent, which a link followed by mistake must not do.
         .route("/agent/leave", put(agent::leave).post(agent::leave))
