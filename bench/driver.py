@@ -17,6 +17,9 @@ Subcommands:
   gw-swap     register and deregister instances with a route tag, time until the gateway
               routes (or stops routing) each change
   hold        open many keep-alive connections, send one request on each, keep them open
+  eureka-register  register Eureka instances <prefix>-0 .. -N-1 of one application
+  eureka-delta  register Eureka instances through one connection at a fixed rate; after each
+              acknowledgement, fetch the delta through another until it shows the instance
 """
 
 import argparse
@@ -701,6 +704,107 @@ def cmd_etcd_leases(a):
     out({"leases": len(ids)})
 
 
+# --- eureka -------------------------------------------------------------------------------
+
+
+def eureka_instance(app, iid, n):
+    return {"instance": {
+        "instanceId": iid, "hostName": f"{iid}.bench", "app": app,
+        "ipAddr": f"10.9.{n // 250}.{n % 250 + 1}", "status": "UP",
+        "overriddenstatus": "UNKNOWN",
+        "port": {"$": 8080, "@enabled": "true"},
+        "securePort": {"$": 8443, "@enabled": "false"},
+        "countryId": 1,
+        "dataCenterInfo": {"@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo",
+                           "name": "MyOwn"},
+        "leaseInfo": {"renewalIntervalInSecs": 30, "durationInSecs": 600},
+        "metadata": {"k": "v"},
+        "vipAddress": app.lower(), "secureVipAddress": app.lower(),
+        "lastDirtyTimestamp": "1",
+    }}
+
+
+def cmd_eureka_register(a):
+    conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=10)
+    for n in range(a.count):
+        iid = f"{a.prefix}-{n}"
+        conn.request("POST", f"/eureka/apps/{a.app}",
+                     body=json.dumps(eureka_instance(a.app, iid, n)).encode(),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 204:
+            raise SystemExit(f"registration {iid} answered {resp.status}")
+    out({"registered": a.count})
+
+
+def delta_ids(body, app):
+    ids = set()
+    for a in json.loads(body)["applications"].get("application", []):
+        if a["name"] == app:
+            for i in a.get("instance", []):
+                ids.add(i["instanceId"])
+    return ids
+
+
+def cmd_eureka_delta(a):
+    """Registration -> visible in the next delta fetch by another client."""
+    writer = http.client.HTTPConnection("127.0.0.1", a.port, timeout=10)
+    reader = http.client.HTTPConnection("127.0.0.1", a.read_port or a.port, timeout=10)
+    json_accept = {"Accept": "application/json"}
+
+    def get(conn, path):
+        conn.request("GET", path, headers=json_accept)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"GET {path} answered {resp.status}: {body[:200]!r}")
+        return body
+
+    visible_ms, first_hit, missing = [], 0, 0
+    start = time.monotonic()
+    for n in range(a.count):
+        due = start + n / a.rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        iid = f"{a.prefix}-{n}"
+        writer.request("POST", f"/eureka/apps/{a.app}",
+                       body=json.dumps(eureka_instance(a.app, iid, n)).encode(),
+                       headers={"Content-Type": "application/json"})
+        resp = writer.getresponse()
+        resp.read()
+        if resp.status != 204:
+            raise SystemExit(f"registration {iid} answered {resp.status}")
+        acked = time.monotonic()
+        fetches = 0
+        while True:
+            fetches += 1
+            if iid in delta_ids(get(reader, "/eureka/apps/delta"), a.app):
+                visible_ms.append((time.monotonic() - acked) * 1000)
+                first_hit += fetches == 1
+                break
+            if time.monotonic() - acked > a.give_up:
+                missing += 1
+                break
+    # Clients compare the delta's hashcode with the registry they rebuilt from it; it must
+    # match a full fetch taken at the same index.
+    delta = json.loads(get(reader, "/eureka/apps/delta"))["applications"]
+    full = json.loads(get(reader, "/eureka/apps"))["applications"]
+    r = lambda v: None if v is None else round(v, 3)
+    out({
+        "registrations": a.count,
+        "rate": a.rate,
+        "seen_by_first_delta_after_ack": first_hit,
+        "missing": missing,
+        "p50_ms": r(pct(visible_ms, 50)),
+        "p99_ms": r(pct(visible_ms, 99)),
+        "max_ms": r(max(visible_ms) if visible_ms else None),
+        "hashcode_matches": delta["apps__hashcode"] == full["apps__hashcode"],
+        "apps__hashcode": full["apps__hashcode"],
+    })
+
+
 # --- small helpers ------------------------------------------------------------------------
 
 
@@ -992,6 +1096,23 @@ def main():
     s.add_argument("--settle", type=float, default=10,
                    help="seconds to wait after the last registration for B to see them all")
     s.set_defaults(fn=cmd_propagation)
+
+    s = sub.add_parser("eureka-register")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--app", required=True)
+    s.add_argument("--prefix", required=True)
+    s.add_argument("--count", type=int, required=True)
+    s.set_defaults(fn=cmd_eureka_register)
+
+    s = sub.add_parser("eureka-delta")
+    s.add_argument("--port", type=int, required=True, help="the agent registrations go to")
+    s.add_argument("--read-port", type=int, help="the agent delta fetches go to (default: --port)")
+    s.add_argument("--app", default="BENCH")
+    s.add_argument("--prefix", default="d")
+    s.add_argument("--count", type=int, default=300)
+    s.add_argument("--rate", type=float, default=50, help="registrations per second")
+    s.add_argument("--give-up", type=float, default=5, help="seconds before a registration counts as missing")
+    s.set_defaults(fn=cmd_eureka_delta)
 
     s = sub.add_parser("etcd-revision")
     s.add_argument("--port", type=int, required=True)

@@ -188,7 +188,7 @@ http {
     fastcgi_temp_path $dir/tmp/fastcgi;
     uwsgi_temp_path $dir/tmp/uwsgi;
     scgi_temp_path $dir/tmp/scgi;
-    types { application/json json; }
+    types { application/json json; application/xml xml; }
     default_type application/octet-stream;
     server {
         listen 127.0.0.1:$port;

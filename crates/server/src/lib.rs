@@ -69,6 +69,8 @@ struct Inner {
     /// Where `/v1/agent/monitor` reads the log: the program's hub ([`Agent::with_monitor`]),
     /// else one of the agent's own that no layer feeds.
     monitor: OnceLock<Monitor>,
+    /// Eureka answers rendered once per change and shared by the reads that follow.
+    eureka_answers: http::eureka::answers::Answers,
 }
 
 impl AppState {
@@ -96,6 +98,11 @@ impl AppState {
     /// The wall-clock time of `t` in milliseconds since the Unix epoch, for display.
     pub fn epoch_millis(&self, t: Time) -> u64 {
         self.inner.clock.epoch_millis(t)
+    }
+
+    /// Eureka answers kept for the reads that follow.
+    pub(crate) fn eureka_answers(&self) -> &http::eureka::answers::Answers {
+        &self.inner.eureka_answers
     }
 
     /// The node the Consul API presents.
@@ -364,6 +371,7 @@ impl Agent {
                         .unwrap_or_default(),
                     definitions: Default::default(),
                     monitor: OnceLock::new(),
+                    eureka_answers: Default::default(),
                 }),
             },
             tasks,

@@ -900,3 +900,181 @@ async fn dns_on_every_agent_answers_from_the_shared_catalog() {
     let m = crate::dns::udp(dns, "nobody.node.muster.", RecordType::A).await;
     assert!(m.answers.is_empty());
 }
+
+/// A registration as Eureka clients send it, JSON.
+fn eureka_registration(app: &str, id: &str) -> Value {
+    json!({"instance": {
+        "instanceId": id,
+        "hostName": format!("{id}.example"),
+        "app": app,
+        "ipAddr": "10.1.2.3",
+        "status": "UP",
+        "port": {"$": 8080, "@enabled": "true"},
+        "securePort": {"$": 8443, "@enabled": "false"},
+        "dataCenterInfo": {
+            "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo",
+            "name": "MyOwn"
+        },
+        "leaseInfo": {"durationInSecs": 90},
+        "vipAddress": app.to_lowercase(),
+        "lastDirtyTimestamp": "1700000000000"
+    }})
+}
+
+impl Node {
+    /// A Eureka request with `Accept: application/json`: its status and JSON body (Null when
+    /// the body is empty or not JSON).
+    async fn eureka(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .header("accept", "application/json");
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// The Eureka status of `id` in application `app` as this agent shows it, if listed.
+    async fn eureka_status(&self, app: &str, id: &str) -> Option<String> {
+        let (status, v) = self
+            .eureka(
+                reqwest::Method::GET,
+                &format!("/eureka/apps/{app}/{id}"),
+                None,
+            )
+            .await;
+        (status == StatusCode::OK).then(|| v["instance"]["status"].as_str().unwrap().to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_eureka_api_registers_renews_overrides_and_cancels_through_any_agent() {
+    use reqwest::Method;
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let nodes = three(&etcd, Duration::from_secs(10)).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    let (status, _) = b
+        .eureka(
+            Method::POST,
+            "/eureka/apps/ORDERS",
+            Some(eureka_registration("ORDERS", "orders-1")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for n in [a, c] {
+        eventually(
+            Duration::from_secs(5),
+            "every agent shows it UP",
+            || async { n.eureka_status("ORDERS", "orders-1").await.as_deref() == Some("UP") },
+        )
+        .await;
+    }
+    // The same instance in the native API, owned by the agent it registered with.
+    let native: Value = a
+        .get("/api/v1/services/orders/instances/orders-1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(native["address"], "10.1.2.3", "{native}");
+    // Another agent's delta shows it, with the hashcode of the whole registry, the same on
+    // every agent once they hold the same copy.
+    let (_, delta) = c.eureka(Method::GET, "/eureka/apps/delta", None).await;
+    let apps = delta["applications"]["application"].as_array().unwrap();
+    assert!(
+        apps.iter().any(|app| app["name"] == "ORDERS"
+            && app["instance"][0]["instanceId"] == "orders-1"
+            && app["instance"][0]["actionType"] == "ADDED"),
+        "{delta}"
+    );
+    let hash = |v: &Value| v["applications"]["apps__hashcode"].clone();
+    let (_, full_a) = a.eureka(Method::GET, "/eureka/apps", None).await;
+    let (_, full_c) = c.eureka(Method::GET, "/eureka/apps", None).await;
+    assert_eq!(hash(&full_a), hash(&full_c));
+    assert_eq!(hash(&delta), hash(&full_c));
+
+    // A renewal reaching an agent that does not own the instance is passed to the owner;
+    // the last-dirty rule still holds there.
+    let (status, _) = a
+        .eureka(
+            Method::PUT,
+            "/eureka/apps/ORDERS/orders-1?status=UP&lastDirtyTimestamp=1700000000000",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = a
+        .eureka(
+            Method::PUT,
+            "/eureka/apps/ORDERS/orders-1?status=UP&lastDirtyTimestamp=1800000000000",
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a newer client copy must re-register"
+    );
+    let (status, _) = a
+        .eureka(Method::PUT, "/eureka/apps/ORDERS/nobody?status=UP", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // OUT_OF_SERVICE set on one agent hides the instance on every agent, in every API.
+    let (status, _) = c
+        .eureka(
+            Method::PUT,
+            "/eureka/apps/ORDERS/orders-1/status?value=OUT_OF_SERVICE",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for n in [a, b] {
+        eventually(
+            Duration::from_secs(5),
+            "OUT_OF_SERVICE everywhere",
+            || async {
+                n.eureka_status("ORDERS", "orders-1").await.as_deref() == Some("OUT_OF_SERVICE")
+            },
+        )
+        .await;
+        let passing: Value = n
+            .get("/api/v1/services/orders?health=passing")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(passing["instances"], json!([]), "{passing}");
+    }
+    let (status, _) = a
+        .eureka(Method::DELETE, "/eureka/apps/ORDERS/orders-1/status", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(Duration::from_secs(5), "UP again on c", || async {
+        c.eureka_status("ORDERS", "orders-1").await.as_deref() == Some("UP")
+    })
+    .await;
+
+    // Cancelled through a third agent: gone from all of them.
+    let (status, _) = c
+        .eureka(Method::DELETE, "/eureka/apps/ORDERS/orders-1", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for n in [a, b, c] {
+        eventually(Duration::from_secs(5), "gone everywhere", || async {
+            n.eureka_status("ORDERS", "orders-1").await.is_none()
+                && n.ids("orders").await.0.is_empty()
+        })
+        .await;
+    }
+}

@@ -122,10 +122,10 @@ async fn failed_checkpoints_lose_nothing_and_the_log_keeps_every_change() {
         assert_eq!(r.status, StatusCode::CREATED);
     }
     // The checkpointer is a thread of its own: wait (with a deadline) until it tried.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     while faults.injected() == 0 {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "no checkpoint was attempted within 20 s of 20 commits"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use muster_core::model::{CompatFields, EurekaFields};
@@ -14,6 +15,7 @@ use muster_core::{
 };
 use serde_json::Value;
 
+use super::answers::{Version, What};
 use super::body::{self, Fields};
 use super::render::{self, Action, Info};
 use super::{EurekaError, Format};
@@ -286,26 +288,39 @@ pub async fn renew(
 ) -> Result<Response, EurekaError> {
     let (service, id_) = names(app, id)?;
     let pairs = query(raw)?;
+    let client_dirty = param(&pairs, "lastDirtyTimestamp").and_then(|t| t.parse::<u64>().ok());
+    // As Eureka does: renew first, then tell a client whose copy changed since it registered
+    // to register again.
+    let changed_on_client = |inst: &Instance| {
+        client_dirty
+            .zip(render::eureka(inst))
+            .is_some_and(|(client, e)| client > e.last_dirty)
+    };
+    let changed = || {
+        EurekaError::not_found(format!(
+            "instance {id} changed on the client since it registered; register it again"
+        ))
+    };
     let snap = state.snapshot();
     if let Some(answer) =
         crate::http::cluster::forward_heartbeat(state, &snap, &service, &id_, false).await
     {
-        return answer
-            .map(|_| empty(StatusCode::OK))
-            .map_err(EurekaError::from);
+        answer.map_err(EurekaError::from)?;
+        if snap
+            .instance(service.as_str(), id_.as_str())
+            .is_some_and(|inst| changed_on_client(inst))
+        {
+            return Err(changed());
+        }
+        return Ok(empty(StatusCode::OK));
     }
     let Some(inst) = snap.heartbeat(service.as_str(), id_.as_str(), state.now()) else {
         metrics::counter!(m::HEARTBEATS, "result" => "unknown").increment(1);
         return Err(unknown(app, id));
     };
     metrics::counter!(m::HEARTBEATS, "result" => "ok").increment(1);
-    let client_dirty = param(&pairs, "lastDirtyTimestamp").and_then(|t| t.parse::<u64>().ok());
-    if let (Some(client), Some(e)) = (client_dirty, render::eureka(inst))
-        && client > e.last_dirty
-    {
-        return Err(EurekaError::not_found(format!(
-            "instance {id} changed on the client since it registered; register it again"
-        )));
+    if changed_on_client(inst) {
+        return Err(changed());
     }
     if inst.heartbeat == Status::Critical {
         // Back into discovery now rather than at the next sweep.
@@ -419,9 +434,22 @@ fn every(snap: &Snapshot) -> impl Iterator<Item = &Arc<Instance>> {
 /// Eureka.
 pub fn all(state: &AppState, format: Format) -> Result<Response, EurekaError> {
     let snap = state.snapshot();
-    let hash = render::hashcode(every(&snap).map(|i| &**i));
-    let apps = render::group(every(&snap).map(|i| Info::of(state, i, None)));
-    Ok(format.answer(render::applications(&apps, 1, &hash, format.xml)))
+    let body = state
+        .eureka_answers()
+        .get(What::All, format, version(state, snap.index), || {
+            let hash = render::hashcode(every(&snap).map(|i| &**i));
+            let apps = render::group(every(&snap).map(|i| Info::of(state, i, None)));
+            format.encode(render::applications(&apps, 1, &hash, format.xml))
+        });
+    Ok(format.answer_encoded(body))
+}
+
+/// The version of an answer showing what changed last at `index`, made now.
+fn version(state: &AppState, index: u64) -> Version {
+    Version {
+        index,
+        second: state.now().as_millis() / 1000,
+    }
 }
 
 /// `GET /apps/delta`: the instances that changed in the last three minutes, each once with
@@ -431,6 +459,16 @@ pub fn all(state: &AppState, format: Format) -> Result<Response, EurekaError> {
 /// does.
 pub fn delta(state: &AppState, format: Format) -> Result<Response, EurekaError> {
     let snap = state.snapshot();
+    let body = state
+        .eureka_answers()
+        .get(What::Delta, format, version(state, snap.index), || {
+            render_delta(state, &snap, format)
+        });
+    Ok(format.answer_encoded(body))
+}
+
+/// The delta of `snap` as of now.
+fn render_delta(state: &AppState, snap: &Snapshot, format: Format) -> Bytes {
     let since = state.now().saturating_sub(RECENT_WINDOW);
     // The latest change of each instance, in the order of those latest changes.
     let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
@@ -456,10 +494,10 @@ pub fn delta(state: &AppState, format: Format) -> Result<Response, EurekaError> 
             (None, None) => {}
         }
     }
-    let hash = render::hashcode(every(&snap).map(|i| &**i));
+    let hash = render::hashcode(every(snap).map(|i| &**i));
     let version = i64::try_from(snap.index).unwrap_or(i64::MAX);
     let apps = render::group(infos);
-    Ok(format.answer(render::applications(&apps, version, &hash, format.xml)))
+    format.encode(render::applications(&apps, version, &hash, format.xml))
 }
 
 /// `GET /apps/{APP}`: one application; 404 without instances.
@@ -475,13 +513,21 @@ pub fn app(state: &AppState, app: &str, format: Format) -> Result<Response, Eure
                 render::app_name(app)
             ))
         })?;
-    let infos: Vec<Info> = svc
-        .instances
-        .values()
-        .map(|i| Info::of(state, i, None))
-        .collect();
-    let name = render::app_name(service.as_str());
-    Ok(format.answer(render::application(&name, &infos, format.xml)))
+    let body = state.eureka_answers().get(
+        What::App(service.clone()),
+        format,
+        version(state, svc.index),
+        || {
+            let infos: Vec<Info> = svc
+                .instances
+                .values()
+                .map(|i| Info::of(state, i, None))
+                .collect();
+            let name = render::app_name(service.as_str());
+            format.encode(render::application(&name, &infos, format.xml))
+        },
+    );
+    Ok(format.answer_encoded(body))
 }
 
 /// `GET /apps/{APP}/{id}` and `GET /instances/{id}` (the first instance with that id).

@@ -7,13 +7,17 @@
 //! here: status codes clients depend on (204 on register, 404 on renew to re-register), JSON
 //! only when `Accept` says `json` and XML otherwise, lenient bodies, `apps__hashcode`.
 //!
-//! Answers are made from the current snapshot on every request: there is no response cache,
-//! so a change is in the next full or delta fetch (stock Eureka lags 30 s or more).
+//! Answers are made from the current snapshot: a change is in the next full or delta fetch
+//! (stock Eureka lags 30 s or more). The full registry, the delta and each application are
+//! rendered once per change (and per second, for the fields that move with time) and shared
+//! by the reads that follow ([`answers`]).
 //!
+//! - [`answers`]: rendered answers kept per version.
 //! - [`apps`]: the handlers.
 //! - [`body`]: JSON and XML bodies read into one tree, leniently.
 //! - [`render`]: `InstanceInfo` in Eureka's JSON and XStream's XML, and the hash code.
 
+pub mod answers;
 pub mod apps;
 pub mod body;
 pub mod render;
@@ -116,7 +120,7 @@ pub fn router(max_body: usize) -> Router<AppState> {
 }
 
 /// How an answer is written.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Format {
     /// XML (the default) or JSON.
     pub xml: bool,
@@ -140,8 +144,29 @@ impl Format {
         }
     }
 
-    /// A 200 answer with `body`.
+    /// `body` as sent in this format: gzipped when asked.
+    pub fn encode(self, body: Vec<u8>) -> Bytes {
+        if !self.gzip {
+            return Bytes::from(body);
+        }
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(body.len() / 4),
+            flate2::Compression::fast(),
+        );
+        match enc.write_all(&body).and_then(|()| enc.finish()) {
+            Ok(zipped) => Bytes::from(zipped),
+            // Writing into memory does not fail; were it to, the plain body is correct.
+            Err(_) => Bytes::from(body),
+        }
+    }
+
+    /// A 200 answer with `body`, rendered now.
     pub fn answer(self, body: Vec<u8>) -> Response {
+        self.answer_encoded(self.encode(body))
+    }
+
+    /// A 200 answer with `body` as [`Format::encode`] made it.
+    pub fn answer_encoded(self, body: Bytes) -> Response {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -151,22 +176,10 @@ impl Format {
                 "application/json"
             }),
         );
-        let body = if self.gzip {
-            let mut enc = flate2::write::GzEncoder::new(
-                Vec::with_capacity(body.len() / 4),
-                flate2::Compression::fast(),
-            );
-            match enc.write_all(&body).and_then(|()| enc.finish()) {
-                Ok(zipped) => {
-                    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                    zipped
-                }
-                // Writing into memory does not fail; were it to, the plain body is correct.
-                Err(_) => body,
-            }
-        } else {
-            body
-        };
+        // Gzip's magic number: no JSON or XML body starts with byte 0x1f.
+        if body.starts_with(&[0x1f, 0x8b]) {
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         headers.insert(
             header::VARY,
             HeaderValue::from_static("Accept, Accept-Encoding"),
