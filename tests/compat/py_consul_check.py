@@ -388,6 +388,25 @@ def event_steps(c) -> None:
     expect(none == [], "event.list(unknown name) is []", none)
 
 
+def node_identity_steps(c) -> None:
+    step("catalog.register: the same service ID on two nodes sharing an address is two instances")
+    for node in ("py-n1", "py-n2"):
+        ok = c.catalog.register(node, "10.9.0.1", service={"service": "py-dup", "id": "py-dup", "port": 80})
+        expect(ok is True, f"catalog.register on {node}", ok)
+    _, entries = c.catalog.service("py-dup")
+    pairs = sorted((e["Node"], e["ServiceID"]) for e in entries)
+    expect(pairs == [("py-n1", "py-dup"), ("py-n2", "py-dup")], "one instance per node", pairs)
+    _, nodes = c.catalog.nodes()
+    names = {n["Node"] for n in nodes}
+    expect({"py-n1", "py-n2"} <= names, "both nodes listed", names)
+    step("catalog.deregister on one node leaves the other's")
+    ok = c.catalog.deregister("py-n1", service_id="py-dup")
+    expect(ok is True, "catalog.deregister", ok)
+    _, entries = c.catalog.service("py-dup")
+    expect([e["Node"] for e in entries] == ["py-n2"], "n2's instance stays", entries)
+    c.catalog.deregister("py-n2")
+
+
 def refusal_steps(c) -> None:
     """What Consul refuses, refused the way Consul refuses it (expected from Consul's source)."""
     step("agent.check.register for a ServiceID that does not exist: 404, so False")
@@ -883,6 +902,7 @@ def main() -> None:
     session_steps(c, node)
     txn_steps(c)
     event_steps(c)
+    node_identity_steps(c)
     refusal_steps(c)
     absent_feature_steps(c)
     lenient_steps(c)

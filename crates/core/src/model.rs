@@ -183,6 +183,15 @@ pub fn refuse_dot_segment(field: &str, text: &str) -> Result<(), ValidationError
     Ok(())
 }
 
+/// The node half of an id made by [`InstanceId::on_node`]: a node name as Consul's catalog
+/// takes it (not empty, not `.` or `..`, no control characters), at most 256 bytes.
+fn valid_node_part(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 256
+        && refuse_dot_segment("node", node).is_ok()
+        && !node.chars().any(char::is_control)
+}
+
 /// Free text that is still one URL path segment: 1 to 256 bytes, no control characters or
 /// `/`, not `.` or `..`.
 fn check_free_text(field: &str, text: &str) -> Result<(), ValidationError> {
@@ -265,10 +274,24 @@ impl InstanceId {
     /// An id a read looks up: every id some registration can store is accepted; any other
     /// gets the error the native registration gives it (as [`ServiceName::parse_lookup`]).
     pub fn parse_lookup(id: &str) -> Result<InstanceId, ValidationError> {
+        if let Some((node, own)) = id.rsplit_once('/')
+            && valid_node_part(node)
+            && check_free_text("id", own).is_ok()
+        {
+            return Ok(InstanceId(id.into()));
+        }
         InstanceId::parse_lenient(id).map_err(|lenient| match InstanceId::parse(id) {
             Err(strict) => strict,
             Ok(_) => lenient,
         })
+    }
+
+    /// The id of instance `id` of a node other than the agent's, registered through Consul's
+    /// catalog, which identifies an instance by its node and its ID (the same ID on two nodes
+    /// is two instances): `{node}/{id}`. A lenient id has no `/`, so the last one separates
+    /// the two.
+    pub fn on_node(node: &str, id: &InstanceId) -> InstanceId {
+        InstanceId(format!("{node}/{id}").into())
     }
 
     /// The id.
@@ -895,12 +918,25 @@ mod tests {
                 "id",
                 "{bad:?}"
             );
+        }
+        for bad in ["", "a\nb", "..", "/b", "a/", "a/..", "a\n/b", "../b"] {
             assert_eq!(
                 InstanceId::parse_lookup(bad).unwrap_err(),
                 InstanceId::parse(bad).unwrap_err(),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_id_on_another_node_is_looked_up_as_stored() {
+        let web = InstanceId::parse_lenient("web").unwrap();
+        let on_n2 = InstanceId::on_node("n2", &web);
+        assert_eq!(on_n2.as_str(), "n2/web");
+        assert_eq!(InstanceId::parse_lookup("n2/web").unwrap(), on_n2);
+        // A Consul ID has no `/`: the last one separates node and ID.
+        let odd = InstanceId::on_node("rack/7", &web);
+        assert_eq!(InstanceId::parse_lookup(odd.as_str()).unwrap(), odd);
     }
 
     #[test]

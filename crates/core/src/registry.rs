@@ -659,7 +659,7 @@ impl Registry {
         for s in instances {
             // Lenient: names registered through the Consul API are stored too.
             let parsed = ServiceName::parse_lenient(&s.service)
-                .and_then(|n| InstanceId::parse_lenient(&s.id).map(|i| (n, i)));
+                .and_then(|n| InstanceId::parse_lookup(&s.id).map(|i| (n, i)));
             let Ok((service, id)) = parsed else {
                 warnings.push(format!(
                     "skipped stored instance {}/{}: invalid name",

@@ -373,7 +373,7 @@ impl Registry {
             } => {
                 let (Ok(service), Ok(id)) = (
                     ServiceName::parse_lenient(&service),
-                    InstanceId::parse_lenient(&id),
+                    InstanceId::parse_lookup(&id),
                 ) else {
                     return Some(format!(
                         "skipped catalog instance {service}/{id}: invalid name"
@@ -434,7 +434,7 @@ impl Registry {
             } => {
                 if let (Ok(service), Ok(id)) = (
                     ServiceName::parse_lenient(&service),
-                    InstanceId::parse_lenient(&id),
+                    InstanceId::parse_lookup(&id),
                 ) {
                     self.drop_instance(&service, &id, revision);
                 }

@@ -644,6 +644,45 @@ async fn the_consul_api_and_prometheus_discovery_show_each_instance_on_its_agent
     assert_eq!(names, vec!["a", "b", "c"]);
     let members: Value = a.get("/v1/agent/members").await.json().await.unwrap();
     assert_eq!(members.as_array().unwrap().len(), 3, "{members}");
+    // The same service ID on two external nodes, registered through two agents: two
+    // instances, on every agent.
+    for (agent, node) in [(a, "ext-1"), (b, "ext-2")] {
+        let r = agent
+            .put(
+                "/v1/catalog/register",
+                json!({"Node": node, "Address": "10.8.0.1",
+                       "Service": {"Service": "cache", "ID": "cache", "Port": 6379}}),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let c = &nodes[2];
+    eventually(Duration::from_secs(5), "c sees both", || async {
+        let v: Value = c
+            .get("/v1/catalog/service/cache")
+            .await
+            .json()
+            .await
+            .unwrap();
+        let mut pairs: Vec<(String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["Node"].as_str().unwrap().to_string(),
+                    e["ServiceID"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        pairs.sort();
+        pairs
+            == [
+                ("ext-1".to_string(), "cache".to_string()),
+                ("ext-2".to_string(), "cache".to_string()),
+            ]
+    })
+    .await;
     // Prometheus discovery names the owner's node too, on the owner and on the others.
     for n in [a, b] {
         let groups: Value = n

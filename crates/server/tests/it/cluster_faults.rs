@@ -800,8 +800,10 @@ async fn nospace_refuses_writes_with_the_cause_keeps_reads_and_recovers_after_di
             .unwrap();
     }
     let healed = Instant::now();
+    // Recovery, not its speed, is what this asserts: the deadlines leave room for a machine
+    // busy with other tests' etcd clusters.
     for n in &nodes {
-        eventually(Duration::from_secs(10), "writes work again", || async {
+        eventually(Duration::from_secs(30), "writes work again", || async {
             n.register("web", &format!("after-{}", n.name), "300s")
                 .await
                 .status()
@@ -814,7 +816,7 @@ async fn nospace_refuses_writes_with_the_cause_keeps_reads_and_recovers_after_di
         healed.elapsed()
     );
     for n in &nodes {
-        eventually(Duration::from_secs(5), "every agent sees them", || async {
+        eventually(Duration::from_secs(15), "every agent sees them", || async {
             ids(n, "web").await.len() == 4
         })
         .await;

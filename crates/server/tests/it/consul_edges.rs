@@ -925,3 +925,42 @@ async fn consul_names_that_are_not_dns_labels_survive_a_restart() {
         .assert_json_with_meta();
     assert_eq!(v[0]["ServiceID"], json!("App#127.0.0.1#3000"), "{v}");
 }
+
+/// Instances of other nodes, stored under their node and ID, are there after a restart, on
+/// their nodes, with their IDs.
+#[tokio::test]
+async fn the_same_id_on_two_nodes_survives_a_restart() {
+    let store = std::sync::Arc::new(muster_store::MemoryStore::new());
+    let mut c = config();
+    c.node = NODE_NAME.into();
+    let a = crate::support::agent_on(c.clone(), store.clone()).await;
+    for node in ["n1", "n2"] {
+        let reg = json!({"Node": node, "Address": "10.6.0.1",
+                         "Service": {"Service": "db", "ID": "db", "Port": 5432}});
+        let r = send(&a, Method::PUT, "/v1/catalog/register", &reg.to_string()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    drop(a);
+
+    let restarted = crate::support::agent_on(c, store).await;
+    let v = get(&restarted, "/v1/catalog/service/db")
+        .await
+        .assert_json_with_meta();
+    let mut pairs: Vec<(String, String)> = v
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| {
+            (
+                e["Node"].as_str().expect("node").to_string(),
+                e["ServiceID"].as_str().expect("ID").to_string(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    assert_eq!(
+        pairs,
+        [("n1".into(), "db".into()), ("n2".into(), "db".into())],
+        "{v}"
+    );
+}

@@ -1344,6 +1344,154 @@ async fn catalog_register_adds_an_external_service_on_its_own_node() {
     assert_eq!(r.text(), "Must provide node");
 }
 
+/// Consul identifies an instance by its node and service ID: the same ID registered on two
+/// nodes (here sharing an address) is two instances on two nodes, and deregistering it on one
+/// node leaves the other.
+#[tokio::test]
+async fn the_same_service_id_on_two_nodes_is_two_instances() {
+    let a = shape_agent().await;
+    for node in ["n1", "n2"] {
+        let body = json!({
+            "Node": node, "Address": "10.7.0.1",
+            "Service": {"Service": "web", "ID": "web", "Port": 80},
+            "Check": {"CheckID": "web-alive", "Name": "web alive", "Status": "passing",
+                      "ServiceID": "web"},
+        });
+        let r = send(&a, Method::PUT, "/v1/catalog/register", &body.to_string()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    // And on the agent's own node, through the agent.
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/agent/service/register",
+        r#"{"Name": "web", "ID": "web", "Port": 8080}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    let on_nodes = |v: &Value| -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = v
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|e| {
+                (
+                    e["Node"].as_str().expect("a node").to_string(),
+                    e["ServiceID"].as_str().expect("an ID").to_string(),
+                )
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    };
+    let pair = |n: &str| (n.to_string(), "web".to_string());
+    assert_eq!(
+        on_nodes(&get(&a, "/v1/catalog/service/web").await.json()),
+        vec![pair("n1"), pair("n2"), pair(NODE_NAME)]
+    );
+    let nodes: Vec<String> = get(&a, "/v1/catalog/nodes")
+        .await
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|n| n["Node"].as_str().expect("a name").to_string())
+        .collect();
+    assert!(
+        nodes.contains(&"n1".to_string()) && nodes.contains(&"n2".to_string()),
+        "both nodes sharing 10.7.0.1 are listed: {nodes:?}"
+    );
+    let health = get(&a, "/v1/health/service/web?passing").await.json();
+    let mut seen: Vec<(String, String, String)> = health
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| {
+            (
+                e["Node"]["Node"].as_str().expect("node").to_string(),
+                e["Service"]["ID"].as_str().expect("ID").to_string(),
+                e["Checks"][0]["ServiceID"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen[0],
+        ("n1".into(), "web".into(), "web".into()),
+        "{health}"
+    );
+    assert_eq!(
+        seen[1],
+        ("n2".into(), "web".into(), "web".into()),
+        "{health}"
+    );
+    let node = get(&a, "/v1/catalog/node/n2").await.json();
+    assert_eq!(node["Services"]["web"]["ID"], "web", "{node}");
+
+    // Registering again on n1 updates n1's instance, nothing else.
+    let again = json!({
+        "Node": "n1", "Address": "10.7.0.1",
+        "Service": {"Service": "web", "ID": "web", "Port": 81},
+    });
+    let r = send(&a, Method::PUT, "/v1/catalog/register", &again.to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let ports: Vec<(String, u64)> = {
+        let mut p: Vec<(String, u64)> = get(&a, "/v1/catalog/service/web")
+            .await
+            .json()
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|e| {
+                (
+                    e["Node"].as_str().expect("node").to_string(),
+                    e["ServicePort"].as_u64().expect("port"),
+                )
+            })
+            .collect();
+        p.sort();
+        p
+    };
+    assert_eq!(
+        ports,
+        vec![
+            ("n1".into(), 81),
+            ("n2".into(), 80),
+            (NODE_NAME.into(), 8080)
+        ]
+    );
+
+    // Deregistering the ID on n1 leaves n2's and the agent's.
+    let r = send(
+        &a,
+        Method::PUT,
+        "/v1/catalog/deregister",
+        r#"{"Node": "n1", "ServiceID": "web"}"#,
+    )
+    .await;
+    assert_eq!(r.json(), json!(true));
+    assert_eq!(
+        on_nodes(&get(&a, "/v1/catalog/service/web").await.json()),
+        vec![pair("n2"), pair(NODE_NAME)]
+    );
+    // The native API lists both instances; the external one's id names its node.
+    let native = get(&a, "/api/v1/services/web?health=any").await.json();
+    let mut ids: Vec<&str> = native["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["id"].as_str().expect("id"))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["n2/web", "web"]);
+    let one = get(&a, "/api/v1/services/web/instances/n2%2Fweb").await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.text());
+}
+
 /// Node maintenance hides every service of the agent's node behind the
 /// `_node_maintenance` check, and ending it brings them back.
 #[tokio::test]

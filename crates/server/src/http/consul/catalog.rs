@@ -8,7 +8,9 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use muster_core::{CheckKind, CheckSpec, Command, Health, Instance, Rendering, Snapshot, Status};
+use muster_core::{
+    CheckKind, CheckSpec, Command, Health, Instance, InstanceId, Rendering, Snapshot, Status,
+};
 use serde_json::{Map, Value, json};
 
 use super::body::{self, Obj};
@@ -213,7 +215,7 @@ fn services_on_node<'a>(
     });
     consul.into_iter().chain(on_node(r, snap, name).map(|i| {
         (
-            i.id.to_string(),
+            render::service_id(i).to_string(),
             render::agent_service(i, &r.node.datacenter),
         )
     }))
@@ -541,8 +543,34 @@ pub async fn register(
         outputs.push((spec.name.clone(), status, output));
         reg.spec.checks.push(spec);
     }
+    // Consul identifies an instance by its node and ID: the same ID on another node is
+    // another instance.
+    let bare = reg.id.clone();
+    if !own {
+        reg.id = InstanceId::on_node(&node_name, &reg.id);
+    }
     let (service, id) = (reg.service.clone(), reg.id.clone());
     super::agent::register(&state, reg, true).await?;
+    // Stored under its bare ID by an earlier version, the same instance of this node is
+    // replaced by the one just registered.
+    if !own
+        && let Some(old) = state.snapshot().instance(service.as_str(), bare.as_str())
+        && old
+            .spec
+            .compat
+            .as_ref()
+            .and_then(|c| c.node.as_ref())
+            .is_some_and(|(n, _)| *n == node_name)
+    {
+        super::agent::submit(
+            &state,
+            Command::Deregister {
+                service: service.clone(),
+                id: bare,
+            },
+        )
+        .await?;
+    }
     // A status given again for a check that already existed is applied like a report.
     let snap = state.snapshot();
     if let Some(inst) = snap.instance(service.as_str(), id.as_str()) {
@@ -586,7 +614,10 @@ pub async fn deregister(
     let service_id = o.str(&["ServiceID"])?.filter(|s| !s.is_empty());
     let check_id = o.str(&["CheckID"])?.filter(|s| !s.is_empty());
     for inst in &on {
-        if service_id.as_deref().is_some_and(|s| s != inst.id.as_str()) {
+        if service_id
+            .as_deref()
+            .is_some_and(|s| s != render::service_id(inst))
+        {
             continue;
         }
         let command = match &check_id {

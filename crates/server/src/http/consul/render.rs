@@ -311,10 +311,24 @@ fn service_address(i: &Instance) -> &str {
     }
 }
 
+/// The instance's service ID as Consul shows it. An instance of another node registered
+/// through the catalog is stored as `{node}/{ID}` ([`muster_core::InstanceId::on_node`]),
+/// since Consul identifies an instance by its node and ID; its ID is the part after the
+/// node's name.
+pub fn service_id(i: &Instance) -> &str {
+    let id = i.id.as_str();
+    i.spec
+        .compat
+        .as_ref()
+        .and_then(|c| c.node.as_ref())
+        .and_then(|(node, _)| id.strip_prefix(node.as_str())?.strip_prefix('/'))
+        .unwrap_or(id)
+}
+
 /// `AgentService`: `/agent/services`, `health/service` entries, catalog node services.
 pub fn agent_service(i: &Instance, dc: &str) -> Value {
     let mut v = json!({
-        "ID": i.id,
+        "ID": service_id(i),
         "Service": service_name(i),
         "Tags": i.spec.tags,
         "Meta": i.spec.meta,
@@ -351,7 +365,7 @@ pub fn catalog_service(n: &Node, i: &Instance) -> Value {
     let mut v = catalog_entry(
         &n.of_instance(i),
         json!({
-            "ServiceID": i.id,
+            "ServiceID": service_id(i),
             "ServiceName": service_name(i),
             "ServiceTags": i.spec.tags,
             "ServiceAddress": service_address(i),
@@ -371,12 +385,12 @@ pub fn catalog_service(n: &Node, i: &Instance) -> Value {
 
 /// The check ID of an instance's maintenance.
 pub fn maintenance_check_id(i: &Instance) -> String {
-    format!("_service_maintenance:{}", i.id)
+    format!("_service_maintenance:{}", service_id(i))
 }
 
 /// The check ID of an instance's heartbeat (native TTL and lease instances).
 pub fn heartbeat_check_id(i: &Instance) -> String {
-    format!("muster:heartbeat:{}", i.id)
+    format!("muster:heartbeat:{}", service_id(i))
 }
 
 /// The node's own check, as every Consul agent reports it.
@@ -526,7 +540,7 @@ fn check_value(n: &Node, i: &Instance, c: CheckView<'_>) -> Value {
         "Status": c.status.as_str(),
         "Notes": c.notes,
         "Output": c.output,
-        "ServiceID": i.id,
+        "ServiceID": service_id(i),
         "ServiceName": service_name(i),
         "ServiceTags": i.spec.tags,
         "Type": c.kind,
