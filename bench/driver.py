@@ -727,15 +727,19 @@ def eureka_instance(app, iid, n):
 def cmd_eureka_register(a):
     conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=10)
     for n in range(a.count):
-        iid = f"{a.prefix}-{n}"
-        conn.request("POST", f"/eureka/apps/{a.app}",
-                     body=json.dumps(eureka_instance(a.app, iid, n)).encode(),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        resp.read()
-        if resp.status != 204:
-            raise SystemExit(f"registration {iid} answered {resp.status}")
+        eureka_post(conn, a.app, f"{a.prefix}-{n}", n)
     out({"registered": a.count})
+
+
+def eureka_post(conn, app, iid, n):
+    """Registers instance `iid` of `app` (the n-th) on `conn`; exits unless answered 204."""
+    conn.request("POST", f"/eureka/apps/{app}",
+                 body=json.dumps(eureka_instance(app, iid, n)).encode(),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    resp.read()
+    if resp.status != 204:
+        raise SystemExit(f"registration {iid} answered {resp.status}")
 
 
 def delta_ids(body, app):
@@ -769,13 +773,7 @@ def cmd_eureka_delta(a):
         if due > now:
             time.sleep(due - now)
         iid = f"{a.prefix}-{n}"
-        writer.request("POST", f"/eureka/apps/{a.app}",
-                       body=json.dumps(eureka_instance(a.app, iid, n)).encode(),
-                       headers={"Content-Type": "application/json"})
-        resp = writer.getresponse()
-        resp.read()
-        if resp.status != 204:
-            raise SystemExit(f"registration {iid} answered {resp.status}")
+        eureka_post(writer, a.app, iid, n)
         acked = time.monotonic()
         fetches = 0
         while True:

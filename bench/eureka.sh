@@ -90,7 +90,8 @@ for r in $(seq "$ROUNDS"); do
         ACCEPT=$accept run_wrk "$WORK/res/$t-$r.json" "$BENCH_DIR/lua/accept.lua" 2 64 "$DURATION" "$url" "$pid"
         log "round $r $t: $(cat "$WORK/res/$t-$r.json")"
     done
-    APP=RENEW INSTANCES=$RENEWALS run_wrk "$WORK/res/renew-$r.json" "$BENCH_DIR/lua/eureka_renew.lua" \
+    SERVICE=RENEW INSTANCES=$RENEWALS HEARTBEAT_PATH='/eureka/apps/%s/r-%d?status=UP&lastDirtyTimestamp=1' \
+        run_wrk "$WORK/res/renew-$r.json" "$BENCH_DIR/lua/heartbeat.lua" \
         2 64 "$DURATION" "$MBASE" "$MUSTER_PID"
     log "round $r renew: $(cat "$WORK/res/renew-$r.json")"
     SERVICE=native INSTANCES=$RENEWALS run_wrk "$WORK/res/heartbeat-$r.json" "$BENCH_DIR/lua/heartbeat.lua" \

@@ -940,26 +940,6 @@ async fn dns_on_every_agent_answers_from_the_shared_catalog() {
     assert!(m.answers.is_empty());
 }
 
-/// A registration as Eureka clients send it, JSON.
-fn eureka_registration(app: &str, id: &str) -> Value {
-    json!({"instance": {
-        "instanceId": id,
-        "hostName": format!("{id}.example"),
-        "app": app,
-        "ipAddr": "10.1.2.3",
-        "status": "UP",
-        "port": {"$": 8080, "@enabled": "true"},
-        "securePort": {"$": 8443, "@enabled": "false"},
-        "dataCenterInfo": {
-            "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo",
-            "name": "MyOwn"
-        },
-        "leaseInfo": {"durationInSecs": 90},
-        "vipAddress": app.to_lowercase(),
-        "lastDirtyTimestamp": "1700000000000"
-    }})
-}
-
 impl Node {
     /// A Eureka request with `Accept: application/json`: its status and JSON body (Null when
     /// the body is empty or not JSON).
@@ -1006,7 +986,7 @@ async fn the_eureka_api_registers_renews_overrides_and_cancels_through_any_agent
         .eureka(
             Method::POST,
             "/eureka/apps/ORDERS",
-            Some(eureka_registration("ORDERS", "orders-1")),
+            Some(crate::eureka::info("ORDERS", "orders-1", 8080)),
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);

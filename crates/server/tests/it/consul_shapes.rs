@@ -1260,14 +1260,7 @@ async fn catalog_register_adds_an_external_service_on_its_own_node() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json(), json!(true));
 
-    let nodes: Vec<String> = get(&a, "/v1/catalog/nodes")
-        .await
-        .json()
-        .as_array()
-        .expect("a list")
-        .iter()
-        .map(|n| n["Node"].as_str().expect("a name").to_string())
-        .collect();
+    let nodes = node_names(&a).await;
     assert!(
         nodes.contains(&"ext-db".to_string()) && nodes.contains(&NODE_NAME.to_string()),
         "{nodes:?}"
@@ -1344,6 +1337,18 @@ async fn catalog_register_adds_an_external_service_on_its_own_node() {
     assert_eq!(r.text(), "Must provide node");
 }
 
+/// The names `/v1/catalog/nodes` lists.
+async fn node_names(a: &TestAgent) -> Vec<String> {
+    get(a, "/v1/catalog/nodes")
+        .await
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|n| n["Node"].as_str().expect("a name").to_string())
+        .collect()
+}
+
 /// Consul identifies an instance by its node and service ID: the same ID registered on two
 /// nodes (here sharing an address) is two instances on two nodes, and deregistering it on one
 /// node leaves the other.
@@ -1390,14 +1395,7 @@ async fn the_same_service_id_on_two_nodes_is_two_instances() {
         on_nodes(&get(&a, "/v1/catalog/service/web").await.json()),
         vec![pair("n1"), pair("n2"), pair(NODE_NAME)]
     );
-    let nodes: Vec<String> = get(&a, "/v1/catalog/nodes")
-        .await
-        .json()
-        .as_array()
-        .expect("a list")
-        .iter()
-        .map(|n| n["Node"].as_str().expect("a name").to_string())
-        .collect();
+    let nodes = node_names(&a).await;
     assert!(
         nodes.contains(&"n1".to_string()) && nodes.contains(&"n2".to_string()),
         "both nodes sharing 10.7.0.1 are listed: {nodes:?}"

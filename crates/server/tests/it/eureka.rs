@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use crate::support::{TestAgent, agent, config, instance, serve};
 
 /// A registration as py_eureka_client sends it (§1.6).
-fn info(app: &str, id: &str, port: u16) -> Value {
+pub(crate) fn info(app: &str, id: &str, port: u16) -> Value {
     json!({"instance": {
         "instanceId": id,
         "hostName": format!("{id}.example"),
