@@ -213,6 +213,10 @@ impl Hub {
 /// Tells tracing that the levels wanted changed: every callsite's interest is asked again,
 /// and the process-wide maximum level is recomputed from every subscriber's hint.
 fn rebuild_interest() {
+    // Two rebuilds running at once (a monitor attaching while another leaves) could finish
+    // in the wrong order and leave interests computed from the older levels: one at a time.
+    static REBUILDING: Mutex<()> = Mutex::new(());
+    let _one = REBUILDING.lock().unwrap_or_else(PoisonError::into_inner);
     tracing::callsite::rebuild_interest_cache();
 }
 
@@ -389,8 +393,17 @@ mod tests {
         tracing_subscriber::registry().with(monitor.layer())
     }
 
+    /// Callsite interest is process-wide: a test's hub changing its levels rebuilds it for
+    /// every test's subscriber, which another test counting its records would race with.
+    /// These tests run one at a time.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     #[test]
     fn records_carry_level_target_message_and_typed_fields() {
+        let _serial = serial();
         let monitor = Monitor::new();
         let _guard = tracing::subscriber::set_default(subscriber(&monitor));
         let mut a = monitor.attach(Level::DEBUG, 8).unwrap();
@@ -414,6 +427,7 @@ mod tests {
 
     #[test]
     fn each_monitor_gets_its_level_and_above() {
+        let _serial = serial();
         let monitor = Monitor::new();
         let _guard = tracing::subscriber::set_default(subscriber(&monitor));
         let mut warn = monitor.attach(Level::WARN, 8).unwrap();
@@ -434,6 +448,7 @@ mod tests {
 
     #[test]
     fn nothing_is_recorded_with_no_monitor_attached() {
+        let _serial = serial();
         let monitor = Monitor::new();
         let _guard = tracing::subscriber::set_default(subscriber(&monitor));
         let mut probe = monitor.hub.records.subscribe();
@@ -448,6 +463,7 @@ mod tests {
 
     #[test]
     fn a_slow_monitor_loses_the_oldest_and_learns_how_many() {
+        let _serial = serial();
         let monitor = Monitor::new();
         let _guard = tracing::subscriber::set_default(subscriber(&monitor));
         let mut a = monitor.attach(Level::INFO, 8).unwrap();
@@ -463,6 +479,7 @@ mod tests {
 
     #[test]
     fn attaching_past_the_limit_is_refused_until_one_leaves() {
+        let _serial = serial();
         let monitor = Monitor::new();
         let first = monitor.attach(Level::INFO, 2).unwrap();
         let _second = monitor.attach(Level::DEBUG, 2).unwrap();
