@@ -107,6 +107,27 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
         c.http.max_connections = v;
     }
     c.http.validate().map_err(anyhow::Error::msg)?;
+    if let Some(v) = &args.tls_cert {
+        c.tls.cert_file = Some(v.clone());
+    }
+    if let Some(v) = &args.tls_key {
+        c.tls.key_file = Some(v.clone());
+    }
+    if let Some(v) = &args.tls_ca {
+        c.tls.ca_file = Some(v.clone());
+    }
+    c.tls.verify_incoming |= args.tls_verify_incoming;
+    if let Some(v) = args.https_addr {
+        c.tls.https_addr = Some(v);
+    }
+    c.tls.disable_http |= args.disable_http;
+    c.tls.validate().map_err(anyhow::Error::msg)?;
+    if c.tls.disable_http && (c.cluster.enabled() || args.gateway.is_some()) {
+        bail!(
+            "--disable-http (tls.disable_http) cannot go with cluster mode or --gateway: \
+             they reach this agent over plain HTTP"
+        );
+    }
     if let Some(v) = args.http_threads {
         c.http_threads = v;
     }
@@ -179,12 +200,31 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             tokio::task::spawn_blocking(move || RedbStore::open_with(&dir, options)).await??,
         ))
     };
-    let listener = TcpListener::bind(config.http_addr).await.with_context(|| {
-        format!(
-            "cannot listen on {}; is another agent running? choose another with --http-addr",
-            config.http_addr
-        )
-    })?;
+    // Read before binding anything: a bad file stops the start, naming it.
+    let certs = muster_server::tls::load(&config.tls).map_err(anyhow::Error::msg)?;
+    let listener = if config.tls.disable_http {
+        None
+    } else {
+        Some(TcpListener::bind(config.http_addr).await.with_context(|| {
+            format!(
+                "cannot listen on {}; is another agent running? choose another with --http-addr",
+                config.http_addr
+            )
+        })?)
+    };
+    let https = match &certs {
+        None => None,
+        Some(certs) => {
+            let at = config.tls.https_addr();
+            let listener = TcpListener::bind(at).await.with_context(|| {
+                format!(
+                    "cannot listen for HTTPS on {at}; is another agent running? choose another \
+                     with --https-addr"
+                )
+            })?;
+            Some((listener, certs.clone()))
+        }
+    };
     let dns_hint = |proto: &str| {
         format!(
             "cannot listen for DNS on {} ({proto}); is another agent or a DNS server using it? \
@@ -195,7 +235,8 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
     let (udp, tcp) = bind_dns(config.dns_addr, dns_hint).await?;
     let dns_addr = udp.local_addr()?;
     let shutdown = CancellationToken::new();
-    let addr = listener.local_addr()?;
+    let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let data = if config.cluster.enabled() {
         format!("etcd {}", config.cluster.etcd.join(","))
     } else if config.dev {
@@ -218,7 +259,10 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             }
             // Other agents pass heartbeats here: they need the port actually bound.
             let mut config = config;
-            config.http_addr = addr;
+            // Cluster mode refuses --disable-http, so the HTTP listener is there.
+            if let Some(addr) = addr {
+                config.http_addr = addr;
+            }
             Agent::open_cluster(config, lease_file, shutdown.clone()).await?
         }
     }
@@ -237,11 +281,22 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
         );
     }
     agent.serve_dns(udp, tcp)?;
-    tracing::info!(http = %addr, dns = %dns_addr, domain = %domain, data = %data, "muster agent ready");
+    let shown =
+        |a: Option<std::net::SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(
+        http = %shown(addr),
+        https = %shown(https_addr),
+        dns = %dns_addr,
+        domain = %domain,
+        data = %data,
+        "muster agent ready"
+    );
     let gateway = match args.gateway {
         None => None,
         Some(listen) => {
-            let mut g = muster_gateway::GatewayConfig::new(listen, vec![addr.to_string()]);
+            // --gateway refuses --disable-http, so the HTTP listener is there.
+            let agent_addr = addr.map(|a| a.to_string()).unwrap_or_default();
+            let mut g = muster_gateway::GatewayConfig::new(listen, vec![agent_addr]);
             g.routes_file = args.gateway_routes.clone();
             g.cache_dir = (!agent.state().config().dev)
                 .then(|| agent.state().config().data_dir.join("gateway-cache"));
@@ -251,7 +306,7 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             Some(Arc::new(started))
         }
     };
-    tokio::spawn(reload_on_hangup(agent.state(), gateway.clone()));
+    tokio::spawn(reload_on_hangup(agent.state(), certs, gateway.clone()));
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
@@ -261,7 +316,7 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
         }
         shutdown.cancel();
     });
-    agent.serve(listener).await?;
+    agent.serve_on(listener, https).await?;
     Ok(())
 }
 
@@ -304,10 +359,11 @@ async fn bind_dns(
     }
 }
 
-/// Syncs the config directories' definitions again on every SIGHUP, as `consul reload`
-/// does; an unusable file is logged and the previous definitions stay.
+/// Syncs the config directories' definitions and reads the TLS files again on every SIGHUP,
+/// as `consul reload` does; an unusable file is logged and what was in force stays.
 async fn reload_on_hangup(
     state: muster_server::AppState,
+    certs: Option<Arc<muster_server::Certs>>,
     gateway: Option<Arc<muster_gateway::Gateway>>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -318,6 +374,10 @@ async fn reload_on_hangup(
     while hangup.recv().await.is_some() {
         // The outcome is logged by `reload`.
         let _ = muster_server::definitions::reload(&state).await;
+        if let Some(certs) = &certs {
+            // Logged by `reload` too.
+            let _ = muster_server::tls::reload(certs);
+        }
         if let Some(g) = &gateway
             && let Err(e) = g.reload()
         {

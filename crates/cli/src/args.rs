@@ -230,6 +230,24 @@ pub struct AgentArgs {
     /// SIGHUP and `PUT /v1/agent/reload`; repeatable. Replaces the file's `config_dir`.
     #[arg(long = "config-dir", value_name = "DIR")]
     pub config_dirs: Vec<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM), on --https-addr; needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The HTTPS certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the client certificates --tls-verify-incoming accepts.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Require every HTTPS client to present a certificate signed by --tls-ca.
+    #[arg(long)]
+    pub tls_verify_incoming: bool,
+    /// HTTPS address (IP:port) [default: 127.0.0.1:8501 when HTTPS is on].
+    #[arg(long, env = "MUSTER_HTTPS_ADDR")]
+    pub https_addr: Option<std::net::SocketAddr>,
+    /// Serve HTTPS only: do not open the plain HTTP listener.
+    #[arg(long)]
+    pub disable_http: bool,
     /// Also run the gateway (the reverse proxy of `muster gateway`) in this process, listening
     /// here and following this agent: a one-process set-up. Its metrics join the agent's.
     #[arg(long, value_name = "ADDR")]

@@ -12,7 +12,7 @@
 //! - `table`: the routing table and the balancers it keeps across rebuilds.
 //! - `proxy`: forwarding one request (policies, retries, upgrades, headers).
 //! - [`policy`]: access lists, authentication and rate limits per route.
-//! - `server`: listeners, HTTP/1.1 and HTTP/2, drain; `tls`: certificates; `admin`: health,
+//! - `server`: listeners, HTTP/1.1 and HTTP/2, drain (certificates: `muster-tls`); `admin`: health,
 //!   readiness, metrics and the route listing.
 //! - `budget`: the retry budget; `metric`: metric names.
 
@@ -25,7 +25,6 @@ pub mod routes;
 mod server;
 mod table;
 pub mod tags;
-mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,7 +41,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::proxy::MAX_REPLAY_BODY;
 pub use crate::routes::{FileError, RoutesFile};
 pub use crate::server::Limits;
-pub use crate::tls::TlsFiles;
+pub use muster_tls::TlsFiles;
 
 /// Renders the process's metrics in Prometheus' text format, for the admin address.
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
@@ -177,7 +176,13 @@ impl Gateway {
         let certs = config
             .tls
             .clone()
-            .map(tls::Certs::load)
+            .map(|files| {
+                muster_tls::Certs::load(muster_tls::Settings {
+                    files,
+                    client_ca: None,
+                    alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                })
+            })
             .transpose()
             .map_err(StartError::Setting)?
             .map(Arc::new);
@@ -301,8 +306,14 @@ impl Gateway {
         }
         if let Some(certs) = &self.shared.certs {
             match certs.reload() {
-                Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => errors.push(format!("{e} (the previous certificate stays in use)")),
+                Ok(()) => {
+                    metrics::counter!(metric::TLS_RELOADS, "outcome" => "ok").increment(1);
+                    tracing::info!("TLS certificate reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!(metric::TLS_RELOADS, "outcome" => "error").increment(1);
+                    errors.push(format!("{e} (the previous certificate stays in use)"));
+                }
             }
         }
         if errors.is_empty() {

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::metric;
 use crate::proxy::{ConnInfo, Proxy};
-use crate::tls::Certs;
+use muster_tls::Certs;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 pub struct AgentConfig {
     /// HTTP listener.
     pub http_addr: SocketAddr,
-    /// HTTP connections: timeouts, header size, connection cap.
+    /// HTTP connections: timeouts, header size, connection cap (on the HTTPS listener too).
     pub http: HttpConfig,
+    /// HTTPS: certificate, client verification, listener (`[tls]`).
+    pub tls: TlsConfig,
     /// DNS listener, UDP and TCP on the same address.
     pub dns_addr: SocketAddr,
     /// The DNS domain answered (`muster`; `consul` for drop-in use with Consul DNS setups).
@@ -86,6 +88,7 @@ impl Default for AgentConfig {
         AgentConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8500)),
             http: HttpConfig::default(),
+            tls: TlsConfig::default(),
             dns_addr: SocketAddr::from(([127, 0, 0, 1], 8600)),
             dns_domain: "muster".into(),
             dns: DnsConfig::default(),
@@ -246,6 +249,82 @@ impl HttpConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// HTTPS on the API: off while `cert_file` is unset.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign client certificates; used with `verify_incoming`.
+    pub ca_file: Option<PathBuf>,
+    /// Require every HTTPS client to present a certificate signed by `ca_file`.
+    pub verify_incoming: bool,
+    /// The HTTPS listener; unset: [`DEFAULT_HTTPS_ADDR`], as Consul's port 8501.
+    pub https_addr: Option<SocketAddr>,
+    /// Serve HTTPS only: no plain HTTP listener.
+    pub disable_http: bool,
+}
+
+/// Where HTTPS listens unless `tls.https_addr` says otherwise.
+pub const DEFAULT_HTTPS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8501);
+
+impl TlsConfig {
+    /// Whether HTTPS is on.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    /// The HTTPS listener's address.
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr.unwrap_or(DEFAULT_HTTPS_ADDR)
+    }
+
+    /// Refuses settings that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => return Err("tls.cert_file is set but tls.key_file is not".into()),
+            (None, Some(_)) => return Err("tls.key_file is set but tls.cert_file is not".into()),
+            _ => {}
+        }
+        if self.verify_incoming && self.ca_file.is_none() {
+            return Err(
+                "tls.verify_incoming needs tls.ca_file: the CA that signs the client \
+                        certificates to accept"
+                    .into(),
+            );
+        }
+        if !self.enabled() {
+            for (key, set) in [
+                ("tls.verify_incoming", self.verify_incoming),
+                ("tls.https_addr", self.https_addr.is_some()),
+                ("tls.disable_http", self.disable_http),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{key} needs HTTPS on: set tls.cert_file and tls.key_file"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the HTTPS listener serves: hyper's HTTP/1 only, so ALPN offers `http/1.1`.
+    pub fn settings(&self) -> Option<muster_tls::Settings> {
+        Some(muster_tls::Settings {
+            files: muster_tls::TlsFiles {
+                cert: self.cert_file.clone()?,
+                key: self.key_file.clone()?,
+            },
+            client_ca: self.ca_file.clone().filter(|_| self.verify_incoming),
+            alpn: vec![b"http/1.1".to_vec()],
+        })
     }
 }
 
@@ -467,6 +546,25 @@ mod tests {
         let c = AgentConfig::from_toml("[http]\nbody_read_timeout = \"0s\"").unwrap();
         let err = c.http.validate().unwrap_err();
         assert!(err.contains("http.body_read_timeout"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_work_are_named() {
+        let c =
+            AgentConfig::from_toml("[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"").unwrap();
+        assert_eq!(c.tls.validate(), Ok(()));
+        assert_eq!(c.tls.https_addr(), DEFAULT_HTTPS_ADDR);
+        let c = AgentConfig::from_toml(
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nverify_incoming = true",
+        )
+        .unwrap();
+        let err = c.tls.validate().unwrap_err();
+        assert!(err.contains("tls.ca_file"), "{err}");
+        let c = AgentConfig::from_toml("[tls]\ndisable_http = true").unwrap();
+        let err = c.tls.validate().unwrap_err();
+        assert!(err.contains("tls.disable_http needs HTTPS"), "{err}");
+        let c = AgentConfig::from_toml("[tls]\ncert_file = \"c.pem\"").unwrap();
+        assert!(c.tls.validate().unwrap_err().contains("tls.key_file"));
     }
 
     #[test]

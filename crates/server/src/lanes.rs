@@ -7,7 +7,10 @@
 //! keeps the lanes evenly loaded, which `SO_REUSEPORT` would only do on average (and it
 //! would let a second agent bind the same port).
 //!
-//! At most `http.max_connections` are open at once, across the lanes; past that a new
+//! The HTTP and HTTPS listeners feed the same lanes; an HTTPS connection's handshake runs
+//! on its lane ([`crate::tls`]), then it is served as a plain one.
+//!
+//! At most `http.max_connections` are open at once, across the lanes and both listeners; past that a new
 //! connection is closed at once, so that descriptors stay for the store, DNS and checks
 //! and the agent never reaches "too many open files" on account of HTTP clients.
 
@@ -15,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use muster_tls::Certs;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -24,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::HttpConfig;
 use crate::http::conn;
 use crate::telemetry as m;
+use crate::tls::Handshakes;
 
 /// How long to wait after an accept fails for want of descriptors (or memory): long enough
 /// not to spin on an error that persists, short enough that clients barely notice.
@@ -35,7 +40,16 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// A connection and its place under the cap.
 struct Accepted {
     stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    /// From the HTTPS listener.
+    tls: bool,
     slot: Slot,
+}
+
+/// The sockets the API is served on.
+pub(crate) struct Listeners {
+    pub(crate) http: Option<TcpListener>,
+    pub(crate) https: Option<(TcpListener, Arc<Certs>)>,
 }
 
 /// One of the `http.max_connections`, counted in the gauge while held.
@@ -56,34 +70,43 @@ impl Drop for Slot {
     }
 }
 
-/// Serves `app` on `listener` over `lanes` event loops until `shutdown`, then waits for
+/// Serves `app` on `listeners` over `lanes` event loops until `shutdown`, then waits for
 /// every lane to drain.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     app: Router,
     lanes: usize,
     config: HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let config = Arc::new(config);
+    let (https, handshakes) = match listeners.https {
+        Some((listener, certs)) => (
+            Some(listener),
+            Some(Arc::new(Handshakes::new(certs, config.header_read_timeout))),
+        ),
+        None => (None, None),
+    };
+    let http = listeners.http;
     let lanes = lanes.max(1);
     let mut senders = Vec::with_capacity(lanes);
     let mut threads = Vec::with_capacity(lanes - 1);
     for n in 1..lanes {
         let (tx, rx) = mpsc::unbounded_channel();
         let (app, config, shutdown) = (app.clone(), config.clone(), shutdown.clone());
+        let handshakes = handshakes.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let thread = std::thread::Builder::new()
             .name(format!("muster-http-{n}"))
-            .spawn(move || runtime.block_on(lane(rx, app, config, shutdown)))?;
+            .spawn(move || runtime.block_on(lane(rx, app, config, handshakes, shutdown)))?;
         senders.push(tx);
         threads.push(thread);
     }
     let (tx, rx) = mpsc::unbounded_channel();
     senders.push(tx);
-    let local = tokio::spawn(lane(rx, app, config.clone(), shutdown.clone()));
+    let local = tokio::spawn(lane(rx, app, config.clone(), handshakes, shutdown.clone()));
 
     let max = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let cap = Arc::new(Semaphore::new(max));
@@ -92,10 +115,11 @@ pub(crate) async fn serve(
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
+            accepted = accept(http.as_ref()) => accepted.map(|(s, peer)| (s, peer, false)),
+            accepted = accept(https.as_ref()) => accepted.map(|(s, peer)| (s, peer, true)),
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer, tls) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
                 // Out of file descriptors and the like. The connection stays queued in the
@@ -130,6 +154,8 @@ pub(crate) async fn serve(
             Ok(stream) => {
                 let accepted = Accepted {
                     stream,
+                    peer,
+                    tls,
                     slot: Slot::new(permit),
                 };
                 // A lane only stops after shutdown; until then its receiver is there.
@@ -153,12 +179,23 @@ pub(crate) async fn serve(
     .map_err(std::io::Error::other)?
 }
 
+/// Accepts on `listener`; never, without one.
+async fn accept(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One event loop: serves the connections it is handed until shutdown, then waits for
 /// them to finish (each answers the request in progress and closes).
 async fn lane(
     mut rx: mpsc::UnboundedReceiver<Accepted>,
     app: Router,
     config: Arc<HttpConfig>,
+    handshakes: Option<Arc<Handshakes>>,
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
@@ -167,7 +204,13 @@ async fn lane(
             () = shutdown.cancelled() => break,
             accepted = rx.recv() => accepted,
         };
-        let Some(Accepted { stream, slot }) = accepted else {
+        let Some(Accepted {
+            stream,
+            peer,
+            tls,
+            slot,
+        }) = accepted
+        else {
             break;
         };
         // Registers the socket with this lane's runtime.
@@ -178,9 +221,22 @@ async fn lane(
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         let (app, config, shutdown) = (app.clone(), config.clone(), shutdown.clone());
+        let handshakes = handshakes.clone().filter(|_| tls);
         connections.spawn(async move {
-            conn::serve(stream, app, &config, shutdown).await;
+            match handshakes {
+                None => conn::serve(stream, app, &config, shutdown).await,
+                Some(h) => {
+                    let tls = tokio::select! {
+                        () = shutdown.cancelled() => None,
+                        tls = h.accept(stream, peer) => tls,
+                    };
+                    if let Some(tls) = tls {
+                        conn::serve(tls, app, &config, shutdown).await;
+                    }
+                }
+            }
             drop(slot);
         });
     }

@@ -8,6 +8,7 @@
 //! - [`sweeper`]: the timer that asks the writer to apply lapses, evictions and expiries.
 //! - [`http`]: the router: native API, watches, metrics, health.
 //! - [`dns`]: the DNS interface (UDP and TCP), answering from the same snapshots.
+//! - [`tls`]: HTTPS: certificates, their reload, the handshake before a connection is served.
 //! - [`telemetry`]: metric names and the Prometheus recorder.
 //! - [`monitor`]: the tracing layer that streams the agent's log to `/v1/agent/monitor`.
 //! - [`clock`]: tokio's clock as the registry's time.
@@ -29,6 +30,7 @@ mod lanes;
 pub mod monitor;
 pub mod sweeper;
 pub mod telemetry;
+pub mod tls;
 pub mod writer;
 
 use std::sync::atomic::AtomicUsize;
@@ -44,6 +46,7 @@ use crate::clock::Clock;
 pub use crate::config::AgentConfig;
 pub use crate::monitor::Monitor;
 pub use crate::writer::Writer;
+pub use muster_tls::Certs;
 
 /// Shared state of the HTTP handlers: a cheap `Clone` handle.
 #[derive(Clone, Debug)]
@@ -421,11 +424,22 @@ impl Agent {
     /// (about 15% more requests per CPU on small reads than one shared multi-threaded pool).
     /// At most `http.max_connections` are served at once.
     pub async fn serve(self, listener: TcpListener) -> Result<(), ServerError> {
+        self.serve_on(Some(listener), None).await
+    }
+
+    /// Serves plain HTTP on `http` and HTTPS on `https` with its certificates (see
+    /// [`tls::load`]; [`tls::reload`] swaps them while serving), as [`Agent::serve`] does:
+    /// both listeners share the connection cap, the threads and the timeouts.
+    pub async fn serve_on(
+        self,
+        http: Option<TcpListener>,
+        https: Option<(TcpListener, Arc<Certs>)>,
+    ) -> Result<(), ServerError> {
         let shutdown = self.state.inner.shutdown.clone();
         let app = http::app(self.state.clone());
         let config = &self.state.inner.config;
         lanes::serve(
-            listener,
+            lanes::Listeners { http, https },
             app,
             config.http_threads,
             config.http.clone(),

@@ -39,6 +39,10 @@ pub const HTTP_CONNECTIONS_REFUSED: &str = "muster_http_connections_refused_tota
 pub const HTTP_ACCEPT_ERRORS: &str = "muster_http_accept_errors_total";
 /// HTTP connections cut by a timeout, by `timeout` (`header`, `idle`, `body`).
 pub const HTTP_TIMEOUTS: &str = "muster_http_timeouts_total";
+/// HTTPS handshakes that failed, by `reason` (see [`crate::tls`]).
+pub const TLS_HANDSHAKE_FAILURES: &str = "muster_tls_handshake_failures_total";
+/// Certificate reloads (SIGHUP), by `outcome` (`ok`, `error`).
+pub const TLS_RELOADS: &str = "muster_tls_reloads_total";
 /// Time to make one batch durable.
 pub const COMMIT_SECONDS: &str = "muster_store_commit_duration_seconds";
 /// Commands per durable batch.
@@ -241,6 +245,18 @@ const METRICS: &[(&str, Kind, &str, Series)] = {
             Counter,
             "HTTP connections cut by a timeout: header, idle, body.",
             Each("timeout", &["header", "idle", "body"]),
+        ),
+        (
+            TLS_HANDSHAKE_FAILURES,
+            Counter,
+            "HTTPS handshakes that failed: no_client_cert, bad_client_cert, not_tls, timeout, other.",
+            Each("reason", crate::tls::Failure::REASONS),
+        ),
+        (
+            TLS_RELOADS,
+            Counter,
+            "Certificate reloads on SIGHUP: ok, error (the old certificate stays).",
+            Each("outcome", &["ok", "error"]),
         ),
         (
             COMMIT_SECONDS,

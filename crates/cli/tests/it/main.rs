@@ -17,5 +17,6 @@ mod monitor;
 mod restart;
 mod run;
 mod support;
+mod tls;
 mod tour;
 mod watch;

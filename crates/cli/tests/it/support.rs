@@ -25,6 +25,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_muster");
 const MUSTER_ENV: &[&str] = &[
     "MUSTER_HTTP_ADDR",
     "MUSTER_DNS_ADDR",
+    "MUSTER_HTTPS_ADDR",
     "MUSTER_DATA_DIR",
     "MUSTER_CONFIG",
     "MUSTER_LOG",

@@ -24,7 +24,6 @@ use http_body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
@@ -32,15 +31,16 @@ use tower_service::Service;
 use crate::config::{HttpConfig, MIN_HEADER_BYTES};
 use crate::telemetry as m;
 
-/// Serves `stream` until the client closes it, a timeout cuts it, or `shutdown` (then the
-/// request in progress, if any, is answered first).
-pub(crate) async fn serve(
-    stream: TcpStream,
+/// Serves `stream` (a TCP socket, or TLS over one) until the client closes it, a timeout
+/// cuts it, or `shutdown` (then the request in progress, if any, is answered first).
+pub(crate) async fn serve<S>(
+    stream: S,
     app: Router,
     config: &HttpConfig,
     shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Mutex::new(Phase::Idle {
         since: Instant::now(),
         first: true,
@@ -155,8 +155,8 @@ impl http_body::Body for Answering {
 }
 
 /// The socket, failing a read that waits past the phase's deadline.
-struct TimedIo {
-    io: TcpStream,
+struct TimedIo<S> {
+    io: S,
     activity: Arc<Mutex<Phase>>,
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -165,7 +165,7 @@ struct TimedIo {
     timer: Pin<Box<Sleep>>,
 }
 
-impl TimedIo {
+impl<S> TimedIo<S> {
     /// Bytes arrived: on a waiting connection, a request head has begun.
     fn head_begun(&self) {
         let mut phase = lock(&self.activity);
@@ -191,7 +191,7 @@ impl TimedIo {
     }
 }
 
-impl AsyncRead for TimedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -222,7 +222,7 @@ impl AsyncRead for TimedIo {
     }
 }
 
-impl AsyncWrite for TimedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

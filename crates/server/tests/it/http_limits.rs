@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::support::{agent, config, instance, serve};
+use crate::support::{agent, config, instance, metric, serve};
 
 /// How long a test waits for something that should happen well before.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -72,13 +72,6 @@ async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
 }
 
 /// The value of an unlabelled metric in this process's registry.
-fn metric(name: &str) -> f64 {
-    muster_server::telemetry::handle()
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn idle_connections_do_not_hold_up_others_and_are_closed_after_the_header_timeout() {

@@ -22,5 +22,6 @@ mod openapi;
 mod prometheus_sd;
 mod prometheus_server;
 mod support;
+mod tls;
 mod ui;
 mod watch;

@@ -233,3 +233,12 @@ pub async fn agent_with_dns(config: AgentConfig) -> (TestAgent, SocketAddr) {
         dns,
     )
 }
+
+/// The value of one series of /metrics (`name` with its labels), 0 if absent.
+pub fn metric(name: &str) -> f64 {
+    muster_server::telemetry::handle()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
