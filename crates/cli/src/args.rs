@@ -19,9 +19,30 @@ use clap::{Args, Parser, Subcommand};
 )]
 pub struct Cli {
     /// The agent's HTTP address: where `agent` listens and where the other commands
-    /// connect (host:port, or an http:// URL for the client commands) [default: 127.0.0.1:8500].
+    /// connect (host:port, or an http:// or https:// URL for the client commands) [default:
+    /// 127.0.0.1:8500].
+    /// The client commands also read CONSUL_HTTP_ADDR when neither is set. An https:// URL
+    /// makes them use HTTPS, as does MUSTER_HTTP_SSL=true (or CONSUL_HTTP_SSL=true) for an
+    /// address without a scheme (then 127.0.0.1:8501 when no address is given).
     #[arg(long, global = true, env = "MUSTER_HTTP_ADDR")]
     pub http_addr: Option<String>,
+
+    /// Client commands over HTTPS: CA certificates (PEM) that signed the agent's
+    /// certificate, trusted besides the system's roots. CONSUL_CACERT is read when
+    /// MUSTER_CACERT is not set.
+    #[arg(long, global = true, value_name = "FILE", env = "MUSTER_CACERT")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client commands over HTTPS: a client certificate (PEM) for an agent that requires one
+    /// (`muster agent --tls-verify-incoming`); needs --client-key. CONSUL_CLIENT_CERT is
+    /// read when MUSTER_CLIENT_CERT is not set.
+    #[arg(long, global = true, value_name = "FILE", env = "MUSTER_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+
+    /// Client commands over HTTPS: the client certificate's private key (PEM).
+    /// CONSUL_CLIENT_KEY is read when MUSTER_CLIENT_KEY is not set.
+    #[arg(long, global = true, value_name = "FILE", env = "MUSTER_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,

@@ -1,8 +1,119 @@
 //! The HTTP calls the client commands make, with errors that say what to do.
 
-use anyhow::{Context, anyhow};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
+
+/// Where the client commands find the agent, and how they call it over HTTPS.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    /// The agent's base URL (with its scheme), without a trailing slash.
+    pub base: String,
+    /// CA certificates (PEM) trusted besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// HTTPS's default address, when HTTPS is asked for and no address is given.
+const DEFAULT_HTTPS_ADDR: &str = "127.0.0.1:8501";
+
+impl Target {
+    /// The target from the global flags (clap has already read the MUSTER_* variables into
+    /// them) and, for what they leave unset, the CONSUL_* variables `env` gives.
+    pub fn resolve(
+        cli: &crate::args::Cli,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Target> {
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        let ssl = match env("MUSTER_HTTP_SSL")
+            .map(|v| ("MUSTER_HTTP_SSL", v))
+            .or_else(|| env("CONSUL_HTTP_SSL").map(|v| ("CONSUL_HTTP_SSL", v)))
+        {
+            None => false,
+            Some((name, v)) => {
+                parse_bool(&v).ok_or_else(|| anyhow!("{name}={v:?} is not true or false"))?
+            }
+        };
+        let addr = cli.http_addr.clone().or_else(|| env("CONSUL_HTTP_ADDR"));
+        let base = match addr {
+            Some(a) if a.starts_with("http://") || a.starts_with("https://") => {
+                a.trim_end_matches('/').to_string()
+            }
+            Some(a) if ssl => format!("https://{a}"),
+            Some(a) => format!("http://{a}"),
+            None if ssl => format!("https://{DEFAULT_HTTPS_ADDR}"),
+            None => format!("http://{}", crate::DEFAULT_HTTP_ADDR),
+        };
+        let path = |flag: &Option<PathBuf>, consul: &str| {
+            flag.clone().or_else(|| env(consul).map(PathBuf::from))
+        };
+        let ca_file = path(&cli.ca_file, "CONSUL_CACERT");
+        let client_cert = match (
+            path(&cli.client_cert, "CONSUL_CLIENT_CERT"),
+            path(&cli.client_key, "CONSUL_CLIENT_KEY"),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => bail!(
+                "--client-cert needs --client-key (or MUSTER_CLIENT_KEY, CONSUL_CLIENT_KEY): \
+                 the certificate's private key"
+            ),
+            (None, Some(_)) => bail!(
+                "--client-key needs --client-cert (or MUSTER_CLIENT_CERT, CONSUL_CLIENT_CERT)"
+            ),
+        };
+        Ok(Target {
+            base,
+            ca_file,
+            client_cert,
+        })
+    }
+}
+
+/// A boolean as Consul's clients read one (Go's `strconv.ParseBool`).
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Reads a PEM file named by a flag, saying which flag when it cannot.
+fn read_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+}
+
+/// The HTTP client for `target`: its CA certificates and client certificate loaded.
+fn http_client(target: &Target) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder();
+    if let Some(path) = &target.ca_file {
+        let certs = reqwest::Certificate::from_pem_bundle(&read_pem("--ca-file", path)?)
+            .with_context(|| format!("--ca-file {}: not PEM certificates", path.display()))?;
+        if certs.is_empty() {
+            bail!("--ca-file {} holds no PEM certificate", path.display());
+        }
+        b = b.tls_certs_merge(certs);
+    }
+    if let Some((cert, key)) = &target.client_cert {
+        let mut pem = read_pem("--client-cert", cert)?;
+        pem.push(b'\n');
+        pem.extend(read_pem("--client-key", key)?);
+        let identity = reqwest::Identity::from_pem(&pem).with_context(|| {
+            format!(
+                "--client-cert {} and --client-key {} are not a PEM certificate and key",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        b = b.identity(identity);
+    }
+    b.build()
+        .context("cannot set up HTTPS with --ca-file/--client-cert/--client-key")
+}
 
 /// A client of one agent.
 #[derive(Clone, Debug)]
@@ -12,17 +123,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for the agent at `addr` (`host:port` or an `http://` URL).
-    pub fn new(addr: &str) -> Client {
-        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr.trim_end_matches('/').to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        Client {
-            http: reqwest::Client::new(),
-            base,
-        }
+    /// A client for the agent `target` names; fails when its TLS files cannot be used.
+    pub fn new(target: &Target) -> anyhow::Result<Client> {
+        Ok(Client {
+            http: http_client(target)?,
+            base: target.base.clone(),
+        })
     }
 
     /// Sends a request and returns the raw response, failing only when the agent cannot be
@@ -55,9 +161,23 @@ impl Client {
 
     /// The error for an agent that cannot be reached, saying what to check.
     fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        let tls = if self.base.starts_with("https://") {
+            "\nover HTTPS, check --ca-file (the CA that signed the agent's certificate) and, \
+             when the agent verifies clients, --client-cert and --client-key"
+        } else {
+            ""
+        };
+        // The whole chain: a TLS failure's reason is in the sources.
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            reason.push_str(&format!(": {s}"));
+            source = s.source();
+        }
         anyhow!(
-            "cannot reach the agent at {}: {e}\n\
-             is `muster agent` running? point at another one with --http-addr or MUSTER_HTTP_ADDR",
+            "cannot reach the agent at {}: {reason}\n\
+             is `muster agent` running? point at another one with --http-addr or \
+             MUSTER_HTTP_ADDR{tls}",
             self.base
         )
     }
@@ -103,4 +223,80 @@ pub fn api_error(status: StatusCode, text: &str) -> anyhow::Error {
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| text.trim().to_string());
     anyhow!("the agent answered {status}: {message}")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn target(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Target> {
+        let mut argv = vec!["muster"];
+        argv.extend_from_slice(args);
+        argv.push("services");
+        let cli = crate::args::Cli::try_parse_from(argv)?;
+        Target::resolve(&cli, |name| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn the_scheme_comes_from_the_address_or_the_ssl_variables() {
+        let base = |args: &[&str], env: &[(&str, &str)]| target(args, env).unwrap().base;
+        assert_eq!(base(&[], &[]), "http://127.0.0.1:8500");
+        assert_eq!(base(&["--http-addr", "h:1"], &[]), "http://h:1");
+        assert_eq!(base(&["--http-addr", "https://h:1/"], &[]), "https://h:1");
+        assert_eq!(
+            base(&["--http-addr", "h:1"], &[("CONSUL_HTTP_SSL", "true")]),
+            "https://h:1"
+        );
+        assert_eq!(
+            base(&[], &[("MUSTER_HTTP_SSL", "1")]),
+            "https://127.0.0.1:8501"
+        );
+        assert_eq!(
+            base(
+                &[],
+                &[("CONSUL_HTTP_ADDR", "c:2"), ("CONSUL_HTTP_SSL", "True")]
+            ),
+            "https://c:2"
+        );
+        // The flag wins over CONSUL_HTTP_ADDR, and MUSTER_HTTP_SSL over CONSUL_HTTP_SSL.
+        assert_eq!(
+            base(
+                &["--http-addr", "m:3"],
+                &[
+                    ("CONSUL_HTTP_ADDR", "c:2"),
+                    ("MUSTER_HTTP_SSL", "false"),
+                    ("CONSUL_HTTP_SSL", "true")
+                ]
+            ),
+            "http://m:3"
+        );
+        let e = target(&[], &[("CONSUL_HTTP_SSL", "yes")]).unwrap_err();
+        assert!(e.to_string().contains("CONSUL_HTTP_SSL"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_come_from_the_flags_or_the_consul_variables() {
+        let t = target(
+            &["--ca-file", "ca.pem"],
+            &[
+                ("CONSUL_CACERT", "other.pem"),
+                ("CONSUL_CLIENT_CERT", "c.pem"),
+                ("CONSUL_CLIENT_KEY", "k.pem"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(t.ca_file, Some(PathBuf::from("ca.pem")));
+        assert_eq!(
+            t.client_cert,
+            Some((PathBuf::from("c.pem"), PathBuf::from("k.pem")))
+        );
+        let e = target(&["--client-cert", "c.pem"], &[]).unwrap_err();
+        assert!(e.to_string().contains("--client-key"), "{e}");
+    }
 }

@@ -11,7 +11,7 @@ use crate::args::{
     CatalogCommand, ChecksArgs, Command, DiscoverArgs, KvCommand, OutputArgs, RegisterArgs,
     WatchArgs,
 };
-use crate::client::{Client, api_error};
+use crate::client::{Client, Target, api_error};
 
 /// Percent-encodes one path segment.
 pub fn segment(s: &str) -> String {
@@ -35,8 +35,8 @@ pub fn instance_path(service: &str, id: &str) -> String {
     )
 }
 
-pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
-    let client = Client::new(addr);
+pub async fn dispatch(target: &Target, command: Command) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
     let mut out = std::io::stdout().lock();
     match command {
         Command::Register(a) => register(&client, a, &mut out).await,
@@ -103,7 +103,7 @@ pub async fn dispatch(addr: &str, command: Command) -> anyhow::Result<()> {
         }
         Command::Discover(a) => discover(&client, a, &mut out).await,
         Command::Checks(a) => checks(&client, a, &mut out).await,
-        Command::Kv(k) => kv(addr, k, &mut out).await,
+        Command::Kv(k) => kv(&client, k, &mut out).await,
         Command::Watch(a) => watch(&client, a, &mut out).await,
         Command::Status(o) => {
             let v = client.call(Method::GET, "/api/v1/status", None).await?;
@@ -609,8 +609,7 @@ fn kv_path(key: &str) -> String {
 }
 
 /// `muster kv ...`: the key/value store through the agent's Consul KV API.
-pub async fn kv(addr: &str, command: KvCommand, out: &mut impl Write) -> anyhow::Result<()> {
-    let client = Client::new(addr);
+pub async fn kv(client: &Client, command: KvCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match command {
         KvCommand::Get { key, recurse } => {
             let path = if recurse {
@@ -677,7 +676,7 @@ pub async fn kv(addr: &str, command: KvCommand, out: &mut impl Write) -> anyhow:
                 query.push(("cas", c.to_string()));
             }
             let path = format!("{}{}", kv_path(&key), serde_urlencoded_pairs(&query));
-            kv_write(&client, Method::PUT, &path, body, &key, out).await
+            kv_write(client, Method::PUT, &path, body, &key, out).await
         }
         KvCommand::Delete { key, recurse, cas } => {
             let mut query = Vec::new();
@@ -688,7 +687,7 @@ pub async fn kv(addr: &str, command: KvCommand, out: &mut impl Write) -> anyhow:
                 query.push(("cas", c.to_string()));
             }
             let path = format!("{}{}", kv_path(&key), serde_urlencoded_pairs(&query));
-            kv_write(&client, Method::DELETE, &path, Vec::new(), &key, out).await
+            kv_write(client, Method::DELETE, &path, Vec::new(), &key, out).await
         }
         KvCommand::Keys { prefix, separator } => {
             let mut query = vec![("keys", String::new())];

@@ -58,14 +58,15 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let http_addr = cli.http_addr;
-        let target = http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR);
-        match cli.command {
-            Command::Agent(a) => agent::run(http_addr.as_deref(), a)
+        if let Command::Agent(a) = cli.command {
+            return agent::run(cli.http_addr.as_deref(), a)
                 .await
-                .map(|()| ExitCode::SUCCESS),
-            Command::Run(r) => run::run(target, r).await,
-            other => commands::dispatch(target, other)
+                .map(|()| ExitCode::SUCCESS);
+        }
+        let target = client::Target::resolve(&cli, |name| std::env::var(name).ok())?;
+        match cli.command {
+            Command::Run(r) => run::run(&target, r).await,
+            other => commands::dispatch(&target, other)
                 .await
                 .map(|()| ExitCode::SUCCESS),
         }

@@ -15,7 +15,7 @@ use crate::args::RunArgs;
 /// Registers, starts the command, keeps it registered (muster-client's registration
 /// handle heartbeats and registers again when the agent forgot it), and deregisters when it
 /// ends.
-pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(target: &crate::client::Target, args: RunArgs) -> anyhow::Result<ExitCode> {
     // The handle reports heartbeat trouble and re-registrations through tracing.
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -26,11 +26,17 @@ pub async fn run(addr: &str, args: RunArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("muster_client=info")),
         )
         .try_init();
-    let client = muster_client::Client::builder()
-        .agents([addr])
+    let mut builder = muster_client::Client::builder()
+        .agents([&target.base])
         // Past the TTL a call is worthless: the instance lapsed meanwhile.
-        .request_timeout(args.ttl)
-        .build()?;
+        .request_timeout(args.ttl);
+    if let Some(ca) = &target.ca_file {
+        builder = builder.ca_file(ca);
+    }
+    if let Some((cert, key)) = &target.client_cert {
+        builder = builder.client_cert(cert, key);
+    }
+    let client = builder.build()?;
     let registration = registration(&args);
 
     // Listen for TERM and INT before the child exists, so a signal that arrives while

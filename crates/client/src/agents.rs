@@ -10,6 +10,7 @@ use std::time::Duration;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 use crate::Error;
+use crate::config::Tls;
 
 /// The agents' base URLs and the HTTP client that calls them.
 #[derive(Debug)]
@@ -23,12 +24,15 @@ pub(crate) struct Agents {
 impl Agents {
     /// `bases` are validated URLs without a trailing slash; `timeout` bounds calls that are
     /// not streams or blocking queries.
+    #[cfg(test)]
     pub(crate) fn new(bases: Vec<String>, timeout: Duration) -> Agents {
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
+        Agents::with_tls(bases, timeout, &Tls::default())
+    }
+
+    /// As [`Agents::new`], calling `https://` agents with `tls` (already checked when the
+    /// settings were validated).
+    pub(crate) fn with_tls(bases: Vec<String>, timeout: Duration, tls: &Tls) -> Agents {
+        let http = tls.http_client(timeout).unwrap_or_default();
         Agents {
             bases,
             current: AtomicUsize::new(0),

@@ -24,6 +24,32 @@ pub(crate) struct Settings {
     pub first_sync_timeout: Duration,
     /// The user seeded the client: views use the seed as given, not mixed per process.
     pub seeded: bool,
+    /// Extra roots and the client certificate for `https://` agents.
+    pub tls: Tls,
+}
+
+/// What `https://` agents are called with: roots added to the system's, and a client
+/// certificate for agents that require one. Loaded (and checked) when the client is built.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tls {
+    pub roots: Vec<reqwest::Certificate>,
+    pub identity: Option<reqwest::Identity>,
+}
+
+impl Tls {
+    /// The HTTP client the agents are called with; `timeout` bounds connecting.
+    pub(crate) fn http_client(&self, timeout: Duration) -> reqwest::Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(60));
+        if !self.roots.is_empty() {
+            b = b.tls_certs_merge(self.roots.iter().cloned());
+        }
+        if let Some(identity) = &self.identity {
+            b = b.identity(identity.clone());
+        }
+        b.build()
+    }
 }
 
 /// Builds a [`Client`]. Only invalid settings fail; an unreachable registry never does.
@@ -43,6 +69,8 @@ pub struct Builder {
     reconnect_window: Duration,
     first_sync_timeout: Duration,
     seeded: bool,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for Builder {
@@ -66,12 +94,15 @@ impl Default for Builder {
             reconnect_window: Duration::from_secs(8),
             first_sync_timeout: Duration::from_secs(5),
             seeded: false,
+            ca_file: None,
+            client_cert: None,
         }
     }
 }
 
 impl Builder {
-    /// The agents to talk to: `http://host:port` URLs or bare `host:port`. The client starts
+    /// The agents to talk to: `http://host:port` or `https://host:port` URLs, or bare
+    /// `host:port` (plain HTTP). The client starts
     /// with the first and moves to the next when the one it uses cannot be reached (round the
     /// list); it stays on the agent that works rather than moving back.
     pub fn agents<I, S>(mut self, agents: I) -> Builder
@@ -174,6 +205,20 @@ impl Builder {
         self
     }
 
+    /// CA certificates (a PEM file, one or more certificates) trusted for `https://` agents,
+    /// besides the system's roots: the CA that signed the agents' certificates.
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// A client certificate chain and its private key (PEM files), presented to `https://`
+    /// agents that require one (`muster agent --tls-verify-incoming`).
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Builder {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
     /// Validates the settings and builds the client. Must run inside a tokio runtime, where
     /// the client's background tasks will live. Does not contact any agent.
     pub fn build(self) -> Result<Client, Error> {
@@ -257,6 +302,7 @@ impl Builder {
                 "must not be below backoff.base",
             ));
         }
+        let tls = load_tls(self.ca_file.as_deref(), self.client_cert.as_ref())?;
         let mut balance = self.balance;
         balance.zone = self.zone;
         Ok(Settings {
@@ -273,8 +319,64 @@ impl Builder {
             reconnect_window: self.reconnect_window,
             first_sync_timeout: self.first_sync_timeout,
             seeded: self.seeded,
+            tls,
         })
     }
+}
+
+/// Reads the CA and client certificate files and checks that an HTTP client can be built
+/// with them, so that a bad file fails the build, naming its setting.
+fn load_tls(
+    ca_file: Option<&std::path::Path>,
+    client_cert: Option<&(PathBuf, PathBuf)>,
+) -> Result<Tls, Error> {
+    let read = |setting: &'static str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::invalid(setting, format!("cannot read {}: {e}", path.display())))
+    };
+    let mut tls = Tls::default();
+    if let Some(path) = ca_file {
+        let pem = read("ca_file", path)?;
+        tls.roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Error::invalid(
+                "ca_file",
+                format!("{}: not PEM certificates: {e}", path.display()),
+            )
+        })?;
+        if tls.roots.is_empty() {
+            return Err(Error::invalid(
+                "ca_file",
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+    }
+    if let Some((cert, key)) = client_cert {
+        let mut pem = read("client_cert", cert)?;
+        pem.push(b'\n');
+        pem.extend(read("client_cert", key)?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            Error::invalid(
+                "client_cert",
+                format!(
+                    "{} and {} are not a PEM certificate and key: {e}",
+                    cert.display(),
+                    key.display()
+                ),
+            )
+        })?;
+        tls.identity = Some(identity);
+    }
+    if (!tls.roots.is_empty() || tls.identity.is_some())
+        && let Err(e) = tls.http_client(Duration::from_secs(1))
+    {
+        let setting = if tls.identity.is_some() {
+            "client_cert"
+        } else {
+            "ca_file"
+        };
+        return Err(Error::invalid(setting, format!("unusable for TLS: {e:#}")));
+    }
+    Ok(tls)
 }
 
 /// `host:port` or an `http(s)://` URL, as a base URL without a trailing slash.
@@ -338,6 +440,25 @@ mod tests {
             })),
             "outlier.consecutive_failures"
         );
+    }
+
+    #[test]
+    fn unreadable_or_invalid_tls_files_name_their_setting() {
+        let dir = std::env::temp_dir().join(format!("muster-client-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let missing = dir.join("missing.pem");
+        let b = || Builder::default().agents(["https://127.0.0.1:8501"]);
+        assert_eq!(setting_of(b().ca_file(&missing)), "ca_file");
+        assert_eq!(setting_of(b().ca_file(&junk)), "ca_file");
+        assert_eq!(setting_of(b().client_cert(&missing, &junk)), "client_cert");
+        assert_eq!(setting_of(b().client_cert(&junk, &junk)), "client_cert");
+        match b().ca_file(&missing).validate() {
+            Err(e) => assert!(e.to_string().contains("missing.pem"), "{e}"),
+            Ok(_) => panic!("a missing CA file was accepted"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -95,9 +95,10 @@ impl Client {
 
     fn from_settings(settings: Settings) -> Result<Client, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let agents = Arc::new(Agents::new(
+        let agents = Arc::new(Agents::with_tls(
             settings.agents.clone(),
             settings.request_timeout,
+            &settings.tls,
         ));
         let shutdown = CancellationToken::new();
         let client = Client {

@@ -29,6 +29,15 @@ const MUSTER_ENV: &[&str] = &[
     "MUSTER_DATA_DIR",
     "MUSTER_CONFIG",
     "MUSTER_LOG",
+    "MUSTER_CACERT",
+    "MUSTER_CLIENT_CERT",
+    "MUSTER_CLIENT_KEY",
+    "MUSTER_HTTP_SSL",
+    "CONSUL_HTTP_ADDR",
+    "CONSUL_HTTP_SSL",
+    "CONSUL_CACERT",
+    "CONSUL_CLIENT_CERT",
+    "CONSUL_CLIENT_KEY",
 ];
 
 /// How long anything is given to happen before a test gives up.

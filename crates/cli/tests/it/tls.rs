@@ -133,3 +133,181 @@ async fn settings_that_leave_https_unusable_stop_the_start_and_say_why() {
         assert!(stderr.contains(says), "{extra:?}: {stderr}");
     }
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed, as files in
+/// `dir`.
+struct MutualTls {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+impl MutualTls {
+    fn new(dir: &std::path::Path) -> MutualTls {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair,
+        };
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "muster test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(params, ca_key);
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
+            let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (
+                write(&format!("{name}.pem"), cert.pem()),
+                write(&format!("{name}.key"), key.serialize_pem()),
+            )
+        };
+        let (server_cert, server_key) = leaf("server", ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert, client_key) = leaf("client", ExtendedKeyUsagePurpose::ClientAuth);
+        MutualTls {
+            ca: write("ca.pem", ca_pem),
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
+}
+
+/// Runs `muster` with `args` and `env`, returning (success, stdout, stderr).
+fn run_muster(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = muster_command(args);
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_reach_an_https_only_agent_that_verifies_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = MutualTls::new(dir.path());
+    let port = free_port();
+    let https = format!("127.0.0.1:{port}");
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut proc = Proc::spawn(
+        muster_command(&[
+            "agent",
+            "--dev",
+            "--http-addr",
+            &http,
+            "--dns-addr",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+            "--disable-http",
+            "--https-addr",
+            &https,
+            "--tls-cert",
+            &tls.server_cert,
+            "--tls-key",
+            &tls.server_key,
+            "--tls-ca",
+            &tls.ca,
+            "--tls-verify-incoming",
+        ]),
+        false,
+    );
+    let url = format!("https://{https}");
+    let flags = [
+        "--http-addr",
+        url.as_str(),
+        "--ca-file",
+        &tls.ca,
+        "--client-cert",
+        &tls.client_cert,
+        "--client-key",
+        &tls.client_key,
+    ];
+    wait_for("the agent to answer over HTTPS", PATIENCE, || {
+        assert!(
+            proc.exited().is_none(),
+            "the agent exited: {}",
+            proc.stderr.text()
+        );
+        let (ok, _, _) = run_muster(&[&flags[..], &["status"]].concat(), &[]);
+        async move { ok.then_some(()) }
+    })
+    .await;
+
+    // Flags.
+    let (ok, out, err) = run_muster(
+        &[&flags[..], &["register", "web", "web-1", "--port", "8080"]].concat(),
+        &[],
+    );
+    assert!(ok, "register over HTTPS: {err}");
+    let (ok, out2, err) = run_muster(&[&flags[..], &["catalog", "services"]].concat(), &[]);
+    assert!(ok, "catalog services over HTTPS: {err}");
+    assert!(out2.contains("web"), "{out}{out2}");
+
+    // Consul's variables: a bare address made HTTPS by CONSUL_HTTP_SSL.
+    let (ok, out, err) = run_muster(
+        &["catalog", "services"],
+        &[
+            ("CONSUL_HTTP_ADDR", https.as_str()),
+            ("CONSUL_HTTP_SSL", "true"),
+            ("CONSUL_CACERT", &tls.ca),
+            ("CONSUL_CLIENT_CERT", &tls.client_cert),
+            ("CONSUL_CLIENT_KEY", &tls.client_key),
+        ],
+    );
+    assert!(ok, "catalog services with CONSUL_* variables: {err}");
+    assert!(out.contains("web"), "{out}");
+
+    // Without the client certificate the agent refuses the handshake, and the error says
+    // what to check.
+    let (ok, _, err) = run_muster(
+        &[
+            "--http-addr",
+            &url,
+            "--ca-file",
+            &tls.ca,
+            "catalog",
+            "services",
+        ],
+        &[],
+    );
+    assert!(!ok, "a client without a certificate got in");
+    assert!(err.contains("--client-cert"), "{err}");
+}
+
+#[test]
+fn a_missing_ca_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ca.pem");
+    let missing = missing.display().to_string();
+    let out = muster_command(&[
+        "--http-addr",
+        "https://127.0.0.1:1",
+        "--ca-file",
+        &missing,
+        "catalog",
+        "services",
+    ])
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--ca-file"), "{stderr}");
+    assert!(stderr.contains("no-such-ca.pem"), "{stderr}");
+}

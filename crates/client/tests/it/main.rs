@@ -5,5 +5,6 @@ mod cache;
 mod catalog;
 mod register;
 mod support;
+mod tls;
 mod tower;
 mod view;
