@@ -12,10 +12,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{config, serve};
+use crate::support::config;
 
 const NODE_NAME: &str = "compat-node";
 
@@ -38,31 +37,7 @@ async fn run_script(program: &str, args: &[&str], dir: &Path) {
     c.node = NODE_NAME.into();
     // The py-consul flow registers a script check.
     c.enable_script_checks = true;
-    let (addr, shutdown) = serve(c).await;
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .arg(addr.to_string())
-        .arg(NODE_NAME)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-    let out = tokio::time::timeout(SCRIPT_DEADLINE, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{program} {args:?} still running after {SCRIPT_DEADLINE:?}"))
-        .unwrap();
-    shutdown.cancel();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} against {addr} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-    eprintln!("{stdout}");
+    crate::support::run_client_script(c, program, args, &[NODE_NAME], dir, SCRIPT_DEADLINE).await;
 }
 
 /// The installed py-consul's version, or why it is not usable: python3 missing, the

@@ -13,10 +13,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{config, serve};
+use crate::support::config;
 
 /// Longest a script may run; each takes well under a minute.
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(120);
@@ -32,30 +31,7 @@ fn missing(what: &str) -> ! {
 /// Runs `program args.. HOST:PORT` against a fresh agent and asserts it exits 0, showing
 /// everything it printed when it does not.
 async fn run_script(program: &str, args: &[&str], dir: &Path) {
-    let (addr, shutdown) = serve(config()).await;
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .arg(addr.to_string())
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-    let out = tokio::time::timeout(SCRIPT_DEADLINE, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{program} {args:?} still running after {SCRIPT_DEADLINE:?}"))
-        .unwrap();
-    shutdown.cancel();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} against {addr} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-    eprintln!("{stdout}");
+    crate::support::run_client_script(config(), program, args, &[], dir, SCRIPT_DEADLINE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

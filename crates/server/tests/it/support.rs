@@ -242,3 +242,41 @@ pub fn metric(name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Runs `program args.. HOST:PORT extra..` from `dir` against an agent started with
+/// `config`, and asserts it exits 0 within `deadline`, showing everything it printed when it
+/// does not: the compatibility tests' third-party client scripts.
+pub async fn run_client_script(
+    config: AgentConfig,
+    program: &str,
+    args: &[&str],
+    extra: &[&str],
+    dir: &std::path::Path,
+    deadline: Duration,
+) {
+    let (addr, shutdown) = serve(config).await;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .arg(addr.to_string())
+        .args(extra)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    let out = tokio::time::timeout(deadline, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} still running after {deadline:?}"))
+        .unwrap();
+    shutdown.cancel();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} against {addr} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    eprintln!("{stdout}");
+}
