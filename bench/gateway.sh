@@ -65,35 +65,7 @@ PATH_200=/bench/200b
 # PORT with SERVER_BODY inside its server block; sets NGINX_PID.
 nginx_on() {
     local cpu=$1 name=$2 port=$3 body=$4 extra=${5:-} dir="$WORK/$2"
-    mkdir -p "$dir/tmp"
-    cat >"$dir/nginx.conf" <<EOF
-user root;
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_timeout 65;
-    keepalive_requests 1000000;
-    open_file_cache max=100 inactive=60s;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    default_type application/octet-stream;
-    $extra
-    server {
-        listen 127.0.0.1:$port;
-        $body
-    }
-}
-EOF
+    nginx_conf "$dir" 1 "$port" "$body" "$extra"
     spawn "$name" taskset -c "$cpu" nginx -c "$dir/nginx.conf" -e "$dir/error.log"
     NGINX_PID=$SPAWNED_PID
 }

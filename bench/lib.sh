@@ -164,17 +164,19 @@ start_muster() {
     wait_http "http://127.0.0.1:$port/readyz" 30
 }
 
-# start_nginx PORT ROOT: static files from ROOT, keep-alive, no access log; sets NGINX_PID.
-start_nginx() {
-    local port=$1 root=$2 dir="$WORK/nginx"
+# nginx_conf DIR WORKERS PORT SERVER_BODY [HTTP_EXTRA]: writes DIR/nginx.conf, an nginx with
+# WORKERS workers, keep-alive, no access log, listening on 127.0.0.1:PORT with SERVER_BODY
+# inside its server block and HTTP_EXTRA in its http block.
+nginx_conf() {
+    local dir=$1 workers=$2 port=$3 body=$4 extra=${5:-}
     mkdir -p "$dir/tmp"
     cat >"$dir/nginx.conf" <<EOF
 user root;
-worker_processes 2;
+worker_processes $workers;
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 4096; }
+events { worker_connections 16384; }
 http {
     access_log off;
     sendfile on;
@@ -188,14 +190,21 @@ http {
     fastcgi_temp_path $dir/tmp/fastcgi;
     uwsgi_temp_path $dir/tmp/uwsgi;
     scgi_temp_path $dir/tmp/scgi;
-    types { application/json json; application/xml xml; }
     default_type application/octet-stream;
+    $extra
     server {
         listen 127.0.0.1:$port;
-        root $root;
+        $body
     }
 }
 EOF
+}
+
+# start_nginx PORT ROOT: static files from ROOT (JSON and XML with their types), two workers;
+# sets NGINX_PID.
+start_nginx() {
+    local port=$1 root=$2 dir="$WORK/nginx"
+    nginx_conf "$dir" 2 "$port" "root $root;" "types { application/json json; application/xml xml; }"
     spawn nginx nginx -c "$dir/nginx.conf" -e "$dir/error.log"
     NGINX_PID=$SPAWNED_PID
 }
