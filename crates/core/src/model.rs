@@ -183,13 +183,23 @@ pub fn refuse_dot_segment(field: &str, text: &str) -> Result<(), ValidationError
     Ok(())
 }
 
-/// The node half of an id made by [`InstanceId::on_node`]: a node name as Consul's catalog
-/// takes it (not empty, not `.` or `..`, no control characters), at most 256 bytes.
-fn valid_node_part(node: &str) -> bool {
-    !node.is_empty()
-        && node.len() <= 256
-        && refuse_dot_segment("node", node).is_ok()
-        && !node.chars().any(char::is_control)
+/// A node name as Consul's catalog takes it, and as the node half of an id made by
+/// [`InstanceId::on_node`]: 1 to 256 bytes, no control characters, not `.` or `..`.
+pub fn check_node_name(field: &str, node: &str) -> Result<(), ValidationError> {
+    refuse_dot_segment(field, node)?;
+    if node.is_empty() || node.len() > 256 {
+        return Err(ValidationError::new(
+            field,
+            format!("must be 1 to 256 bytes, got {}", node.len()),
+        ));
+    }
+    if let Some(c) = node.chars().find(|c| c.is_control()) {
+        return Err(ValidationError::new(
+            field,
+            format!("{c:?} is not allowed: any text without control characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// Free text that is still one URL path segment: 1 to 256 bytes, no control characters or
@@ -275,7 +285,7 @@ impl InstanceId {
     /// gets the error the native registration gives it (as [`ServiceName::parse_lookup`]).
     pub fn parse_lookup(id: &str) -> Result<InstanceId, ValidationError> {
         if let Some((node, own)) = id.rsplit_once('/')
-            && valid_node_part(node)
+            && check_node_name("node", node).is_ok()
             && check_free_text("id", own).is_ok()
         {
             return Ok(InstanceId(id.into()));
@@ -289,7 +299,7 @@ impl InstanceId {
     /// The id of instance `id` of a node other than the agent's, registered through Consul's
     /// catalog, which identifies an instance by its node and its ID (the same ID on two nodes
     /// is two instances): `{node}/{id}`. A lenient id has no `/`, so the last one separates
-    /// the two.
+    /// the two. `node` must pass [`check_node_name`], or the id cannot be looked up.
     pub fn on_node(node: &str, id: &InstanceId) -> InstanceId {
         InstanceId(format!("{node}/{id}").into())
     }

@@ -1488,6 +1488,19 @@ async fn the_same_service_id_on_two_nodes_is_two_instances() {
     assert_eq!(ids, ["n2/web", "web"]);
     let one = get(&a, "/api/v1/services/web/instances/n2%2Fweb").await;
     assert_eq!(one.status, StatusCode::OK, "{}", one.text());
+
+    // A node name an instance id could not hold is refused, and nothing is stored.
+    for node in ["bad\u{7}node", &"n".repeat(257)] {
+        let body = json!({"Node": node, "Address": "10.7.0.9",
+                          "Service": {"Service": "web", "ID": "web", "Port": 80}});
+        let r = send(&a, Method::PUT, "/v1/catalog/register", &body.to_string()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert!(r.text().starts_with("Invalid node name"), "{}", r.text());
+    }
+    assert_eq!(
+        on_nodes(&get(&a, "/v1/catalog/service/web").await.json()),
+        vec![pair("n2"), pair(NODE_NAME)]
+    );
 }
 
 /// Node maintenance hides every service of the agent's node behind the

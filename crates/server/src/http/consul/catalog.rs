@@ -491,7 +491,7 @@ pub async fn register(
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ConsulError::bad_request("Must provide node"))?;
     // The node's name is a path segment of `/v1/catalog/node/:node`.
-    muster_core::model::refuse_dot_segment("Node", &node_name)
+    muster_core::model::check_node_name("Node", &node_name)
         .map_err(|e| ConsulError::bad_request(format!("Invalid node name: {}", e.message)))?;
     let agent = Node::of(&state);
     let own = agent.is(&node_name);
