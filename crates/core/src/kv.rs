@@ -18,6 +18,18 @@ use crate::{LeaseId, Time, ValidationError};
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 
+/// Where the agent keeps records of its own in the KV store (ACL tokens and policies).
+///
+/// It starts with NUL, which no client key may contain, so no client can read, write or
+/// list these keys through any API; they are as durable as every other key and replicated
+/// with them in cluster mode. They are written only through [`crate::Command::SystemTxn`].
+pub const SYSTEM_PREFIX: &str = "\0muster/";
+
+/// Whether `key` is one of the agent's own (see [`SYSTEM_PREFIX`]).
+pub fn is_system_key(key: &str) -> bool {
+    key.starts_with('\0')
+}
+
 /// One key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvEntry {
@@ -173,6 +185,19 @@ pub fn validate_key(key: &str) -> Result<(), ValidationError> {
     }
     if key.contains('\0') {
         return Err(ValidationError::new("key", "must not contain NUL"));
+    }
+    Ok(())
+}
+
+/// Checks a key of the agent's own: under [`SYSTEM_PREFIX`] and within [`MAX_KEY_BYTES`].
+pub fn validate_system_key(key: &str) -> Result<(), ValidationError> {
+    if !key.starts_with(SYSTEM_PREFIX) || key.len() > MAX_KEY_BYTES {
+        return Err(ValidationError::new(
+            "key",
+            format!(
+                "agent records must be under the system prefix and at most {MAX_KEY_BYTES} bytes"
+            ),
+        ));
     }
     Ok(())
 }

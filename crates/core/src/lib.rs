@@ -31,7 +31,9 @@ pub mod snapshot;
 pub mod time;
 
 pub use check::{CheckCell, CheckKind, CheckSpec, HttpCheck, Probe};
-pub use kv::{KvEntry, KvPut, Session, SessionBehavior, SessionSpec, StoredKv, StoredSession};
+pub use kv::{
+    KvEntry, KvPut, SYSTEM_PREFIX, Session, SessionBehavior, SessionSpec, StoredKv, StoredSession,
+};
 pub use liveness::Liveness;
 pub use model::{
     CheckState, Filter, Health, HealthFilter, Instance, InstanceId, InstanceSpec, KeepAlive,

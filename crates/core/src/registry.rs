@@ -15,7 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::check::{CheckCell, CheckKind, CheckSpec};
-use crate::kv::{KvEntry, KvPut, Session, SessionBehavior, SessionSpec, StoredKv, StoredSession};
+use crate::kv::{
+    KvEntry, KvPut, Session, SessionBehavior, SessionSpec, StoredKv, StoredSession, is_system_key,
+};
 use crate::model::NodeCheck;
 use crate::preservation::{Preservation, RenewalCounts, Transition};
 use crate::snapshot::TOMBSTONE_CAPACITY;
@@ -151,6 +153,9 @@ pub enum Command {
     KvPut(KvPut),
     /// KV operations applied all or nothing at one index.
     KvTxn(Vec<TxnOp>),
+    /// Like `KvTxn`, on the agent's own records only (every key under
+    /// [`crate::kv::SYSTEM_PREFIX`]): how ACL tokens and policies are written.
+    SystemTxn(Vec<TxnOp>),
     /// Delete a key, or every key under a prefix.
     KvDelete {
         /// Key or prefix.
@@ -443,6 +448,8 @@ pub struct Registry {
     pub(crate) now: Time,
     /// Inside a KV transaction: every change shares one index.
     in_txn: bool,
+    /// Inside a [`Command::SystemTxn`]: keys must be the agent's own, and only they may be.
+    system: bool,
     txn_index: Option<u64>,
     /// What the last sweeps learned about quiet services, so the next ones can skip them.
     sweep_hints: SweepHints,
@@ -619,6 +626,7 @@ impl Registry {
             persisted_index: 0,
             now: Time::ZERO,
             in_txn: false,
+            system: false,
             txn_index: None,
             sweep_hints: SweepHints::default(),
             cluster: None,
@@ -858,6 +866,12 @@ impl Registry {
             }
             Command::KvPut(put) => self.kv_put(put),
             Command::KvTxn(ops) => self.kv_txn(ops),
+            Command::SystemTxn(ops) => {
+                self.system = true;
+                let applied = self.kv_txn(ops);
+                self.system = false;
+                applied
+            }
             Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas),
             Command::CreateSession { id, spec } => self.create_session(id, spec, now),
             Command::ReleaseLocks {
@@ -1716,12 +1730,29 @@ impl Registry {
                 Err(e) => Err(e.to_string()),
             }
         };
+        let key = match &op {
+            TxnOp::Set(put) => &put.key,
+            TxnOp::Get { key }
+            | TxnOp::CheckIndex { key, .. }
+            | TxnOp::CheckNotExists { key }
+            | TxnOp::CheckSession { key, .. }
+            | TxnOp::Delete { key, .. } => key,
+            TxnOp::GetTree { prefix } | TxnOp::DeleteTree { prefix } => prefix,
+        };
+        if is_system_key(key) != self.system {
+            return Err(format!(
+                "key {key:?}: {}",
+                self.check_key(key)
+                    .err()
+                    .map_or_else(|| "not allowed here".to_string(), |e| e.to_string(),)
+            ));
+        }
         match op {
             TxnOp::Set(put) => put_result(self, put).map(|e| e.map(strip_value)),
             TxnOp::Get { key } => current(self, &key).map(Some).ok_or_else(|| missing(&key)),
             TxnOp::GetTree { prefix } => {
                 // Reported as one result per key by the adapter; here only the check.
-                Ok(self.state.kv_prefix(&prefix).next().cloned())
+                Ok(self.kv_scope(&prefix).next().cloned())
             }
             TxnOp::CheckIndex { key, index } => match current(self, &key) {
                 Some(e) if e.modify_index == index => Ok(Some(strip_value(e))),
@@ -1756,8 +1787,27 @@ impl Registry {
         }
     }
 
+    /// Checks a key as the command being applied may name it: a client's key, or in a
+    /// [`Command::SystemTxn`] one of the agent's own.
+    fn check_key(&self, key: &str) -> Result<(), ValidationError> {
+        if self.system {
+            crate::kv::validate_system_key(key)
+        } else {
+            crate::kv::validate_key(key)
+        }
+    }
+
+    /// The entries under `prefix` the command being applied may touch.
+    fn kv_scope<'a>(&'a self, prefix: &str) -> Box<dyn Iterator<Item = &'a Arc<KvEntry>> + 'a> {
+        if self.system {
+            self.state.system_prefix(prefix)
+        } else {
+            self.state.kv_prefix(prefix)
+        }
+    }
+
     fn kv_put(&mut self, put: KvPut) -> Result<Applied, RegistryError> {
-        crate::kv::validate_key(&put.key)?;
+        self.check_key(&put.key)?;
         let limits = &self.config.limits;
         let size = put.value.as_ref().map_or(0, |v| v.len());
         if size > limits.max_kv_value_bytes {
@@ -1856,10 +1906,10 @@ impl Registry {
             .into());
         }
         if !recurse {
-            crate::kv::validate_key(key)?;
+            self.check_key(key)?;
         }
         let doomed: Vec<Arc<str>> = if recurse {
-            self.state.kv_prefix(key).map(|e| e.key.clone()).collect()
+            self.kv_scope(key).map(|e| e.key.clone()).collect()
         } else {
             let current = self.state.kv.get(key);
             if let Some(cas) = cas

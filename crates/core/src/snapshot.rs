@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use imbl::OrdMap;
 
-use crate::kv::prefix_end;
+use crate::kv::{is_system_key, prefix_end};
 use crate::model::NodeCheck;
 use crate::{
     Filter, Instance, InstanceId, KeepAlive, KvEntry, LeaseId, Liveness, ServiceName, Session,
@@ -310,13 +310,36 @@ impl Snapshot {
         Some(lease)
     }
 
-    /// One key.
+    /// One key a client may see (never one of the agent's own, see
+    /// [`crate::kv::SYSTEM_PREFIX`]).
     pub fn kv_get(&self, key: &str) -> Option<&Arc<KvEntry>> {
+        if is_system_key(key) {
+            return None;
+        }
         self.kv.get(key)
     }
 
-    /// Every entry whose key starts with `prefix`, in key order.
+    /// Every entry a client may see whose key starts with `prefix`, in key order.
     pub fn kv_prefix<'a>(
+        &'a self,
+        prefix: &str,
+    ) -> Box<dyn Iterator<Item = &'a Arc<KvEntry>> + 'a> {
+        if is_system_key(prefix) {
+            return Box::new(std::iter::empty());
+        }
+        if prefix.is_empty() {
+            // The agent's own records sort first: a client's whole range starts after them.
+            return Box::new(
+                self.kv
+                    .range(Arc::<str>::from(CLIENT_KEYS_START)..)
+                    .map(|(_, v)| v),
+            );
+        }
+        self.kv_range(prefix)
+    }
+
+    /// Every entry, the agent's own included, whose key starts with `prefix`.
+    pub(crate) fn kv_range<'a>(
         &'a self,
         prefix: &str,
     ) -> Box<dyn Iterator<Item = &'a Arc<KvEntry>> + 'a> {
@@ -330,24 +353,52 @@ impl Snapshot {
         }
     }
 
+    /// The agent's own records under `prefix` (which starts with
+    /// [`crate::kv::SYSTEM_PREFIX`]), in key order.
+    pub fn system_prefix<'a>(
+        &'a self,
+        prefix: &str,
+    ) -> Box<dyn Iterator<Item = &'a Arc<KvEntry>> + 'a> {
+        if !is_system_key(prefix) {
+            return Box::new(std::iter::empty());
+        }
+        self.kv_range(prefix)
+    }
+
+    /// One of the agent's own records.
+    pub fn system_get(&self, key: &str) -> Option<&Arc<KvEntry>> {
+        if !is_system_key(key) {
+            return None;
+        }
+        self.kv.get(key)
+    }
+
     /// The index a KV read of `key` (or, with `recurse`, of every key under it) answers with:
-    /// the newest change or deletion there, never less than 1, never going back.
+    /// the newest change or deletion there, never less than 1, never going back. The agent's
+    /// own records (under [`crate::kv::SYSTEM_PREFIX`]) count only for their own prefix.
     pub fn kv_index(&self, key: &str, recurse: bool) -> u64 {
         let mut index = self.kv_floor.max(1);
         if recurse {
-            index = index.max(
+            let system = is_system_key(key);
+            let newest = if system {
+                self.kv_range(key)
+            } else {
                 self.kv_prefix(key)
-                    .map(|e| e.modify_index)
-                    .max()
-                    .unwrap_or(0),
-            );
-            let low: Arc<str> = key.into();
+            }
+            .map(|e| e.modify_index)
+            .max();
+            index = index.max(newest.unwrap_or(0));
+            let low: Arc<str> = if key.is_empty() {
+                CLIENT_KEYS_START.into()
+            } else {
+                key.into()
+            };
             let deleted = match prefix_end(key) {
-                Some(end) => {
+                Some(end) if !key.is_empty() => {
                     let high: Arc<str> = end.into();
                     self.kv_tombstones.range(low..high).map(|(_, i)| *i).max()
                 }
-                None => self.kv_tombstones.range(low..).map(|(_, i)| *i).max(),
+                _ => self.kv_tombstones.range(low..).map(|(_, i)| *i).max(),
             };
             index = index.max(deleted.unwrap_or(0));
         } else {
@@ -401,3 +452,7 @@ impl Snapshot {
         Some(out)
     }
 }
+
+/// Where the keys a client may see start: the agent's own records start with NUL and sort
+/// before them.
+const CLIENT_KEYS_START: &str = "\u{1}";

@@ -344,3 +344,71 @@ fn a_lock_whose_session_ended_cannot_be_taken_within_the_lock_delay() {
     );
     assert!(ok(apply(&mut reg, Command::KvPut(take), 16_000)));
 }
+
+#[test]
+fn the_agents_own_records_are_out_of_every_clients_reach() {
+    use muster_core::{SYSTEM_PREFIX, TxnOp};
+    let mut reg = Registry::new(config_without_preservation(60_000));
+    let record = format!("{SYSTEM_PREFIX}acl/token/a");
+    // A client cannot write one, alone or in a transaction.
+    assert!(reg.apply(Command::KvPut(put(&record, "x")), at(0)).is_err());
+    let txn = apply(
+        &mut reg,
+        Command::KvTxn(vec![TxnOp::Set(put(&record, "x"))]),
+        0,
+    );
+    assert!(
+        matches!(txn, Applied::Txn { ref errors, .. } if errors.len() == 1),
+        "{txn:?}"
+    );
+    // The agent writes it through a system transaction, which refuses client keys.
+    let sys = apply(
+        &mut reg,
+        Command::SystemTxn(vec![TxnOp::Set(put(&record, "secret"))]),
+        0,
+    );
+    assert!(
+        matches!(sys, Applied::Txn { ref errors, .. } if errors.is_empty()),
+        "{sys:?}"
+    );
+    let stray = apply(
+        &mut reg,
+        Command::SystemTxn(vec![TxnOp::Set(put("cfg", "x"))]),
+        0,
+    );
+    assert!(
+        matches!(stray, Applied::Txn { ref errors, .. } if errors.len() == 1),
+        "{stray:?}"
+    );
+    assert!(ok(apply(&mut reg, Command::KvPut(put("cfg", "v")), 0)));
+    // No client read, listing, transaction read or recursive delete reaches it.
+    let snap = reg.snapshot();
+    assert!(snap.kv_get(&record).is_none());
+    let listed: Vec<String> = snap.kv_prefix("").map(|e| e.key.to_string()).collect();
+    assert_eq!(listed, vec!["cfg".to_string()]);
+    assert_eq!(snap.kv_prefix(SYSTEM_PREFIX).count(), 0);
+    let get = apply(
+        &mut reg,
+        Command::KvTxn(vec![TxnOp::Get {
+            key: record.clone(),
+        }]),
+        0,
+    );
+    assert!(
+        matches!(get, Applied::Txn { ref results, .. } if results.is_empty()),
+        "{get:?}"
+    );
+    assert!(ok(apply(
+        &mut reg,
+        Command::KvDelete {
+            key: String::new(),
+            recurse: true,
+            cas: None
+        },
+        0
+    )));
+    let snap = reg.snapshot();
+    assert_eq!(snap.kv_prefix("").count(), 0);
+    let kept = snap.system_get(&record).and_then(|e| e.value.clone());
+    assert_eq!(kept.as_deref(), Some(&b"secret"[..]));
+}
