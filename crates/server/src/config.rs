@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub http: HttpConfig,
     /// HTTPS: certificate, client verification, listener (`[tls]`).
     pub tls: TlsConfig,
+    /// Access control: Consul's ACL tokens and policies (`[acl]`).
+    pub acl: AclConfig,
     /// DNS listener, UDP and TCP on the same address.
     pub dns_addr: SocketAddr,
     /// The DNS domain answered (`muster`; `consul` for drop-in use with Consul DNS setups).
@@ -89,6 +91,7 @@ impl Default for AgentConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8500)),
             http: HttpConfig::default(),
             tls: TlsConfig::default(),
+            acl: AclConfig::default(),
             dns_addr: SocketAddr::from(([127, 0, 0, 1], 8600)),
             dns_domain: "muster".into(),
             dns: DnsConfig::default(),
@@ -249,6 +252,95 @@ impl HttpConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// Access control, as Consul's `acl` stanza: off unless `enabled`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Check every request's token against its policies.
+    pub enabled: bool,
+    /// What a request no rule speaks about gets: `allow` or `deny`.
+    pub default_policy: String,
+    /// Tokens the agent knows from its configuration.
+    pub tokens: AclTokensConfig,
+}
+
+impl Default for AclConfig {
+    fn default() -> AclConfig {
+        AclConfig {
+            enabled: false,
+            default_policy: "allow".into(),
+            tokens: AclTokensConfig::default(),
+        }
+    }
+}
+
+impl AclConfig {
+    /// The default policy.
+    pub fn default_policy(&self) -> crate::acl::DefaultPolicy {
+        if self.default_policy.eq_ignore_ascii_case("deny") {
+            crate::acl::DefaultPolicy::Deny
+        } else {
+            crate::acl::DefaultPolicy::Allow
+        }
+    }
+
+    /// Refuses settings that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !matches!(
+            self.default_policy.to_ascii_lowercase().as_str(),
+            "allow" | "deny"
+        ) {
+            return Err(format!(
+                "acl.default_policy must be \"allow\" or \"deny\", got {:?}",
+                self.default_policy
+            ));
+        }
+        if let Some(t) = &self.tokens.initial_management
+            && t.len() < 16
+        {
+            return Err(
+                "acl.tokens.initial_management must be at least 16 characters (a UUID is \
+                 best: generate one with `uuidgen`)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The `acl.tokens` settings. Never printed: [`std::fmt::Debug`] hides them.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclTokensConfig {
+    /// A management token the agent creates at start if no token has this secret (Consul's
+    /// `initial_management`; its old name `master` is accepted).
+    #[serde(alias = "master")]
+    pub initial_management: Option<String>,
+    /// The token of requests that give none (else the anonymous token).
+    pub default: Option<String>,
+    /// The token of the agent's own operations.
+    pub agent: Option<String>,
+    /// The token DNS answers with (else `default`).
+    pub dns: Option<String>,
+    /// A secret checked on this agent alone that may always use the agent endpoints
+    /// (`agent_master` is accepted).
+    #[serde(alias = "agent_master")]
+    pub agent_recovery: Option<String>,
+}
+
+impl std::fmt::Debug for AclTokensConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |t: &Option<String>| t.as_ref().map(|_| "<hidden>");
+        f.debug_struct("AclTokensConfig")
+            .field("initial_management", &shown(&self.initial_management))
+            .field("default", &shown(&self.default))
+            .field("agent", &shown(&self.agent))
+            .field("dns", &shown(&self.dns))
+            .field("agent_recovery", &shown(&self.agent_recovery))
+            .finish()
     }
 }
 

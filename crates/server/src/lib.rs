@@ -19,6 +19,7 @@
 //! and [`Agent::serve`] take already bound sockets and stop on the shutdown token, so tests
 //! bind port 0 and run many agents in one process.
 
+pub mod acl;
 pub mod checks;
 pub mod clock;
 pub mod cluster;
@@ -74,6 +75,8 @@ struct Inner {
     monitor: OnceLock<Monitor>,
     /// Eureka answers rendered once per change and shared by the reads that follow.
     eureka_answers: http::eureka::answers::Answers,
+    /// Access control: settings, agent tokens, and the view of tokens and policies.
+    acl: acl::Acl,
 }
 
 impl AppState {
@@ -104,6 +107,11 @@ impl AppState {
     }
 
     /// Eureka answers kept for the reads that follow.
+    /// Access control.
+    pub fn acl(&self) -> &acl::Acl {
+        &self.inner.acl
+    }
+
     pub(crate) fn eureka_answers(&self) -> &http::eureka::answers::Answers {
         &self.inner.eureka_answers
     }
@@ -356,6 +364,7 @@ impl Agent {
         ));
         telemetry::handle();
         let consul_node = http::consul::render::Node::from_config(&config);
+        let acl = acl::Acl::new(&config.acl, &config.datacenter);
         tasks.extend([sweeper_task, checker_task]);
         Agent {
             state: AppState {
@@ -375,6 +384,7 @@ impl Agent {
                     definitions: Default::default(),
                     monitor: OnceLock::new(),
                     eureka_answers: Default::default(),
+                    acl,
                 }),
             },
             tasks,
@@ -436,6 +446,7 @@ impl Agent {
         https: Option<(TcpListener, Arc<Certs>)>,
     ) -> Result<(), ServerError> {
         let shutdown = self.state.inner.shutdown.clone();
+        http::consul::acl::ensure_initial_management(&self.state).await;
         let app = http::app(self.state.clone());
         let config = &self.state.inner.config;
         lanes::serve(

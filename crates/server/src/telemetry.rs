@@ -43,6 +43,10 @@ pub const HTTP_TIMEOUTS: &str = "muster_http_timeouts_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "muster_tls_handshake_failures_total";
 /// Certificate reloads (SIGHUP), by `outcome` (`ok`, `error`).
 pub const TLS_RELOADS: &str = "muster_tls_reloads_total";
+/// Requests an ACL token lacked a permission for, by `resource` (`service`, `key`, ...).
+pub const ACL_DENIED: &str = "muster_acl_denied_total";
+/// Requests whose token did not resolve (unknown, deleted or expired).
+pub const ACL_NOT_FOUND: &str = "muster_acl_token_not_found_total";
 /// Time to make one batch durable.
 pub const COMMIT_SECONDS: &str = "muster_store_commit_duration_seconds";
 /// Commands per durable batch.
@@ -257,6 +261,24 @@ const METRICS: &[(&str, Kind, &str, Series)] = {
             Counter,
             "Certificate reloads on SIGHUP: ok, error (the old certificate stays).",
             Each("outcome", &["ok", "error"]),
+        ),
+        (
+            ACL_DENIED,
+            Counter,
+            "Requests denied by ACLs, by the resource kind whose permission the token lacked.",
+            Each(
+                "resource",
+                &[
+                    "service", "node", "key", "session", "agent", "event", "query", "acl",
+                    "operator", "keyring", "mesh", "peering",
+                ],
+            ),
+        ),
+        (
+            ACL_NOT_FOUND,
+            Counter,
+            "Requests whose ACL token is unknown, deleted or expired (answered 403 ACL not found).",
+            Plain,
         ),
         (
             COMMIT_SECONDS,

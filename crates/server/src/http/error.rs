@@ -44,6 +44,10 @@ error_codes! {
     MalformedJson => "malformed_json",
     /// 400: a request the registry refuses for another reason.
     Rejected => "rejected",
+    /// 403: the request's ACL token is unknown, deleted or expired.
+    AclNotFound => "acl_not_found",
+    /// 403: the request's ACL token lacks a permission; the message names it.
+    PermissionDenied => "permission_denied",
     /// 404: a path the agent does not serve.
     NotFound => "not_found",
     /// 404: an instance that is not registered.

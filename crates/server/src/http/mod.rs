@@ -6,6 +6,7 @@
 //! - [`eureka`]: the Eureka-compatible API under `/eureka/` (and `/eureka/v2/`, `/v2/`, `/apps`).
 //! - [`checks`]: check definitions, results and TTL reports.
 //! - [`prometheus_sd`]: the registry as Prometheus HTTP service discovery.
+//! - [`auth`]: the request's ACL token, its caller, and denials in each API's shape.
 //! - [`body`]: body and query parsing that names fields.
 //! - [`limits`]: body size limits and the body-read deadline.
 //! - [`conn`]: one connection: hyper's HTTP/1 server, header and idle timeouts.
@@ -13,6 +14,7 @@
 //! - [`ui`]: the dashboard at `/ui/`, embedded in the binary.
 //! - [`error`]: the error shape and status mapping.
 
+pub mod auth;
 pub mod body;
 pub mod checks;
 pub mod cluster;
@@ -117,6 +119,10 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             cluster::staleness,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::resolve_caller,
         ))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)

@@ -1,6 +1,6 @@
 //! Consul endpoints for features muster does not have: Connect (the service mesh: CA,
-//! intentions, leaf certificates, discovery chains), gateways, cluster peering, config
-//! entries and ACLs.
+//! intentions, leaf certificates, discovery chains), gateways, cluster peering and config
+//! entries.
 //!
 //! They answer as a Consul agent that does not use those features answers, so a client that
 //! probes them (py-consul's `connect`/`config` calls, Traefik's `connectAware`,
@@ -265,10 +265,4 @@ pub async fn config_delete(
 /// `PUT /v1/config`: applying an entry.
 pub async fn config_apply() -> ConsulError {
     not_kept("Config entries")
-}
-
-/// `/v1/acl/*` and `PUT /v1/agent/token/:kind`: Consul's answer when ACLs are not enabled
-/// (401; py-consul raises `ACLDisabled`). Tokens sent with requests are ignored.
-pub async fn acl_disabled() -> ConsulError {
-    ConsulError::new(StatusCode::UNAUTHORIZED, "ACL support disabled")
 }

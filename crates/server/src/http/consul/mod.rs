@@ -11,8 +11,9 @@
 //! registers is rendered here (`render::consul_agent_service`) rather than registered, so it
 //! stays out of the native API, DNS and the registry's limits, and no client can remove it.
 //!
-//! - [`absent`]: Connect, gateways, peering, config entries and ACLs, answered as a Consul
+//! - [`absent`]: Connect, gateways, peering and config entries, answered as a Consul
 //!   that does not use them answers.
+//! - [`acl`]: ACL bootstrap, tokens, policies and the agent's tokens.
 //! - [`agent`]: the agent endpoints (services, checks, maintenance, self, members).
 //! - [`catalog`]: catalog, health and status reads.
 //! - [`coordinate`]: network coordinates (the agent's node, unmeasured).
@@ -25,6 +26,7 @@
 //! - [`body`]: lenient request bodies and Go durations.
 
 pub mod absent;
+pub mod acl;
 pub mod agent;
 pub mod body;
 pub mod catalog;
@@ -418,8 +420,35 @@ fn absent_features() -> Router<AppState> {
             "/config/{kind}/{name}",
             get(absent::config_get).delete(absent::config_delete),
         )
-        .route("/acl/{*rest}", any(absent::acl_disabled))
-        .route("/agent/token/{kind}", put(absent::acl_disabled))
+        .route("/acl/bootstrap", put(acl::bootstrap))
+        .route("/acl/token", put(acl::token_create))
+        .route("/acl/token/self", get(acl::token_self))
+        .route(
+            "/acl/token/{accessor}",
+            get(acl::token_read)
+                .put(acl::token_update)
+                .delete(acl::token_delete),
+        )
+        .route("/acl/token/{accessor}/clone", put(acl::token_clone))
+        .route("/acl/tokens", get(acl::token_list))
+        .route("/acl/policy", put(acl::policy_create))
+        .route(
+            "/acl/policy/{id}",
+            get(acl::policy_read)
+                .put(acl::policy_update)
+                .delete(acl::policy_delete),
+        )
+        .route("/acl/policy/name/{name}", get(acl::policy_read_by_name))
+        .route("/acl/policies", get(acl::policy_list))
+        .route("/acl/roles", get(acl::empty_listing))
+        .route("/acl/auth-methods", get(acl::empty_listing))
+        .route("/acl/binding-rules", get(acl::empty_listing))
+        .route("/acl/role", put(acl::role_absent))
+        .route("/acl/role/{*rest}", any(acl::role_absent))
+        .route("/acl/login", post(acl::login))
+        .route("/acl/logout", post(acl::logout))
+        .route("/acl/{*rest}", any(acl::unknown))
+        .route("/agent/token/{kind}", put(acl::agent_token))
 }
 
 /// The routes with the ordinary body limit.

@@ -1,0 +1,275 @@
+//! Where ACLs meet HTTP: the token a request carries, the [`Caller`] it resolves to, and
+//! denials answered in each API's own shape.
+//!
+//! [`resolve_caller`] runs before every route: with ACLs on it reads the token, answers an
+//! unknown one with 403 `ACL not found` (Consul does so on every endpoint), and leaves the
+//! [`Caller`] in the request for handlers to take as an extractor. A handler reached without
+//! it (a route mounted outside the layer) resolves the caller itself, so nothing fails open.
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+
+use super::consul::ConsulError;
+use super::error::{ApiError, ErrorCode};
+use crate::AppState;
+use crate::acl::{Caller, Denied, TokenSource, Unresolved};
+use crate::telemetry as m;
+
+/// The token a request presents, and where it came from, in Consul's order: `?token=`,
+/// `X-Consul-Token`, `Authorization: Bearer`; and, for Eureka clients (which put credentials
+/// in the server URL), the password of `Authorization: Basic`.
+pub fn presented_token(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    basic: bool,
+) -> Option<(String, TokenSource)> {
+    if let Some(q) = query
+        && q.contains("token=")
+        && let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(q)
+        && let Some((_, t)) = pairs
+            .into_iter()
+            .find(|(k, v)| k == "token" && !v.is_empty())
+    {
+        return Some((t, TokenSource::Query));
+    }
+    if let Some(t) = headers
+        .get("x-consul-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty())
+    {
+        return Some((t.to_string(), TokenSource::Header));
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = auth.trim().split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        let t = rest.split_whitespace().next()?;
+        return Some((t.to_string(), TokenSource::Bearer));
+    }
+    if basic && scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (_, password) = text.split_once(':')?;
+        if !password.is_empty() {
+            return Some((password.to_string(), TokenSource::Basic));
+        }
+    }
+    None
+}
+
+/// Which API a path belongs to, for answering in its shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    Native,
+    Consul,
+    Eureka,
+    Other,
+}
+
+fn api_of(path: &str) -> Api {
+    if path.starts_with("/v1/") {
+        Api::Consul
+    } else if path.starts_with("/api/") {
+        Api::Native
+    } else if path.starts_with("/eureka") || path.starts_with("/v2/") || path.starts_with("/apps") {
+        Api::Eureka
+    } else {
+        Api::Other
+    }
+}
+
+/// Paths that need no token: liveness, readiness, metrics, the dashboard's files (its data
+/// comes through the API with the token the user gives it), bootstrapping, and `token/self`,
+/// which answers an unknown secret itself.
+fn open_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/metrics" | "/v1/acl/bootstrap" | "/v1/acl/token/self"
+    ) || path == "/ui"
+        || path.starts_with("/ui/")
+}
+
+fn resolve(
+    state: &AppState,
+    parts_headers: &HeaderMap,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Caller, Refusal> {
+    let acl = state.acl();
+    let api = api_of(path);
+    let presented = presented_token(parts_headers, query, api == Api::Eureka);
+    let snap = state.snapshot();
+    match acl.resolve(&snap, presented.as_ref().map(|(t, s)| (t.as_str(), *s))) {
+        Ok(caller) => Ok(caller),
+        Err(_) if open_path(path) => acl
+            .resolve(
+                &snap,
+                Some((crate::acl::ANONYMOUS_SECRET, TokenSource::Anonymous)),
+            )
+            .map_err(|_| Refusal::NotFound(api)),
+        Err(Unresolved::Root) => Err(Refusal::Root),
+        Err(Unresolved::NotFound) => {
+            metrics::counter!(m::ACL_NOT_FOUND).increment(1);
+            tracing::info!(
+                path,
+                "request with an unknown, deleted or expired ACL token refused"
+            );
+            Err(Refusal::NotFound(api))
+        }
+    }
+}
+
+/// Why a request is refused before any handler sees it.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// The token does not resolve.
+    NotFound(Api),
+    /// A root secret (`allow`, `deny`, `manage`).
+    Root,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::NotFound(api) => not_found_answer(api),
+            Refusal::Root => {
+                ConsulError::new(StatusCode::FORBIDDEN, "Cannot resolve root ACL").into_response()
+            }
+        }
+    }
+}
+
+fn not_found_answer(api: Api) -> Response {
+    match api {
+        Api::Native => ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::AclNotFound,
+            "ACL not found: the token is unknown, deleted or expired",
+        )
+        .into_response(),
+        _ => ConsulError::new(StatusCode::FORBIDDEN, "ACL not found").into_response(),
+    }
+}
+
+/// The layer: resolves the caller of every request while ACLs are on.
+pub async fn resolve_caller(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if !state.acl().enabled() {
+        return next.run(req).await;
+    }
+    let path = req.uri().path().to_string();
+    let caller = match resolve(&state, req.headers(), &path, req.uri().query()) {
+        Ok(c) => c,
+        Err(refusal) => return with_policy_header(&state, refusal.into_response()),
+    };
+    req.extensions_mut().insert(caller);
+    let resp = next.run(req).await;
+    if api_of(&path) == Api::Consul {
+        return with_policy_header(&state, resp);
+    }
+    resp
+}
+
+fn with_policy_header(state: &AppState, mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        "x-consul-default-acl-policy",
+        HeaderValue::from_static(state.acl().default_policy_name()),
+    );
+    resp
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, Response> {
+        if let Some(c) = parts.extensions.get::<Caller>() {
+            return Ok(c.clone());
+        }
+        if !state.acl().enabled() {
+            return Ok(Caller::unrestricted());
+        }
+        resolve(state, &parts.headers, parts.uri.path(), parts.uri.query())
+            .map_err(IntoResponse::into_response)
+    }
+}
+
+impl From<Denied> for ConsulError {
+    fn from(d: Denied) -> ConsulError {
+        ConsulError::new(StatusCode::FORBIDDEN, d.consul_message())
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::PermissionDenied,
+            d.explained(),
+        )
+    }
+}
+
+/// `X-Consul-Results-Filtered-By-ACLs: true` on `resp` when `filtered` and the request
+/// carried a token (Consul never sends it otherwise, and never as false).
+pub fn mark_filtered(caller: &Caller, filtered: bool, mut resp: Response) -> Response {
+    if filtered && caller.presented() {
+        resp.headers_mut().insert(
+            "x-consul-results-filtered-by-acls",
+            HeaderValue::from_static("true"),
+        );
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn the_query_parameter_wins_then_the_header_then_bearer() {
+        let h = headers(&[("x-consul-token", "hdr"), ("authorization", "Bearer bear")]);
+        assert_eq!(
+            presented_token(&h, Some("a=1&token=q"), false),
+            Some(("q".into(), TokenSource::Query))
+        );
+        assert_eq!(
+            presented_token(&h, None, false),
+            Some(("hdr".into(), TokenSource::Header))
+        );
+        let h = headers(&[("authorization", "bEaReR bear extra")]);
+        assert_eq!(
+            presented_token(&h, None, false),
+            Some(("bear".into(), TokenSource::Bearer))
+        );
+    }
+
+    #[test]
+    fn basic_auth_counts_only_where_eureka_clients_send_it() {
+        // "user:s3cret"
+        let h = headers(&[("authorization", "Basic dXNlcjpzM2NyZXQ=")]);
+        assert_eq!(presented_token(&h, None, false), None);
+        assert_eq!(
+            presented_token(&h, None, true),
+            Some(("s3cret".into(), TokenSource::Basic))
+        );
+    }
+}
