@@ -18,6 +18,8 @@ use super::body::{self, Obj};
 use super::render::{self, Node};
 use super::{ConsulError, Query, empty};
 use crate::AppState;
+use crate::acl::{Access, Caller, Resource};
+use crate::http::auth::mark_filtered;
 
 /// The shortest `DeregisterCriticalServiceAfter` muster keeps (Consul's is a minute; the
 /// registry's own bound is a second).
@@ -199,6 +201,7 @@ pub async fn submit(state: &AppState, command: Command) -> Result<Applied, Consu
 /// `PUT /v1/agent/service/register`.
 pub async fn register_service(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
@@ -208,6 +211,11 @@ pub async fn register_service(
     let o = Obj::of(&v, "the body")?;
     let node = Node::of(&state);
     let reg = service_definition(&o, &node.address, state.config().limits.min_ttl)?;
+    // Write on the name, and on the service this ID replaces (no node permission).
+    caller.require(Resource::Service, &reg.name, Access::Write)?;
+    if let Some(old) = find(&state.snapshot(), reg.id.as_str()) {
+        caller.require(Resource::Service, render::service_name(&old), Access::Write)?;
+    }
     register(&state, reg, !replace).await?;
     Ok(empty())
 }
@@ -366,10 +374,16 @@ pub async fn register(
 /// `PUT /v1/agent/service/deregister/:id`.
 pub async fn deregister_service(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
     let inst = find(&snap, &id).ok_or_else(|| unknown_service(&id))?;
+    caller.require(
+        Resource::Service,
+        render::service_name(&inst),
+        Access::Write,
+    )?;
     submit(
         &state,
         Command::Deregister {
@@ -384,6 +398,7 @@ pub async fn deregister_service(
 /// `PUT /v1/agent/service/maintenance/:id?enable=true|false&reason=...`.
 pub async fn service_maintenance(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
@@ -397,6 +412,11 @@ pub async fn service_maintenance(
     };
     let snap = state.snapshot();
     let inst = find(&snap, &id).ok_or_else(|| unknown_service(&id))?;
+    caller.require(
+        Resource::Service,
+        render::service_name(&inst),
+        Access::Write,
+    )?;
     let reason = enable.then(|| {
         q.get("reason")
             .filter(|r| !r.is_empty())
@@ -418,9 +438,11 @@ pub async fn service_maintenance(
 /// `PUT /v1/agent/maintenance?enable=true|false&reason=...`: the whole node.
 pub async fn node_maintenance(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
+    caller.require(Resource::Node, &state.config().node, Access::Write)?;
     let enable = match q.get("enable") {
         None => return Err(ConsulError::bad_request("Missing value for enable")),
         Some(_) => q
@@ -441,6 +463,7 @@ pub async fn node_maintenance(
 /// `GET /v1/agent/services`: `{ServiceID: AgentService}`.
 pub async fn services(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
@@ -448,25 +471,36 @@ pub async fn services(
     let snap = state.snapshot();
     let dc = &state.config().datacenter;
     let mut out = Map::new();
+    let mut hidden = false;
     // The agent's own services: not external ones registered through the catalog.
     for svc in snap.services.values() {
         for i in svc.instances.values().filter(|i| !render::is_external(i)) {
+            if !caller.allows(Resource::Service, render::service_name(i), Access::Read) {
+                hidden = true;
+                continue;
+            }
             let v = render::local_service(i, dc);
             if filter.as_ref().is_none_or(|f| f.matches(&v)) {
                 out.insert(i.id.to_string(), v);
             }
         }
     }
-    Ok(super::json(snap.index, &Value::Object(out)))
+    Ok(mark_filtered(
+        &caller,
+        hidden,
+        super::json(snap.index, &Value::Object(out)),
+    ))
 }
 
 /// `GET /v1/agent/service/:id`.
 pub async fn service(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
     let inst = find(&snap, &id).ok_or_else(|| unknown_service(&id))?;
+    caller.require(Resource::Service, render::service_name(&inst), Access::Read)?;
     let mut v = render::local_service(&inst, &state.config().datacenter);
     let hash = render::uuid_from(&format!("{}:{}", inst.id, inst.modify_index));
     v["ContentHash"] = json!(hash.replace('-', "")[..16]);
@@ -476,6 +510,7 @@ pub async fn service(
 /// `GET /v1/agent/checks`: `{CheckID: HealthCheck}`.
 pub async fn checks(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
@@ -483,7 +518,14 @@ pub async fn checks(
     let snap = state.snapshot();
     let node = Node::of(&state);
     let mut out = Map::new();
-    for c in render::node_checks(&node, &snap).into_iter().skip(1) {
+    let node_readable = caller.allows(Resource::Node, &node.name, Access::Read);
+    let mut hidden = !node_readable && !snap.node_checks.is_empty();
+    let node_checks = if node_readable {
+        render::node_checks(&node, &snap)
+    } else {
+        Vec::new()
+    };
+    for c in node_checks.into_iter().skip(1) {
         if filter.as_ref().is_none_or(|f| f.matches(&c))
             && let Some(id) = c["CheckID"].as_str()
         {
@@ -492,6 +534,10 @@ pub async fn checks(
     }
     for svc in snap.services.values() {
         for i in svc.instances.values().filter(|i| !render::is_external(i)) {
+            if !caller.allows(Resource::Service, render::service_name(i), Access::Read) {
+                hidden |= !i.spec.checks.is_empty();
+                continue;
+            }
             for c in render::instance_checks(&node, i) {
                 if filter.as_ref().is_some_and(|f| !f.matches(&c)) {
                     continue;
@@ -502,12 +548,17 @@ pub async fn checks(
             }
         }
     }
-    Ok(super::json(snap.index, &Value::Object(out)))
+    Ok(mark_filtered(
+        &caller,
+        hidden,
+        super::json(snap.index, &Value::Object(out)),
+    ))
 }
 
 /// `PUT /v1/agent/check/register`: a check attached to a registered service.
 pub async fn register_check(
     State(state): State<AppState>,
+    caller: Caller,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
     let v = body::parse(&bytes)?;
@@ -516,10 +567,16 @@ pub async fn register_check(
         check_definition(&o, state.config().limits.min_ttl)?;
     // Without a ServiceID it is a check of the node: it counts for every service on it.
     let Some(service_id) = service_id else {
+        caller.require(Resource::Node, &state.config().node, Access::Write)?;
         submit(&state, Command::RegisterNodeCheck(check)).await?;
         return Ok(empty());
     };
     let inst = own_service(&state.snapshot(), &service_id)?;
+    caller.require(
+        Resource::Service,
+        render::service_name(&inst),
+        Access::Write,
+    )?;
     let mut spec = inst.spec.clone();
     spec.checks.retain(|c| c.name != check.name);
     spec.checks.push(check);
@@ -575,16 +632,23 @@ pub fn own_service(snap: &Snapshot, id: &str) -> Result<Arc<Instance>, ConsulErr
 /// `PUT /v1/agent/check/deregister/:id`.
 pub async fn deregister_check(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
     let Some((inst, pos)) = find_check(&snap, &id) else {
         if snap.node_checks.iter().any(|c| c.spec.name == id) {
+            caller.require(Resource::Node, &state.config().node, Access::Write)?;
             submit(&state, Command::DeregisterNodeCheck { name: id }).await?;
             return Ok(empty());
         }
         return Err(unknown_check(&id));
     };
+    caller.require(
+        Resource::Service,
+        render::service_name(&inst),
+        Access::Write,
+    )?;
     let mut spec = inst.spec.clone();
     spec.checks.remove(pos);
     submit(
@@ -602,6 +666,7 @@ pub async fn deregister_check(
 /// Sets a TTL check's status: what pass, warn, fail and update share.
 async fn report(
     state: &AppState,
+    caller: &Caller,
     id: &str,
     status: Status,
     output: String,
@@ -615,19 +680,27 @@ async fn report(
     };
     // A service's check, or else the node's.
     let (show, command) = match find_check(&snap, id) {
-        Some((inst, pos)) => (
-            inst.checks[pos].report(&inst.spec.checks[pos], status, output, state.now()),
-            Command::UpdateChecks {
-                service: inst.service.clone(),
-                id: inst.id.clone(),
-            },
-        ),
+        Some((inst, pos)) => {
+            caller.require(
+                Resource::Service,
+                render::service_name(&inst),
+                Access::Write,
+            )?;
+            (
+                inst.checks[pos].report(&inst.spec.checks[pos], status, output, state.now()),
+                Command::UpdateChecks {
+                    service: inst.service.clone(),
+                    id: inst.id.clone(),
+                },
+            )
+        }
         None => {
             let c = snap
                 .node_checks
                 .iter()
                 .find(|c| c.spec.name == id)
                 .ok_or_else(|| unknown_check(id))?;
+            caller.require(Resource::Node, &state.config().node, Access::Write)?;
             (
                 c.state.report(&c.spec, status, output, state.now()),
                 Command::UpdateNodeChecks,
@@ -650,33 +723,44 @@ fn note(raw: Option<&str>) -> Result<String, ConsulError> {
 /// `PUT /v1/agent/check/pass/:id?note=...`.
 pub async fn check_pass(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    report(&state, &id, Status::Passing, note(raw.as_deref())?).await
+    report(&state, &caller, &id, Status::Passing, note(raw.as_deref())?).await
 }
 
 /// `PUT /v1/agent/check/warn/:id?note=...`.
 pub async fn check_warn(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    report(&state, &id, Status::Warning, note(raw.as_deref())?).await
+    report(&state, &caller, &id, Status::Warning, note(raw.as_deref())?).await
 }
 
 /// `PUT /v1/agent/check/fail/:id?note=...`.
 pub async fn check_fail(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    report(&state, &id, Status::Critical, note(raw.as_deref())?).await
+    report(
+        &state,
+        &caller,
+        &id,
+        Status::Critical,
+        note(raw.as_deref())?,
+    )
+    .await
 }
 
 /// `PUT /v1/agent/check/update/:id` with `{"Status": "...", "Output": "..."}`.
 pub async fn check_update(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
@@ -684,7 +768,7 @@ pub async fn check_update(
     let o = Obj::of(&v, "the body")?;
     let status = check_status(&o.str(&["Status"])?.unwrap_or_default())?;
     let output = o.str(&["Output"])?.unwrap_or_default();
-    report(&state, &id, status, output).await
+    report(&state, &caller, &id, status, output).await
 }
 
 fn health_answer(status: &str, body: Value, format_text: bool) -> Response {
@@ -704,6 +788,7 @@ fn health_answer(status: &str, body: Value, format_text: bool) -> Response {
 /// `GET /v1/agent/health/service/id/:id`: 200 passing, 429 warning, 503 critical.
 pub async fn health_by_id(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
@@ -711,6 +796,7 @@ pub async fn health_by_id(
     let snap = state.snapshot();
     let inst = find(&snap, &id)
         .ok_or_else(|| ConsulError::not_found(format!("ServiceId {id} not found")))?;
+    caller.require(Resource::Service, render::service_name(&inst), Access::Read)?;
     let node = Node::of(&state);
     let status = render::aggregated(inst.health());
     let body = json!({
@@ -724,6 +810,7 @@ pub async fn health_by_id(
 /// `GET /v1/agent/health/service/name/:name`: the worst of the service's instances.
 pub async fn health_by_name(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
@@ -733,6 +820,7 @@ pub async fn health_by_name(
         .service(&name.to_lowercase())
         .cloned()
         .ok_or_else(|| ConsulError::not_found(format!("ServiceName {name} Not Found")))?;
+    caller.require(Resource::Service, &name, Access::Read)?;
     let node = Node::of(&state);
     let worst = svc
         .instances
@@ -772,7 +860,11 @@ pub async fn version() -> Response {
 }
 
 /// `GET /v1/agent/self`: every top-level value an object, as Go's client requires.
-pub async fn self_info(State(state): State<AppState>) -> Response {
+pub async fn self_info(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ConsulError> {
+    caller.require(Resource::Agent, &state.config().node, Access::Read)?;
     let node = Node::of(&state);
     let body = json!({
         "Config": {
@@ -792,7 +884,7 @@ pub async fn self_info(State(state): State<AppState>) -> Response {
             "agent": {"check_monitors": "0"},
             // What a Consul server that leads itself reports; the values are strings in Consul.
             "consul": {
-                "acl": "disabled",
+                "acl": if state.acl().enabled() { "enabled" } else { "disabled" },
                 "bootstrap": "false",
                 "known_datacenters": "1",
                 "leader": "true",
@@ -804,7 +896,7 @@ pub async fn self_info(State(state): State<AppState>) -> Response {
         "Meta": {},
         "xDS": {},
     });
-    super::json(state.snapshot().index, &body)
+    Ok(super::json(state.snapshot().index, &body))
 }
 
 /// Which gossip pool a member is shown in: Consul names WAN members `node.datacenter`.
@@ -857,6 +949,7 @@ fn member(node: &Node, pool: Pool) -> Value {
 /// pool.
 pub async fn members(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
@@ -868,29 +961,45 @@ pub async fn members(
     let node = Node::of(&state);
     let snap = state.snapshot();
     // In cluster mode, every agent of the cluster; else this one.
-    let members: Vec<Value> = if snap.members.is_empty() {
-        vec![member(&node, pool)]
+    let nodes: Vec<Node> = if snap.members.is_empty() {
+        vec![node]
     } else {
-        snap.members
-            .values()
-            .map(|m| member(&node.of_member(m), pool))
-            .collect()
+        snap.members.values().map(|m| node.of_member(m)).collect()
     };
-    Ok(super::json(snap.index, &json!(members)))
+    let total = nodes.len();
+    let members: Vec<Value> = nodes
+        .iter()
+        .filter(|n| caller.allows(Resource::Node, &n.name, Access::Read))
+        .map(|n| member(n, pool))
+        .collect();
+    let hidden = members.len() < total;
+    Ok(mark_filtered(
+        &caller,
+        hidden,
+        super::json(snap.index, &json!(members)),
+    ))
 }
 
 /// `PUT /v1/agent/leave`: stops the agent gracefully, as Consul's leave does. The answer
 /// goes out first: the HTTP server drains requests in flight before it stops.
-pub async fn leave(State(state): State<AppState>) -> Response {
-    tracing::info!("leave requested through /v1/agent/leave: shutting down");
+pub async fn leave(State(state): State<AppState>, caller: Caller) -> Result<Response, ConsulError> {
+    caller.require(Resource::Agent, &state.config().node, Access::Write)?;
+    tracing::info!(
+        by = caller.accessor(),
+        "leave requested through /v1/agent/leave: shutting down"
+    );
     state.inner.shutdown.cancel();
-    empty()
+    Ok(empty())
 }
 
 /// `PUT /v1/agent/reload`: reads the service and check definitions of the config
 /// directories again. A file that cannot be used is Consul's 500 with the reason; the
 /// previous definitions stay.
-pub async fn reload(State(state): State<AppState>) -> Result<Response, ConsulError> {
+pub async fn reload(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ConsulError> {
+    caller.require(Resource::Agent, &state.config().node, Access::Write)?;
     crate::definitions::reload(&state)
         .await
         .map_err(|e| ConsulError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -898,6 +1007,7 @@ pub async fn reload(State(state): State<AppState>) -> Result<Response, ConsulErr
 }
 
 /// join, force-leave: a single-node agent has nothing to do.
-pub async fn stub() -> Response {
-    empty()
+pub async fn stub(State(state): State<AppState>, caller: Caller) -> Result<Response, ConsulError> {
+    caller.require(Resource::Agent, &state.config().node, Access::Write)?;
+    Ok(empty())
 }

@@ -18,6 +18,8 @@ use super::filter::Filter;
 use super::render::{self, Node};
 use super::{ConsulError, Query};
 use crate::AppState;
+use crate::acl::{Access, Caller, Resource};
+use crate::http::auth::mark_filtered;
 use crate::http::watch::wait_for;
 
 /// Reads the query, and checks `dc`, `node-meta` and `filter`.
@@ -27,6 +29,13 @@ struct Read {
     /// False when a `node-meta` filter excludes the agent's node (then every list is empty).
     node_matches: bool,
     filter: Option<Filter>,
+    /// Who asks: entries it may not read are left out, silently, as Consul does.
+    caller: Caller,
+    /// Whether every service, and every node, is readable: no per-entry checks then.
+    all_services: bool,
+    all_nodes: bool,
+    /// Set when an entry was left out for the caller.
+    filtered: std::sync::atomic::AtomicBool,
 }
 
 impl Read {
@@ -34,9 +43,43 @@ impl Read {
     fn keep(&self, item: &Value) -> bool {
         self.filter.as_ref().is_none_or(|f| f.matches(item))
     }
+
+    /// Notes a check's outcome: an entry left out marks the answer as filtered.
+    fn allowed(&self, ok: bool) -> bool {
+        if !ok {
+            self.filtered
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// `service:read` on `name`.
+    fn service_ok(&self, name: &str) -> bool {
+        self.all_services || self.allowed(self.caller.allows(Resource::Service, name, Access::Read))
+    }
+
+    /// `node:read` on `name`.
+    fn node_ok(&self, name: &str) -> bool {
+        self.all_nodes || self.allowed(self.caller.allows(Resource::Node, name, Access::Read))
+    }
+
+    /// Both, for an instance: Consul filters service entries by node and service.
+    fn instance_ok(&self, i: &Instance) -> bool {
+        self.service_ok(render::service_name(i))
+            && (self.all_nodes || self.node_ok(&self.node.of_instance(i).name))
+    }
+
+    /// `resp`, marked when entries were left out.
+    fn answer(&self, resp: Response) -> Response {
+        mark_filtered(
+            &self.caller,
+            self.filtered.load(std::sync::atomic::Ordering::Relaxed),
+            resp,
+        )
+    }
 }
 
-fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
+fn read(state: &AppState, caller: Caller, raw: Option<&str>) -> Result<Read, ConsulError> {
     let q = Query::parse(raw)?;
     let filter = filter(&q)?;
     let node = Node::of(state);
@@ -49,6 +92,10 @@ fn read(state: &AppState, raw: Option<&str>) -> Result<Read, ConsulError> {
         node,
         node_matches,
         filter,
+        all_services: caller.allows_all(Resource::Service, Access::Read),
+        all_nodes: caller.allows_all(Resource::Node, Access::Read),
+        caller,
+        filtered: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -80,9 +127,10 @@ fn service_key(name: &str) -> String {
 /// `GET /v1/catalog/services`: `{name: [tags]}`.
 pub async fn services(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
     let mut out = Map::new();
     if r.node_matches {
@@ -101,16 +149,20 @@ pub async fn services(
                 .values()
                 .next()
                 .map_or(s.name.as_str(), |i| render::service_name(i));
+            if !r.service_ok(name) {
+                continue;
+            }
             out.insert(name.to_string(), json!(tags));
         }
         // The agent's own `consul` service (see `render::consul_agent_service`).
         if !out.contains_key(render::CONSUL_SERVICE)
             && r.keep(&render::consul_catalog_service(&r.node))
+            && r.service_ok(render::CONSUL_SERVICE)
         {
             out.insert(render::CONSUL_SERVICE.to_string(), json!([]));
         }
     }
-    Ok(super::json(snap.index, &Value::Object(out)))
+    Ok(r.answer(super::json(snap.index, &Value::Object(out))))
 }
 
 fn instances<'a>(
@@ -130,15 +182,18 @@ fn shows_consul_service(r: &Read, snap: &Snapshot, key: &str, tags: &[String]) -
         && r.node_matches
         && tags.is_empty()
         && !render::consul_id_taken(snap)
+        && r.service_ok(render::CONSUL_SERVICE)
+        && r.node_ok(&r.node.name)
 }
 
 /// `GET /v1/catalog/service/:service`: every instance, whatever its health.
 pub async fn service(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let key = service_key(&name);
     let snap = snapshot_for(&state, &r, |s| s.service_index(&key)).await?;
     let tags = r.q.tags();
@@ -147,10 +202,14 @@ pub async fn service(
         list.push(render::consul_catalog_service(&r.node));
     }
     if r.node_matches {
-        list.extend(instances(&snap, &key, &tags).map(|i| render::catalog_service(&r.node, i)));
+        list.extend(
+            instances(&snap, &key, &tags)
+                .filter(|i| r.instance_ok(i))
+                .map(|i| render::catalog_service(&r.node, i)),
+        );
     }
     list.retain(|v| r.keep(v));
-    Ok(super::json(snap.service_index(&key), &Value::Array(list)))
+    Ok(r.answer(super::json(snap.service_index(&key), &Value::Array(list))))
 }
 
 /// The nodes of external services, by name, with the agent's own first.
@@ -187,17 +246,22 @@ fn on_node<'a>(
 /// `GET /v1/catalog/nodes`: this node and the nodes of external services.
 pub async fn nodes(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
     let list: Vec<Value> = if r.node_matches {
-        all_nodes(&r, &snap).iter().map(render::node).collect()
+        all_nodes(&r, &snap)
+            .iter()
+            .filter(|n| r.node_ok(&n.name))
+            .map(render::node)
+            .collect()
     } else {
         Vec::new()
     };
     let list: Vec<Value> = list.into_iter().filter(|v| r.keep(v)).collect();
-    Ok(super::json(snap.index, &Value::Array(list)))
+    Ok(r.answer(super::json(snap.index, &Value::Array(list))))
 }
 
 /// The services on node `name` as `AgentService`s by ID: on the agent's own node, the
@@ -207,61 +271,77 @@ fn services_on_node<'a>(
     snap: &'a Snapshot,
     name: &'a str,
 ) -> impl Iterator<Item = (String, Value)> + 'a {
-    let consul = (r.node.is(name) && !render::consul_id_taken(snap)).then(|| {
-        (
-            render::CONSUL_SERVICE.to_string(),
-            render::consul_agent_service(&r.node),
-        )
-    });
-    consul.into_iter().chain(on_node(r, snap, name).map(|i| {
-        (
-            render::service_id(i).to_string(),
-            render::agent_service(i, &r.node.datacenter),
-        )
-    }))
+    let consul =
+        (r.node.is(name) && !render::consul_id_taken(snap) && r.service_ok(render::CONSUL_SERVICE))
+            .then(|| {
+                (
+                    render::CONSUL_SERVICE.to_string(),
+                    render::consul_agent_service(&r.node),
+                )
+            });
+    consul.into_iter().chain(
+        on_node(r, snap, name)
+            .filter(|i| r.service_ok(render::service_name(i)))
+            .map(|i| {
+                (
+                    render::service_id(i).to_string(),
+                    render::agent_service(i, &r.node.datacenter),
+                )
+            }),
+    )
 }
 
 /// `GET /v1/catalog/node/:node`: the node and its services, or `null`.
 pub async fn node(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
-    let Some(node) = all_nodes(&r, &snap).into_iter().find(|n| n.is(&name)) else {
-        return Ok(super::json(snap.index, &Value::Null));
+    let Some(node) = all_nodes(&r, &snap)
+        .into_iter()
+        .find(|n| n.is(&name))
+        .filter(|n| r.node_ok(&n.name))
+    else {
+        return Ok(r.answer(super::json(snap.index, &Value::Null)));
     };
     let services: Map<String, Value> = services_on_node(&r, &snap, &name).collect();
-    Ok(super::json(
+    Ok(r.answer(super::json(
         snap.index,
         &json!({"Node": render::node(&node), "Services": services}),
-    ))
+    )))
 }
 
 /// `GET /v1/catalog/node-services/:node`: the node and its services as a list; an unknown
 /// node is Consul's empty answer, `{"Node": null, "Services": null}`.
 pub async fn node_services(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
-    let Some(node) = all_nodes(&r, &snap).into_iter().find(|n| n.is(&name)) else {
-        return Ok(super::json(
+    let Some(node) = all_nodes(&r, &snap)
+        .into_iter()
+        .find(|n| n.is(&name))
+        .filter(|n| r.node_ok(&n.name))
+    else {
+        return Ok(r.answer(super::json(
             snap.index,
             &json!({"Node": null, "Services": null}),
-        ));
+        )));
     };
     let services: Vec<Value> = services_on_node(&r, &snap, &name)
         .map(|(_, v)| v)
         .filter(|v| r.keep(v))
         .collect();
-    Ok(super::json(
+    Ok(r.answer(super::json(
         snap.index,
         &json!({"Node": render::node(&node), "Services": services}),
-    ))
+    )))
 }
 
 /// `GET /v1/catalog/datacenters`.
@@ -275,10 +355,11 @@ pub async fn datacenters(State(state): State<AppState>) -> Response {
 /// that change (Consul, too, updates outputs lazily); `/v1/health/checks` reads them live.
 pub async fn health_service(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let passing = r.q.bool("passing")?.unwrap_or(false);
     let key = service_key(&name);
     let snap = snapshot_for(&state, &r, |s| s.service_index(&key)).await?;
@@ -292,6 +373,7 @@ pub async fn health_service(
         let node_checks = render::node_checks(&r.node, &snap);
         let list: Vec<Value> = instances(&snap, &key, tags)
             .filter(|i| !passing || i.health() == Health::Passing)
+            .filter(|i| r.instance_ok(i))
             .map(|i| {
                 // External services' nodes have no agent, so no serfHealth.
                 let (node, mut checks) = if render::is_external(i) {
@@ -321,14 +403,29 @@ pub async fn health_service(
             "Service": render::consul_agent_service(&r.node),
             "Checks": checks,
         });
-        if (!passing || healthy) && r.keep(&entry) {
+        if (!passing || healthy) && r.keep(&entry) && r.service_ok(render::CONSUL_SERVICE) {
             list.push(entry);
         }
         list.extend(render(&tags));
         to_bytes(&list)
     } else {
         match snap.service(&key) {
-            Some(s) if tags.is_empty() && r.filter.is_none() => {
+            // The shared rendering holds every instance: only for callers that may read
+            // them all.
+            Some(s)
+                if tags.is_empty()
+                    && r.filter.is_none()
+                    && r.all_nodes
+                    && (r.all_services
+                        || r.caller.allows(Resource::Service, &key, Access::Read)
+                            && s.instances.values().all(|i| {
+                                r.caller.allows(
+                                    Resource::Service,
+                                    render::service_name(i),
+                                    Access::Read,
+                                )
+                            })) =>
+            {
                 let which = if passing {
                     Rendering::ConsulHealthPassing
                 } else {
@@ -340,36 +437,45 @@ pub async fn health_service(
             None => Bytes::from_static(b"[]"),
         }
     };
-    Ok(super::json_bytes(index, body))
+    Ok(r.answer(super::json_bytes(index, body)))
 }
 
 /// `GET /v1/health/checks/:service`: the service's checks (no node checks).
 pub async fn health_checks(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let key = service_key(&name);
     let snap = snapshot_for(&state, &r, |s| s.service_index(&key)).await?;
     let list: Vec<Value> = if r.node_matches {
         instances(&snap, &key, &[])
+            .filter(|i| r.instance_ok(i))
             .flat_map(|i| render::instance_checks(&r.node, i))
             .filter(|v| r.keep(v))
             .collect()
     } else {
         Vec::new()
     };
-    Ok(super::json(snap.service_index(&key), &Value::Array(list)))
+    Ok(r.answer(super::json(snap.service_index(&key), &Value::Array(list))))
 }
 
 fn all_checks(r: &Read, snap: &Snapshot) -> Vec<Value> {
     if !r.node_matches {
         return Vec::new();
     }
-    let mut list = render::node_checks(&r.node, snap);
+    let mut list = if r.node_ok(&r.node.name) {
+        render::node_checks(&r.node, snap)
+    } else {
+        Vec::new()
+    };
     for s in snap.services.values() {
         for i in s.instances.values() {
+            if !r.instance_ok(i) {
+                continue;
+            }
             list.extend(render::instance_checks(&r.node, i));
         }
     }
@@ -380,6 +486,7 @@ fn all_checks(r: &Read, snap: &Snapshot) -> Vec<Value> {
 /// `GET /v1/health/state/:state`: checks in `any|passing|warning|critical`.
 pub async fn health_state(
     State(state): State<AppState>,
+    caller: Caller,
     Path(wanted): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
@@ -388,34 +495,37 @@ pub async fn health_state(
             "Invalid check state {wanted:?}: use any, passing, warning or critical"
         )));
     }
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
     let list: Vec<Value> = all_checks(&r, &snap)
         .into_iter()
         .filter(|c| wanted == "any" || c["Status"] == wanted.as_str())
         .collect();
-    Ok(super::json(snap.index, &Value::Array(list)))
+    Ok(r.answer(super::json(snap.index, &Value::Array(list))))
 }
 
 /// `GET /v1/health/node/:node`: the node's checks and its services'.
 pub async fn health_node(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
-    let r = read(&state, raw.as_deref())?;
+    let r = read(&state, caller, raw.as_deref())?;
     let snap = snapshot_for(&state, &r, |s| s.index).await?;
     let mut list: Vec<Value> = Vec::new();
     if r.node_matches {
-        if r.node.is(&name) {
+        if r.node.is(&name) && r.node_ok(&r.node.name) {
             list.extend(render::node_checks(&r.node, &snap));
         }
         for i in on_node(&r, &snap, &name) {
-            list.extend(render::instance_checks(&r.node, i));
+            if r.instance_ok(i) {
+                list.extend(render::instance_checks(&r.node, i));
+            }
         }
     }
     list.retain(|v| r.keep(v));
-    Ok(super::json(snap.index, &Value::Array(list)))
+    Ok(r.answer(super::json(snap.index, &Value::Array(list))))
 }
 
 /// `GET /v1/status/leader`: this agent, as `/v1/agent/self` reports it in
@@ -433,7 +543,11 @@ pub async fn peers(State(state): State<AppState>) -> Response {
 
 /// `GET /v1/operator/raft/configuration`: this agent, the single voter and leader, at the
 /// address `status/leader` answers.
-pub async fn raft_configuration(State(state): State<AppState>) -> Response {
+pub async fn raft_configuration(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ConsulError> {
+    caller.require(Resource::Operator, "", Access::Read)?;
     let node = Node::of(&state);
     let index = state.snapshot().index;
     let body = json!({
@@ -447,7 +561,7 @@ pub async fn raft_configuration(State(state): State<AppState>) -> Response {
         }],
         "Index": index,
     });
-    super::json(index, &body)
+    Ok(super::json(index, &body))
 }
 
 /// A catalog check: a status set by the registrant, never run.
@@ -480,6 +594,7 @@ fn external_check(
 /// statuses set by the registrant: the agent does not run them. Answers `true`.
 pub async fn register(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
@@ -514,6 +629,29 @@ pub async fn register(
         ));
     };
     let mut reg = super::agent::service_registration(&svc, &node_address)?;
+    // Node write only for a node that is new or changes address; service write on the
+    // service and on any it replaces.
+    if !own {
+        let snap = state.snapshot();
+        let known = snap
+            .services
+            .values()
+            .flat_map(|s| s.instances.values())
+            .map(|i| agent.of_instance(i))
+            .any(|n| n.is(&node_name) && *n.address == *node_address);
+        if !known {
+            caller.require(Resource::Node, &node_name, Access::Write)?;
+        }
+    }
+    caller.require(Resource::Service, &reg.name, Access::Write)?;
+    let full_id = if own {
+        reg.id.clone()
+    } else {
+        InstanceId::on_node(&node_name, &reg.id)
+    };
+    if let Some(old) = super::agent::find(&state.snapshot(), full_id.as_str()) {
+        caller.require(Resource::Service, render::service_name(&old), Access::Write)?;
+    }
     if !own {
         let compat = reg.spec.compat.get_or_insert_with(Default::default);
         compat.node = Some((node_name.clone(), node_address.clone()));
@@ -598,6 +736,7 @@ pub async fn register(
 /// check), or neither (every service on the node). Answers `true`.
 pub async fn deregister(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
@@ -608,17 +747,32 @@ pub async fn deregister(
         .str(&["Node"])?
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ConsulError::bad_request("Must provide node"))?;
-    let r = read(&state, None)?;
+    let r = read(&state, caller, None)?;
     let snap = state.snapshot();
     let on: Vec<Arc<Instance>> = on_node(&r, &snap, &node_name).cloned().collect();
     let service_id = o.str(&["ServiceID"])?.filter(|s| !s.is_empty());
     let check_id = o.str(&["CheckID"])?.filter(|s| !s.is_empty());
+    // Node write allows anything on the node; otherwise service write on what goes, and a
+    // whole node needs node write.
+    let node_write = r.caller.allows(Resource::Node, &node_name, Access::Write);
+    if !node_write && service_id.is_none() && check_id.is_none() {
+        r.caller
+            .require(Resource::Node, &node_name, Access::Write)?;
+    }
     for inst in &on {
         if service_id
             .as_deref()
             .is_some_and(|s| s != render::service_id(inst))
         {
             continue;
+        }
+        let touched = match &check_id {
+            Some(c) => inst.spec.checks.iter().any(|x| x.name == *c),
+            None => true,
+        };
+        if touched && !node_write {
+            r.caller
+                .require(Resource::Service, render::service_name(inst), Access::Write)?;
         }
         let command = match &check_id {
             Some(c) => {

@@ -44,13 +44,25 @@ pub async fn datacenters(State(state): State<AppState>) -> Response {
 /// `GET /v1/coordinate/nodes`: the LAN coordinates of the datacenter's nodes.
 pub async fn nodes(
     State(state): State<AppState>,
+    caller: crate::acl::Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     Query::parse(raw.as_deref())?;
     let node = Node::of(&state);
-    Ok(super::json(
-        state.snapshot().index,
-        &json!([entry(&node.name)]),
+    let readable = caller.allows(
+        crate::acl::Resource::Node,
+        &node.name,
+        crate::acl::Access::Read,
+    );
+    let list = if readable {
+        json!([entry(&node.name)])
+    } else {
+        json!([])
+    };
+    Ok(crate::http::auth::mark_filtered(
+        &caller,
+        !readable,
+        super::json(state.snapshot().index, &list),
     ))
 }
 
@@ -58,13 +70,20 @@ pub async fn nodes(
 /// Consul answers) for a node that has none.
 pub async fn node(
     State(state): State<AppState>,
+    caller: crate::acl::Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     Query::parse(raw.as_deref())?;
     let node = Node::of(&state);
     let index = state.snapshot().index;
-    if !node.is(&name) {
+    if !node.is(&name)
+        || !caller.allows(
+            crate::acl::Resource::Node,
+            &node.name,
+            crate::acl::Access::Read,
+        )
+    {
         return Ok((StatusCode::NOT_FOUND, super::meta_headers(index)).into_response());
     }
     Ok(super::json(index, &json!([entry(&node.name)])))

@@ -46,6 +46,7 @@ impl Events {
 /// `PUT /v1/event/fire/:name` (the body is the payload; `node`, `service`, `tag` filters).
 pub async fn fire(
     State(state): State<AppState>,
+    caller: crate::acl::Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
@@ -54,6 +55,11 @@ pub async fn fire(
     if name.is_empty() {
         return Err(ConsulError::bad_request("Missing name"));
     }
+    caller.require(
+        crate::acl::Resource::Event,
+        &name,
+        crate::acl::Access::Write,
+    )?;
     if bytes.len() > MAX_PAYLOAD {
         return Err(ConsulError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
@@ -93,6 +99,7 @@ pub async fn fire(
 /// newest event's LTime).
 pub async fn list(
     State(state): State<AppState>,
+    caller: crate::acl::Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
@@ -116,11 +123,25 @@ pub async fn list(
         let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
     }
     let ltime = *events.ltime.borrow();
+    let mut filtered = false;
     let list: Vec<Value> = events
         .ring()
         .iter()
         .filter(|e| name.as_deref().is_none_or(|n| e["Name"] == n))
+        .filter(|e| {
+            let readable = caller.allows(
+                crate::acl::Resource::Event,
+                e["Name"].as_str().unwrap_or(""),
+                crate::acl::Access::Read,
+            );
+            filtered |= !readable;
+            readable
+        })
         .cloned()
         .collect();
-    Ok(super::json(ltime, &Value::Array(list)))
+    Ok(crate::http::auth::mark_filtered(
+        &caller,
+        filtered,
+        super::json(ltime, &Value::Array(list)),
+    ))
 }

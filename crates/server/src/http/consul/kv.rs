@@ -19,6 +19,8 @@ use super::body::{self, Obj, go_format};
 use super::render::Node;
 use super::{ConsulError, Query, meta_headers};
 use crate::AppState;
+use crate::acl::{Access, Caller, Resource};
+use crate::http::auth::mark_filtered;
 use crate::http::watch::wait_for;
 use crate::writer::WriteError;
 
@@ -42,13 +44,18 @@ fn not_found(index: u64) -> Response {
 }
 
 /// `GET /v1/kv/` (the whole store with `recurse` or `keys`).
-pub async fn get_root(state: State<AppState>, raw: RawQuery) -> Result<Response, ConsulError> {
-    get(state, Path(String::new()), raw).await
+pub async fn get_root(
+    state: State<AppState>,
+    caller: Caller,
+    raw: RawQuery,
+) -> Result<Response, ConsulError> {
+    get(state, caller, Path(String::new()), raw).await
 }
 
 /// `GET /v1/kv/:key` with `recurse`, `keys`, `separator`, `raw`; blocks on `index`.
 pub async fn get(
     State(state): State<AppState>,
+    caller: Caller,
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
@@ -59,6 +66,15 @@ pub async fn get(
         return Err(ConsulError::bad_request("Missing key name"));
     }
     let ranged = recurse || keys;
+    if !ranged {
+        // Consul answers 403 before looking, so a denied caller cannot learn whether the
+        // key exists.
+        caller.require(Resource::Key, &key, Access::Read)?;
+    }
+    // Listings are filtered per key; every key is readable for most callers.
+    let all = caller.allows_all(Resource::Key, Access::Read);
+    let readable = |k: &str| all || caller.allows(Resource::Key, k, Access::Read);
+    let mut filtered = false;
     let block = q.block()?;
     let snap = wait_for(&state, block, |s| s.kv_index(&key, ranged)).await?;
     let index = snap.kv_index(&key, ranged);
@@ -69,6 +85,10 @@ pub async fn get(
             .unwrap_or("");
         let mut out: Vec<String> = Vec::new();
         for e in snap.kv_prefix(&key) {
+            if !readable(&e.key) {
+                filtered = true;
+                continue;
+            }
             let rest = &e.key[key.len()..];
             let k = match rest.find(separator).filter(|_| !separator.is_empty()) {
                 Some(at) => format!("{key}{}", &rest[..at + separator.len()]),
@@ -78,17 +98,33 @@ pub async fn get(
                 out.push(k);
             }
         }
-        if out.is_empty() && !key.is_empty() {
-            return Ok(not_found(index));
+        if out.is_empty() && (!key.is_empty() || filtered) {
+            return Ok(mark_filtered(&caller, filtered, not_found(index)));
         }
-        return Ok(super::json(index, &json!(out)));
+        return Ok(mark_filtered(
+            &caller,
+            filtered,
+            super::json(index, &json!(out)),
+        ));
     }
     if recurse {
-        let list: Vec<Value> = snap.kv_prefix(&key).map(|e| kv_pair(e)).collect();
+        let list: Vec<Value> = snap
+            .kv_prefix(&key)
+            .filter(|e| {
+                let ok = readable(&e.key);
+                filtered |= !ok;
+                ok
+            })
+            .map(|e| kv_pair(e))
+            .collect();
         if list.is_empty() {
-            return Ok(not_found(index));
+            return Ok(mark_filtered(&caller, filtered, not_found(index)));
         }
-        return Ok(super::json(index, &Value::Array(list)));
+        return Ok(mark_filtered(
+            &caller,
+            filtered,
+            super::json(index, &Value::Array(list)),
+        ));
     }
     let Some(entry) = snap.kv_get(&key) else {
         return Ok(not_found(index));
@@ -127,6 +163,7 @@ fn bool_answer(ok: bool, index: u64) -> Response {
 /// `PUT /v1/kv/:key`: the body is the value; `flags`, `cas`, `acquire`, `release`.
 pub async fn put(
     State(state): State<AppState>,
+    caller: Caller,
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
     bytes: Result<Bytes, BytesRejection>,
@@ -142,6 +179,7 @@ pub async fn put(
     if key.is_empty() {
         return Err(ConsulError::bad_request("Missing key name"));
     }
+    caller.require(Resource::Key, &key, Access::Write)?;
     let acquire = q.get("acquire").map(str::to_string);
     let release = q.get("release").map(str::to_string);
     let cas = uint(&q, "cas")?;
@@ -167,13 +205,18 @@ pub async fn put(
 }
 
 /// `DELETE /v1/kv/` with `recurse`: everything.
-pub async fn delete_root(state: State<AppState>, raw: RawQuery) -> Result<Response, ConsulError> {
-    delete(state, Path(String::new()), raw).await
+pub async fn delete_root(
+    state: State<AppState>,
+    caller: Caller,
+    raw: RawQuery,
+) -> Result<Response, ConsulError> {
+    delete(state, caller, Path(String::new()), raw).await
 }
 
 /// `DELETE /v1/kv/:key` with `recurse`, `cas`.
 pub async fn delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
@@ -185,6 +228,14 @@ pub async fn delete(
     }
     if key.is_empty() && !recurse {
         return Err(ConsulError::bad_request("Missing key name"));
+    }
+    if !recurse {
+        caller.require(Resource::Key, &key, Access::Write)?;
+    } else if !caller.allows_key_write_prefix(&key) {
+        // Write on the prefix and on every rule under it (Consul's KeyWritePrefix).
+        return Err(caller
+            .denied(Resource::Key, Some(key), Access::Write)
+            .into());
     }
     let applied = state
         .writer()
@@ -217,6 +268,7 @@ fn session_value(s: &Session) -> Value {
 /// `PUT /v1/session/create` with `Name`, `Node`, `LockDelay`, `Behavior`, `TTL`.
 pub async fn create_session(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
@@ -250,6 +302,7 @@ pub async fn create_session(
             }
         }
     };
+    caller.require(Resource::Session, &session_node, Access::Write)?;
     let behavior = match o.str(&["Behavior"])?.as_deref() {
         None | Some("" | "release") => SessionBehavior::Release,
         Some("delete") => SessionBehavior::Delete,
@@ -297,8 +350,12 @@ pub async fn create_session(
 /// `PUT /v1/session/destroy/:id` → `true`.
 pub async fn destroy_session(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ConsulError> {
+    if let Some(s) = state.snapshot().sessions.get(id.as_str()) {
+        caller.require(Resource::Session, &s.spec.node, Access::Write)?;
+    }
     let applied = state.writer().submit(Command::DestroySession { id }).await;
     let index = match applied {
         Ok(Applied::SessionDestroyed { index }) => index,
@@ -314,6 +371,7 @@ pub async fn destroy_session(
 /// `PUT /v1/session/renew/:id` → `[Session]`, 404 when it is gone.
 pub async fn renew_session(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ConsulError> {
     let snap = state.snapshot();
@@ -321,6 +379,7 @@ pub async fn renew_session(
         .sessions
         .get(id.as_str())
         .ok_or_else(|| ConsulError::not_found(format!("Session id '{id}' not found")))?;
+    caller.require(Resource::Session, &s.spec.node, Access::Write)?;
     if let Some(lease) = s.lease {
         // In cluster mode the session's agent keeps its TTL.
         match crate::http::cluster::forward_renewal(&state, &snap, lease, false).await {
@@ -345,20 +404,37 @@ pub async fn renew_session(
     Ok(super::json(snap.index, &json!([session_value(s)])))
 }
 
-fn sessions_answer(snap: &muster_core::Snapshot, list: Vec<&Arc<Session>>) -> Response {
-    let body: Vec<Value> = list.into_iter().map(|s| session_value(s)).collect();
-    super::json(snap.index, &Value::Array(body))
+/// The sessions of `list` the caller may read (`session:read` on their node).
+fn sessions_answer(
+    caller: &Caller,
+    snap: &muster_core::Snapshot,
+    list: Vec<&Arc<Session>>,
+) -> Response {
+    let total = list.len();
+    let body: Vec<Value> = list
+        .into_iter()
+        .filter(|s| caller.allows(Resource::Session, &s.spec.node, Access::Read))
+        .map(|s| session_value(s))
+        .collect();
+    let filtered = body.len() < total;
+    mark_filtered(
+        caller,
+        filtered,
+        super::json(snap.index, &Value::Array(body)),
+    )
 }
 
 /// `GET /v1/session/info/:id` → `[Session]` or `[]`.
 pub async fn session_info(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
     let snap = wait_for(&state, q.block()?, |s| s.index).await?;
     Ok(sessions_answer(
+        &caller,
         &snap,
         snap.sessions.get(id.as_str()).into_iter().collect(),
     ))
@@ -367,22 +443,29 @@ pub async fn session_info(
 /// `GET /v1/session/list`.
 pub async fn list_sessions(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
     let snap = wait_for(&state, q.block()?, |s| s.index).await?;
-    Ok(sessions_answer(&snap, snap.sessions.values().collect()))
+    Ok(sessions_answer(
+        &caller,
+        &snap,
+        snap.sessions.values().collect(),
+    ))
 }
 
 /// `GET /v1/session/node/:node`.
 pub async fn node_sessions(
     State(state): State<AppState>,
+    caller: Caller,
     Path(node): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
     let q = Query::parse(raw.as_deref())?;
     let snap = wait_for(&state, q.block()?, |s| s.index).await?;
     Ok(sessions_answer(
+        &caller,
         &snap,
         snap.sessions
             .values()
@@ -464,6 +547,7 @@ fn txn_op(o: &Obj<'_>) -> Result<(muster_core::TxnOp, bool), ConsulError> {
 /// fails.
 pub async fn txn(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ConsulError> {
@@ -485,12 +569,25 @@ pub async fn txn(
     }
     let mut ops = Vec::new();
     let mut trees = Vec::new();
-    for item in items {
+    let mut denied = Vec::new();
+    for (i, item) in items.iter().enumerate() {
         let (op, tree) = txn_op(&Obj::of(item, "an operation")?)?;
+        if let Some(d) = txn_denial(&caller, &op) {
+            denied.push(json!({"OpIndex": i, "What": d.consul_message()}));
+        }
         if let (true, muster_core::TxnOp::GetTree { prefix }) = (tree, &op) {
             trees.push(prefix.clone());
         }
         ops.push(op);
+    }
+    if !denied.is_empty() {
+        // Consul answers a denied operation as a failed one: 409, nothing applied.
+        let mut r = super::json(
+            state.snapshot().index,
+            &json!({"Results": null, "Errors": denied}),
+        );
+        *r.status_mut() = StatusCode::CONFLICT;
+        return Ok(r);
     }
     let applied = state.writer().submit(Command::KvTxn(ops)).await?;
     let Applied::Txn {
@@ -523,7 +620,33 @@ pub async fn txn(
         out.push(json!({"KV": kv_pair(&e)}));
     }
     for prefix in trees {
-        out.extend(snap.kv_prefix(&prefix).map(|e| json!({"KV": kv_pair(e)})));
+        out.extend(
+            snap.kv_prefix(&prefix)
+                .filter(|e| caller.allows(Resource::Key, &e.key, Access::Read))
+                .map(|e| json!({"KV": kv_pair(e)})),
+        );
     }
     Ok(super::json(index, &json!({"Results": out, "Errors": null})))
+}
+
+/// What a transaction operation lacks: writes need `key:write` (a tree delete on the whole
+/// prefix), reads and checks `key:read`; a tree read is filtered instead.
+fn txn_denial(caller: &Caller, op: &muster_core::TxnOp) -> Option<crate::acl::Denied> {
+    use muster_core::TxnOp;
+    let (key, need) = match op {
+        TxnOp::Set(put) => (&put.key, Access::Write),
+        TxnOp::Delete { key, .. } => (key, Access::Write),
+        TxnOp::DeleteTree { prefix } => {
+            if caller.allows_key_write_prefix(prefix) {
+                return None;
+            }
+            return Some(caller.denied(Resource::Key, Some(prefix.clone()), Access::Write));
+        }
+        TxnOp::Get { key }
+        | TxnOp::CheckIndex { key, .. }
+        | TxnOp::CheckNotExists { key }
+        | TxnOp::CheckSession { key, .. } => (key, Access::Read),
+        TxnOp::GetTree { .. } => return None,
+    };
+    caller.require(Resource::Key, key, need).err()
 }

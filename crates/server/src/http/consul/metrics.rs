@@ -22,7 +22,16 @@ use crate::telemetry;
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// `GET /v1/agent/metrics[?format=prometheus]`.
-pub async fn metrics(RawQuery(raw): RawQuery) -> Result<Response, ConsulError> {
+pub async fn metrics(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+    caller: crate::acl::Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    caller.require(
+        crate::acl::Resource::Agent,
+        &state.config().node,
+        crate::acl::Access::Read,
+    )?;
     let q = Query::parse(raw.as_deref())?;
     let text = telemetry::handle().render();
     match q.get("format") {

@@ -34,8 +34,14 @@ const CHUNK: usize = 64 * 1024;
 /// `GET /v1/agent/monitor`.
 pub async fn monitor(
     State(state): State<AppState>,
+    caller: crate::acl::Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
+    caller.require(
+        crate::acl::Resource::Agent,
+        &state.config().node,
+        crate::acl::Access::Read,
+    )?;
     let q = Query::parse(raw.as_deref())?;
     let level = match q.get("loglevel") {
         None | Some("") => Level::INFO,
