@@ -9,6 +9,7 @@
 //! - [`http`]: the router: native API, watches, metrics, health.
 //! - [`dns`]: the DNS interface (UDP and TCP), answering from the same snapshots.
 //! - [`tls`]: HTTPS: certificates, their reload, the handshake before a connection is served.
+//! - [`acl`]: ACL tokens and policies, Consul's rules language, the authorizer every API asks.
 //! - [`telemetry`]: metric names and the Prometheus recorder.
 //! - [`monitor`]: the tracing layer that streams the agent's log to `/v1/agent/monitor`.
 //! - [`clock`]: tokio's clock as the registry's time.
@@ -207,14 +208,16 @@ impl Agent {
             "registry loaded"
         );
         let (writer, snapshots, writer_task) = Writer::spawn(registry, store, clock);
-        Ok(Agent::assemble(
+        let agent = Agent::assemble(
             config,
             clock,
             writer,
             snapshots,
             vec![writer_task],
             shutdown,
-        ))
+        );
+        http::consul::acl::ensure_initial_management(&agent.state).await;
+        Ok(agent)
     }
 
     /// Joins the cluster whose catalog is in etcd at `cluster.endpoints`: takes this agent's
@@ -332,14 +335,16 @@ impl Agent {
             lease_tx,
             shutdown.clone(),
         ));
-        Ok(Agent::assemble(
+        let agent = Agent::assemble(
             config,
             clock,
             writer,
             snapshots,
             vec![writer_task, feed_task, lease_task],
             shutdown,
-        ))
+        );
+        http::consul::acl::ensure_initial_management(&agent.state).await;
+        Ok(agent)
     }
 
     fn assemble(
@@ -446,7 +451,6 @@ impl Agent {
         https: Option<(TcpListener, Arc<Certs>)>,
     ) -> Result<(), ServerError> {
         let shutdown = self.state.inner.shutdown.clone();
-        http::consul::acl::ensure_initial_management(&self.state).await;
         let app = http::app(self.state.clone());
         let config = &self.state.inner.config;
         lanes::serve(

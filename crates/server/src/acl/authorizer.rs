@@ -210,7 +210,7 @@ impl Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Access::{Deny, List, Read, Write};
+    use Access::{List, Read, Write};
     use Resource::{
         Acl, Agent, Event, Key, Keyring, Mesh, Node, Operator, Peering, Query, Service, Session,
     };

@@ -36,12 +36,13 @@ pub fn presented_token(
     {
         return Some((t, TokenSource::Query));
     }
-    if let Some(t) = headers
-        .get("x-consul-token")
-        .and_then(|v| v.to_str().ok())
-        .filter(|t| !t.is_empty())
-    {
-        return Some((t.to_string(), TokenSource::Header));
+    // A value that is not text is still a token given (one that resolves to nothing), never
+    // a request without one.
+    if let Some(v) = headers.get("x-consul-token").filter(|v| !v.is_empty()) {
+        return Some((
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            TokenSource::Header,
+        ));
     }
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = auth.trim().split_once(' ')?;
