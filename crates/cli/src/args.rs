@@ -44,6 +44,28 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "MUSTER_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
 
+    /// An ACL token, sent (as X-Consul-Token) with every request the client commands and
+    /// `gateway` make, for an agent with ACLs on. Without --token or --token-file it comes
+    /// from MUSTER_HTTP_TOKEN_FILE or MUSTER_HTTP_TOKEN, else from CONSUL_HTTP_TOKEN_FILE or
+    /// CONSUL_HTTP_TOKEN (a file wins over a token from the same place, as with consul);
+    /// with none of them no token is sent. A token on the command line shows in `ps`:
+    /// prefer --token-file or the variables.
+    // No `env =` here or on --token-file: a flag must beat both variables, which clap cannot
+    // tell apart from the flag once it has read one in (and it would print the value in
+    // --help). `client::resolve_token` reads them.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<muster_client::Token>,
+
+    /// A file holding the ACL token (surrounding whitespace trimmed); see --token. An
+    /// unreadable or empty file is an error.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -3,10 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
+use muster_client::Token;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
 
-/// Where the client commands find the agent, and how they call it over HTTPS.
+/// Where the client commands find the agent, how they call it over HTTPS, and the token
+/// they present.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Target {
     /// The agent's base URL (with its scheme), without a trailing slash.
@@ -15,6 +17,8 @@ pub struct Target {
     pub ca_file: Option<PathBuf>,
     /// A client certificate and its key (PEM).
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The ACL token, sent with every request (checked to fit in a header).
+    pub token: Option<Token>,
 }
 
 /// HTTPS's default address, when HTTPS is asked for and no address is given.
@@ -65,11 +69,58 @@ impl Target {
                 "--client-key needs --client-cert (or MUSTER_CLIENT_CERT, CONSUL_CLIENT_CERT)"
             ),
         };
+        let token = resolve_token(cli.token.as_ref(), cli.token_file.as_deref(), env)?;
         Ok(Target {
             base,
             ca_file,
             client_cert,
+            token,
         })
+    }
+}
+
+/// The ACL token, from the first place that gives one: the flags (`--token`,
+/// `--token-file`), then muster's variables, then Consul's. From one place, a file wins over
+/// a token, as in Consul's client. A file's contents are trimmed; a file that cannot be
+/// read or holds nothing is an error naming it, and so is a token no header can carry. Empty
+/// variables count as unset. `env` reads the environment.
+pub fn resolve_token(
+    flag: Option<&Token>,
+    file_flag: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<Token>> {
+    enum Given {
+        Token(Token),
+        File(PathBuf),
+    }
+    let env = |name: &'static str| env(name).filter(|v| !v.is_empty()).map(|v| (name, v));
+    let given = file_flag
+        .map(|p| ("--token-file", Given::File(p.to_path_buf())))
+        .or_else(|| flag.map(|t| ("--token", Given::Token(t.clone()))))
+        .or_else(|| env("MUSTER_HTTP_TOKEN_FILE").map(|(n, v)| (n, Given::File(v.into()))))
+        .or_else(|| env("MUSTER_HTTP_TOKEN").map(|(n, v)| (n, Given::Token(v.into()))))
+        .or_else(|| env("CONSUL_HTTP_TOKEN_FILE").map(|(n, v)| (n, Given::File(v.into()))))
+        .or_else(|| env("CONSUL_HTTP_TOKEN").map(|(n, v)| (n, Given::Token(v.into()))));
+    let (token, from) = match given {
+        None => return Ok(None),
+        Some((source, Given::Token(t))) => (t, source.to_string()),
+        Some((source, Given::File(path))) => {
+            let from = format!("the token file {} ({source})", path.display());
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("cannot read {from}"))?;
+            let secret = text.trim();
+            if secret.is_empty() {
+                bail!("{from} is empty");
+            }
+            (Token::new(secret), from)
+        }
+    };
+    match token.header_value() {
+        Ok(_) => Ok(Some(token)),
+        Err(muster_client::Error::InvalidSetting { reason, .. }) => {
+            bail!("the token from {from} will not do: {reason}")
+        }
+        Err(e) => bail!("the token from {from} will not do: {e}"),
     }
 }
 
@@ -87,7 +138,8 @@ fn read_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
 }
 
-/// The HTTP client for `target`: its CA certificates and client certificate loaded.
+/// The HTTP client for `target`: its CA certificates and client certificate loaded, its
+/// token sent with every request.
 fn http_client(target: &Target) -> anyhow::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder();
     if let Some(path) = &target.ca_file {
@@ -110,6 +162,10 @@ fn http_client(target: &Target) -> anyhow::Result<reqwest::Client> {
             )
         })?;
         b = b.identity(identity);
+    }
+    if let Some(token) = &target.token {
+        let header = reqwest::header::HeaderName::from_static(Token::HEADER);
+        b = b.default_headers([(header, token.header_value()?)].into_iter().collect());
     }
     b.build()
         .context("cannot set up HTTPS with --ca-file/--client-cert/--client-key")
@@ -298,5 +354,90 @@ mod tests {
         );
         let e = target(&["--client-cert", "c.pem"], &[]).unwrap_err();
         assert!(e.to_string().contains("--client-key"), "{e}");
+    }
+
+    fn token(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Option<String>> {
+        Ok(target(args, env)?.token.map(|t| t.secret().to_string()))
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flags_then_the_muster_then_the_consul_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  from-file\n").unwrap();
+        let file = file.to_str().unwrap();
+        let all = [
+            ("MUSTER_HTTP_TOKEN", "muster"),
+            ("CONSUL_HTTP_TOKEN", "consul"),
+        ];
+        assert_eq!(token(&[], &[]).unwrap(), None);
+        assert_eq!(token(&["--token", "flag"], &all).unwrap().unwrap(), "flag");
+        assert_eq!(token(&[], &all).unwrap().unwrap(), "muster");
+        assert_eq!(token(&[], &all[1..]).unwrap().unwrap(), "consul");
+        // An empty variable is unset.
+        assert_eq!(
+            token(
+                &[],
+                &[("MUSTER_HTTP_TOKEN", ""), ("CONSUL_HTTP_TOKEN", "consul")]
+            )
+            .unwrap()
+            .unwrap(),
+            "consul"
+        );
+        // Files: the flag's beats any variable; muster's beats Consul's; a file beats a token
+        // from the same place; its contents are trimmed.
+        assert_eq!(
+            token(&["--token-file", file], &all).unwrap().unwrap(),
+            "from-file"
+        );
+        assert_eq!(
+            token(&["--token", "flag"], &[("MUSTER_HTTP_TOKEN_FILE", file)])
+                .unwrap()
+                .unwrap(),
+            "flag"
+        );
+        assert_eq!(
+            token(&[], &[("MUSTER_HTTP_TOKEN_FILE", file), all[0]])
+                .unwrap()
+                .unwrap(),
+            "from-file"
+        );
+        assert_eq!(
+            token(&[], &[("CONSUL_HTTP_TOKEN_FILE", file), all[0]])
+                .unwrap()
+                .unwrap(),
+            "muster"
+        );
+        assert_eq!(
+            token(&[], &[("CONSUL_HTTP_TOKEN_FILE", file), all[1]])
+                .unwrap()
+                .unwrap(),
+            "from-file"
+        );
+        assert!(token(&["--token", "a", "--token-file", file], &[]).is_err());
+    }
+
+    #[test]
+    fn a_token_file_that_will_not_do_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        let missing = dir.path().join("missing");
+        for (env, path, says) in [
+            ("MUSTER_HTTP_TOKEN_FILE", &empty, "is empty"),
+            ("CONSUL_HTTP_TOKEN_FILE", &missing, "cannot read"),
+        ] {
+            let e = token(&[], &[(env, path.to_str().unwrap())]).unwrap_err();
+            let e = format!("{e:#}");
+            assert!(e.contains(says) && e.contains(env), "{e}");
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        let e = token(&["--token-file", missing.to_str().unwrap()], &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("--token-file"), "{e:#}");
+        // A token no header can carry: named by where it came from, never quoted.
+        let e = token(&[], &[("CONSUL_HTTP_TOKEN", "two words")]).unwrap_err();
+        assert!(e.to_string().contains("CONSUL_HTTP_TOKEN"), "{e}");
+        assert!(!e.to_string().contains("two words"), "{e}");
+        assert!(token(&["--token", ""], &[]).is_err());
     }
 }

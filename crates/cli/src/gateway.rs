@@ -5,12 +5,17 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use muster_client::Token;
 use muster_gateway::{Gateway, GatewayConfig, Limits, TlsFiles};
 
 use crate::args::GatewayArgs;
 
-/// Runs the gateway until TERM or Ctrl-C.
-pub fn main(http_addr: Option<&str>, args: GatewayArgs) -> anyhow::Result<ExitCode> {
+/// Runs the gateway until TERM or Ctrl-C, following the agents with `token` (if any).
+pub fn main(
+    http_addr: Option<&str>,
+    token: Option<Token>,
+    args: GatewayArgs,
+) -> anyhow::Result<ExitCode> {
     crate::agent::init_logging(&args.log, None)?;
     // A proxy's memory is mostly small, long-lived allocations spread thin: transparent huge
     // pages would back each touched 4 KiB with 2 MiB (about 20 MiB more RSS for 1,000 routes)
@@ -34,11 +39,15 @@ pub fn main(http_addr: Option<&str>, args: GatewayArgs) -> anyhow::Result<ExitCo
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(http_addr, args))?;
+    runtime.block_on(run(http_addr, token, args))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(http_addr: Option<&str>, args: GatewayArgs) -> anyhow::Result<()> {
+async fn run(
+    http_addr: Option<&str>,
+    token: Option<Token>,
+    args: GatewayArgs,
+) -> anyhow::Result<()> {
     let agents = if args.agents.is_empty() {
         vec![http_addr.unwrap_or(crate::DEFAULT_HTTP_ADDR).to_string()]
     } else {
@@ -49,6 +58,7 @@ async fn run(http_addr: Option<&str>, args: GatewayArgs) -> anyhow::Result<()> {
     config.zone = args.zone.clone();
     config.routes_file = args.routes.clone();
     config.cache_dir = args.cache_dir.clone();
+    config.token = token;
     config.tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert: cert.clone(),

@@ -37,7 +37,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     quiet_caught_panics();
     if let Command::Gateway(g) = cli.command {
-        return match gateway::main(cli.http_addr.as_deref(), g) {
+        let token = client::resolve_token(cli.token.as_ref(), cli.token_file.as_deref(), |name| {
+            std::env::var(name).ok()
+        });
+        return match token.and_then(|token| gateway::main(cli.http_addr.as_deref(), token, g)) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -36,6 +36,9 @@ pub async fn run(target: &crate::client::Target, args: RunArgs) -> anyhow::Resul
     if let Some((cert, key)) = &target.client_cert {
         builder = builder.client_cert(cert, key);
     }
+    if let Some(token) = &target.token {
+        builder = builder.token(token.clone());
+    }
     let client = builder.build()?;
     let registration = registration(&args);
 

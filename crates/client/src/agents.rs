@@ -7,10 +7,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use http::HeaderValue;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
-use crate::Error;
-use crate::config::Tls;
+use crate::config::{Settings, Tls};
+use crate::{Error, Token};
 
 /// The agents' base URLs and the HTTP client that calls them.
 #[derive(Debug)]
@@ -19,6 +20,8 @@ pub(crate) struct Agents {
     current: AtomicUsize,
     http: reqwest::Client,
     timeout: Duration,
+    /// The ACL token, marked sensitive (its `Debug` hides it).
+    token: Option<HeaderValue>,
 }
 
 impl Agents {
@@ -26,18 +29,34 @@ impl Agents {
     /// not streams or blocking queries.
     #[cfg(test)]
     pub(crate) fn new(bases: Vec<String>, timeout: Duration) -> Agents {
-        Agents::with_tls(bases, timeout, &Tls::default())
+        Agents::with(bases, timeout, &Tls::default(), None)
     }
 
-    /// As [`Agents::new`], calling `https://` agents with `tls` (already checked when the
-    /// settings were validated).
-    pub(crate) fn with_tls(bases: Vec<String>, timeout: Duration, tls: &Tls) -> Agents {
+    /// The agents `settings` name, called with their TLS files and token (both already
+    /// checked when the settings were validated).
+    pub(crate) fn from_settings(settings: &Settings) -> Agents {
+        let token = settings.token.as_ref().and_then(|t| t.header_value().ok());
+        Agents::with(
+            settings.agents.clone(),
+            settings.request_timeout,
+            &settings.tls,
+            token,
+        )
+    }
+
+    fn with(
+        bases: Vec<String>,
+        timeout: Duration,
+        tls: &Tls,
+        token: Option<HeaderValue>,
+    ) -> Agents {
         let http = tls.http_client(timeout).unwrap_or_default();
         Agents {
             bases,
             current: AtomicUsize::new(0),
             http,
             timeout,
+            token,
         }
     }
 
@@ -76,10 +95,15 @@ impl Agents {
     }
 
     /// A request to the agent at `position`, without the default timeout (for streams and
-    /// blocking queries, which set their own).
+    /// blocking queries, which set their own). Every call is made here, so every call
+    /// carries the token.
     pub(crate) fn request(&self, position: usize, method: Method, path: &str) -> RequestBuilder {
         let base = &self.bases[position % self.bases.len()];
-        self.http.request(method, format!("{base}{path}"))
+        let req = self.http.request(method, format!("{base}{path}"));
+        match &self.token {
+            Some(token) => req.header(Token::HEADER, token.clone()),
+            None => req,
+        }
     }
 
     /// Sends a call to the current agent, failing over to each other agent in turn when one

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::balance::{BalanceConfig, Outlier, Policy};
-use crate::{Client, Error};
+use crate::{Client, Error, Token};
 
 /// Validated settings, as the client's parts use them.
 #[derive(Clone, Debug)]
@@ -26,6 +26,8 @@ pub(crate) struct Settings {
     pub seeded: bool,
     /// Extra roots and the client certificate for `https://` agents.
     pub tls: Tls,
+    /// Sent with every call; checked to fit in a header.
+    pub token: Option<Token>,
 }
 
 /// What `https://` agents are called with: roots added to the system's, and a client
@@ -71,6 +73,7 @@ pub struct Builder {
     seeded: bool,
     ca_file: Option<PathBuf>,
     client_cert: Option<(PathBuf, PathBuf)>,
+    token: Option<Token>,
 }
 
 impl Default for Builder {
@@ -96,6 +99,7 @@ impl Default for Builder {
             seeded: false,
             ca_file: None,
             client_cert: None,
+            token: None,
         }
     }
 }
@@ -219,6 +223,15 @@ impl Builder {
         self
     }
 
+    /// An ACL token, sent as `X-Consul-Token` with every call the client makes (watches,
+    /// reads, registrations, heartbeats, deregistrations), for agents with ACLs on. Never
+    /// logged: the builder's `Debug` shows `<hidden>`. Building fails when it is empty or
+    /// holds anything but visible ASCII.
+    pub fn token(mut self, token: impl Into<Token>) -> Builder {
+        self.token = Some(token.into());
+        self
+    }
+
     /// Validates the settings and builds the client. Must run inside a tokio runtime, where
     /// the client's background tasks will live. Does not contact any agent.
     pub fn build(self) -> Result<Client, Error> {
@@ -303,6 +316,9 @@ impl Builder {
             ));
         }
         let tls = load_tls(self.ca_file.as_deref(), self.client_cert.as_ref())?;
+        if let Some(token) = &self.token {
+            token.header_value()?;
+        }
         let mut balance = self.balance;
         balance.zone = self.zone;
         Ok(Settings {
@@ -320,6 +336,7 @@ impl Builder {
             first_sync_timeout: self.first_sync_timeout,
             seeded: self.seeded,
             tls,
+            token: self.token,
         })
     }
 }
@@ -440,6 +457,19 @@ mod tests {
             })),
             "outlier.consecutive_failures"
         );
+    }
+
+    #[test]
+    fn the_token_is_checked_and_hidden_from_debug_output() {
+        let b = || Builder::default().agents(["127.0.0.1:8500"]);
+        assert_eq!(setting_of(b().token("")), "token");
+        assert_eq!(setting_of(b().token("line\nbreak")), "token");
+        let builder = b().token("s3cr3t-value");
+        assert!(!format!("{builder:?}").contains("s3cr3t"), "{builder:?}");
+        let settings = builder.validate().unwrap();
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("token: Some(<hidden>)"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!
 //! Layout:
 //! - [`config`]: the builder, its settings and their validation.
+//! - `token`: [`Token`], the ACL token sent with every call, hidden from `Debug`.
 //! - `agents`: HTTP calls to the agents, failing over between them.
 //! - `follow`: the sync task behind views and the catalog: the watch, its failures and
 //!   fallbacks, and publishing snapshots.
@@ -45,6 +46,7 @@ pub mod metric;
 pub mod register;
 mod rng;
 mod sse;
+mod token;
 pub mod tower;
 mod view;
 
@@ -58,6 +60,7 @@ pub use error::Error;
 pub use follow::SyncState;
 pub use instance::{Health, Instance, Snapshot, Source};
 pub use register::{Registered, Registration};
+pub use token::Token;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 pub use view::View;
@@ -95,11 +98,7 @@ impl Client {
 
     fn from_settings(settings: Settings) -> Result<Client, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let agents = Arc::new(Agents::with_tls(
-            settings.agents.clone(),
-            settings.request_timeout,
-            &settings.tls,
-        ));
+        let agents = Arc::new(Agents::from_settings(&settings));
         let shutdown = CancellationToken::new();
         let client = Client {
             inner: Arc::new(Inner {

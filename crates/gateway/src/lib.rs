@@ -41,6 +41,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::proxy::MAX_REPLAY_BODY;
 pub use crate::routes::{FileError, RoutesFile};
 pub use crate::server::Limits;
+pub use muster_client::Token;
 pub use muster_tls::TlsFiles;
 
 /// Renders the process's metrics in Prometheus' text format, for the admin address.
@@ -55,6 +56,8 @@ pub struct GatewayConfig {
     pub admin: Option<SocketAddr>,
     /// The agents to follow (`host:port` or URLs), tried in turn.
     pub agents: Vec<String>,
+    /// The ACL token the registry is read with, for agents with ACLs on (`Debug` hides it).
+    pub token: Option<Token>,
     /// This gateway's zone: instances in it are preferred, as muster-client does.
     pub zone: Option<String>,
     /// The routes file; tag routes only when `None`.
@@ -80,6 +83,7 @@ impl GatewayConfig {
             listen,
             admin: None,
             agents,
+            token: None,
             zone: None,
             routes_file: None,
             cache_dir: None,
@@ -190,9 +194,12 @@ impl Gateway {
         if let Some(dir) = &config.cache_dir {
             client = client.cache_dir(dir);
         }
+        if let Some(token) = &config.token {
+            client = client.token(token.clone());
+        }
         let client = client
             .build()
-            .map_err(|e| StartError::Setting(format!("--agent/--cache-dir: {e}")))?;
+            .map_err(|e| StartError::Setting(format!("--agent/--cache-dir/--token: {e}")))?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

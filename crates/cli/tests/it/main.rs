@@ -18,5 +18,6 @@ mod restart;
 mod run;
 mod support;
 mod tls;
+mod token;
 mod tour;
 mod watch;

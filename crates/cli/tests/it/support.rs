@@ -33,11 +33,15 @@ const MUSTER_ENV: &[&str] = &[
     "MUSTER_CLIENT_CERT",
     "MUSTER_CLIENT_KEY",
     "MUSTER_HTTP_SSL",
+    "MUSTER_HTTP_TOKEN",
+    "MUSTER_HTTP_TOKEN_FILE",
     "CONSUL_HTTP_ADDR",
     "CONSUL_HTTP_SSL",
     "CONSUL_CACERT",
     "CONSUL_CLIENT_CERT",
     "CONSUL_CLIENT_KEY",
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_TOKEN_FILE",
 ];
 
 /// How long anything is given to happen before a test gives up.

@@ -6,5 +6,6 @@ mod catalog;
 mod register;
 mod support;
 mod tls;
+mod token;
 mod tower;
 mod view;
