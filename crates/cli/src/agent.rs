@@ -128,6 +128,38 @@ fn config(http_addr: Option<&str>, args: &AgentArgs) -> anyhow::Result<AgentConf
              they reach this agent over plain HTTP"
         );
     }
+    c.acl.enabled |= args.acl;
+    if let Some(v) = &args.acl_default_policy {
+        c.acl.default_policy = v.clone();
+    }
+    if let Some(path) = &args.acl_initial_management_file {
+        let secret = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read --acl-initial-management-file {}",
+                path.display()
+            )
+        })?;
+        let secret = secret.trim();
+        if secret.is_empty() {
+            bail!(
+                "--acl-initial-management-file {} is empty: write a UUID into it (uuidgen > FILE)",
+                path.display()
+            );
+        }
+        c.acl.tokens.initial_management = Some(secret.to_string());
+    }
+    c.acl.validate().map_err(anyhow::Error::msg)?;
+    if c.acl.enabled
+        && c.acl.default_policy.eq_ignore_ascii_case("deny")
+        && c.acl.tokens.dns.is_none()
+        && c.acl.tokens.default.is_none()
+    {
+        tracing::warn!(
+            "ACLs deny by default and no acl.tokens.dns is set: DNS answers as the anonymous \
+             token, so it finds nothing until that token (or a DNS token) may read services \
+             and nodes"
+        );
+    }
     if let Some(v) = args.http_threads {
         c.http_threads = v;
     }
@@ -298,6 +330,13 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             let agent_addr = addr.map(|a| a.to_string()).unwrap_or_default();
             let mut g = muster_gateway::GatewayConfig::new(listen, vec![agent_addr]);
             g.routes_file = args.gateway_routes.clone();
+            // It reads the registry as the agent does: with the agent's own token.
+            let tokens = agent.state().config().acl.tokens.clone();
+            g.token = tokens
+                .agent
+                .clone()
+                .or_else(|| tokens.default.clone())
+                .map(muster_gateway::Token::from);
             g.cache_dir = (!agent.state().config().dev)
                 .then(|| agent.state().config().data_dir.join("gateway-cache"));
             let started = muster_gateway::Gateway::start(g, None)

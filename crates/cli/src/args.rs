@@ -291,6 +291,20 @@ pub struct AgentArgs {
     /// Serve HTTPS only: do not open the plain HTTP listener.
     #[arg(long)]
     pub disable_http: bool,
+    /// Turn access control on: every request's ACL token is checked against its policies
+    /// (`[acl] enabled`). Tokens and policies are managed through Consul's /v1/acl/ API.
+    #[arg(long)]
+    pub acl: bool,
+    /// What a request that no ACL rule speaks about gets: allow or deny
+    /// (`acl.default_policy`) [default: allow].
+    #[arg(long, value_name = "allow|deny", requires = "acl")]
+    pub acl_default_policy: Option<String>,
+    /// Read a management token's secret from FILE (a UUID, e.g. from `uuidgen`) and create
+    /// it at start unless it exists (`acl.tokens.initial_management`). A file, not a flag,
+    /// so the secret stays out of `ps`. Without one, create the first token with
+    /// `PUT /v1/acl/bootstrap`.
+    #[arg(long, value_name = "FILE", env = "MUSTER_ACL_INITIAL_MANAGEMENT_FILE", requires = "acl")]
+    pub acl_initial_management_file: Option<PathBuf>,
     /// Also run the gateway (the reverse proxy of `muster gateway`) in this process, listening
     /// here and following this agent: a one-process set-up. Its metrics join the agent's.
     #[arg(long, value_name = "ADDR")]

@@ -278,6 +278,12 @@ pub fn api_error(status: StatusCode, text: &str) -> anyhow::Error {
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| text.trim().to_string());
+    if status == StatusCode::FORBIDDEN && message.contains("anonymous token") {
+        return anyhow!(
+            "the agent answered {status}: {message}\nhint: give an ACL token with --token, \
+             --token-file or MUSTER_HTTP_TOKEN"
+        );
+    }
     anyhow!("the agent answered {status}: {message}")
 }
 
