@@ -303,7 +303,12 @@ pub struct AgentArgs {
     /// it at start unless it exists (`acl.tokens.initial_management`). A file, not a flag,
     /// so the secret stays out of `ps`. Without one, create the first token with
     /// `PUT /v1/acl/bootstrap`.
-    #[arg(long, value_name = "FILE", env = "MUSTER_ACL_INITIAL_MANAGEMENT_FILE", requires = "acl")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MUSTER_ACL_INITIAL_MANAGEMENT_FILE",
+        requires = "acl"
+    )]
     pub acl_initial_management_file: Option<PathBuf>,
     /// Also run the gateway (the reverse proxy of `muster gateway`) in this process, listening
     /// here and following this agent: a one-process set-up. Its metrics join the agent's.

@@ -369,7 +369,7 @@ impl Agent {
         ));
         telemetry::handle();
         let consul_node = http::consul::render::Node::from_config(&config);
-        let acl = acl::Acl::new(&config.acl, &config.datacenter);
+        let acl = acl::Acl::new(&config.acl, &config.datacenter, &config.node);
         tasks.extend([sweeper_task, checker_task]);
         Agent {
             state: AppState {

@@ -396,3 +396,21 @@ async fn a_transaction_with_a_denied_operation_is_409_and_changes_nothing() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(crate::support::metric("muster_acl_denied_total{resource=\"key\"}") >= 1.0);
 }
+
+#[tokio::test]
+async fn the_agent_recovery_secret_opens_the_agent_endpoints_and_nothing_else() {
+    let mut c = acl_config("deny", None);
+    let recovery = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0";
+    c.acl.tokens.agent_recovery = Some(recovery.into());
+    let a = agent(c).await;
+    let (s, _, body) = call(&a, Method::GET, "/v1/agent/self", Some(recovery), None).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, _, body) = call(&a, Method::GET, "/v1/agent/self", None, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains(&format!("'agent:read' on \"{NODE_NAME}\"")),
+        "{body}"
+    );
+    let (s, _, body) = call(&a, Method::PUT, "/v1/kv/x", Some(recovery), Some(json!(1))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+}
