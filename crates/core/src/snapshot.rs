@@ -365,6 +365,12 @@ impl Snapshot {
         self.kv_range(prefix)
     }
 
+    /// Any entry, the agent's own records included: for replication and the store, never
+    /// for answering a client.
+    pub fn kv_entry(&self, key: &str) -> Option<&Arc<KvEntry>> {
+        self.kv.get(key)
+    }
+
     /// One of the agent's own records.
     pub fn system_get(&self, key: &str) -> Option<&Arc<KvEntry>> {
         if !is_system_key(key) {

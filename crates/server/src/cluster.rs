@@ -671,13 +671,13 @@ impl Loop {
             match m {
                 Mutation::PutKv(stored) => {
                     let key = self.keys.kv(&stored.key);
-                    let had = old.kv_get(&stored.key).map(|e| e.modify_index);
+                    let had = old.kv_entry(&stored.key).map(|e| e.modify_index);
                     let g = guard(&key, had);
                     ops.push(Op::new(key, encode_kv(stored), None, Some(g)));
                 }
                 Mutation::DeleteKv(k) => {
                     let key = self.keys.kv(k);
-                    let had = old.kv_get(k).map(|e| e.modify_index);
+                    let had = old.kv_entry(k).map(|e| e.modify_index);
                     let g = guard(&key, had);
                     ops.push(Op::delete(key, Some(g)));
                 }

@@ -1097,3 +1097,108 @@ async fn the_eureka_api_registers_renews_overrides_and_cancels_through_any_agent
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_tokens_and_policies_written_on_one_agent_hold_on_every_agent() {
+    const MGMT: &str = "3f6e2a1c-9b8d-4e7f-a6c5-d4b3a2918f7e";
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut c = cluster_config(name, etcd.endpoints(), Duration::from_secs(10));
+        c.acl.enabled = true;
+        c.acl.default_policy = "deny".into();
+        // Every agent is given the same initial management token: one creates it.
+        c.acl.tokens.initial_management = Some(MGMT.into());
+        nodes.push(start(c, None).await);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let call = |n: &Node, method: reqwest::Method, path: &str, token: &str, body: Value| {
+        n.http
+            .request(method, n.url(path))
+            .header("x-consul-token", token)
+            .body(body.to_string())
+            .send()
+    };
+    let tokens: Value = call(a, reqwest::Method::GET, "/v1/acl/tokens", MGMT, Value::Null)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let management: Vec<&Value> = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["Description"] == "Initial Management Token")
+        .collect();
+    assert_eq!(management.len(), 1, "{tokens}");
+
+    let r = call(
+        a,
+        reqwest::Method::PUT,
+        "/v1/acl/policy",
+        MGMT,
+        json!({"Name": "app", "Rules": "key_prefix \"app/\" {\n  policy = \"write\"\n}"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let t: Value = call(
+        a,
+        reqwest::Method::PUT,
+        "/v1/acl/token",
+        MGMT,
+        json!({"Policies": [{"Name": "app"}]}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let secret = t["SecretID"].as_str().unwrap().to_string();
+    let accessor = t["AccessorID"].as_str().unwrap().to_string();
+    // Written through a, the token works on b as soon as b's copy has it.
+    eventually(Duration::from_secs(5), "b takes the token", || async {
+        call(b, reqwest::Method::PUT, "/v1/kv/app/x", &secret, json!(1))
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK
+    })
+    .await;
+    let r = call(c, reqwest::Method::PUT, "/v1/kv/other", &secret, json!(1))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Bootstrapping was used up for the whole cluster.
+    let r = c.http.put(c.url("/v1/acl/bootstrap")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Deleted through c, it stops working on a.
+    let r = call(
+        c,
+        reqwest::Method::DELETE,
+        &format!("/v1/acl/token/{accessor}"),
+        MGMT,
+        Value::Null,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    eventually(
+        Duration::from_secs(5),
+        "a refuses the deleted token",
+        || async {
+            let r = call(
+                a,
+                reqwest::Method::GET,
+                "/v1/kv/app/x",
+                &secret,
+                Value::Null,
+            )
+            .await
+            .unwrap();
+            r.status() == StatusCode::FORBIDDEN && r.text().await.unwrap() == "ACL not found"
+        },
+    )
+    .await;
+}
