@@ -189,6 +189,23 @@ def main() -> None:
     sid = kc.session.create(name="lock")
     expect(kc.kv.put("app/leader", "me", acquire=sid) is True, "lock taken with the session")
 
+    step("roles: a token linked to a role gets its policies; deleting the role takes them away")
+    role = root.acl.role.create(name="web-operators", policies_name=["web-write"])
+    expect(role["Name"] == "web-operators" and role["Policies"][0]["Name"] == "web-write", "role create", role)
+    expect(root.acl.role.read_by_name("web-operators")["ID"] == role["ID"], "role read by name")
+    expect([r["Name"] for r in root.acl.role.list()] == ["web-operators"], "role list")
+    op = root.acl.token.create(description="operator", roles_name=["web-operators"])
+    expect([r["Name"] for r in op["Roles"]] == ["web-operators"], "token role links", op)
+    oc = consul.Consul(host=host, port=int(port), token=op["SecretID"])
+    expect(oc.agent.service.register("web", service_id="web-2", port=8081) is True, "register through the role")
+    expect(root.acl.role.delete(role["ID"]) is True, "role delete")
+    raises(
+        ACLPermissionDenied,
+        lambda: oc.agent.service.register("web", service_id="web-3", port=8082),
+        "register after the role is gone",
+    )
+    root.agent.service.deregister("web-2")
+
     step("the management token can read every token; clone makes a new secret with the same links")
     tokens = root.acl.token.list()
     accessors = {x["AccessorID"] for x in tokens}

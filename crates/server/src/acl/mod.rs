@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use muster_core::Snapshot;
 
 pub use self::authorizer::{Authorizer, DefaultPolicy};
-use self::records::{PolicyRecord, TokenRecord};
+use self::records::{PolicyRecord, RoleRecord, TokenRecord};
 pub use self::rules::{Access, Resource, Rules};
 pub use self::wall::{format_time_ms, parse_time_ms, wall_ms};
 use crate::config::AclConfig;
@@ -307,6 +307,17 @@ pub struct PolicyEntry {
     pub modify_index: u64,
 }
 
+/// A role with its indexes.
+#[derive(Clone, Debug)]
+pub struct RoleEntry {
+    /// The record.
+    pub record: RoleRecord,
+    /// Index of its creation.
+    pub create_index: u64,
+    /// Index of its last change.
+    pub modify_index: u64,
+}
+
 /// Everything ACL the agent knows, built from one snapshot and shared until the records
 /// change.
 #[derive(Debug, Default)]
@@ -321,6 +332,8 @@ pub struct AclView {
     pub tokens: BTreeMap<String, TokenEntry>,
     /// Stored policies by ID (the built-in ones are not stored).
     pub policies: BTreeMap<String, PolicyEntry>,
+    /// Roles by ID.
+    pub roles: BTreeMap<String, RoleEntry>,
     /// Whether `/v1/acl/bootstrap` was used (or the initial management token created).
     pub bootstrapped: Option<u64>,
 }
@@ -346,6 +359,14 @@ impl AclView {
         self.policies
             .values()
             .find(|p| p.record.name.eq_ignore_ascii_case(name))
+            .cloned()
+    }
+
+    /// A role by name (case-insensitive).
+    pub fn role_named(&self, name: &str) -> Option<RoleEntry> {
+        self.roles
+            .values()
+            .find(|r| r.record.name.eq_ignore_ascii_case(name))
             .cloned()
     }
 
@@ -534,6 +555,22 @@ impl Acl {
                         tracing::warn!(accessor, error = %e, "skipped an ACL token record that does not decode")
                     }
                 }
+            } else if let Some(id) = key.strip_prefix("role/") {
+                match serde_json::from_slice::<RoleRecord>(value) {
+                    Ok(record) => {
+                        view.roles.insert(
+                            id.to_string(),
+                            RoleEntry {
+                                record,
+                                create_index: entry.create_index,
+                                modify_index: entry.modify_index,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(role = id, error = %e, "skipped an ACL role record that does not decode")
+                    }
+                }
             } else if key == "bootstrap" {
                 view.bootstrapped = Some(entry.modify_index);
             }
@@ -558,7 +595,19 @@ impl Acl {
         let read_only = Rules::read_only();
         for (accessor, t) in &view.tokens {
             let mut rules: Vec<Rules> = Vec::new();
-            for link in &t.record.policies {
+            let mut links: Vec<&records::Link> = t.record.policies.iter().collect();
+            let mut service_ids: Vec<&records::ServiceIdentity> =
+                t.record.service_identities.iter().collect();
+            let mut node_ids: Vec<&records::NodeIdentity> =
+                t.record.node_identities.iter().collect();
+            for role in &t.record.roles {
+                if let Some(r) = view.roles.get(&role.id) {
+                    links.extend(r.record.policies.iter());
+                    service_ids.extend(r.record.service_identities.iter());
+                    node_ids.extend(r.record.node_identities.iter());
+                }
+            }
+            for link in links {
                 match link.id.as_str() {
                     MANAGEMENT_POLICY_ID => rules.push(management.clone()),
                     READ_ONLY_POLICY_ID => rules.push(read_only.clone()),
@@ -569,12 +618,12 @@ impl Acl {
                     }
                 }
             }
-            for s in &t.record.service_identities {
+            for s in service_ids {
                 if s.datacenters.is_empty() || s.datacenters.iter().any(|d| d == &self.datacenter) {
                     rules.push(Rules::service_identity(&s.service_name));
                 }
             }
-            for n in &t.record.node_identities {
+            for n in node_ids {
                 if n.datacenter == self.datacenter {
                     rules.push(Rules::node_identity(&n.node_name));
                 }

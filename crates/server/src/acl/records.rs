@@ -9,6 +9,8 @@
 //! | `secret/<sha256 hex>` | the AccessorID: keeps secrets unique (written only if absent) |
 //! | `policy/<ID>` | [`PolicyRecord`] |
 //! | `policy-name/<lower-case name>` | the ID: keeps names unique, case-insensitively |
+//! | `role/<ID>` | [`RoleRecord`] |
+//! | `role-name/<lower-case name>` | the ID: keeps role names unique |
 //! | `bootstrap` | the index bootstrapping happened at: written only if absent, so of two racing bootstraps one wins |
 
 use std::fmt::Write as _;
@@ -37,6 +39,16 @@ pub fn policy_key(id: &str) -> String {
 /// The key that reserves a policy name.
 pub fn policy_name_key(name: &str) -> String {
     format!("{PREFIX}policy-name/{}", name.to_ascii_lowercase())
+}
+
+/// A role's key.
+pub fn role_key(id: &str) -> String {
+    format!("{PREFIX}role/{id}")
+}
+
+/// The key that reserves a role name.
+pub fn role_name_key(name: &str) -> String {
+    format!("{PREFIX}role-name/{}", name.to_ascii_lowercase())
 }
 
 /// The bootstrap marker's key.
@@ -106,6 +118,9 @@ pub struct TokenRecord {
     /// Linked policies, by ID.
     #[serde(default)]
     pub policies: Vec<Link>,
+    /// Linked roles, by ID.
+    #[serde(default)]
+    pub roles: Vec<Link>,
     /// Service identities.
     #[serde(default)]
     pub service_identities: Vec<ServiceIdentity>,
@@ -140,6 +155,29 @@ pub struct PolicyRecord {
     /// Datacenters it applies in; empty: all.
     #[serde(default)]
     pub datacenters: Vec<String>,
+}
+
+/// A role as stored: a named set of policies and identities that tokens link to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RoleRecord {
+    /// Its ID.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// Its unique name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Linked policies, by ID.
+    #[serde(default)]
+    pub policies: Vec<Link>,
+    /// Service identities.
+    #[serde(default)]
+    pub service_identities: Vec<ServiceIdentity>,
+    /// Node identities.
+    #[serde(default)]
+    pub node_identities: Vec<NodeIdentity>,
 }
 
 /// Consul's `Hash` of a record: base64 of SHA-256 over what defines it, so it changes when

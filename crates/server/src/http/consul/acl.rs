@@ -20,10 +20,12 @@ use serde_json::{Value, json};
 use super::body::{self, Obj};
 use super::{ConsulError, Query, empty};
 use crate::AppState;
-use crate::acl::records::{self, Link, NodeIdentity, PolicyRecord, ServiceIdentity, TokenRecord};
+use crate::acl::records::{
+    self, Link, NodeIdentity, PolicyRecord, RoleRecord, ServiceIdentity, TokenRecord,
+};
 use crate::acl::{
     ANONYMOUS_ACCESSOR, AclView, AgentTokens, Caller, MANAGEMENT_POLICY_ID, PolicyEntry,
-    READ_ONLY_POLICY_ID, Resource, Rules, TokenEntry,
+    READ_ONLY_POLICY_ID, Resource, RoleEntry, Rules, TokenEntry,
 };
 use crate::acl::{Access, format_time_ms, is_uuid, new_uuid, wall_ms};
 
@@ -93,6 +95,15 @@ fn token_json(view: &AclView, t: &TokenEntry, secret: Option<&str>) -> Value {
     if !links.is_empty() {
         o.insert("Policies".into(), Value::Array(links));
     }
+    let roles: Vec<Value> = r
+        .roles
+        .iter()
+        .filter_map(|l| view.roles.get(&l.id))
+        .map(|x| json!({"ID": x.record.id, "Name": x.record.name}))
+        .collect();
+    if !roles.is_empty() {
+        o.insert("Roles".into(), Value::Array(roles));
+    }
     if !r.service_identities.is_empty() {
         o.insert("ServiceIdentities".into(), json!(r.service_identities));
     }
@@ -113,6 +124,7 @@ fn token_json(view: &AclView, t: &TokenEntry, secret: Option<&str>) -> Value {
 fn token_hash(r: &TokenRecord) -> String {
     let mut parts: Vec<String> = vec![r.description.clone(), r.local.to_string()];
     parts.extend(r.policies.iter().map(|l| l.id.clone()));
+    parts.extend(r.roles.iter().map(|l| format!("role:{}", l.id)));
     parts.extend(r.service_identities.iter().map(|s| s.service_name.clone()));
     parts.extend(r.node_identities.iter().map(|n| n.node_name.clone()));
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
@@ -168,6 +180,7 @@ fn token_entry(view: &AclView, accessor: &str) -> Option<TokenEntry> {
 struct TokenFields {
     description: String,
     policies: Vec<Link>,
+    roles: Vec<Link>,
     service_identities: Vec<ServiceIdentity>,
     node_identities: Vec<NodeIdentity>,
     local: bool,
@@ -191,65 +204,9 @@ fn token_fields(view: &AclView, o: &Obj<'_>, creating: bool) -> Result<TokenFiel
             "Invalid Token: Description must be at most 1024 bytes",
         ));
     }
-    let mut policies = Vec::new();
-    for link in o.objs(&["Policies"])? {
-        let id = link.str(&["ID"])?.unwrap_or_default();
-        let name = link.str(&["Name"])?.unwrap_or_default();
-        let found = if !id.is_empty() {
-            view.policy(&id).ok_or_else(|| {
-                ConsulError::bad_request(format!("No such ACL policy with ID {id:?}"))
-            })?
-        } else if !name.is_empty() {
-            view.policy_named(&name).ok_or_else(|| {
-                ConsulError::bad_request(format!("No such ACL policy with name {name:?}"))
-            })?
-        } else {
-            return Err(ConsulError::bad_request(
-                "Invalid Token: a policy link needs an ID or a Name",
-            ));
-        };
-        if !policies.iter().any(|l: &Link| l.id == found.record.id) {
-            policies.push(Link {
-                id: found.record.id,
-            });
-        }
-    }
-    if let Some(role) = o.objs(&["Roles"])?.first() {
-        let named = role
-            .str(&["Name"])?
-            .or(role.str(&["ID"])?)
-            .unwrap_or_default();
-        return Err(ConsulError::bad_request(format!(
-            "No such ACL role with name {named:?} (this agent has no roles: link policies instead)"
-        )));
-    }
-    let mut service_identities = Vec::new();
-    for s in o.objs(&["ServiceIdentities"])? {
-        let name = s.str(&["ServiceName"])?.unwrap_or_default();
-        if !identity_name_ok(&name) {
-            return Err(ConsulError::bad_request(format!(
-                "Invalid Token: ServiceIdentity.ServiceName {name:?} must match ^[a-z0-9]([a-z0-9\\-_]*[a-z0-9])?$"
-            )));
-        }
-        service_identities.push(ServiceIdentity {
-            service_name: name,
-            datacenters: s.strings(&["Datacenters"])?,
-        });
-    }
-    let mut node_identities = Vec::new();
-    for n in o.objs(&["NodeIdentities"])? {
-        let name = n.str(&["NodeName"])?.unwrap_or_default();
-        let dc = n.str(&["Datacenter"])?.unwrap_or_default();
-        if !identity_name_ok(&name) || dc.is_empty() {
-            return Err(ConsulError::bad_request(format!(
-                "Invalid Token: NodeIdentity {name:?} needs a NodeName matching ^[a-z0-9]([a-z0-9\\-_]*[a-z0-9])?$ and a Datacenter"
-            )));
-        }
-        node_identities.push(NodeIdentity {
-            node_name: name,
-            datacenter: dc,
-        });
-    }
+    let policies = policy_links(view, o, "Token")?;
+    let roles = role_links(view, o)?;
+    let (service_identities, node_identities) = identities(o, "Token")?;
     let local = o.bool(&["Local"])?.unwrap_or(false);
     let mut expiration_ms = None;
     if creating {
@@ -285,11 +242,103 @@ fn token_fields(view: &AclView, o: &Obj<'_>, creating: bool) -> Result<TokenFiel
     Ok(TokenFields {
         description,
         policies,
+        roles,
         service_identities,
         node_identities,
         local,
         expiration_ms,
     })
+}
+
+/// The `Policies` links of a body, each resolved to a policy ID (by ID or by name).
+fn policy_links(view: &AclView, o: &Obj<'_>, what: &str) -> Result<Vec<Link>, ConsulError> {
+    let mut policies = Vec::new();
+    for link in o.objs(&["Policies"])? {
+        let id = link.str(&["ID"])?.unwrap_or_default();
+        let name = link.str(&["Name"])?.unwrap_or_default();
+        let found = if !id.is_empty() {
+            view.policy(&id).ok_or_else(|| {
+                ConsulError::bad_request(format!("No such ACL policy with ID {id:?}"))
+            })?
+        } else if !name.is_empty() {
+            view.policy_named(&name).ok_or_else(|| {
+                ConsulError::bad_request(format!("No such ACL policy with name {name:?}"))
+            })?
+        } else {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid {what}: a policy link needs an ID or a Name"
+            )));
+        };
+        if !policies.iter().any(|l: &Link| l.id == found.record.id) {
+            policies.push(Link {
+                id: found.record.id,
+            });
+        }
+    }
+    Ok(policies)
+}
+
+/// The `Roles` links of a body, each resolved to a role ID.
+fn role_links(view: &AclView, o: &Obj<'_>) -> Result<Vec<Link>, ConsulError> {
+    let mut roles = Vec::new();
+    for link in o.objs(&["Roles"])? {
+        let id = link.str(&["ID"])?.unwrap_or_default();
+        let name = link.str(&["Name"])?.unwrap_or_default();
+        let found = if !id.is_empty() {
+            view.roles.get(&id).cloned().ok_or_else(|| {
+                ConsulError::bad_request(format!("No such ACL role with ID {id:?}"))
+            })?
+        } else if !name.is_empty() {
+            view.role_named(&name).ok_or_else(|| {
+                ConsulError::bad_request(format!("No such ACL role with name {name:?}"))
+            })?
+        } else {
+            return Err(ConsulError::bad_request(
+                "Invalid Token: a role link needs an ID or a Name",
+            ));
+        };
+        if !roles.iter().any(|l: &Link| l.id == found.record.id) {
+            roles.push(Link {
+                id: found.record.id,
+            });
+        }
+    }
+    Ok(roles)
+}
+
+/// The `ServiceIdentities` and `NodeIdentities` of a token or role body.
+fn identities(
+    o: &Obj<'_>,
+    what: &str,
+) -> Result<(Vec<ServiceIdentity>, Vec<NodeIdentity>), ConsulError> {
+    let mut service_identities = Vec::new();
+    for s in o.objs(&["ServiceIdentities"])? {
+        let name = s.str(&["ServiceName"])?.unwrap_or_default();
+        if !identity_name_ok(&name) {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid {what}: ServiceIdentity.ServiceName {name:?} must match ^[a-z0-9]([a-z0-9\\-_]*[a-z0-9])?$"
+            )));
+        }
+        service_identities.push(ServiceIdentity {
+            service_name: name,
+            datacenters: s.strings(&["Datacenters"])?,
+        });
+    }
+    let mut node_identities = Vec::new();
+    for n in o.objs(&["NodeIdentities"])? {
+        let name = n.str(&["NodeName"])?.unwrap_or_default();
+        let dc = n.str(&["Datacenter"])?.unwrap_or_default();
+        if !identity_name_ok(&name) || dc.is_empty() {
+            return Err(ConsulError::bad_request(format!(
+                "Invalid {what}: NodeIdentity {name:?} needs a NodeName matching ^[a-z0-9]([a-z0-9\\-_]*[a-z0-9])?$ and a Datacenter"
+            )));
+        }
+        node_identities.push(NodeIdentity {
+            node_name: name,
+            datacenter: dc,
+        });
+    }
+    Ok((service_identities, node_identities))
 }
 
 /// Writes a new token; answers its JSON with the secret. `fixed` are caller-chosen IDs.
@@ -308,6 +357,7 @@ async fn create_token(
         secret_sha256: digest.clone(),
         description: fields.description,
         policies: fields.policies,
+        roles: fields.roles,
         service_identities: fields.service_identities,
         node_identities: fields.node_identities,
         local: fields.local,
@@ -380,6 +430,7 @@ pub async fn bootstrap(
         policies: vec![Link {
             id: MANAGEMENT_POLICY_ID.into(),
         }],
+        roles: Vec::new(),
         service_identities: Vec::new(),
         node_identities: Vec::new(),
         local: false,
@@ -591,6 +642,7 @@ pub async fn token_update(
     let record = TokenRecord {
         description: fields.description,
         policies: fields.policies,
+        roles: fields.roles,
         service_identities: fields.service_identities,
         node_identities: fields.node_identities,
         ..current.record.clone()
@@ -679,6 +731,7 @@ pub async fn token_clone(
     let fields = TokenFields {
         description: o.str(&["Description"])?.unwrap_or(r.description),
         policies: r.policies,
+        roles: r.roles,
         service_identities: r.service_identities,
         node_identities: r.node_identities,
         local: r.local,
@@ -962,7 +1015,7 @@ pub async fn policy_delete(
     }
 }
 
-/// Listings of what this agent does not have (roles, auth methods, binding rules): `[]`.
+/// Listings of what this agent does not have (auth methods, binding rules): `[]`.
 pub async fn empty_listing(
     State(state): State<AppState>,
     caller: Caller,
@@ -972,12 +1025,285 @@ pub async fn empty_listing(
     Ok(answer(1, &json!([])))
 }
 
-/// `/v1/acl/role*` other than the listing: roles are not kept here.
-pub async fn role_absent(State(state): State<AppState>) -> Result<Response, ConsulError> {
-    enabled(&state)?;
-    Err(ConsulError::not_found(
-        "Requested role does not exist: ACL not found (this agent has no roles: link policies to tokens instead)",
+fn role_json(view: &AclView, r: &RoleEntry) -> Value {
+    let rec = &r.record;
+    let policies: Vec<Value> = rec
+        .policies
+        .iter()
+        .filter_map(|l| view.policy(&l.id))
+        .map(|p| json!({"ID": p.record.id, "Name": p.record.name}))
+        .collect();
+    let mut parts: Vec<String> = vec![rec.name.clone(), rec.description.clone()];
+    parts.extend(rec.policies.iter().map(|l| l.id.clone()));
+    parts.extend(
+        rec.service_identities
+            .iter()
+            .map(|s| s.service_name.clone()),
+    );
+    parts.extend(rec.node_identities.iter().map(|n| n.node_name.clone()));
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let mut o = json!({
+        "ID": rec.id,
+        "Name": rec.name,
+        "Description": rec.description,
+        "Hash": records::hash_of(&refs),
+        "CreateIndex": r.create_index,
+        "ModifyIndex": r.modify_index,
+    });
+    if !policies.is_empty() {
+        o["Policies"] = Value::Array(policies);
+    }
+    if !rec.service_identities.is_empty() {
+        o["ServiceIdentities"] = json!(rec.service_identities);
+    }
+    if !rec.node_identities.is_empty() {
+        o["NodeIdentities"] = json!(rec.node_identities);
+    }
+    o
+}
+
+fn role_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+/// A role body read: name, description, links and identities.
+fn role_fields(view: &AclView, o: &Obj<'_>, id: String) -> Result<RoleRecord, ConsulError> {
+    let name = o.str(&["Name"])?.unwrap_or_default();
+    if !role_name_ok(&name) {
+        return Err(ConsulError::bad_request(format!(
+            "Invalid Role: invalid Name {name:?}: it must match ^[A-Za-z0-9\\-_]{{1,256}}$"
+        )));
+    }
+    let description = o.str(&["Description"])?.unwrap_or_default();
+    if description.len() > 1024 {
+        return Err(ConsulError::bad_request(
+            "Invalid Role: Description must be at most 1024 bytes",
+        ));
+    }
+    let policies = policy_links(view, o, "Role")?;
+    let (service_identities, node_identities) = identities(o, "Role")?;
+    Ok(RoleRecord {
+        id,
+        name,
+        description,
+        policies,
+        service_identities,
+        node_identities,
+    })
+}
+
+fn role_taken(name: &str) -> ConsulError {
+    ConsulError::bad_request(format!(
+        "Invalid Role: A Role with Name {name:?} already exists"
     ))
+}
+
+/// `PUT /v1/acl/role`.
+pub async fn role_create(
+    State(state): State<AppState>,
+    caller: Caller,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    enabled(&state)?;
+    need(&caller, Access::Write)?;
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    if o.str(&["ID"])?.is_some_and(|id| !id.is_empty()) {
+        return Err(ConsulError::bad_request(
+            "Cannot specify the ID when creating a new role",
+        ));
+    }
+    let view = acl_view(&state);
+    let record = role_fields(&view, &o, new_uuid())?;
+    if view.role_named(&record.name).is_some() {
+        return Err(role_taken(&record.name));
+    }
+    let ops = vec![
+        set(
+            records::role_name_key(&record.name),
+            record.id.clone().into_bytes(),
+            Some(0),
+        ),
+        set(
+            records::role_key(&record.id),
+            serde_json::to_vec(&record).unwrap_or_default(),
+            Some(0),
+        ),
+    ];
+    match commit(&state, ops).await? {
+        Ok(index) => {
+            tracing::info!(role = %record.name, by = caller.accessor(), "ACL role created");
+            let entry = RoleEntry {
+                record,
+                create_index: index,
+                modify_index: index,
+            };
+            Ok(answer(index, &role_json(&acl_view(&state), &entry)))
+        }
+        Err(_) => Err(role_taken(&record.name)),
+    }
+}
+
+/// `GET /v1/acl/role/:id`.
+pub async fn role_read(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ConsulError> {
+    enabled(&state)?;
+    need(&caller, Access::Read)?;
+    let view = acl_view(&state);
+    let r = view
+        .roles
+        .get(&id)
+        .ok_or_else(|| ConsulError::not_found("Requested role does not exist: ACL not found"))?;
+    Ok(answer(r.modify_index, &role_json(&view, r)))
+}
+
+/// `GET /v1/acl/role/name/:name`.
+pub async fn role_read_by_name(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ConsulError> {
+    enabled(&state)?;
+    need(&caller, Access::Read)?;
+    let view = acl_view(&state);
+    let r = view
+        .role_named(&name)
+        .ok_or_else(|| ConsulError::not_found("Requested role does not exist: ACL not found"))?;
+    Ok(answer(r.modify_index, &role_json(&view, &r)))
+}
+
+/// `GET /v1/acl/roles?policy=`.
+pub async fn role_list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ConsulError> {
+    enabled(&state)?;
+    need(&caller, Access::Read)?;
+    let q = Query::parse(raw.as_deref())?;
+    let policy = q
+        .get("policy")
+        .filter(|p| !p.is_empty())
+        .map(str::to_string);
+    let view = acl_view(&state);
+    let list: Vec<Value> = view
+        .roles
+        .values()
+        .filter(|r| {
+            policy
+                .as_ref()
+                .is_none_or(|p| r.record.policies.iter().any(|l| &l.id == p))
+        })
+        .map(|r| role_json(&view, r))
+        .collect();
+    let index = state.snapshot().kv_index(records::PREFIX, true);
+    Ok(answer(index, &Value::Array(list)))
+}
+
+/// `PUT /v1/acl/role/:id`: replaces the role's fields.
+pub async fn role_update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, ConsulError> {
+    enabled(&state)?;
+    need(&caller, Access::Write)?;
+    let v = body::parse(&bytes)?;
+    let o = Obj::of(&v, "the body")?;
+    if let Some(body_id) = o.str(&["ID"])?.filter(|i| !i.is_empty())
+        && body_id != id
+    {
+        return Err(ConsulError::bad_request(
+            "Role ID in URL and payload do not match",
+        ));
+    }
+    let view = acl_view(&state);
+    let current = view
+        .roles
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| ConsulError::not_found("Cannot find role to update: ACL not found"))?;
+    let record = role_fields(&view, &o, id.clone())?;
+    let renamed = !record.name.eq_ignore_ascii_case(&current.record.name);
+    if renamed && view.role_named(&record.name).is_some() {
+        return Err(role_taken(&record.name));
+    }
+    let mut ops = Vec::new();
+    if renamed {
+        ops.push(set(
+            records::role_name_key(&record.name),
+            id.clone().into_bytes(),
+            Some(0),
+        ));
+        ops.push(TxnOp::Delete {
+            key: records::role_name_key(&current.record.name),
+            cas: None,
+        });
+    }
+    ops.push(set(
+        records::role_key(&id),
+        serde_json::to_vec(&record).unwrap_or_default(),
+        Some(current.modify_index),
+    ));
+    match commit(&state, ops).await? {
+        Ok(index) => {
+            tracing::info!(role = %record.name, by = caller.accessor(), "ACL role updated");
+            let entry = RoleEntry {
+                record,
+                create_index: current.create_index,
+                modify_index: index,
+            };
+            Ok(answer(index, &role_json(&acl_view(&state), &entry)))
+        }
+        Err(0) if renamed => Err(role_taken(&record.name)),
+        Err(_) => Err(ConsulError::new(
+            StatusCode::CONFLICT,
+            "the role changed meanwhile; read it and retry",
+        )),
+    }
+}
+
+/// `DELETE /v1/acl/role/:id`: tokens linking it keep nothing from it.
+pub async fn role_delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ConsulError> {
+    enabled(&state)?;
+    need(&caller, Access::Write)?;
+    let view = acl_view(&state);
+    let r = view
+        .roles
+        .get(&id)
+        .ok_or_else(|| ConsulError::not_found("Cannot find role to delete"))?;
+    let ops = vec![
+        TxnOp::Delete {
+            key: records::role_key(&id),
+            cas: Some(r.modify_index),
+        },
+        TxnOp::Delete {
+            key: records::role_name_key(&r.record.name),
+            cas: None,
+        },
+    ];
+    match commit(&state, ops).await? {
+        Ok(index) => {
+            tracing::info!(role = %r.record.name, by = caller.accessor(), "ACL role deleted");
+            Ok(answer(index, &json!(true)))
+        }
+        Err(_) => Err(ConsulError::new(
+            StatusCode::CONFLICT,
+            "the role changed meanwhile; retry",
+        )),
+    }
 }
 
 /// `POST /v1/acl/login`: no auth methods exist.
@@ -1066,6 +1392,7 @@ pub async fn ensure_initial_management(state: &AppState) {
         policies: vec![Link {
             id: MANAGEMENT_POLICY_ID.into(),
         }],
+        roles: Vec::new(),
         service_identities: Vec::new(),
         node_identities: Vec::new(),
         local: false,

@@ -440,11 +440,17 @@ fn absent_features() -> Router<AppState> {
         )
         .route("/acl/policy/name/{name}", get(acl::policy_read_by_name))
         .route("/acl/policies", get(acl::policy_list))
-        .route("/acl/roles", get(acl::empty_listing))
+        .route("/acl/roles", get(acl::role_list))
         .route("/acl/auth-methods", get(acl::empty_listing))
         .route("/acl/binding-rules", get(acl::empty_listing))
-        .route("/acl/role", put(acl::role_absent))
-        .route("/acl/role/{*rest}", any(acl::role_absent))
+        .route("/acl/role", put(acl::role_create))
+        .route(
+            "/acl/role/{id}",
+            get(acl::role_read)
+                .put(acl::role_update)
+                .delete(acl::role_delete),
+        )
+        .route("/acl/role/name/{name}", get(acl::role_read_by_name))
         .route("/acl/login", post(acl::login))
         .route("/acl/logout", post(acl::logout))
         .route("/acl/{*rest}", any(acl::unknown))
