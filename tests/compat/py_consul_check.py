@@ -539,6 +539,58 @@ def leave_step(c, base: str) -> None:
     eventually("the agent stops serving after leave", stopped)
 
 
+def query_steps(c: consul.Consul, base: str) -> None:
+    """Prepared queries, with py-consul's own calls (which always create a template query)."""
+    step("prepared query: create, get, list, execute by name and ID, limit, tags")
+    qid = c.query.create("py-web", name="py-web-q", onlypassing=True, ttl="10s")["ID"]
+    got = c.query.get(qid)
+    expect(len(got) == 1 and got[0]["Name"] == "py-web-q", "query.get", got)
+    expect(got[0]["Service"]["Service"] == "py-web" and got[0]["Service"]["OnlyPassing"] is True, "query service", got)
+    expect(got[0]["DNS"]["TTL"] == "10s", "query DNS TTL", got)
+    expect(any(q["ID"] == qid for q in c.query.list()), "query.list", c.query.list())
+    _, passing = c.health.service("py-web", passing=True)
+    want = sorted(e["Service"]["ID"] for e in passing)
+    for key in ("py-web-q", qid):
+        r = c.query.execute(key)
+        expect(r["Service"] == "py-web" and r["Datacenter"] and r["Failovers"] == 0, f"execute({key!r}) shape", r)
+        expect(sorted(n["Service"]["ID"] for n in r["Nodes"]) == want, f"execute({key!r}) answers the passing instances", r)
+        expect(all({"Node", "Service", "Checks"} <= set(n) for n in r["Nodes"]), "health entries", r)
+    r = c.query.execute("py-web-q", limit=1)
+    expect(len(r["Nodes"]) == min(1, len(want)), "limit=1", r)
+    explained = c.query.explain("py-web-q")
+    expect(explained["Query"]["Service"]["Service"] == "py-web", "explain", explained)
+
+    step("a template query fills ${name.suffix} for every name it prefixes")
+    raw_put = urllib.request.Request(
+        f"{base}/v1/query",
+        data=json.dumps(
+            {
+                "Name": "geo-",
+                "Template": {"Type": "name_prefix_match"},
+                "Service": {"Service": "${name.suffix}", "OnlyPassing": False},
+            }
+        ).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(raw_put, timeout=10) as resp:
+        tid = json.load(resp)["ID"]
+    r = c.query.execute("geo-py-web")
+    expect(r["Service"] == "py-web", "template renders the service from the suffix", r)
+    expect(len(r["Nodes"]) >= len(want), "template executes (passing and warning)", r)
+
+    step("query update and delete; an unknown query is a 404")
+    expect(c.query.update(qid, "py-web", name="py-web-q", onlypassing=False) is True, "query.update")
+    expect(c.query.get(qid)[0]["Service"]["OnlyPassing"] is False, "update took", c.query.get(qid))
+    expect(c.query.delete(qid) is True and c.query.delete(tid) is True, "query.delete")
+    try:
+        gone = c.query.execute("py-web-q")
+    except NotFound:
+        gone = None
+    expect(gone is None, "execute after delete is a 404", gone)
+    e = raises(BadRequest, lambda: c.query.create(""))
+    expect("Service name" in str(e), "a query without a service is refused", str(e))
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: py_consul_check.py HOST:PORT [NODE]")
@@ -885,6 +937,7 @@ def main() -> None:
     expect({"serfHealth", "service:py-web-1"} <= {ch["CheckID"] for ch in anyc}, "health.state('any')", anyc)
 
     filter_steps(c, node)
+    query_steps(c, base)
 
     # --- Deregistration -------------------------------------------------------------------
     step("deregister everything")

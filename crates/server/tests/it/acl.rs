@@ -414,3 +414,55 @@ async fn the_agent_recovery_secret_opens_the_agent_endpoints_and_nothing_else() 
     let (s, _, body) = call(&a, Method::PUT, "/v1/kv/x", Some(recovery), Some(json!(1))).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
 }
+
+#[tokio::test]
+async fn prepared_queries_need_query_rules_and_execute_only_what_the_token_may_read() {
+    let a = agent(acl_config("deny", Some(MANAGEMENT))).await;
+    for (svc, id) in [("web", "w1"), ("db", "d1")] {
+        let (s, _, body) = call(
+            &a,
+            Method::PUT,
+            "/v1/agent/service/register",
+            Some(MANAGEMENT),
+            Some(json!({"Name": svc, "ID": id, "Port": 80})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    let query = json!({"Name": "db-q", "Service": {"Service": "db"}});
+    let (s, _, body) = call(&a, Method::POST, "/v1/query", None, Some(query.clone())).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(body.contains("'query:write' on \"db-q\""), "{body}");
+    let (author, _) = token_with(
+        &a,
+        "queries",
+        "query_prefix \"db-\" { policy = \"write\" }\nservice \"web\" { policy = \"read\" }\nnode_prefix \"\" { policy = \"read\" }",
+    )
+    .await;
+    let (s, _, body) = call(&a, Method::POST, "/v1/query", Some(&author), Some(query)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // The token may run it, but may not read db: the answer is empty, marked filtered.
+    let (s, headers, body) = call(
+        &a,
+        Method::GET,
+        "/v1/query/db-q/execute",
+        Some(&author),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["Nodes"], json!([]), "{body}");
+    assert_eq!(headers["x-consul-results-filtered-by-acls"], "true");
+    let (s, _, body) = call(
+        &a,
+        Method::GET,
+        "/v1/query/db-q/execute",
+        Some(MANAGEMENT),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["Nodes"][0]["Service"]["ID"], "d1", "{body}");
+}

@@ -22,6 +22,7 @@
 //! - [`kv`]: the key/value store and sessions.
 //! - [`metrics`]: the agent's metrics in Consul's JSON shape or as Prometheus text.
 //! - [`monitor`]: the agent's log, streamed.
+//! - [`query`]: prepared queries: stored, executed, answered in DNS.
 //! - [`render`]: Consul's JSON shapes.
 //! - [`body`]: lenient request bodies and Go durations.
 
@@ -36,6 +37,7 @@ pub mod filter;
 pub mod kv;
 pub mod metrics;
 pub mod monitor;
+pub mod query;
 pub mod render;
 
 use std::sync::Arc;
@@ -515,6 +517,13 @@ fn rest() -> Router<AppState> {
         .route("/agent/leave", put(agent::leave).post(agent::leave))
         .route("/agent/force-leave/{node}", lenient(agent::stub))
         .route("/agent/reload", lenient(agent::reload))
+        .route("/query", get(query::list).post(query::create))
+        .route(
+            "/query/{id}",
+            get(query::read).put(query::update).delete(query::delete),
+        )
+        .route("/query/{id}/execute", get(query::execute))
+        .route("/query/{id}/explain", get(query::explain))
         .route("/catalog/services", get(catalog::services))
         .route("/catalog/service/{service}", get(catalog::service))
         .route("/catalog/nodes", get(catalog::nodes))
