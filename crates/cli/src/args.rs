@@ -101,6 +101,10 @@ pub enum Command {
     /// Read the catalog as the Consul API shows it: services with tags, or nodes.
     #[command(subcommand)]
     Catalog(CatalogCommand),
+    /// Save the whole registry to a file, or replace what the agent holds with one (as
+    /// `consul snapshot save|restore`; both need a management token when ACLs are on).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Put an instance into maintenance (hidden from discovery), or take it out with --off.
     Maintenance(MaintenanceArgs),
     /// Start a command, keep it registered while it runs, deregister it when it exits.
@@ -377,6 +381,22 @@ pub struct RegisterArgs {
     /// repeatable.
     #[arg(long = "check", value_name = "JSON", value_parser = parse_json_object)]
     pub checks: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Write the agent's whole registry (instances and their checks, keys, sessions, leases,
+    /// ACL tokens and policies, prepared queries) to FILE, a gzip archive with a checksum.
+    Save {
+        /// Where to write it (replaced whole, never left half-written).
+        file: PathBuf,
+    },
+    /// Replace what the agent holds with the archive in FILE. A damaged or foreign file is
+    /// refused with nothing changed.
+    Restore {
+        /// The archive `muster snapshot save` (or `GET /v1/snapshot`) wrote.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -104,6 +104,7 @@ pub async fn dispatch(target: &Target, command: Command) -> anyhow::Result<()> {
         Command::Discover(a) => discover(&client, a, &mut out).await,
         Command::Checks(a) => checks(&client, a, &mut out).await,
         Command::Kv(k) => kv(&client, k, &mut out).await,
+        Command::Snapshot(c) => snapshot(&client, c, &mut out).await,
         Command::Watch(a) => watch(&client, a, &mut out).await,
         Command::Status(o) => {
             let v = client.call(Method::GET, "/api/v1/status", None).await?;
@@ -738,5 +739,60 @@ async fn kv_write(
         "written"
     };
     writeln!(out, "{verb} {key}")?;
+    Ok(())
+}
+
+async fn snapshot(
+    client: &Client,
+    command: crate::args::SnapshotCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    use crate::args::SnapshotCommand;
+    match command {
+        SnapshotCommand::Save { file } => {
+            let resp = client.send(Method::GET, "/v1/snapshot", None).await?;
+            let status = resp.status();
+            let index = resp
+                .headers()
+                .get("x-consul-index")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_string();
+            let bytes = resp.bytes().await.context("reading the snapshot")?;
+            if !status.is_success() {
+                return Err(api_error(status, &String::from_utf8_lossy(&bytes)));
+            }
+            // Written beside the target and renamed over it: never a half-written archive.
+            let tmp = file.with_extension("partial");
+            {
+                let mut f = std::fs::File::create(&tmp)
+                    .with_context(|| format!("cannot create {}", tmp.display()))?;
+                f.write_all(&bytes)
+                    .and_then(|()| f.sync_all())
+                    .with_context(|| format!("cannot write {}", tmp.display()))?;
+            }
+            std::fs::rename(&tmp, &file)
+                .with_context(|| format!("cannot move the snapshot to {}", file.display()))?;
+            writeln!(
+                out,
+                "saved the registry at index {index} to {} ({} bytes)",
+                file.display(),
+                bytes.len()
+            )?;
+        }
+        SnapshotCommand::Restore { file } => {
+            let bytes = std::fs::read(&file)
+                .with_context(|| format!("cannot read the snapshot {}", file.display()))?;
+            let resp = client
+                .send_bytes(Method::PUT, "/v1/snapshot", bytes)
+                .await?;
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            if !status.is_success() {
+                return Err(api_error(status, &text));
+            }
+            writeln!(out, "restored the registry from {}", file.display())?;
+        }
+    }
     Ok(())
 }

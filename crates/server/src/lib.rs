@@ -9,6 +9,7 @@
 //! - [`http`]: the router: native API, watches, metrics, health.
 //! - [`dns`]: the DNS interface (UDP and TCP), answering from the same snapshots.
 //! - [`tls`]: HTTPS: certificates, their reload, the handshake before a connection is served.
+//! - [`archive`]: snapshots of the whole registry: save, check, restore.
 //! - [`acl`]: ACL tokens and policies, Consul's rules language, the authorizer every API asks.
 //! - [`telemetry`]: metric names and the Prometheus recorder.
 //! - [`monitor`]: the tracing layer that streams the agent's log to `/v1/agent/monitor`.
@@ -21,6 +22,7 @@
 //! bind port 0 and run many agents in one process.
 
 pub mod acl;
+pub mod archive;
 pub mod checks;
 pub mod clock;
 pub mod cluster;

@@ -519,3 +519,64 @@ async fn the_cli_addresses_services_the_consul_api_named() {
     let out = muster(&agent.addr, &["discover", "web_app", "--health", "any"]).await;
     assert_eq!(out.code, 3, "{out:#?}");
 }
+
+#[tokio::test]
+async fn snapshot_save_and_restore_bring_back_what_was_saved_and_refuse_a_damaged_file() {
+    let agent = Agent::dev().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("registry.snap");
+    let file = file.to_str().unwrap();
+    muster(&agent.addr, &["kv", "put", "app/name", "shop"])
+        .await
+        .ok();
+    muster(&agent.addr, &["register", "web", "web-1", "--port", "8080"])
+        .await
+        .ok();
+    let out = muster(&agent.addr, &["snapshot", "save", file]).await.ok();
+    assert!(
+        out.stdout.starts_with("saved the registry at index "),
+        "{out:?}"
+    );
+
+    muster(&agent.addr, &["kv", "put", "app/name", "changed"])
+        .await
+        .ok();
+    muster(&agent.addr, &["kv", "put", "app/extra", "x"])
+        .await
+        .ok();
+    muster(&agent.addr, &["deregister", "web", "web-1"])
+        .await
+        .ok();
+
+    // A damaged archive changes nothing.
+    let mut bytes = std::fs::read(file).unwrap();
+    let n = bytes.len();
+    bytes.truncate(n / 2);
+    let damaged = dir.path().join("damaged.snap");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let out = muster(
+        &agent.addr,
+        &["snapshot", "restore", damaged.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("snapshot"), "{out:?}");
+    let out = muster(&agent.addr, &["kv", "get", "app/name"]).await.ok();
+    assert_eq!(out.stdout, "changed\n");
+
+    let out = muster(&agent.addr, &["snapshot", "restore", file])
+        .await
+        .ok();
+    assert!(
+        out.stdout.starts_with("restored the registry from "),
+        "{out:?}"
+    );
+    let out = muster(&agent.addr, &["kv", "get", "app/", "--recurse"])
+        .await
+        .ok();
+    assert_eq!(out.stdout, "app/name\tshop\n");
+    let out = muster(&agent.addr, &["discover", "web", "--health", "any"])
+        .await
+        .ok();
+    assert!(out.stdout.contains("web-1"), "{out:?}");
+}

@@ -59,7 +59,12 @@ pub fn bootstrap_key() -> String {
 /// SHA-256 of a secret. Secrets carry 122 random bits, so a fast hash is enough: what is
 /// stored cannot be turned back into a credential.
 pub fn digest_of(secret: &str) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, secret.as_bytes());
+    digest_of_bytes(secret.as_bytes())
+}
+
+/// SHA-256 of any bytes.
+pub fn digest_of_bytes(bytes: &[u8]) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out

@@ -22,6 +22,7 @@ mod monitor;
 mod openapi;
 mod prometheus_sd;
 mod prometheus_server;
+mod snapshot;
 mod support;
 mod tls;
 mod ui;

@@ -24,6 +24,7 @@
 //! - [`monitor`]: the agent's log, streamed.
 //! - [`query`]: prepared queries: stored, executed, answered in DNS.
 //! - [`render`]: Consul's JSON shapes.
+//! - [`snapshot`]: the whole registry saved and restored as one archive.
 //! - [`body`]: lenient request bodies and Go durations.
 
 pub mod absent;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod query;
 pub mod render;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -354,8 +356,16 @@ pub fn router(max_body: usize, max_kv_value: usize, datacenter: &str) -> Router<
         setting: "max_body_bytes",
         shape: Shape::Consul,
     };
+    let snapshots = Router::new().route("/snapshot", get(snapshot::save).put(snapshot::restore));
+    let snapshot_limit = BodyLimit {
+        max: snapshot::MAX_ARCHIVE_BYTES,
+        buffer: snapshot::MAX_ARCHIVE_BYTES,
+        setting: "the snapshot archive limit (512 MiB)",
+        shape: Shape::Consul,
+    };
     // One limit per route (see `limit_bodies`), so the groups are limited apart and merged.
     limit_bodies(kv, kv_limit)
+        .merge(limit_bodies(snapshots, snapshot_limit))
         .merge(limit_bodies(txn, txn_limit))
         .merge(limit_bodies(rest(), body_limit))
         .merge(limit_bodies(absent_features(), body_limit))
