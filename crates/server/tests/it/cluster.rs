@@ -1202,3 +1202,62 @@ async fn acl_tokens_and_policies_written_on_one_agent_hold_on_every_agent() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_saved_on_one_agent_restores_through_another_for_every_agent() {
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let nodes = three(&etcd, Duration::from_secs(10)).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    assert!(a.register("web", "w1", "5m").await.status().is_success());
+    let r = b
+        .http
+        .put(b.url("/v1/kv/app/config"))
+        .body("v1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    eventually(Duration::from_secs(5), "c sees both", || async {
+        c.ids("web").await.0 == vec!["w1".to_string()]
+            && c.get("/v1/kv/app/config").await.status() == StatusCode::OK
+    })
+    .await;
+    let archive = c.get("/v1/snapshot").await.bytes().await.unwrap();
+    // Changed after the save: w2 registered, the key rewritten, w1 gone.
+    assert!(b.register("web", "w2", "5m").await.status().is_success());
+    b.http
+        .put(b.url("/v1/kv/app/config"))
+        .body("v2")
+        .send()
+        .await
+        .unwrap();
+    a.http
+        .delete(a.url("/api/v1/services/web/instances/w1"))
+        .send()
+        .await
+        .unwrap();
+    let r = a
+        .http
+        .put(a.url("/v1/snapshot"))
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    for n in [a, b, c] {
+        eventually(
+            Duration::from_secs(5),
+            "every agent shows the saved registry",
+            || async {
+                let value = n
+                    .get("/v1/kv/app/config?raw")
+                    .await
+                    .text()
+                    .await
+                    .unwrap_or_default();
+                n.ids("web").await.0 == vec!["w1".to_string()] && value == "v1"
+            },
+        )
+        .await;
+    }
+}
