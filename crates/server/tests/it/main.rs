@@ -1,5 +1,6 @@
 //! The agent end to end: HTTP requests against an agent in this process.
 
+mod acl_edges;
 mod api;
 mod checks;
 mod cluster;
