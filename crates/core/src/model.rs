@@ -769,6 +769,19 @@ impl Instance {
             .fold(heartbeat, std::cmp::Ord::max)
     }
 
+    /// The name of the node the instance is on: an external service's own node (registered
+    /// through Consul's catalog), else in cluster mode the agent that owns it, else `local`
+    /// (this agent's node). What node rules (ACLs) and node labels are decided on.
+    pub fn node<'a>(&'a self, local: &'a str) -> &'a str {
+        self.spec
+            .compat
+            .as_ref()
+            .and_then(|c| c.node.as_ref())
+            .map(|(name, _)| name.as_str())
+            .or(self.owner.as_deref())
+            .unwrap_or(local)
+    }
+
     /// The spec and state of each check.
     pub fn check_pairs(&self) -> impl Iterator<Item = (&CheckSpec, &CheckState)> {
         self.spec.checks.iter().zip(&self.checks)

@@ -5,6 +5,13 @@
 //! cache key) and kept as wire bytes whose owner is a compression pointer to the question
 //! at offset 12. A query then only copies those records in a freshly shuffled order behind
 //! its header and question: no record is encoded per query.
+//!
+//! With ACLs on, a query is answered as the agent's DNS token ([`crate::acl::Acl::dns_caller`])
+//! and, as in Consul, what that token may not read is absent: a service without
+//! `service:read`, a node without `node:read`, and a service's instances on such nodes
+//! (a service left without instances is NXDOMAIN). Such answers are logged at debug, since
+//! an empty DNS after turning ACLs on is the usual first surprise. A token that reads every
+//! node answers from the cached records; only one that reads some nodes builds per query.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -16,6 +23,7 @@ use hickory_proto::rr::{DNSClass, RecordType};
 use muster_core::{Filter, HealthFilter, Instance, Service, ServiceName, Snapshot};
 
 use super::name::{self, Lookup};
+use crate::acl::{Access, Caller, Resource};
 use crate::config::{AgentConfig, DnsConfig};
 use crate::telemetry as m;
 
@@ -63,6 +71,8 @@ pub struct Responder {
     domain: Vec<String>,
     dc: String,
     node: String,
+    /// The agent's node name as configured: what node rules name.
+    node_name: String,
     /// `<node>.node.<dc>.<domain>.` in wire format.
     node_target: Vec<u8>,
     node_ip: IpAddr,
@@ -158,6 +168,7 @@ impl Responder {
             domain,
             dc,
             node,
+            node_name: config.node.clone(),
             node_target,
             node_ip,
             health: if config.dns.only_passing {
@@ -195,10 +206,11 @@ impl Responder {
         !self.config.recursors.is_empty()
     }
 
-    /// Answers `packet` from `snapshot` into `out`.
+    /// Answers `packet` from `snapshot` into `out`, showing what `caller` may read.
     pub fn respond(
         &self,
         snapshot: &Snapshot,
+        caller: &Caller,
         packet: &[u8],
         transport: Transport,
         out: &mut Vec<u8>,
@@ -317,7 +329,7 @@ impl Responder {
             .map(|c| c.as_ref())
             .collect();
         let lookup = name::parse(&rel, &self.dc, &self.node);
-        let rcode = self.answer(snapshot, &lookup, qtype, transport, &mut w);
+        let rcode = self.answer(snapshot, caller, &lookup, qtype, transport, &mut w);
         self.count(type_label, rcode);
         w.finish(rcode);
         Outcome::Reply
@@ -352,6 +364,7 @@ impl Responder {
     fn answer(
         &self,
         snapshot: &Snapshot,
+        caller: &Caller,
         lookup: &Lookup<'_>,
         qtype: RecordType,
         transport: Transport,
@@ -381,6 +394,11 @@ impl Responder {
                 0
             }
             Lookup::Node => {
+                if !caller.allows(Resource::Node, &self.node_name, Access::Read) {
+                    denied(caller, Resource::Node, &self.node_name);
+                    self.soa(w, snapshot, Section::Authority);
+                    return NXDOMAIN;
+                }
                 let rr = addr_rr(&QNAME_PTR, self.node_ip, node_ttl);
                 if family_matches(self.node_ip, qtype) {
                     w.add(Section::Answer, &rr);
@@ -391,12 +409,18 @@ impl Responder {
             }
             // In cluster mode, another agent: the address it advertises.
             Lookup::OtherNode(name) => {
-                let ip = snapshot
+                let member = snapshot
                     .members
                     .values()
-                    .find(|m| m.name.eq_ignore_ascii_case(name))
-                    .and_then(|m| member_ip(&m.http));
-                let Some(ip) = ip else {
+                    .find(|m| m.name.eq_ignore_ascii_case(name));
+                if let Some(m) = member
+                    && !caller.allows(Resource::Node, &m.name, Access::Read)
+                {
+                    denied(caller, Resource::Node, &m.name);
+                    self.soa(w, snapshot, Section::Authority);
+                    return NXDOMAIN;
+                }
+                let Some(ip) = member.and_then(|m| member_ip(&m.http)) else {
                     self.soa(w, snapshot, Section::Authority);
                     return NXDOMAIN;
                 };
@@ -426,7 +450,13 @@ impl Responder {
                     self.soa(w, snapshot, Section::Authority);
                     return NXDOMAIN;
                 };
-                let records = self.records(snapshot, svc, tag.as_deref(), zone.as_deref());
+                if !caller.allows(Resource::Service, service, Access::Read) {
+                    denied(caller, Resource::Service, service);
+                    self.soa(w, snapshot, Section::Authority);
+                    return NXDOMAIN;
+                }
+                let records =
+                    self.readable_records(snapshot, caller, svc, tag.as_deref(), zone.as_deref());
                 if records.is_empty() {
                     self.soa(w, snapshot, Section::Authority);
                     return NXDOMAIN;
@@ -496,6 +526,35 @@ impl Responder {
         w.add(Section::Additional, &glue);
     }
 
+    /// The records of `svc` for a tag and zone without the instances on nodes `caller` may
+    /// not read: the cached ones when it may read them all (always so with ACLs off), else
+    /// built for this query.
+    fn readable_records(
+        &self,
+        snapshot: &Snapshot,
+        caller: &Caller,
+        svc: &Arc<Service>,
+        tag: Option<&str>,
+        zone: Option<&str>,
+    ) -> Arc<Records> {
+        let local = self.node_name.as_str();
+        let node_ok = |i: &Instance| caller.allows(Resource::Node, i.node(local), Access::Read);
+        if caller.allows_all(Resource::Node, Access::Read)
+            || svc.instances.values().all(|i| node_ok(i))
+        {
+            return self.records(snapshot, svc, tag, zone);
+        }
+        let built = self.build(svc, tag, zone, &node_ok);
+        if built.is_empty() && !self.records(snapshot, svc, tag, zone).is_empty() {
+            tracing::debug!(
+                service = %svc.name,
+                accessor = caller.accessor(),
+                "DNS answers NXDOMAIN: the DNS token may not node:read the nodes of the service's instances"
+            );
+        }
+        Arc::new(built)
+    }
+
     /// The encoded records of `svc` for a tag and zone, built at most once per change.
     fn records(
         &self,
@@ -515,7 +574,7 @@ impl Responder {
             None => {
                 let entry = Arc::new(Entry {
                     service: svc.clone(),
-                    all: Arc::new(self.build(svc, None, None)),
+                    all: Arc::new(self.build(svc, None, None, &|_| true)),
                     variants: Mutex::new(HashMap::new()),
                 });
                 if let Ok(mut c) = self.cache.write() {
@@ -533,25 +592,33 @@ impl Responder {
         }
         let key = (tag.map(str::to_string), zone.map(str::to_string));
         let Ok(mut variants) = entry.variants.lock() else {
-            return Arc::new(self.build(svc, tag, zone));
+            return Arc::new(self.build(svc, tag, zone, &|_| true));
         };
         if let Some(r) = variants.get(&key) {
             return r.clone();
         }
-        let built = Arc::new(self.build(svc, tag, zone));
+        let built = Arc::new(self.build(svc, tag, zone, &|_| true));
         if variants.len() < MAX_VARIANTS {
             variants.insert(key, built.clone());
         }
         built
     }
 
-    fn build(&self, svc: &Service, tag: Option<&str>, zone: Option<&str>) -> Records {
+    /// The records of the instances of `svc` that `keep` keeps, for a tag and zone.
+    fn build(
+        &self,
+        svc: &Service,
+        tag: Option<&str>,
+        zone: Option<&str>,
+        keep: &dyn Fn(&Instance) -> bool,
+    ) -> Records {
         let filter = Filter {
             health: self.health,
             ..Filter::default()
         };
         let tagged: Vec<&Instance> = svc
             .matching(&filter)
+            .filter(|i| keep(i))
             .filter(|i| tag.is_none_or(|t| i.spec.tags.iter().any(|x| x.eq_ignore_ascii_case(t))))
             .map(|i| &**i)
             .collect();
@@ -655,6 +722,16 @@ impl Responder {
         }
         r
     }
+}
+
+/// Logs a name answered as absent because the DNS token may not read it.
+fn denied(caller: &Caller, resource: Resource, name: &str) {
+    tracing::debug!(
+        accessor = caller.accessor(),
+        permission = %format_args!("{}:read", resource.as_str()),
+        name,
+        "DNS answers NXDOMAIN: the DNS token lacks the permission"
+    );
 }
 
 /// The answers for an A or AAAA question: the addresses, or, for a service registered by
@@ -963,7 +1040,13 @@ pub fn answer_bytes(
     };
     let responder = Responder::new(config, node_ip).ok()?;
     let mut out = Vec::new();
-    match responder.respond(snapshot, packet, transport, &mut out) {
+    match responder.respond(
+        snapshot,
+        &Caller::unrestricted(),
+        packet,
+        transport,
+        &mut out,
+    ) {
         Outcome::Reply => Some(out),
         Outcome::Forward | Outcome::Drop => None,
     }
@@ -1064,7 +1147,7 @@ mod tests {
 
     fn check(r: &Responder, snap: &Snapshot, packet: &[u8], out: &mut Vec<u8>) {
         for t in [Transport::Udp, Transport::Tcp] {
-            if r.respond(snap, packet, t, out) == Outcome::Reply {
+            if r.respond(snap, &Caller::unrestricted(), packet, t, out) == Outcome::Reply {
                 // Whatever we send must itself parse as DNS.
                 Message::from_vec(out).unwrap_or_else(|e| panic!("{e}: {packet:?} -> {out:?}"));
             }

@@ -7,7 +7,9 @@
 //!
 //! This module holds the listeners: UDP workers sharing one socket, and a TCP accept loop
 //! with a global connection cap, a cap per client address and an idle timeout. Both read the latest snapshot per query, so
-//! an instance that turns critical is gone from the next answer.
+//! an instance that turns critical is gone from the next answer, and answer as the agent's
+//! DNS token, resolved per query so a token set with `PUT /v1/agent/token/dns` applies at
+//! once.
 
 pub mod answer;
 mod client_cap;
@@ -128,7 +130,8 @@ fn udp_worker(
         };
         let packet = &buf[..len];
         let snapshot = state.snapshot();
-        match responder.respond(&snapshot, packet, Transport::Udp, &mut out) {
+        let caller = state.acl().dns_caller(&snapshot);
+        match responder.respond(&snapshot, &caller, packet, Transport::Udp, &mut out) {
             Outcome::Reply => {
                 let _ = socket.send_to(&out, peer);
             }
@@ -321,7 +324,8 @@ async fn tcp_connection(
         .await;
         let Ok(Ok(packet)) = packet else { return };
         let snapshot = state.snapshot();
-        let reply = match responder.respond(&snapshot, &packet, Transport::Tcp, &mut out) {
+        let caller = state.acl().dns_caller(&snapshot);
+        let reply = match responder.respond(&snapshot, &caller, &packet, Transport::Tcp, &mut out) {
             Outcome::Reply => Some(std::mem::take(&mut out)),
             Outcome::Drop => None,
             Outcome::Forward => {

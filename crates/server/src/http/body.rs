@@ -288,3 +288,12 @@ pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError>
         )
     })
 }
+
+/// [`query_pairs`] without `token`: the ACL token, which the auth layer has taken
+/// ([`super::auth::presented_token`]), so it is neither an unknown parameter to the native
+/// API nor stored as data (Eureka's metadata update takes every other pair).
+pub fn query_params(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut pairs = query_pairs(raw)?;
+    pairs.retain(|(key, _)| key != "token");
+    Ok(pairs)
+}

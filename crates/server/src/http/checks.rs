@@ -19,6 +19,7 @@ use super::error::{ApiError, ErrorCode};
 use super::native::{json_response, unknown_instance};
 use super::render;
 use crate::AppState;
+use crate::acl::{Access, Caller, Resource};
 
 const KINDS: &[&str] = &["http", "tcp", "grpc", "ttl", "script"];
 
@@ -269,9 +270,11 @@ pub fn result(state: &AppState, inst: &Instance, spec: &CheckSpec, st: &CheckSta
 /// `GET /api/v1/services/{service}/checks`: every check of every instance, with results.
 pub async fn service_checks(
     State(state): State<AppState>,
+    caller: Caller,
     Path(service): Path<String>,
 ) -> Result<Response, ApiError> {
     let name = ServiceName::parse_lookup(&service)?;
+    caller.require(Resource::Service, name.as_str(), Access::Read)?;
     let snap = state.snapshot();
     let checks: Vec<Value> = snap
         .service(name.as_str())
@@ -301,12 +304,14 @@ pub async fn service_checks(
 /// `GET /api/v1/services/{service}/instances/{id}/checks`.
 pub async fn instance_checks(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (service, id) = (
         ServiceName::parse_lookup(&service)?,
         InstanceId::parse_lookup(&id)?,
     );
+    caller.require(Resource::Service, service.as_str(), Access::Read)?;
     let snap = state.snapshot();
     let inst = snap
         .instance(service.as_str(), id.as_str())
@@ -334,6 +339,7 @@ pub async fn instance_checks(
 /// for its TTL. A report that keeps the status touches memory only.
 pub async fn report(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id, check)): Path<(String, String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -341,6 +347,7 @@ pub async fn report(
         ServiceName::parse_lookup(&service)?,
         InstanceId::parse_lookup(&id)?,
     );
+    caller.require(Resource::Service, service.as_str(), Access::Write)?;
     let f = body::object(body)?;
     f.only(&["status", "output"])?;
     let wanted = status("status", &f.string("status")?)?;

@@ -103,13 +103,15 @@ pub fn status(state: &AppState, snap: &Snapshot) -> serde_json::Value {
 }
 
 /// In cluster mode, a heartbeat for an instance this agent does not own: passes it to the
-/// owner and relays its answer. `None` when the heartbeat is this agent's to take.
+/// owner, with the ACL `token` the request presented (the owner checks it again), and
+/// relays its answer. `None` when the heartbeat is this agent's to take.
 pub async fn forward_heartbeat(
     state: &AppState,
     snap: &Snapshot,
     service: &ServiceName,
     id: &InstanceId,
     forwarded: bool,
+    token: Option<&str>,
 ) -> Option<Result<Response, ApiError>> {
     let owner = match owner_of(state, || {
         snap.instance(service.as_str(), id.as_str())?.owner.clone()
@@ -122,47 +124,35 @@ pub async fn forward_heartbeat(
         encode(service.as_str()),
         encode(id.as_str())
     );
-    let what = format!("instance {id:?} of service {service:?}");
-    Some(
-        forward(
-            state,
-            snap,
-            &owner,
-            &path,
-            forwarded,
-            &what,
-            ErrorCode::UnknownInstance,
-        )
-        .await,
-    )
+    let target = Target {
+        path: &path,
+        what: &format!("instance {id:?} of service {service:?}"),
+        unknown: ErrorCode::UnknownInstance,
+    };
+    Some(forward(state, snap, &owner, target, forwarded, token).await)
 }
 
 /// In cluster mode, a renewal of a lease another agent owns (a native lease, or the lease
-/// under a Consul session's TTL): passes it to the owner. `None` when it is this agent's.
-pub async fn forward_renewal(
+/// under a Consul session's TTL): passes it to the owner with the ACL `token` the request
+/// presented, which the owner checks again. `None` when it is this agent's.
+pub async fn forward_renewal_as(
     state: &AppState,
     snap: &Snapshot,
     lease: muster_core::LeaseId,
     forwarded: bool,
+    token: Option<&str>,
 ) -> Option<Result<Response, ApiError>> {
     let owner = match owner_of(state, || snap.leases.get(&lease)?.owner.clone())? {
         Ok(owner) => owner,
         Err(e) => return Some(Err(e)),
     };
     let path = format!("/api/v1/leases/{lease}/renew");
-    let what = format!("lease {lease}");
-    Some(
-        forward(
-            state,
-            snap,
-            &owner,
-            &path,
-            forwarded,
-            &what,
-            ErrorCode::UnknownLease,
-        )
-        .await,
-    )
+    let target = Target {
+        path: &path,
+        what: &format!("lease {lease}"),
+        unknown: ErrorCode::UnknownLease,
+    };
+    Some(forward(state, snap, &owner, target, forwarded, token).await)
 }
 
 /// In cluster mode, the other agent that owns what a request renews (`owner`), or why
@@ -183,16 +173,30 @@ fn owner_of(
     owner().map(Ok)
 }
 
-/// Sends `PUT path` to agent `owner` and relays the answer.
+/// What a forwarded request renews.
+struct Target<'a> {
+    /// Its path on the owner.
+    path: &'a str,
+    /// How errors name it.
+    what: &'a str,
+    /// The error code when the owner cannot take it.
+    unknown: ErrorCode,
+}
+
+/// Sends `PUT` of `target` to agent `owner`, as the caller of `token`, and relays the answer.
 async fn forward(
     state: &AppState,
     snap: &Snapshot,
     owner: &str,
-    path: &str,
+    target: Target<'_>,
     forwarded: bool,
-    what: &str,
-    unknown: ErrorCode,
+    token: Option<&str>,
 ) -> Result<Response, ApiError> {
+    let Target {
+        path,
+        what,
+        unknown,
+    } = target;
     if forwarded {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -207,14 +211,16 @@ async fn forward(
             format!("{what} belongs to agent {owner:?}, which left the cluster; create it again"),
         ));
     };
-    let sent = state
+    let mut request = state
         .inner
         .forwarder
         .put(format!("http://{}{path}", member.http))
         .header(FORWARDED, "1")
-        .timeout(FORWARD_TIMEOUT)
-        .send()
-        .await;
+        .timeout(FORWARD_TIMEOUT);
+    if let Some(token) = token {
+        request = request.header("x-consul-token", token);
+    }
+    let sent = request.send().await;
     match sent {
         Ok(resp) => {
             let status = resp.status();

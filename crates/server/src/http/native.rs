@@ -1,5 +1,10 @@
 //! The native API under `/api/v1/`: registration, heartbeats, maintenance, leases,
 //! discovery with blocking queries.
+//!
+//! With ACLs on, Consul's resources guard it: reading a service needs `service:read` on it
+//! (listings leave out what the caller may not read; a named read is a 403), changing an
+//! instance needs `service:write`, a lease is a session of the agent's node (`session:*` on
+//! that node), and ending self-preservation is `operator:write`.
 
 use std::time::Duration;
 
@@ -10,16 +15,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use muster_core::model::{self, DEFAULT_TTL, DEFAULT_WEIGHT};
 use muster_core::{
-    Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, LeaseId, Limits, ServiceName,
-    Snapshot, Status,
+    Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, Lease, LeaseId, Limits,
+    ServiceName, Snapshot, Status,
 };
 use serde_json::json;
 
-use super::body::{self, query_pairs};
+use super::body::{self, query_params};
 use super::error::{ApiError, ErrorCode};
 use super::render;
 use super::watch::{Block, wait_for};
 use crate::AppState;
+use crate::acl::{Access, Caller, Resource};
 use crate::telemetry as m;
 
 /// `X-Muster-Index`: the index a read answers at.
@@ -73,7 +79,7 @@ fn read_query(
     let mut filter = Filter::default();
     let mut index = None;
     let mut wait = None;
-    for (key, value) in query_pairs(raw)? {
+    for (key, value) in query_params(raw)? {
         match key.as_str() {
             "index" => {
                 index = Some(value.parse::<u64>().map_err(|_| {
@@ -138,10 +144,12 @@ pub(super) fn filter_param(
 /// `GET /api/v1/services/{service}`: the service's instances, healthy ones by default.
 pub async fn discover(
     State(state): State<AppState>,
+    caller: Caller,
     Path(service): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let name = ServiceName::parse_lookup(&service)?;
+    caller.require(Resource::Service, name.as_str(), Access::Read)?;
     let q = read_query(raw.as_deref(), true, &state.config().limits)?;
     let snap = wait_for(&state, q.block, |s| s.service_index(name.as_str())).await?;
     let body = render::discovery(name.as_str(), &snap, &q.filter);
@@ -156,13 +164,16 @@ pub async fn discover(
 /// `GET /api/v1/services`: every service with its instance counts and tags.
 pub async fn list_services(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = read_query(raw.as_deref(), false, &state.config().limits)?;
     let snap = wait_for(&state, q.block, |s| s.index).await?;
+    let all = caller.allows_all(Resource::Service, Access::Read);
     let services: Vec<_> = snap
         .services
         .values()
+        .filter(|s| all || caller.allows(Resource::Service, s.name.as_str(), Access::Read))
         .map(|s| {
             json!({
                 "name": s.name,
@@ -183,9 +194,11 @@ pub async fn list_services(
 /// `GET /api/v1/services/{service}/instances/{id}`.
 pub async fn get_instance(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (service, id) = names(&service, &id)?;
+    caller.require(Resource::Service, service.as_str(), Access::Read)?;
     let snap = state.snapshot();
     let inst = snap
         .instance(service.as_str(), id.as_str())
@@ -213,10 +226,12 @@ const REGISTER_FIELDS: &[&str] = &[
 /// `PUT /api/v1/services/{service}/instances/{id}`: register or replace an instance.
 pub async fn register(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (service, id) = (ServiceName::parse(&service)?, InstanceId::parse(&id)?);
+    caller.require(Resource::Service, service.as_str(), Access::Write)?;
     let f = body::object(body)?;
     f.only(REGISTER_FIELDS)?;
     let checks = super::checks::parse_checks(&f)?;
@@ -293,9 +308,11 @@ pub async fn register(
 /// `DELETE /api/v1/services/{service}/instances/{id}`.
 pub async fn deregister(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (service, id) = names(&service, &id)?;
+    caller.require(Resource::Service, service.as_str(), Access::Write)?;
     let applied = state
         .writer()
         .submit(Command::Deregister { service, id })
@@ -316,14 +333,19 @@ pub async fn deregister(
 /// the instance is bound to). Touches memory only; 404 tells the client to register again.
 pub async fn heartbeat(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (service, id) = names(&service, &id)?;
+    caller.require(Resource::Service, service.as_str(), Access::Write)?;
     let snap = state.snapshot();
     let forwarded = headers.contains_key(super::cluster::FORWARDED);
+    let token = super::auth::presented_token(&headers, raw.as_deref(), false);
+    let token = token.as_ref().map(|(t, _)| t.as_str());
     if let Some(answer) =
-        super::cluster::forward_heartbeat(&state, &snap, &service, &id, forwarded).await
+        super::cluster::forward_heartbeat(&state, &snap, &service, &id, forwarded, token).await
     {
         return answer;
     }
@@ -357,10 +379,12 @@ pub async fn heartbeat(
 /// discovery until maintenance is ended.
 pub async fn enable_maintenance(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (service, id) = names(&service, &id)?;
+    caller.require(Resource::Service, service.as_str(), Access::Write)?;
     let f = body::object(body)?;
     f.only(&["reason"])?;
     let reason = f
@@ -372,9 +396,11 @@ pub async fn enable_maintenance(
 /// `DELETE .../maintenance`: return the instance to discovery.
 pub async fn disable_maintenance(
     State(state): State<AppState>,
+    caller: Caller,
     Path((service, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (service, id) = names(&service, &id)?;
+    caller.require(Resource::Service, service.as_str(), Access::Write)?;
     set_maintenance(state, service, id, None).await
 }
 
@@ -408,6 +434,12 @@ fn lease_id(text: &str) -> Result<LeaseId, ApiError> {
         .map_err(|_| ApiError::invalid("lease", format!("{text:?} is not a lease id")))
 }
 
+/// The node a lease is a session of: the agent that owns it, this one unless another does.
+/// Session rules are decided on it, as Consul decides them on a session's node.
+fn lease_node<'a>(lease: &'a Lease, local: &'a str) -> &'a str {
+    lease.owner.as_deref().unwrap_or(local)
+}
+
 fn unknown_lease(id: LeaseId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -419,8 +451,10 @@ fn unknown_lease(id: LeaseId) -> ApiError {
 /// `POST /api/v1/leases` with `{"ttl": "30s"}`.
 pub async fn create_lease(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    caller.require(Resource::Session, &state.config().node, Access::Write)?;
     let f = body::object(body)?;
     f.only(&["ttl"])?;
     let ttl = f
@@ -443,13 +477,16 @@ pub async fn create_lease(
     Ok(value_response(StatusCode::CREATED, &snap, body))
 }
 
-/// `GET /api/v1/leases`.
-pub async fn list_leases(State(state): State<AppState>) -> Response {
+/// `GET /api/v1/leases`: the leases on nodes the caller may `session:read`.
+pub async fn list_leases(State(state): State<AppState>, caller: Caller) -> Response {
     let snap = state.snapshot();
     let now = state.now();
+    let local = &state.config().node;
+    let all = caller.allows_all(Resource::Session, Access::Read);
     let leases: Vec<_> = snap
         .leases
         .values()
+        .filter(|l| all || caller.allows(Resource::Session, lease_node(l, local), Access::Read))
         .map(|l| render::lease(l, now))
         .collect();
     value_response(StatusCode::OK, &snap, json!({"leases": leases}))
@@ -458,11 +495,17 @@ pub async fn list_leases(State(state): State<AppState>) -> Response {
 /// `GET /api/v1/leases/{id}`.
 pub async fn get_lease(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = lease_id(&id)?;
     let snap = state.snapshot();
     let l = snap.leases.get(&id).ok_or_else(|| unknown_lease(id))?;
+    caller.require(
+        Resource::Session,
+        lease_node(l, &state.config().node),
+        Access::Read,
+    )?;
     Ok(value_response(
         StatusCode::OK,
         &snap,
@@ -473,13 +516,28 @@ pub async fn get_lease(
 /// `PUT /api/v1/leases/{id}/renew`: keep the lease and all its instances alive.
 pub async fn renew_lease(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = lease_id(&id)?;
     let snap = state.snapshot();
+    // An unknown lease is a 404 whatever the token, as Consul answers a renewal of an unknown
+    // session: what it is a session of decides the permission.
+    if let Some(l) = snap.leases.get(&id) {
+        caller.require(
+            Resource::Session,
+            lease_node(l, &state.config().node),
+            Access::Write,
+        )?;
+    }
     let forwarded = headers.contains_key(super::cluster::FORWARDED);
-    if let Some(answer) = super::cluster::forward_renewal(&state, &snap, id, forwarded).await {
+    let token = super::auth::presented_token(&headers, raw.as_deref(), false);
+    let token = token.as_ref().map(|(t, _)| t.as_str());
+    if let Some(answer) =
+        super::cluster::forward_renewal_as(&state, &snap, id, forwarded, token).await
+    {
         return answer;
     }
     let now = state.now();
@@ -489,11 +547,26 @@ pub async fn renew_lease(
 }
 
 /// `DELETE /api/v1/leases/{id}`: revoke the lease and remove every instance bound to it.
+/// Since that deregisters them, it needs `service:write` on each of their services besides
+/// `session:write` on the lease's node.
 pub async fn revoke_lease(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = lease_id(&id)?;
+    if let Some(l) = state.snapshot().leases.get(&id) {
+        caller.require(
+            Resource::Session,
+            lease_node(l, &state.config().node),
+            Access::Write,
+        )?;
+        let mut services: Vec<&ServiceName> = l.instances.iter().map(|(s, _)| s).collect();
+        services.dedup();
+        for service in services {
+            caller.require(Resource::Service, service.as_str(), Access::Write)?;
+        }
+    }
     let applied = state
         .writer()
         .submit(Command::RevokeLease { id })
@@ -538,7 +611,11 @@ pub async fn status(State(state): State<AppState>) -> Response {
 
 /// `DELETE /api/v1/self-preservation`: an operator ends the mode; held-back expirations
 /// are applied at once.
-pub async fn end_self_preservation(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn end_self_preservation(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require(Resource::Operator, "", Access::Write)?;
     let applied = state.writer().submit(Command::EndSelfPreservation).await?;
     state.writer().submit(Command::Sweep).await?;
     let was_active = matches!(applied, Applied::PreservationEnded { was_active: true });

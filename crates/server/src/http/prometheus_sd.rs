@@ -9,7 +9,8 @@
 //! after relabeling, so users keep what they want with `relabel_configs`.
 //!
 //! Prometheus polls (`refresh_interval`), so the answer never blocks; it carries
-//! `X-Muster-Index` like every read.
+//! `X-Muster-Index` like every read. With ACLs on, it holds the services the caller may
+//! `service:read` (Prometheus sends a token with `authorization` in `http_sd_configs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -21,11 +22,12 @@ use axum::response::Response;
 use muster_core::{Filter, Instance, Limits, ServiceName, Snapshot};
 use serde::Serialize;
 
-use super::body::query_pairs;
+use super::body::query_params;
 use super::error::ApiError;
 use super::native::{filter_param, json_response};
 use super::render;
 use crate::AppState;
+use crate::acl::{Access, Caller, Resource};
 
 /// The prefix of every label the endpoint sets.
 const PREFIX: &str = "__meta_muster_";
@@ -52,7 +54,7 @@ fn read_query(raw: Option<&str>, limits: &Limits) -> Result<TargetsQuery, ApiErr
         filter: Filter::default(),
         by_service: false,
     };
-    for (key, value) in query_pairs(raw)? {
+    for (key, value) in query_params(raw)? {
         match key.as_str() {
             "service" => {
                 q.services.insert(ServiceName::parse_lookup(&value)?);
@@ -94,12 +96,13 @@ struct TargetGroup {
 /// default) as Prometheus target groups.
 pub async fn targets(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let config = state.config();
     let q = read_query(raw.as_deref(), &config.limits)?;
     let snap = state.snapshot();
-    let groups = groups(&snap, &q, &config.node, &config.datacenter);
+    let groups = groups(&snap, &q, &caller, &config.node, &config.datacenter);
     let body = Bytes::from(serde_json::to_vec(&groups).unwrap_or_default());
     Ok(json_response(
         StatusCode::OK,
@@ -109,8 +112,15 @@ pub async fn targets(
     ))
 }
 
-/// The target groups of `snap` that `q` asks for, in service and instance id order.
-fn groups(snap: &Snapshot, q: &TargetsQuery, node: &str, datacenter: &str) -> Vec<TargetGroup> {
+/// The target groups of `snap` that `q` asks for and `caller` may read, in service and
+/// instance id order.
+fn groups(
+    snap: &Snapshot,
+    q: &TargetsQuery,
+    caller: &Caller,
+    node: &str,
+    datacenter: &str,
+) -> Vec<TargetGroup> {
     let services: Vec<_> = if q.services.is_empty() {
         snap.services.values().collect()
     } else {
@@ -119,8 +129,12 @@ fn groups(snap: &Snapshot, q: &TargetsQuery, node: &str, datacenter: &str) -> Ve
             .filter_map(|s| snap.service(s.as_str()))
             .collect()
     };
+    let all = caller.allows_all(Resource::Service, Access::Read);
     let mut groups = Vec::new();
     for service in services {
+        if !all && !caller.allows(Resource::Service, service.name.as_str(), Access::Read) {
+            continue;
+        }
         // An instance without a port (the Consul API accepts them) has nothing to scrape.
         let instances = service.matching(&q.filter).filter(|i| i.spec.port != 0);
         if q.by_service {
@@ -159,7 +173,7 @@ fn instance_labels(i: &Instance, node: &str, datacenter: &str) -> BTreeMap<Strin
     label(&mut labels, "zone", i.spec.zone.as_deref().unwrap_or(""));
     label(&mut labels, "tags", &tags_label(i.spec.tags.iter()));
     label(&mut labels, "health", render::health(i.health()));
-    label(&mut labels, "node", node_of(i, node));
+    label(&mut labels, "node", i.node(node));
     label(&mut labels, "datacenter", datacenter);
     for (key, value) in &i.spec.meta {
         let sanitized = sanitize(key);
@@ -194,18 +208,6 @@ fn sanitize(key: &str) -> String {
     key.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
-}
-
-/// The node an instance is on: an external service's own node (registered through Consul's
-/// catalog), else in cluster mode the agent that owns it, else this agent.
-fn node_of<'a>(i: &'a Instance, local: &'a str) -> &'a str {
-    i.spec
-        .compat
-        .as_ref()
-        .and_then(|c| c.node.as_ref())
-        .map(|(name, _)| name.as_str())
-        .or(i.owner.as_deref())
-        .unwrap_or(local)
 }
 
 /// `address:port`, with an IPv6 address in brackets as URLs write it.

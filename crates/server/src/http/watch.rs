@@ -2,6 +2,11 @@
 //!
 //! Both park on the snapshot channel. A change wakes every parked reader; each compares the
 //! index relevant to it and parks again if its data did not move, which costs a map lookup.
+//!
+//! With ACLs on, a stream carries only the services its caller may `service:read`, decided
+//! for each event; when the ACL records change, the caller is resolved again from the token
+//! the stream was opened with, a stream whose token stopped resolving ends, and one whose
+//! reach changed starts over with a `snapshot`. Blocking queries check once, when asked.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,10 +22,11 @@ use muster_core::{Filter, Service, ServiceName, Snapshot};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::body::query_pairs;
+use super::body::query_params;
 use super::error::{ApiError, ErrorCode};
 use super::render;
 use crate::AppState;
+use crate::acl::{Access, AclView, Caller, Resource, TokenSource};
 use crate::telemetry as m;
 
 /// Consul's rules: at most ten minutes, five by default.
@@ -174,13 +180,54 @@ async fn catch_up(state: &AppState, index: u64, within: Duration) -> Result<(), 
     .with_retry_after(1))
 }
 
-/// What a stream subscriber watches.
+/// What a stream subscriber watches, and who it is.
 struct Subscription {
     names: Vec<ServiceName>,
     filter: Filter,
+    caller: Caller,
+    /// The caller may read every service: no check per service.
+    reads_all: bool,
 }
 
 impl Subscription {
+    fn new(names: Vec<ServiceName>, filter: Filter, caller: Caller) -> Subscription {
+        let reads_all = caller.allows_all(Resource::Service, Access::Read);
+        Subscription {
+            names,
+            filter,
+            caller,
+            reads_all,
+        }
+    }
+
+    /// Whether the caller may see `name`.
+    fn readable(&self, name: &ServiceName) -> bool {
+        self.reads_all
+            || self
+                .caller
+                .allows(Resource::Service, name.as_str(), Access::Read)
+    }
+
+    /// Takes `caller` as the subscriber: `true` when it may read other watched services of
+    /// `snap` than the caller before it.
+    fn set_caller(&mut self, caller: Caller, snap: &Snapshot) -> bool {
+        let reads_all = caller.allows_all(Resource::Service, Access::Read);
+        let changed = !(self.reads_all && reads_all) && {
+            let differs = |n: &ServiceName| {
+                let now = reads_all || caller.allows(Resource::Service, n.as_str(), Access::Read);
+                self.readable(n) != now
+            };
+            if self.names.is_empty() {
+                snap.services.keys().any(differs)
+            } else {
+                self.names.iter().any(differs)
+            }
+        };
+        self.caller = caller;
+        self.reads_all = reads_all;
+        changed
+    }
+
     /// `{"index": N, "services": {"a": [...], ...}}`, spliced from each service's cached
     /// instance list: one change reaches every subscriber without rendering JSON for each.
     fn data<'a>(
@@ -209,27 +256,47 @@ impl Subscription {
     /// Every watched service's current instances.
     fn snapshot_event(&self, snap: &Snapshot) -> Event {
         let data = if self.names.is_empty() {
-            self.data(snap.index, snap.services.iter().map(|(n, s)| (n, Some(s))))
+            self.data(
+                snap.index,
+                snap.services
+                    .iter()
+                    .filter(|(n, _)| self.readable(n))
+                    .map(|(n, s)| (n, Some(s))),
+            )
         } else {
             self.data(
                 snap.index,
-                self.names.iter().map(|n| (n, snap.service(n.as_str()))),
+                self.names
+                    .iter()
+                    .filter(|n| self.readable(n))
+                    .map(|n| (n, snap.service(n.as_str()))),
             )
         };
         event("snapshot", snap.index, data)
     }
 
-    /// The event that brings a client at `since` up to `snap`, if anything changed.
+    /// The event that brings a client at `since` up to `snap`, if anything it may see
+    /// changed.
     fn catch_up(&self, snap: &Snapshot, since: u64) -> Option<Event> {
         match snap.changes_since(since, &self.names) {
             None => Some(self.snapshot_event(snap)),
-            Some(changes) if changes.is_empty() => None,
             Some(changes) => {
-                let entries = changes.iter().map(|c| match c {
-                    Change::Updated(s) => (&s.name, Some(*s)),
-                    Change::Removed(name) => (*name, None),
-                });
-                Some(event("change", snap.index, self.data(snap.index, entries)))
+                let entries: Vec<_> = changes
+                    .iter()
+                    .map(|c| match c {
+                        Change::Updated(s) => (&s.name, Some(*s)),
+                        Change::Removed(name) => (*name, None),
+                    })
+                    .filter(|(name, _)| self.readable(name))
+                    .collect();
+                if entries.is_empty() {
+                    return None;
+                }
+                Some(event(
+                    "change",
+                    snap.index,
+                    self.data(snap.index, entries.into_iter()),
+                ))
             }
         }
     }
@@ -249,13 +316,14 @@ fn event(kind: &str, index: u64, data: String) -> Event {
 /// duplicates, or starts over with a `snapshot` when that point is too old to replay.
 pub async fn stream(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut names = Vec::new();
     let mut filter = Filter::default();
     let mut since = None;
-    for (key, value) in query_pairs(raw.as_deref())? {
+    for (key, value) in query_params(raw.as_deref())? {
         match key.as_str() {
             "service" => names.push(ServiceName::parse_lookup(&value)?),
             "health" => filter.health = super::body::health_filter(&value)?,
@@ -272,29 +340,55 @@ pub async fn stream(
         let text = v.to_str().unwrap_or("");
         since = Some(parse_index("Last-Event-ID", text)?);
     }
+    // Naming a service is a named read: refused, not left out.
+    for name in &names {
+        caller.require(Resource::Service, name.as_str(), Access::Read)?;
+    }
     let guard = WatcherGuard::acquire(&state, m::STREAMS)?;
     if let Some(since) = since {
         catch_up(&state, since, STREAM_CATCH_UP).await?;
     }
-    let sub = Subscription { names, filter };
     let rx = state.inner.snapshots.clone();
     let shutdown = state.inner.shutdown.clone();
+    // With ACLs on, what the stream needs to resolve its caller again when ACLs change. The
+    // view no snapshot has makes the first event resolve it again too, so a change between
+    // the request's resolution and the stream's start is not missed.
+    let acl = state.acl().enabled().then(|| AclWatch {
+        state: state.clone(),
+        token: super::auth::presented_token(&headers, raw.as_deref(), false),
+        view: Arc::default(),
+    });
+    let sub = Subscription::new(names, filter, caller);
 
     struct Cursor {
         rx: watch::Receiver<Arc<Snapshot>>,
         sub: Subscription,
         sent: Option<u64>,
+        acl: Option<AclWatch>,
         _guard: WatcherGuard,
     }
     let cursor = Cursor {
         rx,
         sub,
         sent: since,
+        acl,
         _guard: guard,
     };
     let events = futures::stream::unfold(cursor, |mut c| async move {
         loop {
             let snap = c.rx.borrow_and_update().clone();
+            if let Some(acl) = &mut c.acl {
+                match acl.recheck(&snap, c.sub.caller.accessor()) {
+                    Recheck::Same => {}
+                    Recheck::Ended => return None,
+                    // A client whose reach changed starts over from a snapshot of it.
+                    Recheck::Caller(caller) => {
+                        if c.sub.set_caller(caller, &snap) {
+                            c.sent = None;
+                        }
+                    }
+                }
+            }
             let next = match c.sent {
                 None => Some(c.sub.snapshot_event(&snap)),
                 Some(since) if since > snap.index => Some(c.sub.snapshot_event(&snap)),
@@ -312,6 +406,47 @@ pub async fn stream(
     });
     let events = futures::StreamExt::take_until(events, shutdown.cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// A stream's ACL state: the token it was opened with and the ACL records its caller was
+/// resolved from.
+struct AclWatch {
+    state: AppState,
+    token: Option<(String, TokenSource)>,
+    view: Arc<AclView>,
+}
+
+/// What a change of the ACL records means for a stream.
+enum Recheck {
+    /// Nothing changed.
+    Same,
+    /// The token no longer resolves (deleted; or expired, as seen at the next change of the
+    /// ACL records): the stream ends.
+    Ended,
+    /// The caller as resolved now.
+    Caller(Caller),
+}
+
+impl AclWatch {
+    /// Resolves the caller again if the ACL records changed since the last time; otherwise
+    /// the cost is a pointer comparison.
+    fn recheck(&mut self, snap: &Snapshot, accessor: &str) -> Recheck {
+        let acl = self.state.acl();
+        let view = acl.view(snap);
+        if Arc::ptr_eq(&view, &self.view) {
+            return Recheck::Same;
+        }
+        self.view = view;
+        let presented = self.token.as_ref().map(|(t, s)| (t.as_str(), *s));
+        let Ok(caller) = acl.resolve(snap, presented) else {
+            tracing::info!(
+                accessor,
+                "watch stream ended: its ACL token no longer resolves"
+            );
+            return Recheck::Ended;
+        };
+        Recheck::Caller(caller)
+    }
 }
 
 fn parse_index(field: &str, text: &str) -> Result<u64, ApiError> {

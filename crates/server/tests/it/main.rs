@@ -1,6 +1,7 @@
 //! The agent end to end: HTTP requests against an agent in this process.
 
 mod acl;
+mod acl_edges;
 mod api;
 mod checks;
 mod cluster;

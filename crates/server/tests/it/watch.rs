@@ -121,20 +121,24 @@ async fn an_index_ahead_of_the_agent_answers_at_once() {
 }
 
 /// Reads server-sent events from a response.
-struct Events {
+pub(crate) struct Events {
     stream: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buf: String,
 }
 
 #[derive(Debug)]
-struct Event {
-    kind: String,
-    id: u64,
-    data: Value,
+pub(crate) struct Event {
+    pub(crate) kind: String,
+    pub(crate) id: u64,
+    pub(crate) data: Value,
 }
 
 impl Events {
-    async fn open(addr: std::net::SocketAddr, path: &str, last_id: Option<u64>) -> Events {
+    pub(crate) async fn open(
+        addr: std::net::SocketAddr,
+        path: &str,
+        last_id: Option<u64>,
+    ) -> Events {
         let mut req = reqwest::Client::new().get(url(addr, path));
         if let Some(id) = last_id {
             req = req.header("last-event-id", id.to_string());
@@ -153,7 +157,20 @@ impl Events {
         }
     }
 
-    async fn next(&mut self) -> Event {
+    /// Waits (up to 10 s) for the server to end the stream, skipping what it still sends.
+    pub(crate) async fn ended(mut self) {
+        timeout(Duration::from_secs(10), async {
+            while let Some(chunk) = self.stream.next().await {
+                if chunk.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the stream ends within 10s");
+    }
+
+    pub(crate) async fn next(&mut self) -> Event {
         timeout(Duration::from_secs(10), async {
             loop {
                 if let Some(end) = self.buf.find("\n\n") {

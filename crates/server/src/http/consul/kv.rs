@@ -373,7 +373,12 @@ pub async fn renew_session(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ConsulError> {
+    // Passed on to the agent holding the session, which checks it again.
+    let token = crate::http::auth::presented_token(&headers, raw.as_deref(), false);
+    let token = token.as_ref().map(|(t, _)| t.as_str());
     let snap = state.snapshot();
     let s = snap
         .sessions
@@ -382,7 +387,7 @@ pub async fn renew_session(
     caller.require(Resource::Session, &s.spec.node, Access::Write)?;
     if let Some(lease) = s.lease {
         // In cluster mode the session's agent keeps its TTL.
-        match crate::http::cluster::forward_renewal(&state, &snap, lease, false).await {
+        match crate::http::cluster::forward_renewal_as(&state, &snap, lease, false, token).await {
             Some(Ok(r)) if r.status().is_success() => {}
             Some(Ok(r)) if r.status() == axum::http::StatusCode::NOT_FOUND => {
                 return Err(ConsulError::not_found(format!(

@@ -20,6 +20,7 @@ use super::body::{self, Fields};
 use super::render::{self, Action, Info};
 use super::{EurekaError, Format};
 use crate::AppState;
+use crate::acl::{Access, Caller, Resource};
 use crate::telemetry as m;
 
 /// The check that carries a Eureka client's own `DOWN`, `STARTING` or `UNKNOWN` into the
@@ -36,6 +37,18 @@ const STATUSES: [&str; 5] = ["UP", "DOWN", "STARTING", "OUT_OF_SERVICE", "UNKNOW
 fn names(app: &str, id: &str) -> Result<(ServiceName, InstanceId), EurekaError> {
     let service = ServiceName::parse_lookup(app)?;
     let id = InstanceId::parse_lookup(id)?;
+    Ok((service, id))
+}
+
+/// The service and instance a path names, once `caller` may change the service's instances
+/// (`service:write` on its registry name, the application name in lower case).
+fn writable(
+    caller: &Caller,
+    app: &str,
+    id: &str,
+) -> Result<(ServiceName, InstanceId), EurekaError> {
+    let (service, id) = names(app, id)?;
+    caller.require(Resource::Service, service.as_str(), Access::Write)?;
     Ok((service, id))
 }
 
@@ -58,9 +71,9 @@ fn empty(status: StatusCode) -> Response {
     status.into_response()
 }
 
-/// The query string's pairs.
+/// The query string's pairs, but the ACL token.
 fn query(raw: Option<&str>) -> Result<Vec<(String, String)>, EurekaError> {
-    crate::http::body::query_pairs(raw).map_err(EurekaError::from)
+    crate::http::body::query_params(raw).map_err(EurekaError::from)
 }
 
 fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -71,7 +84,17 @@ fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// `POST /apps/{APP}`: register or replace (Eureka's register is an upsert). 204.
-pub async fn register(state: &AppState, app: &str, bytes: &[u8]) -> Result<Response, EurekaError> {
+pub async fn register(
+    state: &AppState,
+    caller: &Caller,
+    app: &str,
+    bytes: &[u8],
+) -> Result<Response, EurekaError> {
+    // The body's application must be the path's (checked below), so the path's decides. A
+    // name that is no service name gets its 400 from the body's check.
+    if let Ok(service) = ServiceName::parse_lenient(app) {
+        caller.require(Resource::Service, service.as_str(), Access::Write)?;
+    }
     let v = body::parse(bytes)?;
     let root = match &v {
         Value::Object(m) => match m.get("instance") {
@@ -282,11 +305,13 @@ fn registration(state: &AppState, app: &str, o: Fields<'_>) -> Result<Registrati
 /// newer than the one registered (its copy changed since).
 pub async fn renew(
     state: &AppState,
+    caller: &Caller,
     app: &str,
     id: &str,
     raw: Option<&str>,
+    token: Option<&str>,
 ) -> Result<Response, EurekaError> {
-    let (service, id_) = names(app, id)?;
+    let (service, id_) = writable(caller, app, id)?;
     let pairs = query(raw)?;
     let client_dirty = param(&pairs, "lastDirtyTimestamp").and_then(|t| t.parse::<u64>().ok());
     // As Eureka does: renew first, then tell a client whose copy changed since it registered
@@ -303,7 +328,7 @@ pub async fn renew(
     };
     let snap = state.snapshot();
     if let Some(answer) =
-        crate::http::cluster::forward_heartbeat(state, &snap, &service, &id_, false).await
+        crate::http::cluster::forward_heartbeat(state, &snap, &service, &id_, false, token).await
     {
         answer.map_err(EurekaError::from)?;
         if snap
@@ -330,7 +355,13 @@ pub async fn renew(
 }
 
 /// `DELETE /apps/{APP}/{id}`: deregister. 200, or 404.
-pub async fn cancel(state: &AppState, app: &str, id: &str) -> Result<Response, EurekaError> {
+pub async fn cancel(
+    state: &AppState,
+    caller: &Caller,
+    app: &str,
+    id: &str,
+) -> Result<Response, EurekaError> {
+    writable(caller, app, id)?;
     let inst = existing(&state.snapshot(), app, id)?;
     state
         .writer()
@@ -346,10 +377,12 @@ pub async fn cancel(state: &AppState, app: &str, id: &str) -> Result<Response, E
 /// `UP`) puts the instance into the core's maintenance, hiding it everywhere; `UP` ends it.
 pub async fn set_status(
     state: &AppState,
+    caller: &Caller,
     app: &str,
     id: &str,
     raw: Option<&str>,
 ) -> Result<Response, EurekaError> {
+    writable(caller, app, id)?;
     let pairs = query(raw)?;
     let value = param(&pairs, "value")
         .filter(|v| !v.is_empty())
@@ -374,7 +407,13 @@ pub async fn set_status(
 
 /// `DELETE /apps/{APP}/{id}/status`: the override removed; the instance shows what its
 /// client reports again.
-pub async fn remove_status(state: &AppState, app: &str, id: &str) -> Result<Response, EurekaError> {
+pub async fn remove_status(
+    state: &AppState,
+    caller: &Caller,
+    app: &str,
+    id: &str,
+) -> Result<Response, EurekaError> {
+    writable(caller, app, id)?;
     let inst = existing(&state.snapshot(), app, id)?;
     override_to(state, &inst, None).await
 }
@@ -404,10 +443,12 @@ async fn override_to(
 /// `PUT /apps/{APP}/{id}/metadata?key=value&...`: merged into the instance's metadata.
 pub async fn metadata(
     state: &AppState,
+    caller: &Caller,
     app: &str,
     id: &str,
     raw: Option<&str>,
 ) -> Result<Response, EurekaError> {
+    writable(caller, app, id)?;
     let pairs = query(raw)?;
     let inst = existing(&state.snapshot(), app, id)?;
     let mut spec = inst.spec.clone();
@@ -430,17 +471,32 @@ fn every(snap: &Snapshot) -> impl Iterator<Item = &Arc<Instance>> {
     snap.services.values().flat_map(|s| s.instances.values())
 }
 
-/// `GET /apps`: every application. `versions__delta` is always 1 on a full fetch, as in
-/// Eureka.
-pub fn all(state: &AppState, format: Format) -> Result<Response, EurekaError> {
+/// The instances of the services `caller` may read, in service and id order.
+fn readable<'a>(snap: &'a Snapshot, caller: &'a Caller) -> impl Iterator<Item = &'a Arc<Instance>> {
+    let all = caller.allows_all(Resource::Service, Access::Read);
+    snap.services
+        .values()
+        .filter(move |s| all || caller.allows(Resource::Service, s.name.as_str(), Access::Read))
+        .flat_map(|s| s.instances.values())
+}
+
+/// `GET /apps`: every application the caller may read. `versions__delta` is always 1 on a
+/// full fetch, as in Eureka.
+pub fn all(state: &AppState, caller: &Caller, format: Format) -> Result<Response, EurekaError> {
     let snap = state.snapshot();
-    let body = state
-        .eureka_answers()
-        .get(What::All, format, version(state, snap.index), || {
-            let hash = render::hashcode(every(&snap).map(|i| &**i));
-            let apps = render::group(every(&snap).map(|i| Info::of(state, i, None)));
-            format.encode(render::applications(&apps, 1, &hash, format.xml))
-        });
+    let render = || {
+        let hash = render::hashcode(readable(&snap, caller).map(|i| &**i));
+        let apps = render::group(readable(&snap, caller).map(|i| Info::of(state, i, None)));
+        format.encode(render::applications(&apps, 1, &hash, format.xml))
+    };
+    // The kept answer shows every application: only for callers that may read them all.
+    let body = if caller.allows_all(Resource::Service, Access::Read) {
+        state
+            .eureka_answers()
+            .get(What::All, format, version(state, snap.index), render)
+    } else {
+        render()
+    };
     Ok(format.answer_encoded(body))
 }
 
@@ -457,22 +513,31 @@ fn version(state: &AppState, index: u64) -> Version {
 /// the same snapshot, so a client whose copy is right after applying the delta sees the same
 /// hash; `versions__delta` is the registry's index, which moves whenever the delta's content
 /// does.
-pub fn delta(state: &AppState, format: Format) -> Result<Response, EurekaError> {
+pub fn delta(state: &AppState, caller: &Caller, format: Format) -> Result<Response, EurekaError> {
     let snap = state.snapshot();
-    let body = state
-        .eureka_answers()
-        .get(What::Delta, format, version(state, snap.index), || {
-            render_delta(state, &snap, format)
-        });
+    // The kept answer shows every application: only for callers that may read them all.
+    let body = if caller.allows_all(Resource::Service, Access::Read) {
+        state
+            .eureka_answers()
+            .get(What::Delta, format, version(state, snap.index), || {
+                render_delta(state, caller, &snap, format)
+            })
+    } else {
+        render_delta(state, caller, &snap, format)
+    };
     Ok(format.answer_encoded(body))
 }
 
-/// The delta of `snap` as of now.
-fn render_delta(state: &AppState, snap: &Snapshot, format: Format) -> Bytes {
+/// The delta of `snap` as of now, of the applications `caller` may read.
+fn render_delta(state: &AppState, caller: &Caller, snap: &Snapshot, format: Format) -> Bytes {
     let since = state.now().saturating_sub(RECENT_WINDOW);
     // The latest change of each instance, in the order of those latest changes.
     let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
-    let changes: Vec<_> = snap.recent_since(since).collect();
+    let all = caller.allows_all(Resource::Service, Access::Read);
+    let changes: Vec<_> = snap
+        .recent_since(since)
+        .filter(|c| all || caller.allows(Resource::Service, c.service.as_str(), Access::Read))
+        .collect();
     for (n, c) in changes.iter().enumerate() {
         latest.insert((c.service.as_str(), c.id.as_str()), n);
     }
@@ -494,15 +559,22 @@ fn render_delta(state: &AppState, snap: &Snapshot, format: Format) -> Bytes {
             (None, None) => {}
         }
     }
-    let hash = render::hashcode(every(snap).map(|i| &**i));
+    let hash = render::hashcode(readable(snap, caller).map(|i| &**i));
     let version = i64::try_from(snap.index).unwrap_or(i64::MAX);
     let apps = render::group(infos);
     format.encode(render::applications(&apps, version, &hash, format.xml))
 }
 
-/// `GET /apps/{APP}`: one application; 404 without instances.
-pub fn app(state: &AppState, app: &str, format: Format) -> Result<Response, EurekaError> {
+/// `GET /apps/{APP}`: one application; 404 without instances. The kept answer serves every
+/// caller that may read the application: it shows that application alone, the same to each.
+pub fn app(
+    state: &AppState,
+    caller: &Caller,
+    app: &str,
+    format: Format,
+) -> Result<Response, EurekaError> {
     let service = ServiceName::parse_lookup(app)?;
+    caller.require(Resource::Service, service.as_str(), Access::Read)?;
     let snap = state.snapshot();
     let svc = snap
         .service(service.as_str())
@@ -530,35 +602,43 @@ pub fn app(state: &AppState, app: &str, format: Format) -> Result<Response, Eure
     Ok(format.answer_encoded(body))
 }
 
-/// `GET /apps/{APP}/{id}` and `GET /instances/{id}` (the first instance with that id).
+/// `GET /apps/{APP}/{id}` and `GET /instances/{id}` (the first instance with that id among
+/// the services the caller may read).
 pub fn instance(
     state: &AppState,
+    caller: &Caller,
     app: Option<&str>,
     id: &str,
     format: Format,
 ) -> Result<Response, EurekaError> {
     let snap = state.snapshot();
-    let inst =
-        match app {
-            Some(app) => existing(&snap, app, id)?,
-            None => snap.instances_with_id(id).next().cloned().ok_or_else(|| {
-                EurekaError::not_found(format!("instance {id} is not registered"))
-            })?,
-        };
+    let inst = match app {
+        Some(app) => {
+            let (service, _) = names(app, id)?;
+            caller.require(Resource::Service, service.as_str(), Access::Read)?;
+            existing(&snap, app, id)?
+        }
+        None => snap
+            .instances_with_id(id)
+            .find(|i| caller.allows(Resource::Service, i.service.as_str(), Access::Read))
+            .cloned()
+            .ok_or_else(|| EurekaError::not_found(format!("instance {id} is not registered")))?,
+    };
     Ok(format.answer(render::instance(&Info::of(state, &inst, None), format.xml)))
 }
 
-/// `GET /vips/{vip}` and `/svips/{svip}`: the instances whose comma-separated `field` holds
-/// `vip` exactly; 200 with `versions__delta` -1, also when none does (Eureka's code, which
-/// clients follow, rather than its wiki's 404).
+/// `GET /vips/{vip}` and `/svips/{svip}`: the instances, of the applications the caller may
+/// read, whose comma-separated `field` holds `vip` exactly; 200 with `versions__delta` -1,
+/// also when none does (Eureka's code, which clients follow, rather than its wiki's 404).
 pub fn vip(
     state: &AppState,
+    caller: &Caller,
     vip: &str,
     field: &str,
     format: Format,
 ) -> Result<Response, EurekaError> {
     let snap = state.snapshot();
-    let matching: Vec<&Arc<Instance>> = every(&snap)
+    let matching: Vec<&Arc<Instance>> = readable(&snap, caller)
         .filter(|i| {
             let value = match render::eureka(i) {
                 Some(e) => e.strings.get(field).cloned(),

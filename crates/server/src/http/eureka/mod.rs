@@ -7,6 +7,14 @@
 //! here: status codes clients depend on (204 on register, 404 on renew to re-register), JSON
 //! only when `Accept` says `json` and XML otherwise, lenient bodies, `apps__hashcode`.
 //!
+//! With ACLs on, Consul's service rules guard applications, by the registry's (lower-case)
+//! name of the service: changing an instance needs `service:write`, reading an application
+//! `service:read`, and the registry, the delta and VIPs hold only what the caller may read
+//! (their `apps__hashcode` too, so a client's copy stays consistent with what it is sent).
+//! A denial asks a client that sent no credential for one (401 and a `Basic` challenge, which
+//! Spring's and other clients answer with the user and password of their server URL; the
+//! password is the token), and refuses a client whose credential lacks it (403).
+//!
 //! Answers are made from the current snapshot: a change is in the next full or delta fetch
 //! (stock Eureka lags 30 s or more). The full registry, the delta and each application are
 //! rendered once per change (and per second, for the fields that move with time) and shared
@@ -34,6 +42,7 @@ use axum::routing::any;
 use super::error::ApiError;
 use super::limits::{BodyLimit, Shape, limit_bodies};
 use crate::AppState;
+use crate::acl::{Caller, Denied};
 
 /// An error as Eureka answers it: a status and a plain-text reason (clients only look at
 /// the status; people read the text).
@@ -41,7 +50,12 @@ use crate::AppState;
 pub struct EurekaError {
     status: StatusCode,
     message: String,
+    /// Ask for HTTP basic credentials (`WWW-Authenticate`).
+    challenge: bool,
 }
+
+/// The challenge a 401 carries: clients with credentials in their server URL send them on it.
+const CHALLENGE: &str = "Basic realm=\"muster\"";
 
 impl EurekaError {
     /// An error with `status`.
@@ -49,6 +63,7 @@ impl EurekaError {
         EurekaError {
             status,
             message: message.into(),
+            challenge: false,
         }
     }
 
@@ -82,14 +97,38 @@ impl From<muster_core::ValidationError> for EurekaError {
     }
 }
 
+/// A permission the caller lacks: 401 with a challenge when the request carried no
+/// credential (it used the agent's default or the anonymous token), else 403.
+impl From<Denied> for EurekaError {
+    fn from(d: Denied) -> EurekaError {
+        let presented = d.source.presented();
+        EurekaError {
+            status: if presented {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            },
+            message: d.explained(),
+            challenge: !presented,
+        }
+    }
+}
+
 impl IntoResponse for EurekaError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             self.message,
         )
-            .into_response()
+            .into_response();
+        if self.challenge {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(CHALLENGE),
+            );
+        }
+        resp
     }
 }
 
@@ -191,6 +230,7 @@ impl Format {
 /// One request, routed by its path's non-empty segments after the base.
 async fn dispatch(
     State(state): State<AppState>,
+    caller: Caller,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -212,27 +252,33 @@ async fn dispatch(
     let path: Vec<&str> = rest.iter().map(String::as_str).collect();
     let format = Format::of(&headers);
     let query = uri.query();
+    let (state, caller) = (&state, &caller);
     let result = match (path.as_slice(), &method) {
-        (["apps"], &Method::GET) => apps::all(&state, format),
-        (["apps", "delta"], &Method::GET) => apps::delta(&state, format),
-        (["apps", app], &Method::GET) => apps::app(&state, app, format),
-        (["apps", app], &Method::POST) => apps::register(&state, app, &body).await,
-        (["apps", app, id], &Method::GET) => apps::instance(&state, Some(app), id, format),
-        (["apps", app, id], &Method::PUT) => apps::renew(&state, app, id, query).await,
-        (["apps", app, id], &Method::DELETE) => apps::cancel(&state, app, id).await,
+        (["apps"], &Method::GET) => apps::all(state, caller, format),
+        (["apps", "delta"], &Method::GET) => apps::delta(state, caller, format),
+        (["apps", app], &Method::GET) => apps::app(state, caller, app, format),
+        (["apps", app], &Method::POST) => apps::register(state, caller, app, &body).await,
+        (["apps", app, id], &Method::GET) => apps::instance(state, caller, Some(app), id, format),
+        (["apps", app, id], &Method::PUT) => {
+            // Passed on with a heartbeat forwarded to the instance's owner.
+            let token = super::auth::presented_token(&headers, query, true);
+            let token = token.as_ref().map(|(t, _)| t.as_str());
+            apps::renew(state, caller, app, id, query, token).await
+        }
+        (["apps", app, id], &Method::DELETE) => apps::cancel(state, caller, app, id).await,
         (["apps", app, id, "status"], &Method::PUT) => {
-            apps::set_status(&state, app, id, query).await
+            apps::set_status(state, caller, app, id, query).await
         }
         (["apps", app, id, "status"], &Method::DELETE) => {
-            apps::remove_status(&state, app, id).await
+            apps::remove_status(state, caller, app, id).await
         }
         (["apps", app, id, "metadata"], &Method::PUT) => {
-            apps::metadata(&state, app, id, query).await
+            apps::metadata(state, caller, app, id, query).await
         }
-        (["instances", id], &Method::GET) => apps::instance(&state, None, id, format),
-        (["vips", vip], &Method::GET) => apps::vip(&state, vip, "vipAddress", format),
-        (["svips", vip], &Method::GET) => apps::vip(&state, vip, "secureVipAddress", format),
-        (["status"], &Method::GET) => apps::status(&state, format),
+        (["instances", id], &Method::GET) => apps::instance(state, caller, None, id, format),
+        (["vips", vip], &Method::GET) => apps::vip(state, caller, vip, "vipAddress", format),
+        (["svips", vip], &Method::GET) => apps::vip(state, caller, vip, "secureVipAddress", format),
+        (["status"], &Method::GET) => apps::status(state, format),
         (
             ["apps"]
             | ["apps", "delta"]
