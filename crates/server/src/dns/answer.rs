@@ -461,38 +461,75 @@ impl Responder {
                     self.soa(w, snapshot, Section::Authority);
                     return NXDOMAIN;
                 }
-                let cap = match (transport, w.edns, self.config.udp_answer_limit) {
-                    (Transport::Udp, None, n) if n > 0 => n,
-                    _ => usize::MAX,
-                };
-                let wrote = match qtype {
-                    RecordType::A => w.shuffled(pick_addrs(&records.a, &records), cap),
-                    RecordType::AAAA => w.shuffled(pick_addrs(&records.aaaa, &records), cap),
-                    RecordType::ANY => {
-                        if records.a.is_empty() && records.aaaa.is_empty() {
-                            w.shuffled(one_of(&records.cname), cap)
-                        } else {
-                            let all: Vec<&[u8]> = records
-                                .a
-                                .iter()
-                                .chain(&records.aaaa)
-                                .map(Vec::as_slice)
-                                .collect();
-                            w.shuffled(all, cap)
-                        }
-                    }
-                    RecordType::SRV => w.srv(&records.srv, cap),
-                    RecordType::TXT => {
-                        w.shuffled(records.txt.iter().map(Vec::as_slice).collect(), cap)
-                    }
-                    _ => 0,
-                };
-                if wrote == 0 && !w.tc {
+                self.write_records(snapshot, &records, qtype, transport, w)
+            }
+            Lookup::Query(name) => {
+                let Some(query) = crate::http::consul::query::resolve(snapshot, name) else {
                     self.soa(w, snapshot, Section::Authority);
-                }
-                0
+                    return NXDOMAIN;
+                };
+                let (found, _) = crate::http::consul::query::matches(
+                    snapshot,
+                    &query,
+                    &self.node_name,
+                    caller,
+                    None,
+                );
+                let service = query.def["Service"]["Service"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_lowercase();
+                let Some(svc) = snapshot.service(&service).filter(|_| !found.is_empty()) else {
+                    self.soa(w, snapshot, Section::Authority);
+                    return NXDOMAIN;
+                };
+                let chosen: std::collections::HashSet<&str> =
+                    found.iter().map(|i| i.id.as_str()).collect();
+                // The query decides health itself (OnlyPassing), not the DNS health filter.
+                let records = self.build_unfiltered(svc, &|i| chosen.contains(i.id.as_str()));
+                self.write_records(snapshot, &records, qtype, transport, w)
             }
         }
+    }
+
+    /// Writes `records` as the answer to `qtype`; an answer with nothing in it carries the
+    /// SOA.
+    fn write_records(
+        &self,
+        snapshot: &Snapshot,
+        records: &Records,
+        qtype: RecordType,
+        transport: Transport,
+        w: &mut Writer<'_>,
+    ) -> u8 {
+        let cap = match (transport, w.edns, self.config.udp_answer_limit) {
+            (Transport::Udp, None, n) if n > 0 => n,
+            _ => usize::MAX,
+        };
+        let wrote = match qtype {
+            RecordType::A => w.shuffled(pick_addrs(&records.a, records), cap),
+            RecordType::AAAA => w.shuffled(pick_addrs(&records.aaaa, records), cap),
+            RecordType::ANY => {
+                if records.a.is_empty() && records.aaaa.is_empty() {
+                    w.shuffled(one_of(&records.cname), cap)
+                } else {
+                    let all: Vec<&[u8]> = records
+                        .a
+                        .iter()
+                        .chain(&records.aaaa)
+                        .map(Vec::as_slice)
+                        .collect();
+                    w.shuffled(all, cap)
+                }
+            }
+            RecordType::SRV => w.srv(&records.srv, cap),
+            RecordType::TXT => w.shuffled(records.txt.iter().map(Vec::as_slice).collect(), cap),
+            _ => 0,
+        };
+        if wrote == 0 && !w.tc {
+            self.soa(w, snapshot, Section::Authority);
+        }
+        0
     }
 
     fn soa(&self, w: &mut Writer<'_>, snapshot: &Snapshot, section: Section) {
@@ -612,8 +649,24 @@ impl Responder {
         zone: Option<&str>,
         keep: &dyn Fn(&Instance) -> bool,
     ) -> Records {
+        self.build_with(svc, tag, zone, self.health, keep)
+    }
+
+    /// The records of the instances of `svc` that `keep` keeps, whatever their health.
+    fn build_unfiltered(&self, svc: &Service, keep: &dyn Fn(&Instance) -> bool) -> Records {
+        self.build_with(svc, None, None, HealthFilter::Any, keep)
+    }
+
+    fn build_with(
+        &self,
+        svc: &Service,
+        tag: Option<&str>,
+        zone: Option<&str>,
+        health: HealthFilter,
+        keep: &dyn Fn(&Instance) -> bool,
+    ) -> Records {
         let filter = Filter {
-            health: self.health,
+            health,
             ..Filter::default()
         };
         let tagged: Vec<&Instance> = svc

@@ -28,6 +28,8 @@ pub enum Lookup<'a> {
         /// Prefer instances in this zone; all instances when it has none.
         zone: Option<Cow<'a, str>>,
     },
+    /// A prepared query's answer, by the query's ID or name (`<name>.query.<domain>`).
+    Query(Cow<'a, str>),
     /// The agent's own node.
     Node,
     /// Another node (in cluster mode, another agent of the cluster), by its lowercase name.
@@ -66,6 +68,7 @@ pub fn parse<'a>(labels: &[&'a str], dc: &str, node: &str) -> Lookup<'a> {
                 Lookup::OtherNode(name.into_owned())
             }
         }
+        "query" if !left.is_empty() && dc_matches(right, dc) => Lookup::Query(joined(left)),
         "addr" if left.len() == 1 && dc_matches(right, dc) => {
             hex_ip(left[0]).map_or(Lookup::NotFound, Lookup::Addr)
         }

@@ -1036,3 +1036,43 @@ async fn consul_named_services_answer_over_dns_in_any_case() {
     let m = udp(dns, "api.v2.service.muster.", RecordType::A).await;
     assert_eq!(rcode(&m), ResponseCode::NXDomain, "{m:?}");
 }
+
+#[tokio::test]
+async fn prepared_queries_answer_by_name_with_their_own_filters_and_templates() {
+    let (a, dns) = agent_with_dns(config()).await;
+    web(&a).await;
+    let create = |body: Value| {
+        let a = &a;
+        async move {
+            let r = a.call(Method::POST, "/v1/query", Some(body)).await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        }
+    };
+    create(json!({"Name": "web-v2", "Service": {"Service": "web", "Tags": ["v2"]}})).await;
+    create(json!({"Name": "web-not-v2", "Service": {"Service": "web", "Tags": ["!v2"]}})).await;
+    create(
+        json!({"Name": "geo-", "Template": {"Type": "name_prefix_match"},
+                  "Service": {"Service": "${name.suffix}"}}),
+    )
+    .await;
+    let m = udp(dns, "web-v2.query.muster.", RecordType::A).await;
+    assert_eq!(rcode(&m), ResponseCode::NoError);
+    assert_eq!(ips(&m.answers), ["10.0.0.2"]);
+    let m = udp(dns, "web-not-v2.query.muster.", RecordType::A).await;
+    assert_eq!(ips(&m.answers), ["10.0.0.1"]);
+    let m = udp(dns, "web-v2.query.muster.", RecordType::SRV).await;
+    assert_eq!(m.answers.len(), 1, "{m:?}");
+    match &m.answers[0].data {
+        RData::SRV(srv) => assert_eq!(srv.port, 8081),
+        other => panic!("not SRV: {other:?}"),
+    }
+    // A template answers every name it prefixes, the suffix naming the service.
+    let m = tcp(dns, "geo-web.query.muster.", RecordType::A).await;
+    assert_eq!(ips(&m.answers), ["10.0.0.1", "10.0.0.2"]);
+    // An unknown query, or one whose service has nothing, is NXDOMAIN with the SOA.
+    for name in ["nope.query.muster.", "geo-nothing.query.muster."] {
+        let m = udp(dns, name, RecordType::A).await;
+        assert_eq!(rcode(&m), ResponseCode::NXDomain, "{name}");
+        assert!(has_soa(&m));
+    }
+}

@@ -455,7 +455,7 @@ pub async fn explain(
 pub fn matches(
     snap: &Snapshot,
     q: &Stored,
-    node: &Node,
+    local_node: &str,
     caller: &Caller,
     limit: Option<usize>,
 ) -> (Vec<Arc<Instance>>, bool) {
@@ -518,7 +518,7 @@ pub fn matches(
         })
         .filter(|i| {
             let ok = caller.allows(Resource::Service, render::service_name(i), Access::Read)
-                && caller.allows(Resource::Node, &node.of_instance(i).name, Access::Read);
+                && caller.allows(Resource::Node, i.node(local_node), Access::Read);
             hidden |= !ok;
             ok
         })
@@ -571,7 +571,7 @@ pub async fn execute(
     let snap = state.snapshot();
     let query = resolve(&snap, &id).ok_or_else(|| unknown(&id))?;
     let node = Node::of(&state);
-    let (found, hidden) = matches(&snap, &query, &node, &caller, limit);
+    let (found, hidden) = matches(&snap, &query, &node.name, &caller, limit);
     let own = render::node(&node);
     let node_checks = render::node_checks(&node, &snap);
     let nodes: Vec<Value> = found
