@@ -166,14 +166,14 @@ pub async fn resolve_caller(
     if !state.acl().enabled() {
         return next.run(req).await;
     }
-    let path = req.uri().path().to_string();
-    let caller = match resolve(&state, req.headers(), &path, req.uri().query()) {
+    let consul = api_of(req.uri().path()) == Api::Consul;
+    let caller = match resolve(&state, req.headers(), req.uri().path(), req.uri().query()) {
         Ok(c) => c,
         Err(refusal) => return with_policy_header(&state, refusal.into_response()),
     };
     req.extensions_mut().insert(caller);
     let resp = next.run(req).await;
-    if api_of(&path) == Api::Consul {
+    if consul {
         return with_policy_header(&state, resp);
     }
     resp
