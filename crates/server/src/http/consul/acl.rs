@@ -54,7 +54,8 @@ fn acl_view(state: &AppState) -> std::sync::Arc<AclView> {
     state.acl().view(&state.snapshot())
 }
 
-fn set(key: String, value: Vec<u8>, cas: Option<u64>) -> TxnOp {
+/// A write of one of the agent's own records, `cas` as the KV API's.
+pub(crate) fn set(key: String, value: Vec<u8>, cas: Option<u64>) -> TxnOp {
     TxnOp::Set(KvPut {
         key,
         value: Some(Value_::from(value)),
@@ -67,7 +68,10 @@ fn set(key: String, value: Vec<u8>, cas: Option<u64>) -> TxnOp {
 
 /// Applies `ops` as one transaction: the index it committed at, or which operation's
 /// condition failed.
-async fn commit(state: &AppState, ops: Vec<TxnOp>) -> Result<Result<u64, usize>, ConsulError> {
+pub(crate) async fn commit(
+    state: &AppState,
+    ops: Vec<TxnOp>,
+) -> Result<Result<u64, usize>, ConsulError> {
     match state.writer().submit(Command::SystemTxn(ops)).await? {
         Applied::Txn { errors, index, .. } => match errors.first() {
             None => Ok(Ok(index)),
@@ -78,6 +82,34 @@ async fn commit(state: &AppState, ops: Vec<TxnOp>) -> Result<Result<u64, usize>,
             format!("unexpected answer to an ACL write: {other:?}"),
         )),
     }
+}
+
+/// The writes that replace a named record: the record itself, guarded by the index it was
+/// read at, and, when its name changes, the new name reserved (only if free) and the old one
+/// released. A name clash fails operation 0.
+pub(crate) fn replace_named(
+    name_key: fn(&str) -> String,
+    old_name: &str,
+    new_name: &str,
+    id: &str,
+    key: String,
+    record: Vec<u8>,
+    read_at: u64,
+) -> Vec<TxnOp> {
+    let mut ops = Vec::new();
+    if !new_name.eq_ignore_ascii_case(old_name) {
+        if !new_name.is_empty() {
+            ops.push(set(name_key(new_name), id.as_bytes().to_vec(), Some(0)));
+        }
+        if !old_name.is_empty() {
+            ops.push(TxnOp::Delete {
+                key: name_key(old_name),
+                cas: None,
+            });
+        }
+    }
+    ops.push(set(key, record, Some(read_at)));
+    ops
 }
 
 fn token_json(view: &AclView, t: &TokenEntry, secret: Option<&str>) -> Value {
@@ -935,23 +967,15 @@ pub async fn policy_update(
         rules: f.rules,
         datacenters: f.datacenters,
     };
-    let mut ops = Vec::new();
-    if renamed {
-        ops.push(set(
-            records::policy_name_key(&record.name),
-            id.clone().into_bytes(),
-            Some(0),
-        ));
-        ops.push(TxnOp::Delete {
-            key: records::policy_name_key(&current.record.name),
-            cas: None,
-        });
-    }
-    ops.push(set(
+    let ops = replace_named(
+        records::policy_name_key,
+        &current.record.name,
+        &record.name,
+        &id,
         records::policy_key(&id),
         serde_json::to_vec(&record).unwrap_or_default(),
-        Some(current.modify_index),
-    ));
+        current.modify_index,
+    );
     match commit(&state, ops).await? {
         Ok(index) => {
             tracing::info!(policy = %record.name, by = caller.accessor(), "ACL policy updated");
@@ -1236,23 +1260,15 @@ pub async fn role_update(
     if renamed && view.role_named(&record.name).is_some() {
         return Err(role_taken(&record.name));
     }
-    let mut ops = Vec::new();
-    if renamed {
-        ops.push(set(
-            records::role_name_key(&record.name),
-            id.clone().into_bytes(),
-            Some(0),
-        ));
-        ops.push(TxnOp::Delete {
-            key: records::role_name_key(&current.record.name),
-            cas: None,
-        });
-    }
-    ops.push(set(
+    let ops = replace_named(
+        records::role_name_key,
+        &current.record.name,
+        &record.name,
+        &id,
         records::role_key(&id),
         serde_json::to_vec(&record).unwrap_or_default(),
-        Some(current.modify_index),
-    ));
+        current.modify_index,
+    );
     match commit(&state, ops).await? {
         Ok(index) => {
             tracing::info!(role = %record.name, by = caller.accessor(), "ACL role updated");

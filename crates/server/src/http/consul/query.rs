@@ -16,9 +16,10 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use muster_core::{Applied, Command, Health, Instance, KvPut, Snapshot, Status, TxnOp};
+use muster_core::{Health, Instance, Snapshot, Status, TxnOp};
 use serde_json::{Map, Value, json};
 
+use super::acl::{commit, replace_named, set};
 use super::body::{self, Obj};
 use super::render::{self, Node};
 use super::{ConsulError, Query};
@@ -258,30 +259,6 @@ fn definition(o: &Obj<'_>, snap: &Snapshot) -> Result<Value, ConsulError> {
     }))
 }
 
-fn set(key: String, value: Vec<u8>, cas: Option<u64>) -> TxnOp {
-    TxnOp::Set(KvPut {
-        key,
-        value: Some(bytes::Bytes::from(value)),
-        flags: 0,
-        cas,
-        acquire: None,
-        release: None,
-    })
-}
-
-async fn commit(state: &AppState, ops: Vec<TxnOp>) -> Result<Result<u64, usize>, ConsulError> {
-    match state.writer().submit(Command::SystemTxn(ops)).await? {
-        Applied::Txn { errors, index, .. } => Ok(match errors.first() {
-            None => Ok(index),
-            Some((i, _)) => Err(*i),
-        }),
-        other => Err(ConsulError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected answer to a query write: {other:?}"),
-        )),
-    }
-}
-
 fn name_taken(name: &str) -> ConsulError {
     ConsulError::bad_request(format!(
         "Invalid query: a prepared query with name {name:?} already exists"
@@ -382,23 +359,15 @@ pub async fn update(
     let name = def["Name"].as_str().unwrap_or("").to_string();
     caller.require(Resource::Query, &name, Access::Write)?;
     let renamed = !name.eq_ignore_ascii_case(current.name());
-    let mut ops = Vec::new();
-    if renamed {
-        if !name.is_empty() {
-            ops.push(set(name_key(&name), id.clone().into_bytes(), Some(0)));
-        }
-        if !current.name().is_empty() {
-            ops.push(TxnOp::Delete {
-                key: name_key(current.name()),
-                cas: None,
-            });
-        }
-    }
-    ops.push(set(
+    let ops = replace_named(
+        name_key,
+        current.name(),
+        &name,
+        &id,
         query_key(&id),
         serde_json::to_vec(&def).unwrap_or_default(),
-        Some(current.modify_index),
-    ));
+        current.modify_index,
+    );
     match commit(&state, ops).await? {
         Ok(index) => Ok(super::json(index, &Value::Null)),
         Err(0) if renamed && !name.is_empty() => Err(name_taken(&name)),
