@@ -3,7 +3,8 @@
 # GET /v1/health/service/{s}?passing, 10 instances) from one agent with ACLs off and one with
 # ACLs on (default deny, a token whose policy reads every service and node), same bytes, same
 # token header sent to both. Each agent is pinned to CPU 0 and wrk (-t1 -c32) to CPU 1; rounds
-# interleave off and on, and the figure is the median of the per-round ratios on/off.
+# interleave off and on (which goes first alternates), and the figure is the median of the
+# per-round ratios on/off, of requests/s and of server CPU per request.
 # Target (issue: access control): ACLs on >= 0.95x ACLs off.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -58,13 +59,23 @@ for path in "/api/v1/services/$SERVICE" "/v1/health/service/$SERVICE?passing"; d
 done
 
 mkdir -p "$WORK/res"
+# A warm-up of each agent on each path, not counted.
+for port in "$OFF" "$ON"; do
+    for path in "/api/v1/services/$SERVICE" "/v1/health/service/$SERVICE?passing"; do
+        run_wrk "$WORK/warmup.json" "$BENCH_DIR/lua/token_get.lua" 1 32 2 "http://127.0.0.1:$port$path"
+    done
+done
 for r in $(seq "$ROUNDS"); do
     for api in native consul; do
         case $api in
             native) path="/api/v1/services/$SERVICE" ;;
             consul) path="/v1/health/service/$SERVICE?passing" ;;
         esac
-        for t in off on; do
+        # Which agent goes first alternates, so neither always runs on a machine the other
+        # just warmed.
+        order="off on"
+        (( r % 2 == 0 )) && order="on off"
+        for t in $order; do
             case $t in
                 off) port=$OFF pid=$OFF_PID ;;
                 on) port=$ON pid=$ON_PID ;;
@@ -88,6 +99,15 @@ BAD=$(python3 -c 'import json,sys; print(sum(json.load(open(f))["non2xx"]+json.l
 verdict() { python3 -c "print('met' if $1 else 'MISSED')"; }
 R_NATIVE=$(ratio native)
 R_CONSUL=$(ratio consul)
+cpu_ratio() {
+    python3 -c '
+import json, statistics, sys
+d, api, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cpu = lambda t, i: json.load(open(f"{d}/{api}-{t}-{i}.json"))["cpu_us_per_req"]
+print("%.3f" % statistics.median(cpu("off", i) / cpu("on", i) for i in range(1, n + 1)))' "$WORK/res" "$1" "$ROUNDS"
+}
+C_NATIVE=$(cpu_ratio native)
+C_CONSUL=$(cpu_ratio consul)
 row() {
     local api=$1 t=$2
     DIGITS=0
@@ -103,13 +123,13 @@ cat <<EOF
 === ACL checks on discovery reads: one service, 10 instances ===
 $(machine_info)
 load: wrk -t1 -c32 -d${DURATION}s pinned to CPU $WRK_CPU, each agent (--http-threads 1) pinned to CPU $SERVER_CPU,
-      $ROUNDS rounds interleaved (off, on), X-Consul-Token sent to both
+      $ROUNDS rounds interleaved (off and on, the first alternating), X-Consul-Token sent to both
 api     acls     req/s    p99 ms   server CPU us/req
 $(row native off)
 $(row native on)
 $(row consul off)
 $(row consul on)
-native on/off   $R_NATIVE (median of per-round ratios)   (target >= 0.95: $(verdict "$R_NATIVE >= 0.95"))
-consul on/off   $R_CONSUL (median of per-round ratios)   (target >= 0.95: $(verdict "$R_CONSUL >= 0.95"))
+native on/off   req/s $R_NATIVE, CPU-per-request off/on $C_NATIVE (medians of per-round ratios)   (target >= 0.95: $(verdict "$R_NATIVE >= 0.95"))
+consul on/off   req/s $R_CONSUL, CPU-per-request off/on $C_CONSUL (medians of per-round ratios)   (target >= 0.95: $(verdict "$R_CONSUL >= 0.95"))
 failed requests $BAD
 EOF

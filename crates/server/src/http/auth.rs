@@ -6,6 +6,8 @@
 //! [`Caller`] in the request for handlers to take as an extractor. A handler reached without
 //! it (a route mounted outside the layer) resolves the caller itself, so nothing fails open.
 
+use std::borrow::Cow;
+
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -22,11 +24,11 @@ use crate::telemetry as m;
 /// The token a request presents, and where it came from, in Consul's order: `?token=`,
 /// `X-Consul-Token`, `Authorization: Bearer`; and, for Eureka clients (which put credentials
 /// in the server URL), the password of `Authorization: Basic`.
-pub fn presented_token(
-    headers: &HeaderMap,
+pub fn presented_token<'a>(
+    headers: &'a HeaderMap,
     query: Option<&str>,
     basic: bool,
-) -> Option<(String, TokenSource)> {
+) -> Option<(Cow<'a, str>, TokenSource)> {
     if let Some(q) = query
         && q.contains("token=")
         && let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(q)
@@ -34,21 +36,18 @@ pub fn presented_token(
             .into_iter()
             .find(|(k, v)| k == "token" && !v.is_empty())
     {
-        return Some((t, TokenSource::Query));
+        return Some((Cow::Owned(t), TokenSource::Query));
     }
     // A value that is not text is still a token given (one that resolves to nothing), never
     // a request without one.
     if let Some(v) = headers.get("x-consul-token").filter(|v| !v.is_empty()) {
-        return Some((
-            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            TokenSource::Header,
-        ));
+        return Some((String::from_utf8_lossy(v.as_bytes()), TokenSource::Header));
     }
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = auth.trim().split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
         let t = rest.split_whitespace().next()?;
-        return Some((t.to_string(), TokenSource::Bearer));
+        return Some((Cow::Borrowed(t), TokenSource::Bearer));
     }
     if basic && scheme.eq_ignore_ascii_case("basic") {
         let raw = base64::engine::general_purpose::STANDARD
@@ -57,7 +56,7 @@ pub fn presented_token(
         let text = String::from_utf8(raw).ok()?;
         let (_, password) = text.split_once(':')?;
         if !password.is_empty() {
-            return Some((password.to_string(), TokenSource::Basic));
+            return Some((Cow::Owned(password.to_string()), TokenSource::Basic));
         }
     }
     None
@@ -105,7 +104,7 @@ fn resolve(
     let api = api_of(path);
     let presented = presented_token(parts_headers, query, api == Api::Eureka);
     let snap = state.snapshot();
-    match acl.resolve(&snap, presented.as_ref().map(|(t, s)| (t.as_str(), *s))) {
+    match acl.resolve(&snap, presented.as_ref().map(|(t, s)| (&**t, *s))) {
         Ok(caller) => Ok(caller),
         Err(_) if open_path(path) => acl
             .resolve(

@@ -343,7 +343,7 @@ pub async fn heartbeat(
     let snap = state.snapshot();
     let forwarded = headers.contains_key(super::cluster::FORWARDED);
     let token = super::auth::presented_token(&headers, raw.as_deref(), false);
-    let token = token.as_ref().map(|(t, _)| t.as_str());
+    let token = token.as_ref().map(|(t, _)| &**t);
     if let Some(answer) =
         super::cluster::forward_heartbeat(&state, &snap, &service, &id, forwarded, token).await
     {
@@ -534,7 +534,7 @@ pub async fn renew_lease(
     }
     let forwarded = headers.contains_key(super::cluster::FORWARDED);
     let token = super::auth::presented_token(&headers, raw.as_deref(), false);
-    let token = token.as_ref().map(|(t, _)| t.as_str());
+    let token = token.as_ref().map(|(t, _)| &**t);
     if let Some(answer) =
         super::cluster::forward_renewal_as(&state, &snap, id, forwarded, token).await
     {

@@ -355,7 +355,8 @@ pub async fn stream(
     // the request's resolution and the stream's start is not missed.
     let acl = state.acl().enabled().then(|| AclWatch {
         state: state.clone(),
-        token: super::auth::presented_token(&headers, raw.as_deref(), false),
+        token: super::auth::presented_token(&headers, raw.as_deref(), false)
+            .map(|(t, s)| (t.into_owned(), s)),
         view: Arc::default(),
     });
     let sub = Subscription::new(names, filter, caller);

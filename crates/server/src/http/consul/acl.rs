@@ -568,7 +568,7 @@ pub async fn token_self(
     enabled(&state)?;
     let presented = crate::http::auth::presented_token(&headers, raw.as_deref(), false);
     let secret = match presented {
-        Some((s, _)) => s,
+        Some((s, _)) => s.into_owned(),
         None => state
             .acl()
             .agent_tokens()

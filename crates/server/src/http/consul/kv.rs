@@ -378,7 +378,7 @@ pub async fn renew_session(
 ) -> Result<Response, ConsulError> {
     // Passed on to the agent holding the session, which checks it again.
     let token = crate::http::auth::presented_token(&headers, raw.as_deref(), false);
-    let token = token.as_ref().map(|(t, _)| t.as_str());
+    let token = token.as_ref().map(|(t, _)| &**t);
     let snap = state.snapshot();
     let s = snap
         .sessions

@@ -262,7 +262,7 @@ async fn dispatch(
         (["apps", app, id], &Method::PUT) => {
             // Passed on with a heartbeat forwarded to the instance's owner.
             let token = super::auth::presented_token(&headers, query, true);
-            let token = token.as_ref().map(|(t, _)| t.as_str());
+            let token = token.as_ref().map(|(t, _)| &**t);
             apps::renew(state, caller, app, id, query, token).await
         }
         (["apps", app, id], &Method::DELETE) => apps::cancel(state, caller, app, id).await,
