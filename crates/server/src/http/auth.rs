@@ -103,7 +103,9 @@ fn resolve(
     let acl = state.acl();
     let api = api_of(path);
     let presented = presented_token(parts_headers, query, api == Api::Eureka);
-    let snap = state.snapshot();
+    // Borrowed, not cloned: the resolution takes no await, and a read lock is cheaper than
+    // an Arc clone and drop on every request.
+    let snap = state.inner.snapshots.borrow();
     match acl.resolve(&snap, presented.as_ref().map(|(t, s)| (&**t, *s))) {
         Ok(caller) => Ok(caller),
         Err(_) if open_path(path) => acl
