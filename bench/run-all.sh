@@ -8,7 +8,7 @@ REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 OUT="$BENCH_DIR/out"
 mkdir -p "$OUT"
 
-read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks consul eureka acl client client-sync cluster gateway}"
+read -r -a SCRIPTS <<<"${BENCH_SCRIPTS:-discovery registrations watchers scale dns checks consul eureka acl https client client-sync cluster gateway}"
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
 [[ "$TARGET_DIR" == /* ]] || TARGET_DIR=$REPO_DIR/$TARGET_DIR
 

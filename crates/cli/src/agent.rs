@@ -193,6 +193,12 @@ fn is_uuid(s: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// rustls warns about every handshake whose client sends an IP address as SNI, which it
+/// rightly ignores. OpenSSL-based clients (wrk, `openssl s_client`) do that, so one of them
+/// would log a line per connection; below errors, this module's lines are dropped. Handshakes
+/// that fail are logged by `muster_server::tls`, once a minute per client address.
+const CLIENT_QUIRKS: &str = "rustls::msgs::handshake";
+
 /// Logs to stderr, filtered by `filter` (tracing's EnvFilter syntax), for the agent and the
 /// gateway; and to `monitor`'s monitors, each at its own level. The filter applies to stderr
 /// alone, so a monitor can ask for more than stderr shows.
@@ -203,7 +209,11 @@ pub(crate) fn init_logging(filter: &str, monitor: Option<&Monitor>) -> anyhow::R
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter);
+    let quirks = tracing_subscriber::filter::filter_fn(|m| {
+        m.target() != CLIENT_QUIRKS || *m.level() <= tracing::Level::ERROR
+    });
     tracing_subscriber::registry()
+        .with(quirks)
         .with(stderr)
         .with(monitor.map(Monitor::layer))
         .init();
@@ -244,7 +254,7 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             )
         })?)
     };
-    let https = match &certs {
+    let https = match certs {
         None => None,
         Some(certs) => {
             let at = config.tls.https_addr();
@@ -254,7 +264,7 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
                      with --https-addr"
                 )
             })?;
-            Some((listener, certs.clone()))
+            Some((listener, certs))
         }
     };
     let dns_hint = |proto: &str| {
@@ -345,7 +355,7 @@ pub async fn run(http_addr: Option<&str>, args: AgentArgs) -> anyhow::Result<()>
             Some(Arc::new(started))
         }
     };
-    tokio::spawn(reload_on_hangup(agent.state(), certs, gateway.clone()));
+    tokio::spawn(reload_on_hangup(agent.state(), gateway.clone()));
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
@@ -399,10 +409,10 @@ async fn bind_dns(
 }
 
 /// Syncs the config directories' definitions and reads the TLS files again on every SIGHUP,
-/// as `consul reload` does; an unusable file is logged and what was in force stays.
+/// as `consul reload` and `PUT /v1/agent/reload` do (and the embedded gateway's routes); an
+/// unusable file is logged and what was in force stays.
 async fn reload_on_hangup(
     state: muster_server::AppState,
-    certs: Option<Arc<muster_server::Certs>>,
     gateway: Option<Arc<muster_gateway::Gateway>>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -411,12 +421,8 @@ async fn reload_on_hangup(
         return;
     };
     while hangup.recv().await.is_some() {
-        // The outcome is logged by `reload`.
-        let _ = muster_server::definitions::reload(&state).await;
-        if let Some(certs) = &certs {
-            // Logged by `reload` too.
-            let _ = muster_server::tls::reload(certs);
-        }
+        // Each failure is logged (and counted) where it happens.
+        let _ = muster_server::reload::reload(&state).await;
         if let Some(g) = &gateway
             && let Err(e) = g.reload()
         {

@@ -44,6 +44,26 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "MUSTER_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
 
+    /// Client commands over HTTPS: do not verify the agent's certificate (a warning is
+    /// printed: anyone on the path can then read and change what is sent). Without the flag,
+    /// MUSTER_HTTP_SSL_VERIFY=false, else CONSUL_HTTP_SSL_VERIFY=false, does the same.
+    // No `env =`: the variables say whether to verify, the flag says not to;
+    // `client::Target::resolve` reads them.
+    #[arg(long, global = true)]
+    pub tls_skip_verify: bool,
+
+    /// Client commands over HTTPS: the name the agent's certificate is verified against, and
+    /// sent as SNI, instead of the host of --http-addr (an agent reached by IP address whose
+    /// certificate names, say, server.dc1.consul). CONSUL_TLS_SERVER_NAME is read when
+    /// MUSTER_TLS_SERVER_NAME is not set.
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        env = "MUSTER_TLS_SERVER_NAME"
+    )]
+    pub tls_server_name: Option<String>,
+
     /// An ACL token, sent (as X-Consul-Token) with every request the client commands and
     /// `gateway` make, for an agent with ACLs on. Without --token or --token-file it comes
     /// from MUSTER_HTTP_TOKEN_FILE or MUSTER_HTTP_TOKEN, else from CONSUL_HTTP_TOKEN_FILE or

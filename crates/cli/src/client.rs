@@ -17,6 +17,11 @@ pub struct Target {
     pub ca_file: Option<PathBuf>,
     /// A client certificate and its key (PEM).
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Set when the agent's certificate goes unverified: what said so, for the warning.
+    pub skip_verify: Option<&'static str>,
+    /// The name the agent's certificate is verified against, and sent as SNI, instead of the
+    /// address's host.
+    pub server_name: Option<String>,
     /// The ACL token, sent with every request (checked to fit in a header).
     pub token: Option<Token>,
 }
@@ -32,15 +37,20 @@ impl Target {
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Target> {
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
-        let ssl = match env("MUSTER_HTTP_SSL")
-            .map(|v| ("MUSTER_HTTP_SSL", v))
-            .or_else(|| env("CONSUL_HTTP_SSL").map(|v| ("CONSUL_HTTP_SSL", v)))
-        {
-            None => false,
-            Some((name, v)) => {
-                parse_bool(&v).ok_or_else(|| anyhow!("{name}={v:?} is not true or false"))?
+        let ssl = bool_var(env, ["MUSTER_HTTP_SSL", "CONSUL_HTTP_SSL"])?.is_some_and(|(_, b)| b);
+        let skip_verify = if cli.tls_skip_verify {
+            Some("--tls-skip-verify")
+        } else {
+            match bool_var(env, ["MUSTER_HTTP_SSL_VERIFY", "CONSUL_HTTP_SSL_VERIFY"])? {
+                Some(("MUSTER_HTTP_SSL_VERIFY", false)) => Some("MUSTER_HTTP_SSL_VERIFY=false"),
+                Some((_, false)) => Some("CONSUL_HTTP_SSL_VERIFY=false"),
+                Some((_, true)) | None => None,
             }
         };
+        let server_name = cli
+            .tls_server_name
+            .clone()
+            .or_else(|| env("CONSUL_TLS_SERVER_NAME"));
         let addr = cli.http_addr.clone().or_else(|| env("CONSUL_HTTP_ADDR"));
         let base = match addr {
             Some(a) if a.starts_with("http://") || a.starts_with("https://") => {
@@ -74,9 +84,34 @@ impl Target {
             base,
             ca_file,
             client_cert,
+            skip_verify,
+            server_name,
             token,
         })
     }
+
+    /// The line to print on stderr when the agent's certificate goes unverified.
+    pub fn warning(&self) -> Option<String> {
+        let source = self.skip_verify?;
+        self.base.starts_with("https://").then(|| {
+            format!(
+                "warning: not verifying the agent's certificate ({source}); anyone on the \
+                 path can read and change what is sent"
+            )
+        })
+    }
+}
+
+/// The first of `names` that is set, read as a boolean; an error names it when it is not one.
+fn bool_var(
+    env: impl Fn(&str) -> Option<String>,
+    names: [&'static str; 2],
+) -> anyhow::Result<Option<(&'static str, bool)>> {
+    let Some((name, v)) = names.into_iter().find_map(|n| env(n).map(|v| (n, v))) else {
+        return Ok(None);
+    };
+    let b = parse_bool(&v).ok_or_else(|| anyhow!("{name}={v:?} is not true or false"))?;
+    Ok(Some((name, b)))
 }
 
 /// The ACL token, from the first place that gives one: the flags (`--token`,
@@ -138,10 +173,12 @@ fn read_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
 }
 
-/// The HTTP client for `target`: its CA certificates and client certificate loaded, its
-/// token sent with every request.
-fn http_client(target: &Target) -> anyhow::Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder();
+/// The HTTP client for `target`, its CA certificates and client certificate loaded, its
+/// token sent with every request; and the base URL requests go to (the agent's, unless a TLS
+/// server name takes the host's place).
+fn http_client(target: &Target) -> anyhow::Result<(reqwest::Client, String)> {
+    let mut b =
+        reqwest::Client::builder().tls_danger_accept_invalid_certs(target.skip_verify.is_some());
     if let Some(path) = &target.ca_file {
         let certs = reqwest::Certificate::from_pem_bundle(&read_pem("--ca-file", path)?)
             .with_context(|| format!("--ca-file {}: not PEM certificates", path.display()))?;
@@ -167,23 +204,42 @@ fn http_client(target: &Target) -> anyhow::Result<reqwest::Client> {
         let header = reqwest::header::HeaderName::from_static(Token::HEADER);
         b = b.default_headers([(header, token.header_value()?)].into_iter().collect());
     }
-    b.build()
-        .context("cannot set up HTTPS with --ca-file/--client-cert/--client-key")
+    let mut base = target.base.clone();
+    if let Some(name) = &target.server_name
+        && base.starts_with("https://")
+    {
+        (b, base) =
+            muster_client::server_name::pin(b, &target.base, name).map_err(|e| match e {
+                muster_client::Error::InvalidSetting { reason, .. } => {
+                    anyhow!("--tls-server-name {name:?} will not do: {reason}")
+                }
+                e => e.into(),
+            })?;
+    }
+    let http = b
+        .build()
+        .context("cannot set up HTTPS with --ca-file/--client-cert/--client-key")?;
+    Ok((http, base))
 }
 
 /// A client of one agent.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
+    /// Where requests go.
     base: String,
+    /// The agent's address as given, for messages.
+    agent: String,
 }
 
 impl Client {
     /// A client for the agent `target` names; fails when its TLS files cannot be used.
     pub fn new(target: &Target) -> anyhow::Result<Client> {
+        let (http, base) = http_client(target)?;
         Ok(Client {
-            http: http_client(target)?,
-            base: target.base.clone(),
+            http,
+            base,
+            agent: target.base.clone(),
         })
     }
 
@@ -217,9 +273,10 @@ impl Client {
 
     /// The error for an agent that cannot be reached, saying what to check.
     fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
-        let tls = if self.base.starts_with("https://") {
-            "\nover HTTPS, check --ca-file (the CA that signed the agent's certificate) and, \
-             when the agent verifies clients, --client-cert and --client-key"
+        let tls = if self.agent.starts_with("https://") {
+            "\nover HTTPS, check --ca-file (the CA that signed the agent's certificate), \
+             --tls-server-name (when the certificate does not name the address) and, when the \
+             agent verifies clients, --client-cert and --client-key"
         } else {
             ""
         };
@@ -234,7 +291,7 @@ impl Client {
             "cannot reach the agent at {}: {reason}\n\
              is `muster agent` running? point at another one with --http-addr or \
              MUSTER_HTTP_ADDR{tls}",
-            self.base
+            self.agent
         )
     }
 
@@ -360,6 +417,57 @@ mod tests {
         );
         let e = target(&["--client-cert", "c.pem"], &[]).unwrap_err();
         assert!(e.to_string().contains("--client-key"), "{e}");
+    }
+
+    #[test]
+    fn skipping_verification_comes_from_the_flag_then_the_muster_then_the_consul_variable() {
+        let skip = |args: &[&str], env: &[(&str, &str)]| target(args, env).unwrap().skip_verify;
+        let https = ["--http-addr", "https://h:1"];
+        assert_eq!(skip(&https, &[]), None);
+        assert_eq!(
+            skip(&https, &[("CONSUL_HTTP_SSL_VERIFY", "false")]),
+            Some("CONSUL_HTTP_SSL_VERIFY=false")
+        );
+        assert_eq!(
+            skip(&https, &[("MUSTER_HTTP_SSL_VERIFY", "0")]),
+            Some("MUSTER_HTTP_SSL_VERIFY=false")
+        );
+        // Muster's variable beats Consul's, either way; the flag beats both.
+        let verify = [
+            ("MUSTER_HTTP_SSL_VERIFY", "true"),
+            ("CONSUL_HTTP_SSL_VERIFY", "false"),
+        ];
+        assert_eq!(skip(&https, &verify), None);
+        let flag = [https[0], https[1], "--tls-skip-verify"];
+        assert_eq!(skip(&flag, &verify), Some("--tls-skip-verify"));
+        let e = target(&https, &[("CONSUL_HTTP_SSL_VERIFY", "no")]).unwrap_err();
+        assert!(e.to_string().contains("CONSUL_HTTP_SSL_VERIFY"), "{e}");
+        // The warning is for HTTPS; over plain HTTP there is nothing to verify.
+        let warned = target(&flag, &[]).unwrap().warning().unwrap();
+        assert!(
+            warned.contains("--tls-skip-verify") && !warned.contains('\n'),
+            "{warned}"
+        );
+        let plain = target(&["--http-addr", "h:1", "--tls-skip-verify"], &[]).unwrap();
+        assert_eq!(plain.warning(), None);
+    }
+
+    #[test]
+    fn the_tls_server_name_comes_from_the_flag_or_the_consul_variable() {
+        let name = |args: &[&str], env: &[(&str, &str)]| target(args, env).unwrap().server_name;
+        assert_eq!(name(&[], &[]), None);
+        assert_eq!(
+            name(&[], &[("CONSUL_TLS_SERVER_NAME", "consul.example")]).as_deref(),
+            Some("consul.example")
+        );
+        assert_eq!(
+            name(
+                &["--tls-server-name", "flag.example"],
+                &[("CONSUL_TLS_SERVER_NAME", "consul.example")]
+            )
+            .as_deref(),
+            Some("flag.example")
+        );
     }
 
     fn token(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Option<String>> {

@@ -67,6 +67,9 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS);
         }
         let target = client::Target::resolve(&cli, |name| std::env::var(name).ok())?;
+        if let Some(warning) = target.warning() {
+            eprintln!("{warning}");
+        }
         match cli.command {
             Command::Run(r) => run::run(&target, r).await,
             other => commands::dispatch(&target, other)

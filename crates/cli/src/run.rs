@@ -29,12 +29,16 @@ pub async fn run(target: &crate::client::Target, args: RunArgs) -> anyhow::Resul
     let mut builder = muster_client::Client::builder()
         .agents([&target.base])
         // Past the TTL a call is worthless: the instance lapsed meanwhile.
-        .request_timeout(args.ttl);
+        .request_timeout(args.ttl)
+        .tls_danger_accept_invalid_certs(target.skip_verify.is_some());
     if let Some(ca) = &target.ca_file {
         builder = builder.ca_file(ca);
     }
     if let Some((cert, key)) = &target.client_cert {
         builder = builder.client_cert(cert, key);
+    }
+    if let Some(name) = &target.server_name {
+        builder = builder.tls_server_name(name);
     }
     if let Some(token) = &target.token {
         builder = builder.token(token.clone());

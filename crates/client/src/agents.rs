@@ -13,12 +13,14 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use crate::config::{Settings, Tls};
 use crate::{Error, Token};
 
-/// The agents' base URLs and the HTTP client that calls them.
+/// The agents' base URLs and the HTTP clients that call them.
 #[derive(Debug)]
 pub(crate) struct Agents {
     bases: Vec<String>,
+    /// Per agent, as in `bases`: the HTTP client that calls it and the base URL requests go
+    /// to (the agent's own, unless a TLS server name puts another host in it).
+    routes: Vec<(reqwest::Client, String)>,
     current: AtomicUsize,
-    http: reqwest::Client,
     timeout: Duration,
     /// The ACL token, marked sensitive (its `Debug` hides it).
     token: Option<HeaderValue>,
@@ -50,11 +52,15 @@ impl Agents {
         tls: &Tls,
         token: Option<HeaderValue>,
     ) -> Agents {
-        let http = tls.http_client(timeout).unwrap_or_default();
+        // Validated with the settings; the fallback only keeps tests' stand-ins simple.
+        let routes = tls.routes(&bases, timeout).unwrap_or_else(|_| {
+            let http = reqwest::Client::default();
+            bases.iter().map(|b| (http.clone(), b.clone())).collect()
+        });
         Agents {
             bases,
+            routes,
             current: AtomicUsize::new(0),
-            http,
             timeout,
             token,
         }
@@ -98,8 +104,8 @@ impl Agents {
     /// blocking queries, which set their own). Every call is made here, so every call
     /// carries the token.
     pub(crate) fn request(&self, position: usize, method: Method, path: &str) -> RequestBuilder {
-        let base = &self.bases[position % self.bases.len()];
-        let req = self.http.request(method, format!("{base}{path}"));
+        let (http, base) = &self.routes[position % self.routes.len()];
+        let req = http.request(method, format!("{base}{path}"));
         match &self.token {
             Some(token) => req.header(Token::HEADER, token.clone()),
             None => req,

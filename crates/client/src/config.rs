@@ -24,33 +24,70 @@ pub(crate) struct Settings {
     pub first_sync_timeout: Duration,
     /// The user seeded the client: views use the seed as given, not mixed per process.
     pub seeded: bool,
-    /// Extra roots and the client certificate for `https://` agents.
+    /// Extra roots, the client certificate, and how certificates are verified, for
+    /// `https://` agents.
     pub tls: Tls,
     /// Sent with every call; checked to fit in a header.
     pub token: Option<Token>,
 }
 
-/// What `https://` agents are called with: roots added to the system's, and a client
-/// certificate for agents that require one. Loaded (and checked) when the client is built.
+/// What `https://` agents are called with: roots added to the system's, a client
+/// certificate for agents that require one, and how their certificates are verified. Loaded
+/// (and checked) when the client is built.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Tls {
     pub roots: Vec<reqwest::Certificate>,
     pub identity: Option<reqwest::Identity>,
+    /// Certificates are not verified at all.
+    pub accept_invalid_certs: bool,
+    /// The name certificates are verified against (and sent as SNI) instead of the host.
+    pub server_name: Option<String>,
 }
 
 impl Tls {
-    /// The HTTP client the agents are called with; `timeout` bounds connecting.
-    pub(crate) fn http_client(&self, timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    /// How the agents' HTTP clients are built; `timeout` bounds connecting.
+    fn builder(&self, timeout: Duration) -> reqwest::ClientBuilder {
         let mut b = reqwest::Client::builder()
             .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(60));
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tls_danger_accept_invalid_certs(self.accept_invalid_certs);
         if !self.roots.is_empty() {
             b = b.tls_certs_merge(self.roots.iter().cloned());
         }
         if let Some(identity) = &self.identity {
             b = b.identity(identity.clone());
         }
-        b.build()
+        b
+    }
+
+    /// How each agent of `bases` is called: an HTTP client and the base URL requests go to.
+    /// One client serves every agent, unless a server name is set: then each `https://`
+    /// agent gets a client of its own that resolves the name to that agent's host
+    /// ([`crate::server_name`]).
+    pub(crate) fn routes(
+        &self,
+        bases: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<(reqwest::Client, String)>, Error> {
+        let unusable = |e: reqwest::Error| {
+            let setting = if self.identity.is_some() {
+                "client_cert"
+            } else {
+                "ca_file"
+            };
+            Error::invalid(setting, format!("unusable for TLS: {e:#}"))
+        };
+        let shared = self.builder(timeout).build().map_err(unusable)?;
+        bases
+            .iter()
+            .map(|base| match &self.server_name {
+                Some(name) if base.starts_with("https://") => {
+                    let (b, dial) = crate::server_name::pin(self.builder(timeout), base, name)?;
+                    Ok((b.build().map_err(unusable)?, dial))
+                }
+                _ => Ok((shared.clone(), base.clone())),
+            })
+            .collect()
     }
 }
 
@@ -73,6 +110,8 @@ pub struct Builder {
     seeded: bool,
     ca_file: Option<PathBuf>,
     client_cert: Option<(PathBuf, PathBuf)>,
+    accept_invalid_certs: bool,
+    tls_server_name: Option<String>,
     token: Option<Token>,
 }
 
@@ -99,6 +138,8 @@ impl Default for Builder {
             seeded: false,
             ca_file: None,
             client_cert: None,
+            accept_invalid_certs: false,
+            tls_server_name: None,
             token: None,
         }
     }
@@ -223,6 +264,24 @@ impl Builder {
         self
     }
 
+    /// Skips verifying `https://` agents' certificates (named as reqwest 0.13 names it):
+    /// anyone on the path can then read and change every call. For tests and for bringing a
+    /// cluster up, as `CONSUL_HTTP_SSL_VERIFY=false` is for Consul's clients; never for
+    /// production.
+    pub fn tls_danger_accept_invalid_certs(mut self, accept: bool) -> Builder {
+        self.accept_invalid_certs = accept;
+        self
+    }
+
+    /// The name `https://` agents' certificates are verified against, and sent as SNI,
+    /// instead of the host of their URLs, as Consul's `CONSUL_TLS_SERVER_NAME`: for agents
+    /// reached by IP address whose certificates name, say, `server.dc1.consul`. A DNS name;
+    /// building fails on anything else.
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Builder {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
     /// An ACL token, sent as `X-Consul-Token` with every call the client makes (watches,
     /// reads, registrations, heartbeats, deregistrations), for agents with ACLs on. Never
     /// logged: the builder's `Debug` shows `<hidden>`. Building fails when it is empty or
@@ -315,7 +374,14 @@ impl Builder {
                 "must not be below backoff.base",
             ));
         }
-        let tls = load_tls(self.ca_file.as_deref(), self.client_cert.as_ref())?;
+        let mut tls = load_tls(self.ca_file.as_deref(), self.client_cert.as_ref())?;
+        tls.accept_invalid_certs = self.accept_invalid_certs;
+        tls.server_name = self.tls_server_name;
+        // Built here once, so a file or name that will not do fails the build, naming its
+        // setting.
+        if !tls.roots.is_empty() || tls.identity.is_some() || tls.server_name.is_some() {
+            tls.routes(&agents, Duration::from_secs(1))?;
+        }
         if let Some(token) = &self.token {
             token.header_value()?;
         }
@@ -341,8 +407,7 @@ impl Builder {
     }
 }
 
-/// Reads the CA and client certificate files and checks that an HTTP client can be built
-/// with them, so that a bad file fails the build, naming its setting.
+/// Reads the CA and client certificate files.
 fn load_tls(
     ca_file: Option<&std::path::Path>,
     client_cert: Option<&(PathBuf, PathBuf)>,
@@ -382,16 +447,6 @@ fn load_tls(
             )
         })?;
         tls.identity = Some(identity);
-    }
-    if (!tls.roots.is_empty() || tls.identity.is_some())
-        && let Err(e) = tls.http_client(Duration::from_secs(1))
-    {
-        let setting = if tls.identity.is_some() {
-            "client_cert"
-        } else {
-            "ca_file"
-        };
-        return Err(Error::invalid(setting, format!("unusable for TLS: {e:#}")));
     }
     Ok(tls)
 }

@@ -21,6 +21,8 @@
 //! - [`config`]: the builder, its settings and their validation.
 //! - `token`: [`Token`], the ACL token sent with every call, hidden from `Debug`.
 //! - `agents`: HTTP calls to the agents, failing over between them.
+//! - [`server_name`]: calling an `https://` agent under its certificate's name
+//!   ([`Builder::tls_server_name`]).
 //! - `follow`: the sync task behind views and the catalog: the watch, its failures and
 //!   fallbacks, and publishing snapshots.
 //! - `view`: one service's live view, with its balancer.
@@ -45,6 +47,7 @@ mod instance;
 pub mod metric;
 pub mod register;
 mod rng;
+pub mod server_name;
 mod sse;
 mod token;
 pub mod tower;

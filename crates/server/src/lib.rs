@@ -16,6 +16,8 @@
 //! - [`clock`]: tokio's clock as the registry's time.
 //! - [`definitions`]: Consul service and check definitions from config directories, synced
 //!   at start and on reload through the Consul adapter's registration path.
+//! - [`reload`]: what SIGHUP and `PUT /v1/agent/reload` run: the definitions and the TLS
+//!   files again.
 //!
 //! [`Agent::open`] loads the store and starts the writer and sweeper; [`Agent::serve_dns`]
 //! and [`Agent::serve`] take already bound sockets and stop on the shutdown token, so tests
@@ -32,6 +34,7 @@ pub mod dns;
 pub mod http;
 mod lanes;
 pub mod monitor;
+pub mod reload;
 pub mod sweeper;
 pub mod telemetry;
 pub mod tls;
@@ -76,6 +79,8 @@ struct Inner {
     /// Where `/v1/agent/monitor` reads the log: the program's hub ([`Agent::with_monitor`]),
     /// else one of the agent's own that no layer feeds.
     monitor: OnceLock<Monitor>,
+    /// The HTTPS certificates, once [`Agent::serve_on`] serves them, for reload to read again.
+    certs: OnceLock<Arc<Certs>>,
     /// Eureka answers rendered once per change and shared by the reads that follow.
     eureka_answers: http::eureka::answers::Answers,
     /// Access control: settings, agent tokens, and the view of tokens and policies.
@@ -137,6 +142,11 @@ impl AppState {
     /// The hub log monitors attach to.
     pub fn monitor(&self) -> &Monitor {
         self.inner.monitor.get_or_init(Monitor::new)
+    }
+
+    /// The certificates HTTPS is served with; `None` while it is off.
+    pub fn certs(&self) -> Option<&Arc<Certs>> {
+        self.inner.certs.get()
     }
 
     /// What the config directories' definitions registered.
@@ -390,6 +400,7 @@ impl Agent {
                         .unwrap_or_default(),
                     definitions: Default::default(),
                     monitor: OnceLock::new(),
+                    certs: OnceLock::new(),
                     eureka_answers: Default::default(),
                     acl,
                 }),
@@ -445,13 +456,18 @@ impl Agent {
     }
 
     /// Serves plain HTTP on `http` and HTTPS on `https` with its certificates (see
-    /// [`tls::load`]; [`tls::reload`] swaps them while serving), as [`Agent::serve`] does:
-    /// both listeners share the connection cap, the threads and the timeouts.
+    /// [`tls::load`]), as [`Agent::serve`] does: both listeners share the connection cap, the
+    /// threads and the timeouts. [`reload::reload`] (SIGHUP, `PUT /v1/agent/reload`) reads
+    /// these certificates' files again while serving.
     pub async fn serve_on(
         self,
         http: Option<TcpListener>,
         https: Option<(TcpListener, Arc<Certs>)>,
     ) -> Result<(), ServerError> {
+        if let Some((_, certs)) = &https {
+            // Set once: `serve_on` takes the agent.
+            let _ = self.state.inner.certs.set(certs.clone());
+        }
         let shutdown = self.state.inner.shutdown.clone();
         let app = http::app(self.state.clone());
         let config = &self.state.inner.config;

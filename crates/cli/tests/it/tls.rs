@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::support::{Agent, PATIENCE, Proc, Storage, free_port, muster_command, wait_for};
+use crate::support::{
+    Agent, PATIENCE, Proc, Storage, free_port, muster_command, wait_for, wait_until,
+};
 
 /// A self-signed certificate for 127.0.0.1, its files in `dir`.
 struct Https {
@@ -146,6 +148,11 @@ struct MutualTls {
 
 impl MutualTls {
     fn new(dir: &std::path::Path) -> MutualTls {
+        MutualTls::naming(dir, "127.0.0.1")
+    }
+
+    /// The same, with a server certificate for `server` alone.
+    fn naming(dir: &std::path::Path, server: &str) -> MutualTls {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
             KeyPair,
@@ -164,7 +171,7 @@ impl MutualTls {
             path.display().to_string()
         };
         let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
-            let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            let mut params = CertificateParams::new(vec![server.to_string()]).unwrap();
             params.distinguished_name.push(DnType::CommonName, name);
             params.extended_key_usages = vec![usage];
             let key = KeyPair::generate().unwrap();
@@ -310,4 +317,142 @@ fn a_missing_ca_file_is_an_error_naming_it() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--ca-file"), "{stderr}");
     assert!(stderr.contains("no-such-ca.pem"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_server_name_verifies_a_certificate_that_does_not_name_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    // The agent's certificate names agent.test, not 127.0.0.1.
+    let tls = MutualTls::naming(dir.path(), "agent.test");
+    let https = format!("127.0.0.1:{}", free_port());
+    let _agent = Agent::start_with(
+        Storage::Dev,
+        &[
+            "--tls-cert",
+            &tls.server_cert,
+            "--tls-key",
+            &tls.server_key,
+            "--https-addr",
+            &https,
+        ],
+        |cmd| cmd,
+    )
+    .await;
+    let url = format!("https://{https}");
+    let flags = ["--http-addr", url.as_str(), "--ca-file", &tls.ca];
+    let members = |extra: &[&str], env: &[(&str, &str)]| {
+        run_muster(&[&flags[..], extra, &["members"]].concat(), env)
+    };
+
+    let (ok, _, err) = members(&[], &[]);
+    assert!(!ok, "a certificate for another name was accepted");
+    assert!(err.contains("--tls-server-name"), "{err}");
+
+    let (ok, out, err) = members(&["--tls-server-name", "agent.test"], &[]);
+    assert!(ok, "--tls-server-name: {err}");
+    assert!(out.contains("it-"), "{out}");
+    let (ok, _, err) = members(&[], &[("CONSUL_TLS_SERVER_NAME", "agent.test")]);
+    assert!(ok, "CONSUL_TLS_SERVER_NAME: {err}");
+    // The flag beats the variables.
+    let (ok, _, _) = members(
+        &["--tls-server-name", "other.test"],
+        &[
+            ("MUSTER_TLS_SERVER_NAME", "agent.test"),
+            ("CONSUL_TLS_SERVER_NAME", "agent.test"),
+        ],
+    );
+    assert!(!ok, "--tls-server-name other.test was passed over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipping_verification_reaches_an_agent_no_ca_vouches_for_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let https = Https::new(dir.path());
+    let _agent = Agent::start_with(Storage::Dev, &https.flags(), |cmd| cmd).await;
+    let url = format!("https://{}", https.addr);
+    let members = |extra: &[&str], env: &[(&str, &str)]| {
+        run_muster(
+            &[&["--http-addr", url.as_str()], extra, &["members"]].concat(),
+            env,
+        )
+    };
+
+    // Self-signed and not trusted: refused, with no warning.
+    let (ok, _, err) = members(&[], &[]);
+    assert!(!ok, "an untrusted certificate was accepted");
+    assert!(!err.contains("warning"), "{err}");
+
+    for (extra, env, source) in [
+        (&["--tls-skip-verify"][..], &[][..], "--tls-skip-verify"),
+        (
+            &[],
+            &[("CONSUL_HTTP_SSL_VERIFY", "false")],
+            "CONSUL_HTTP_SSL_VERIFY=false",
+        ),
+        (
+            &[],
+            &[
+                ("MUSTER_HTTP_SSL_VERIFY", "false"),
+                ("CONSUL_HTTP_SSL_VERIFY", "true"),
+            ],
+            "MUSTER_HTTP_SSL_VERIFY=false",
+        ),
+    ] {
+        let (ok, out, err) = members(extra, env);
+        assert!(ok, "{source}: {err}");
+        assert!(out.contains("it-"), "{source}: {out}");
+        let warnings: Vec<_> = err.lines().filter(|l| l.contains("warning")).collect();
+        assert_eq!(warnings.len(), 1, "{source}: {err}");
+        assert!(
+            warnings[0].contains("not verifying") && warnings[0].contains(source),
+            "{source}: {err}"
+        );
+    }
+
+    // muster's variable beats Consul's: verification stays on.
+    let (ok, _, _) = members(
+        &[],
+        &[
+            ("MUSTER_HTTP_SSL_VERIFY", "true"),
+            ("CONSUL_HTTP_SSL_VERIFY", "false"),
+        ],
+    );
+    assert!(
+        !ok,
+        "CONSUL_HTTP_SSL_VERIFY=false beat MUSTER_HTTP_SSL_VERIFY=true"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_send_an_ip_address_as_sni_do_not_log_a_line_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let https = Https::new(dir.path());
+    let agent = Agent::start_with(Storage::Dev, &https.flags(), |cmd| cmd).await;
+    // OpenSSL sends the IP address as SNI, as wrk does; rustls warns about it and ignores it.
+    for _ in 0..3 {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &https.addr,
+                "-servername",
+                "127.0.0.1",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed (tests/setup.sh)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("BEGIN CERTIFICATE"), "no handshake: {text}");
+    }
+    // Plain HTTP to the HTTPS port is logged (once): a line that comes after the handshakes'.
+    let mut s = std::net::TcpStream::connect(&https.addr).unwrap();
+    std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    drop(s);
+    wait_until("the plain HTTP attempt in the log", PATIENCE, || {
+        let text = agent.proc.stderr.text();
+        async move { text.contains("not_tls") }
+    })
+    .await;
+    let log = agent.proc.stderr.text();
+    assert!(!log.contains("SNI"), "{log}");
 }

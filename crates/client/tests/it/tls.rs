@@ -1,5 +1,6 @@
 //! Agents over HTTPS: a CA given with `ca_file`, a client certificate with `client_cert`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,11 @@ struct Certs {
 
 impl Certs {
     fn new() -> Certs {
+        Certs::naming("127.0.0.1")
+    }
+
+    /// The same, with a server certificate for `server` alone.
+    fn naming(server: &str) -> Certs {
         let dir = tempfile::tempdir().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -39,7 +45,12 @@ impl Certs {
             ("server", ExtendedKeyUsagePurpose::ServerAuth),
             ("client", ExtendedKeyUsagePurpose::ClientAuth),
         ] {
-            let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            let san = if name == "server" {
+                server
+            } else {
+                "127.0.0.1"
+            };
+            let mut params = CertificateParams::new(vec![san.to_string()]).unwrap();
             params.distinguished_name.push(DnType::CommonName, name);
             params.extended_key_usages = vec![usage];
             let key = KeyPair::generate().unwrap();
@@ -55,18 +66,23 @@ impl Certs {
     }
 }
 
-#[tokio::test]
-async fn a_view_over_https_with_the_ca_and_a_client_certificate_sees_registrations() {
-    let certs = Certs::new();
+/// An agent serving HTTP and HTTPS with `certs`' server certificate, requiring client
+/// certificates from its CA when `verify_incoming`. Stops when the guard drops.
+async fn serve(
+    certs: &Certs,
+    verify_incoming: bool,
+) -> (SocketAddr, SocketAddr, tokio_util::sync::DropGuard) {
     let mut c = config();
     c.tls.cert_file = Some(certs.path("server.pem"));
     c.tls.key_file = Some(certs.path("server.key"));
-    c.tls.ca_file = Some(certs.path("ca.pem"));
-    c.tls.verify_incoming = true;
+    if verify_incoming {
+        c.tls.ca_file = Some(certs.path("ca.pem"));
+        c.tls.verify_incoming = true;
+    }
     c.tls.validate().unwrap();
     let loaded = muster_server::tls::load(&c.tls).unwrap().unwrap();
     let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
+    let stop = shutdown.clone().drop_guard();
     let agent = Agent::open(c, Arc::new(MemoryStore::new()), shutdown)
         .await
         .unwrap();
@@ -74,6 +90,26 @@ async fn a_view_over_https_with_the_ca_and_a_client_certificate_sees_registratio
     let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (http_addr, https_addr) = (http.local_addr().unwrap(), https.local_addr().unwrap());
     tokio::spawn(agent.serve_on(Some(http), Some((https, loaded))));
+    (http_addr, https_addr, stop)
+}
+
+/// Registers `id` of `web` over plain HTTP.
+async fn register(http_addr: SocketAddr, id: &str) {
+    let r = reqwest::Client::new()
+        .put(format!(
+            "http://{http_addr}/api/v1/services/web/instances/{id}"
+        ))
+        .json(&json!({"address": "127.0.0.1", "port": 9001}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+}
+
+#[tokio::test]
+async fn a_view_over_https_with_the_ca_and_a_client_certificate_sees_registrations() {
+    let certs = Certs::new();
+    let (http_addr, https_addr, _stop) = serve(&certs, true).await;
 
     let client = Client::builder()
         .agents([format!("https://{https_addr}")])
@@ -83,15 +119,7 @@ async fn a_view_over_https_with_the_ca_and_a_client_certificate_sees_registratio
         .unwrap();
     let view = client.view("web").unwrap();
     // Registered over plain HTTP; seen over HTTPS.
-    let r = reqwest::Client::new()
-        .put(format!(
-            "http://{http_addr}/api/v1/services/web/instances/w1"
-        ))
-        .json(&json!({"address": "127.0.0.1", "port": 9001}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    register(http_addr, "w1").await;
     eventually(Duration::from_secs(10), "the view sees w1", || {
         view.snapshot().instances.iter().any(|i| i.id == "w1")
     })
@@ -131,4 +159,67 @@ async fn a_missing_ca_file_fails_the_build_naming_the_setting() {
         ),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn tls_server_name_verifies_agents_reached_by_address_against_their_certificate_name() {
+    let certs = Certs::naming("agent.test");
+    let (http_addr, https_addr, _stop) = serve(&certs, false).await;
+    register(http_addr, "w1").await;
+    let fetch = |name: Option<&str>| {
+        let mut b = Client::builder()
+            .agents([format!("https://{https_addr}")])
+            .ca_file(certs.path("ca.pem"))
+            .request_timeout(Duration::from_secs(3))
+            .first_sync_timeout(Duration::from_secs(2));
+        if let Some(name) = name {
+            b = b.tls_server_name(name);
+        }
+        let client = b.build().unwrap();
+        async move { client.instances("web").await }
+    };
+    // The certificate names agent.test, not 127.0.0.1.
+    assert!(fetch(None).await.is_err(), "a certificate for another name");
+    let seen = fetch(Some("agent.test")).await.unwrap();
+    assert!(seen.instances.iter().any(|i| i.id == "w1"), "{seen:?}");
+    assert!(fetch(Some("other.test")).await.is_err());
+
+    let e = Client::builder()
+        .agents([format!("https://{https_addr}")])
+        .tls_server_name("127.0.0.1")
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidSetting {
+                setting: "tls_server_name",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn tls_danger_accept_invalid_certs_reaches_an_agent_no_trusted_ca_signed() {
+    let certs = Certs::new();
+    let (http_addr, https_addr, _stop) = serve(&certs, false).await;
+    register(http_addr, "w1").await;
+    let fetch = |accept: bool| {
+        let client = Client::builder()
+            .agents([format!("https://{https_addr}")])
+            .tls_danger_accept_invalid_certs(accept)
+            .request_timeout(Duration::from_secs(3))
+            .first_sync_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        async move { client.instances("web").await }
+    };
+    assert!(
+        fetch(false).await.is_err(),
+        "no root vouches for the test CA"
+    );
+    let seen = fetch(true).await.unwrap();
+    assert!(seen.instances.iter().any(|i| i.id == "w1"), "{seen:?}");
 }

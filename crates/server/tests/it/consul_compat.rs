@@ -5,6 +5,8 @@
 //! recurse, keys and a blocking get, sessions and locks, transactions, user events) through
 //! the libraries' own calls, and exit 0 when it behaves as against Consul.
 //!
+//! py-consul also runs over HTTPS with mutual TLS (`py_consul_tls_check.py`).
+//!
 //! `tests/setup.sh` installs both clients. Where one is missing the test fails and says to
 //! run it: a test that did not run never reads as a pass.
 
@@ -77,6 +79,33 @@ async fn py_consul_drives_the_consul_api() {
     eprintln!("py-consul {version}");
     let dir = compat_dir();
     run_script("python3", &["py_consul_check.py"], &dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_consul_works_over_https_with_mutual_tls_and_without_a_certificate_is_refused() {
+    use crate::tls::{ca, leaf, serve};
+    if let Err(why) = py_consul() {
+        missing(&format!("py-consul is not usable: {why}"));
+    }
+    let ca = ca("compat CA");
+    let served = serve(&leaf(&ca, "agent", false), Some(&ca), |c| {
+        c.node = NODE_NAME.into();
+    })
+    .await;
+    // The script's files beside the agent's: the CA and a client certificate it signed.
+    let client = leaf(&ca, "py-consul", true);
+    std::fs::write(served.dir.path().join("client.pem"), &client.cert).unwrap();
+    std::fs::write(served.dir.path().join("client.key"), &client.key).unwrap();
+    let files = served.dir.path().display().to_string();
+    crate::support::run_script_against(
+        &format!("127.0.0.1:{}", served.https.port()),
+        "python3",
+        &["py_consul_tls_check.py"],
+        &[&files],
+        &compat_dir(),
+        SCRIPT_DEADLINE,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,9 +255,23 @@ pub async fn run_client_script(
     deadline: Duration,
 ) {
     let (addr, shutdown) = serve(config).await;
+    run_script_against(&addr.to_string(), program, args, extra, dir, deadline).await;
+    shutdown.cancel();
+}
+
+/// Runs `program args.. ADDR extra..` from `dir` against an agent already serving at `addr`,
+/// and asserts it exits 0 within `deadline`, showing everything it printed when it does not.
+pub async fn run_script_against(
+    addr: &str,
+    program: &str,
+    args: &[&str],
+    extra: &[&str],
+    dir: &std::path::Path,
+    deadline: Duration,
+) {
     let child = tokio::process::Command::new(program)
         .args(args)
-        .arg(addr.to_string())
+        .arg(addr)
         .args(extra)
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
@@ -270,7 +284,6 @@ pub async fn run_client_script(
         .await
         .unwrap_or_else(|_| panic!("{program} {args:?} still running after {deadline:?}"))
         .unwrap();
-    shutdown.cancel();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

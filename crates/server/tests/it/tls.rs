@@ -18,12 +18,12 @@ use tokio_util::sync::CancellationToken;
 use crate::support::{config, metric};
 
 /// A certificate authority.
-struct Ca {
+pub(crate) struct Ca {
     issuer: Issuer<'static, KeyPair>,
     pem: String,
 }
 
-fn ca(name: &str) -> Ca {
+pub(crate) fn ca(name: &str) -> Ca {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
@@ -36,13 +36,13 @@ fn ca(name: &str) -> Ca {
 }
 
 /// A certificate `ca` signed: its PEM, its key's PEM, its DER.
-struct Leaf {
-    cert: String,
-    key: String,
+pub(crate) struct Leaf {
+    pub(crate) cert: String,
+    pub(crate) key: String,
     der: Vec<u8>,
 }
 
-fn leaf(ca: &Ca, name: &str, client: bool) -> Leaf {
+pub(crate) fn leaf(ca: &Ca, name: &str, client: bool) -> Leaf {
     let mut params =
         CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
@@ -62,11 +62,12 @@ fn leaf(ca: &Ca, name: &str, client: bool) -> Leaf {
 
 /// An agent serving HTTPS (and HTTP) on port 0 with `server`'s certificate; with
 /// `client_ca`, client certificates signed by it are required.
-struct Served {
+pub(crate) struct Served {
     http: SocketAddr,
-    https: SocketAddr,
+    pub(crate) https: SocketAddr,
     certs: Arc<Certs>,
-    dir: tempfile::TempDir,
+    /// Holds the certificate files.
+    pub(crate) dir: tempfile::TempDir,
     shutdown: CancellationToken,
 }
 
@@ -88,7 +89,11 @@ impl Served {
     }
 }
 
-async fn serve(server: &Leaf, client_ca: Option<&Ca>, f: impl FnOnce(&mut AgentConfig)) -> Served {
+pub(crate) async fn serve(
+    server: &Leaf,
+    client_ca: Option<&Ca>,
+    f: impl FnOnce(&mut AgentConfig),
+) -> Served {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("server.pem"), &server.cert).unwrap();
     std::fs::write(dir.path().join("server.key"), &server.key).unwrap();
@@ -276,6 +281,59 @@ async fn reload_serves_the_new_certificate_to_new_connections_and_keeps_open_one
     );
 
     // The kept-alive connection still works, on the certificate it started with.
+    let again = kept.get(served.url("/readyz")).send().await.unwrap();
+    assert!(again.status().is_success());
+    assert_eq!(served_cert(&again), first.der);
+}
+
+#[tokio::test]
+async fn put_agent_reload_reads_the_certificate_files_again_and_answers_500_when_they_will_not_do()
+{
+    let ca = ca("test CA");
+    let first = leaf(&ca, "agent one", false);
+    let served = serve(&first, None, |_| {}).await;
+    let kept = client(&ca, None);
+    let reload = || kept.put(served.url("/v1/agent/reload")).send();
+    let resp = kept.get(served.url("/readyz")).send().await.unwrap();
+    assert_eq!(served_cert(&resp), first.der);
+    resp.bytes().await.unwrap();
+
+    // A key that will not do: Consul's 500 with the reason, counted, the old certificate kept.
+    let errors_before = metric("muster_tls_reloads_total{outcome=\"error\"}");
+    std::fs::write(served.dir.path().join("server.key"), "not a key").unwrap();
+    let refused = reload().await.unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+    let reason = refused.text().await.unwrap();
+    assert!(
+        reason.contains("TLS") && reason.contains("server.key"),
+        "{reason}"
+    );
+    assert!(metric("muster_tls_reloads_total{outcome=\"error\"}") > errors_before);
+    let fresh = client(&ca, None)
+        .get(served.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served_cert(&fresh), first.der);
+
+    let second = leaf(&ca, "agent two", false);
+    served.replace(&second);
+    let ok = reload().await.unwrap();
+    let status = ok.status();
+    let body = ok.text().await.unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let fresh = client(&ca, None)
+        .get(served.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        served_cert(&fresh),
+        second.der,
+        "a new connection gets the new certificate"
+    );
+
+    // The connection the reloads were sent on still works, on its first certificate.
     let again = kept.get(served.url("/readyz")).send().await.unwrap();
     assert!(again.status().is_success());
     assert_eq!(served_cert(&again), first.der);

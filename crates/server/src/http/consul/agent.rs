@@ -993,14 +993,14 @@ pub async fn leave(State(state): State<AppState>, caller: Caller) -> Result<Resp
 }
 
 /// `PUT /v1/agent/reload`: reads the service and check definitions of the config
-/// directories again. A file that cannot be used is Consul's 500 with the reason; the
-/// previous definitions stay.
+/// directories and the TLS certificate files again, as SIGHUP does. A file that cannot be
+/// used is Consul's 500 with the reason; what was in force stays.
 pub async fn reload(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Response, ConsulError> {
     caller.require(Resource::Agent, &state.config().node, Access::Write)?;
-    crate::definitions::reload(&state)
+    crate::reload::reload(&state)
         .await
         .map_err(|e| ConsulError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(empty())
