@@ -105,12 +105,14 @@ N_TLS=$(negotiated "$NPORT")
 # would close before reading the server's session tickets, and muster would count a failed
 # handshake per connection.
 s_time() {
-    local port=$1 path=$2 secs=$3 out=$4 i
+    local port=$1 path=$2 secs=$3 out=$4 i pids=()
     for i in $(seq "$STIME_CLIENTS"); do
         taskset -c "$WRK_CPU" openssl s_time -connect "127.0.0.1:$port" -new -www "$path" \
             -time "$secs" >"$out.$i.txt" 2>&1 &
+        pids+=($!)
     done
-    wait
+    # These clients only: a bare `wait` would also wait for the servers this script started.
+    wait "${pids[@]}"
     # "N connections in T real seconds, B bytes read per connection": T is whole seconds, so
     # divide by the run's length; B shows the body came back.
     python3 -c '
