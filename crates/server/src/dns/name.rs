@@ -190,7 +190,9 @@ mod tests {
         assert_eq!(p("service"), Lookup::NotFound);
         assert_eq!(p("web.service.zone"), Lookup::NotFound);
         assert_eq!(p("web"), Lookup::NotFound);
-        assert_eq!(p("web.query"), Lookup::NotFound);
+        // `<name>.query.<domain>` is a prepared query (Consul's DNS interface), not a service.
+        assert_eq!(p("web.query"), Lookup::Query("web".into()));
+        assert_eq!(p("query"), Lookup::NotFound);
     }
 
     #[test]
