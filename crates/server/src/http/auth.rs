@@ -1,17 +1,16 @@
 //! Where ACLs meet HTTP: the token a request carries, the [`Caller`] it resolves to, and
 //! denials answered in each API's own shape.
 //!
-//! [`resolve_caller`] runs before every route: with ACLs on it reads the token, answers an
+//! [`admit`] runs before every route: with ACLs on it reads the token, answers an
 //! unknown one with 403 `ACL not found` (Consul does so on every endpoint), and leaves the
 //! [`Caller`] in the request for handlers to take as an extractor. A handler reached without
 //! it (a route mounted outside the layer) resolves the caller itself, so nothing fails open.
 
 use std::borrow::Cow;
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
@@ -159,28 +158,25 @@ fn not_found_answer(api: Api) -> Response {
 }
 
 /// The layer: resolves the caller of every request while ACLs are on.
-pub async fn resolve_caller(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// With ACLs on, resolves the request's caller and leaves it in the request for handlers;
+/// a token that does not resolve is the answer instead (Consul's 403 `ACL not found`, or the
+/// native API's shape), already carrying the default-policy header. Run by the
+/// [`edge`](super::edge) before every route.
+pub(crate) fn admit(state: &AppState, req: &mut Request) -> Result<(), Response> {
     if !state.acl().enabled() {
-        return next.run(req).await;
+        return Ok(());
     }
-    let consul = api_of(req.uri().path()) == Api::Consul;
-    let caller = match resolve(&state, req.headers(), req.uri().path(), req.uri().query()) {
-        Ok(c) => c,
-        Err(refusal) => return with_policy_header(&state, refusal.into_response()),
-    };
-    req.extensions_mut().insert(caller);
-    let resp = next.run(req).await;
-    if consul {
-        return with_policy_header(&state, resp);
+    match resolve(state, req.headers(), req.uri().path(), req.uri().query()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            Ok(())
+        }
+        Err(refusal) => Err(with_policy_header(state, refusal.into_response())),
     }
-    resp
 }
 
-fn with_policy_header(state: &AppState, mut resp: Response) -> Response {
+/// `X-Consul-Default-ACL-Policy` on `resp`, as Consul sends it on its API with ACLs on.
+pub(crate) fn with_policy_header(state: &AppState, mut resp: Response) -> Response {
     resp.headers_mut().insert(
         "x-consul-default-acl-policy",
         HeaderValue::from_static(state.acl().default_policy_name()),

@@ -13,9 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use muster_core::{InstanceId, ServiceName, Snapshot};
 
@@ -29,44 +27,48 @@ pub const FORWARDED: &str = "x-muster-forwarded";
 /// Time a forwarded heartbeat may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Adds the staleness headers; refuses `consistent` Consul reads without etcd.
-pub async fn staleness(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Consul's 500 `No cluster leader` for a `consistent` read (`path` under `/v1/`) while this
+/// agent is cut off from etcd; `None` lets the request through. Run by the
+/// [`edge`](super::edge) before every route.
+pub(crate) fn refuse_inconsistent(
+    state: &AppState,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Response> {
+    let health = state.writer().cluster()?;
+    let consistent = path.starts_with("/v1/")
+        && query.is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv == "consistent" || kv.starts_with("consistent="))
+        });
+    (consistent && !health.known_leader())
+        .then(|| (StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader").into_response())
+}
+
+/// The staleness headers, as things stand when the answer leaves (a blocking query may have
+/// waited a while): on a single agent, Consul's pair on the Consul API (`consul`); in a
+/// cluster, Consul's and muster's pairs on every answer.
+pub(crate) fn add_staleness(state: &AppState, consul: bool, resp: &mut Response) {
+    let h = resp.headers_mut();
     let Some(health) = state.writer().cluster() else {
-        let consul = req.uri().path().starts_with("/v1/");
-        let mut resp = next.run(req).await;
         if consul {
-            let h = resp.headers_mut();
             h.insert("x-consul-knownleader", HeaderValue::from_static("true"));
             h.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
         }
-        return resp;
+        return;
     };
-    let known = health.known_leader();
-    if !known
-        && req.uri().path().starts_with("/v1/")
-        && req.uri().query().is_some_and(|q| {
-            q.split('&')
-                .any(|kv| kv == "consistent" || kv.starts_with("consistent="))
-        })
-    {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader").into_response();
-    }
-    let mut resp = next.run(req).await;
-    // As things stand when the answer leaves (a blocking query may have waited a while).
     let contact = health.last_contact().as_millis().to_string();
     let known = if health.known_leader() {
         "true"
     } else {
         "false"
     };
-    let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&contact) {
         h.insert("x-consul-lastcontact", v.clone());
         h.insert("x-muster-last-contact", v);
     }
     h.insert("x-consul-knownleader", HeaderValue::from_static(known));
     h.insert("x-muster-known-leader", HeaderValue::from_static(known));
-    resp
 }
 
 /// Whether this agent should serve: in cluster mode, it heard from etcd and renewed its

@@ -3,7 +3,7 @@
 //! Every route group gets one [`limit_bodies`]: a declared `Content-Length` above its limit
 //! is answered 413 before a byte of the body is read (so before hyper sends
 //! `100 Continue`), and axum's `DefaultBodyLimit` stops a chunked body that grows past it.
-//! [`body_deadline`] cuts a body still arriving `http.body_read_timeout` after the headers,
+//! [`arm_body_deadline`] cuts a body still arriving `http.body_read_timeout` after the headers,
 //! with 408: a client trickling a byte a second would otherwise hold its connection, and
 //! any watcher slot or write it is about to take, for as long as it likes.
 
@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
 use tokio::time::{Instant, Sleep};
 
 use super::consul::ConsulError;
 use super::error::{ApiError, ErrorCode};
+use super::guard::Guard;
 use crate::telemetry as m;
 
 /// The error shape a route group answers in.
@@ -57,19 +57,20 @@ where
 {
     router
         .layer(DefaultBodyLimit::max(limit.buffer))
-        .layer(middleware::from_fn_with_state(limit, refuse_declared))
+        .layer(Guard::new(limit, refuse_declared))
 }
 
 /// 413 at once for a declared length over the limit, rather than waiting for a body that
 /// will be refused anyway.
-async fn refuse_declared(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
+fn refuse_declared(limit: &BodyLimit, req: &Request) -> Option<Response> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let Some(declared) = declared.filter(|&n| n > limit.max as u64) else {
-        return next.run(req).await;
-    };
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())?;
+    (declared > limit.max as u64).then(|| too_large(*limit, declared))
+}
+
+fn too_large(limit: BodyLimit, declared: u64) -> Response {
     let mut resp = match limit.shape {
         Shape::Native => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -96,13 +97,17 @@ async fn refuse_declared(State(limit): State<BodyLimit>, req: Request, next: Nex
     resp
 }
 
-/// Gives the request body `timeout` from now to arrive; past it, reading the body fails and
-/// the answer is 408, whatever the handler made of the failed read.
-pub async fn body_deadline(State(timeout): State<Duration>, req: Request, next: Next) -> Response {
+/// Gives the request body `timeout` from now to arrive; past it, reading the body fails. The
+/// flag returned turns true then, and the answer is to be replaced by [`body_timed_out`]
+/// whatever the handler made of the failed read. Run by the [`edge`](super::edge) before
+/// every route; a request without a body (most are GETs) gets no timer and no flag.
+pub(crate) fn arm_body_deadline(
+    req: Request,
+    timeout: Duration,
+) -> (Request, Option<Arc<AtomicBool>>) {
     use http_body::Body as _;
-    // Most requests (GETs) have no body: no timer for them.
     if req.body().is_end_stream() {
-        return next.run(req).await;
+        return (req, None);
     }
     let expired = Arc::new(AtomicBool::new(false));
     let req = req.map(|inner| {
@@ -113,10 +118,11 @@ pub async fn body_deadline(State(timeout): State<Duration>, req: Request, next: 
             expired: expired.clone(),
         })
     });
-    let resp = next.run(req).await;
-    if !expired.load(Ordering::Relaxed) {
-        return resp;
-    }
+    (req, Some(expired))
+}
+
+/// The 408 for a body that did not arrive within `timeout`, counted.
+pub(crate) fn body_timed_out(timeout: Duration) -> Response {
     metrics::counter!(m::HTTP_TIMEOUTS, "timeout" => "body").increment(1);
     let mut resp = ApiError::new(
         StatusCode::REQUEST_TIMEOUT,

@@ -10,6 +10,9 @@
 //! - [`body`]: body and query parsing that names fields.
 //! - [`limits`]: body size limits and the body-read deadline.
 //! - [`conn`]: one connection: hyper's HTTP/1 server, header and idle timeouts.
+//! - [`edge`]: what every request goes through around its route: ACL caller, staleness,
+//!   body deadline, request metrics.
+//! - [`guard`]: a check before a route that may answer in its place.
 //! - [`render`]: the JSON shapes.
 //! - [`ui`]: the dashboard at `/ui/`, embedded in the binary.
 //! - [`error`]: the error shape and status mapping.
@@ -20,8 +23,10 @@ pub mod checks;
 pub mod cluster;
 pub(crate) mod conn;
 pub mod consul;
+pub(crate) mod edge;
 pub mod error;
 pub mod eureka;
+pub(crate) mod guard;
 pub mod limits;
 pub mod native;
 pub mod prometheus_sd;
@@ -30,12 +35,10 @@ pub mod ui;
 pub mod watch;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use tokio::time::Instant;
 
 use self::error::{ApiError, ErrorCode};
 use self::limits::{BodyLimit, Shape, limit_bodies};
@@ -45,48 +48,51 @@ use crate::telemetry as m;
 /// The agent's whole HTTP surface, ready to serve or to call with `oneshot` in tests.
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
-        .route("/services", get(native::list_services))
-        .route("/services/{service}", get(native::discover))
+        .route("/api/v1/services", get(native::list_services))
+        .route("/api/v1/services/{service}", get(native::discover))
         .route(
-            "/services/{service}/instances/{id}",
+            "/api/v1/services/{service}/instances/{id}",
             get(native::get_instance)
                 .put(native::register)
                 .delete(native::deregister),
         )
         .route(
-            "/services/{service}/instances/{id}/heartbeat",
+            "/api/v1/services/{service}/instances/{id}/heartbeat",
             put(native::heartbeat),
         )
-        .route("/services/{service}/checks", get(checks::service_checks))
         .route(
-            "/services/{service}/instances/{id}/checks",
+            "/api/v1/services/{service}/checks",
+            get(checks::service_checks),
+        )
+        .route(
+            "/api/v1/services/{service}/instances/{id}/checks",
             get(checks::instance_checks),
         )
         .route(
-            "/services/{service}/instances/{id}/checks/{check}",
+            "/api/v1/services/{service}/instances/{id}/checks/{check}",
             put(checks::report),
         )
         .route(
-            "/services/{service}/instances/{id}/maintenance",
+            "/api/v1/services/{service}/instances/{id}/maintenance",
             put(native::enable_maintenance).delete(native::disable_maintenance),
         )
         .route(
-            "/leases",
+            "/api/v1/leases",
             get(native::list_leases).post(native::create_lease),
         )
         .route(
-            "/leases/{id}",
+            "/api/v1/leases/{id}",
             get(native::get_lease).delete(native::revoke_lease),
         )
-        .route("/leases/{id}/renew", put(native::renew_lease))
-        .route("/watch", get(watch::stream))
-        .route("/prometheus/targets", get(prometheus_sd::targets))
-        .route("/status", get(native::status))
+        .route("/api/v1/leases/{id}/renew", put(native::renew_lease))
+        .route("/api/v1/watch", get(watch::stream))
+        .route("/api/v1/prometheus/targets", get(prometheus_sd::targets))
+        .route("/api/v1/status", get(native::status))
         .route(
-            "/self-preservation",
+            "/api/v1/self-preservation",
             axum::routing::delete(native::end_self_preservation),
         )
-        .route("/openapi.json", get(openapi));
+        .route("/api/v1/openapi.json", get(openapi));
 
     let config = state.config();
     let body_limit = BodyLimit {
@@ -96,15 +102,14 @@ pub fn app(state: AppState) -> Router {
         shape: Shape::Native,
     };
     Router::new()
-        .nest("/api/v1", limit_bodies(api, body_limit))
-        .nest(
-            "/v1",
-            consul::router(
-                config.max_body_bytes,
-                config.limits.max_kv_value_bytes,
-                &config.datacenter,
-            ),
-        )
+        // Whole paths rather than `nest`: a nested router strips its prefix from every
+        // request's URI and adds a level of routing to each.
+        .merge(limit_bodies(api, body_limit))
+        .merge(consul::router(
+            config.max_body_bytes,
+            config.limits.max_kv_value_bytes,
+            &config.datacenter,
+        ))
         .merge(eureka::router(config.max_body_bytes))
         .merge(ui::router())
         .route("/metrics", get(prometheus))
@@ -112,19 +117,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            config.http.body_read_timeout,
-            limits::body_deadline,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            cluster::staleness,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::resolve_caller,
-        ))
-        .layer(middleware::from_fn(count_requests))
+        .layer(edge::Edge::new(state.clone()))
         .with_state(state)
 }
 
@@ -162,52 +155,4 @@ async fn openapi() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         include_str!("openapi.json"),
     )
-}
-
-/// Counts requests by matched route (not raw path, to keep label cardinality bounded), and
-/// records their latency, except for blocking queries, whose time is mostly waiting.
-async fn count_requests(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_string();
-    let method = method_label(req.method());
-    let blocking = is_blocking(req.uri().query());
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    if !blocking {
-        metrics::histogram!(m::HTTP_SECONDS, "route" => route.clone())
-            .record(started.elapsed().as_secs_f64());
-    }
-    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "method" => method, "status" => status)
-        .increment(1);
-    resp
-}
-
-/// The method as a label: the usual seven, else `other`, since anyone can make up methods
-/// and each new label would be a series kept for the agent's lifetime.
-fn method_label(m: &axum::http::Method) -> &'static str {
-    use axum::http::Method;
-    match *m {
-        Method::GET => "GET",
-        Method::PUT => "PUT",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        _ => "other",
-    }
-}
-
-/// Whether a query string asks to block (`index` given and not 0).
-fn is_blocking(query: Option<&str>) -> bool {
-    query.is_some_and(|q| {
-        q.split('&').any(|kv| {
-            kv.strip_prefix("index=")
-                .is_some_and(|v| !v.is_empty() && v != "0")
-        })
-    })
 }

@@ -46,13 +46,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post, put};
 
 use super::error::ApiError;
+use super::guard::Guard;
 use super::limits::{BodyLimit, Shape, limit_bodies};
 use super::watch::Block;
 use crate::AppState;
@@ -305,36 +305,27 @@ where
 /// recognise by its text, so it is kept although the client asked for something impossible.
 /// The agent's own endpoints (`/v1/agent/...`), `catalog/datacenters` and `event/list` are
 /// local in Consul and ignore `dc`.
-async fn refuse_other_datacenters(
-    State(local): State<Arc<str>>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Consul's 500 `No path to datacenter` for a `?dc=` other than `local`'s, except on the
+/// endpoints that only ever answer for this agent.
+fn refuse_other_datacenters(local: &Arc<str>, req: &Request) -> Option<Response> {
     let path = req.uri().path();
     let path = path.strip_prefix("/v1").unwrap_or(path);
     let local_only =
         path.starts_with("/agent/") || path == "/catalog/datacenters" || path == "/event/list";
-    // A malformed query is left to the handler, which names what is wrong with it.
+    let query = req.uri().query().filter(|q| q.contains("dc="))?;
     let other = (!local_only)
-        .then(|| super::body::query_pairs(req.uri().query()).ok())
+        .then(|| super::body::query_pairs(Some(query)).ok())
         .flatten()
         .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "dc").map(|(_, dc)| dc))
-        .is_some_and(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(&local));
-    if other {
-        return ConsulError::new(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter")
-            .into_response();
-    }
-    next.run(req).await
+        .is_some_and(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(local));
+    other.then(|| {
+        ConsulError::new(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response()
+    })
 }
 
-/// The `/v1` router. Bodies are bounded by `max_body` bytes, except KV writes, which take
-/// values up to `max_kv_value` bytes (buffered with a byte more, so an oversized value is
-/// told apart and answered 413 by the registry's own check), and transactions, up to twice
-/// that.
-/// Requests naming another datacenter than `datacenter` are refused as Consul refuses them.
 pub fn router(max_body: usize, max_kv_value: usize, datacenter: &str) -> Router<AppState> {
     let kv = Router::new().route(
-        "/kv/{*key}",
+        "/v1/kv/{*key}",
         get(kv::get).put(kv::put).post(kv::put).delete(kv::delete),
     );
     let kv_limit = BodyLimit {
@@ -343,7 +334,7 @@ pub fn router(max_body: usize, max_kv_value: usize, datacenter: &str) -> Router<
         setting: "limits.max_kv_value_bytes",
         shape: Shape::Consul,
     };
-    let txn = Router::new().route("/txn", put(kv::txn).post(kv::txn));
+    let txn = Router::new().route("/v1/txn", put(kv::txn).post(kv::txn));
     let txn_limit = BodyLimit {
         max: max_kv_value.saturating_mul(2),
         buffer: max_kv_value.saturating_mul(2),
@@ -356,7 +347,7 @@ pub fn router(max_body: usize, max_kv_value: usize, datacenter: &str) -> Router<
         setting: "max_body_bytes",
         shape: Shape::Consul,
     };
-    let snapshots = Router::new().route("/snapshot", get(snapshot::save).put(snapshot::restore));
+    let snapshots = Router::new().route("/v1/snapshot", get(snapshot::save).put(snapshot::restore));
     let snapshot_limit = BodyLimit {
         max: snapshot::MAX_ARCHIVE_BYTES,
         buffer: snapshot::MAX_ARCHIVE_BYTES,
@@ -369,7 +360,8 @@ pub fn router(max_body: usize, max_kv_value: usize, datacenter: &str) -> Router<
         .merge(limit_bodies(txn, txn_limit))
         .merge(limit_bodies(rest(), body_limit))
         .merge(limit_bodies(absent_features(), body_limit))
-        .layer(middleware::from_fn_with_state(
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(Guard::new(
             Arc::<str>::from(datacenter),
             refuse_other_datacenters,
         ))
@@ -378,195 +370,215 @@ pub fn router(max_body: usize, max_kv_value: usize, datacenter: &str) -> Router<
 /// Endpoints of features muster does not have (see [`absent`]).
 fn absent_features() -> Router<AppState> {
     Router::new()
-        .route("/connect/ca/roots", get(absent::ca_roots))
-        .route("/agent/connect/ca/roots", get(absent::ca_roots))
+        .route("/v1/connect/ca/roots", get(absent::ca_roots))
+        .route("/v1/agent/connect/ca/roots", get(absent::ca_roots))
         .route(
-            "/agent/connect/ca/leaf/{service}",
+            "/v1/agent/connect/ca/leaf/{service}",
             get(absent::needs_connect_for),
         )
-        .route("/agent/connect/authorize", post(absent::needs_connect))
+        .route("/v1/agent/connect/authorize", post(absent::needs_connect))
         .route(
-            "/connect/ca/configuration",
+            "/v1/connect/ca/configuration",
             get(absent::needs_connect).put(absent::needs_connect),
         )
         .route(
-            "/discovery-chain/{service}",
+            "/v1/discovery-chain/{service}",
             get(absent::needs_connect_for).post(absent::needs_connect_for),
         )
         .route(
-            "/connect/intentions",
+            "/v1/connect/intentions",
             get(absent::empty_list).post(absent::intention_write),
         )
-        .route("/connect/intentions/match", get(absent::intention_match))
-        .route("/connect/intentions/check", get(absent::intention_check))
+        .route("/v1/connect/intentions/match", get(absent::intention_match))
+        .route("/v1/connect/intentions/check", get(absent::intention_check))
         .route(
-            "/connect/intentions/exact",
+            "/v1/connect/intentions/exact",
             get(absent::intention_exact)
                 .put(absent::intention_write)
                 .delete(absent::intention_delete),
         )
         .route(
-            "/connect/intentions/{id}",
+            "/v1/connect/intentions/{id}",
             get(absent::intention_by_id)
                 .put(absent::intention_write_by_id)
                 .delete(absent::intention_delete_by_id),
         )
         .route(
-            "/catalog/gateway-services/{gateway}",
+            "/v1/catalog/gateway-services/{gateway}",
             get(absent::empty_list_for),
         )
-        .route("/catalog/connect/{service}", get(absent::empty_list_for))
-        .route("/health/connect/{service}", get(absent::empty_list_for))
-        .route("/health/ingress/{service}", get(absent::empty_list_for))
-        .route("/exported-services", get(absent::empty_list))
-        .route("/peerings", get(absent::empty_list))
-        .route("/peering/token", post(absent::peering_write))
-        .route("/peering/establish", post(absent::peering_write))
+        .route("/v1/catalog/connect/{service}", get(absent::empty_list_for))
+        .route("/v1/health/connect/{service}", get(absent::empty_list_for))
+        .route("/v1/health/ingress/{service}", get(absent::empty_list_for))
+        .route("/v1/exported-services", get(absent::empty_list))
+        .route("/v1/peerings", get(absent::empty_list))
+        .route("/v1/peering/token", post(absent::peering_write))
+        .route("/v1/peering/establish", post(absent::peering_write))
         .route(
-            "/peering/{name}",
+            "/v1/peering/{name}",
             get(absent::peering).delete(absent::peering_delete),
         )
-        .route("/config", put(absent::config_apply))
-        .route("/config/{kind}", get(absent::config_list))
+        .route("/v1/config", put(absent::config_apply))
+        .route("/v1/config/{kind}", get(absent::config_list))
         .route(
-            "/config/{kind}/{name}",
+            "/v1/config/{kind}/{name}",
             get(absent::config_get).delete(absent::config_delete),
         )
-        .route("/acl/bootstrap", put(acl::bootstrap))
-        .route("/acl/token", put(acl::token_create))
-        .route("/acl/token/self", get(acl::token_self))
+        .route("/v1/acl/bootstrap", put(acl::bootstrap))
+        .route("/v1/acl/token", put(acl::token_create))
+        .route("/v1/acl/token/self", get(acl::token_self))
         .route(
-            "/acl/token/{accessor}",
+            "/v1/acl/token/{accessor}",
             get(acl::token_read)
                 .put(acl::token_update)
                 .delete(acl::token_delete),
         )
-        .route("/acl/token/{accessor}/clone", put(acl::token_clone))
-        .route("/acl/tokens", get(acl::token_list))
-        .route("/acl/policy", put(acl::policy_create))
+        .route("/v1/acl/token/{accessor}/clone", put(acl::token_clone))
+        .route("/v1/acl/tokens", get(acl::token_list))
+        .route("/v1/acl/policy", put(acl::policy_create))
         .route(
-            "/acl/policy/{id}",
+            "/v1/acl/policy/{id}",
             get(acl::policy_read)
                 .put(acl::policy_update)
                 .delete(acl::policy_delete),
         )
-        .route("/acl/policy/name/{name}", get(acl::policy_read_by_name))
-        .route("/acl/policies", get(acl::policy_list))
-        .route("/acl/roles", get(acl::role_list))
-        .route("/acl/auth-methods", get(acl::empty_listing))
-        .route("/acl/binding-rules", get(acl::empty_listing))
-        .route("/acl/role", put(acl::role_create))
+        .route("/v1/acl/policy/name/{name}", get(acl::policy_read_by_name))
+        .route("/v1/acl/policies", get(acl::policy_list))
+        .route("/v1/acl/roles", get(acl::role_list))
+        .route("/v1/acl/auth-methods", get(acl::empty_listing))
+        .route("/v1/acl/binding-rules", get(acl::empty_listing))
+        .route("/v1/acl/role", put(acl::role_create))
         .route(
-            "/acl/role/{id}",
+            "/v1/acl/role/{id}",
             get(acl::role_read)
                 .put(acl::role_update)
                 .delete(acl::role_delete),
         )
-        .route("/acl/role/name/{name}", get(acl::role_read_by_name))
-        .route("/acl/login", post(acl::login))
-        .route("/acl/logout", post(acl::logout))
-        .route("/acl/{*rest}", any(acl::unknown))
-        .route("/agent/token/{kind}", put(acl::agent_token))
+        .route("/v1/acl/role/name/{name}", get(acl::role_read_by_name))
+        .route("/v1/acl/login", post(acl::login))
+        .route("/v1/acl/logout", post(acl::logout))
+        .route("/v1/acl/{*rest}", any(acl::unknown))
+        .route("/v1/agent/token/{kind}", put(acl::agent_token))
 }
 
 /// The routes with the ordinary body limit.
 fn rest() -> Router<AppState> {
     Router::new()
-        .route("/kv/", get(kv::get_root).delete(kv::delete_root))
-        .route("/kv", get(kv::get_root).delete(kv::delete_root))
-        .route("/event/fire/{name}", put(events::fire).post(events::fire))
-        .route("/event/list", get(events::list))
+        .route("/v1/kv/", get(kv::get_root).delete(kv::delete_root))
+        .route("/v1/kv", get(kv::get_root).delete(kv::delete_root))
         .route(
-            "/session/create",
+            "/v1/event/fire/{name}",
+            put(events::fire).post(events::fire),
+        )
+        .route("/v1/event/list", get(events::list))
+        .route(
+            "/v1/session/create",
             put(kv::create_session).post(kv::create_session),
         )
         .route(
-            "/session/destroy/{id}",
+            "/v1/session/destroy/{id}",
             put(kv::destroy_session).post(kv::destroy_session),
         )
         .route(
-            "/session/renew/{id}",
+            "/v1/session/renew/{id}",
             put(kv::renew_session).post(kv::renew_session),
         )
-        .route("/session/info/{id}", get(kv::session_info))
-        .route("/session/list", get(kv::list_sessions))
-        .route("/session/node/{node}", get(kv::node_sessions))
-        .route("/agent/service/register", lenient(agent::register_service))
+        .route("/v1/session/info/{id}", get(kv::session_info))
+        .route("/v1/session/list", get(kv::list_sessions))
+        .route("/v1/session/node/{node}", get(kv::node_sessions))
         .route(
-            "/agent/service/deregister/{id}",
+            "/v1/agent/service/register",
+            lenient(agent::register_service),
+        )
+        .route(
+            "/v1/agent/service/deregister/{id}",
             lenient(agent::deregister_service),
         )
         .route(
-            "/agent/service/maintenance/{id}",
+            "/v1/agent/service/maintenance/{id}",
             lenient(agent::service_maintenance),
         )
-        .route("/agent/service/{id}", get(agent::service))
-        .route("/agent/services", get(agent::services))
-        .route("/agent/maintenance", lenient(agent::node_maintenance))
-        .route("/agent/checks", get(agent::checks))
-        .route("/agent/check/register", lenient(agent::register_check))
+        .route("/v1/agent/service/{id}", get(agent::service))
+        .route("/v1/agent/services", get(agent::services))
+        .route("/v1/agent/maintenance", lenient(agent::node_maintenance))
+        .route("/v1/agent/checks", get(agent::checks))
+        .route("/v1/agent/check/register", lenient(agent::register_check))
         .route(
-            "/agent/check/deregister/{id}",
+            "/v1/agent/check/deregister/{id}",
             lenient(agent::deregister_check),
         )
-        .route("/agent/check/pass/{id}", lenient(agent::check_pass))
-        .route("/agent/check/warn/{id}", lenient(agent::check_warn))
-        .route("/agent/check/fail/{id}", lenient(agent::check_fail))
-        .route("/agent/check/update/{id}", lenient(agent::check_update))
-        .route("/agent/health/service/id/{id}", get(agent::health_by_id))
+        .route("/v1/agent/check/pass/{id}", lenient(agent::check_pass))
+        .route("/v1/agent/check/warn/{id}", lenient(agent::check_warn))
+        .route("/v1/agent/check/fail/{id}", lenient(agent::check_fail))
+        .route("/v1/agent/check/update/{id}", lenient(agent::check_update))
+        .route("/v1/agent/health/service/id/{id}", get(agent::health_by_id))
         .route(
-            "/agent/health/service/name/{name}",
+            "/v1/agent/health/service/name/{name}",
             get(agent::health_by_name),
         )
-        .route("/agent/self", get(agent::self_info))
-        .route("/agent/members", get(agent::members))
-        .route("/agent/metrics", get(metrics::metrics))
-        .route("/agent/monitor", get(monitor::monitor))
-        .route("/agent/join/{addr}", lenient(agent::stub))
+        .route("/v1/agent/self", get(agent::self_info))
+        .route("/v1/agent/members", get(agent::members))
+        .route("/v1/agent/metrics", get(metrics::metrics))
+        .route("/v1/agent/monitor", get(monitor::monitor))
+        .route("/v1/agent/join/{addr}", lenient(agent::stub))
         // Not GET: a leave stops the agent, which a link followed by mistake must not do.
-        .route("/agent/leave", put(agent::leave).post(agent::leave))
-        .route("/agent/force-leave/{node}", lenient(agent::stub))
-        .route("/agent/reload", lenient(agent::reload))
-        .route("/query", get(query::list).post(query::create))
+        .route("/v1/agent/leave", put(agent::leave).post(agent::leave))
+        .route("/v1/agent/force-leave/{node}", lenient(agent::stub))
+        .route("/v1/agent/reload", lenient(agent::reload))
+        .route("/v1/query", get(query::list).post(query::create))
         .route(
-            "/query/{id}",
+            "/v1/query/{id}",
             get(query::read).put(query::update).delete(query::delete),
         )
-        .route("/query/{id}/execute", get(query::execute))
-        .route("/query/{id}/explain", get(query::explain))
-        .route("/catalog/services", get(catalog::services))
-        .route("/catalog/service/{service}", get(catalog::service))
-        .route("/catalog/nodes", get(catalog::nodes))
-        .route("/catalog/node/{node}", get(catalog::node))
-        .route("/catalog/node-services/{node}", get(catalog::node_services))
-        .route("/catalog/datacenters", get(catalog::datacenters))
+        .route("/v1/query/{id}/execute", get(query::execute))
+        .route("/v1/query/{id}/explain", get(query::explain))
+        .route("/v1/catalog/services", get(catalog::services))
+        .route("/v1/catalog/service/{service}", get(catalog::service))
+        .route("/v1/catalog/nodes", get(catalog::nodes))
+        .route("/v1/catalog/node/{node}", get(catalog::node))
         .route(
-            "/catalog/register",
+            "/v1/catalog/node-services/{node}",
+            get(catalog::node_services),
+        )
+        .route("/v1/catalog/datacenters", get(catalog::datacenters))
+        .route(
+            "/v1/catalog/register",
             put(catalog::register).post(catalog::register),
         )
         .route(
-            "/catalog/deregister",
+            "/v1/catalog/deregister",
             put(catalog::deregister).post(catalog::deregister),
         )
-        .route("/health/service/{service}", get(catalog::health_service))
-        .route("/health/checks/{service}", get(catalog::health_checks))
-        .route("/health/state/{state}", get(catalog::health_state))
-        .route("/health/node/{node}", get(catalog::health_node))
-        .route("/status/leader", get(catalog::leader))
-        .route("/status/peers", get(catalog::peers))
+        .route("/v1/health/service/{service}", get(catalog::health_service))
+        .route("/v1/health/checks/{service}", get(catalog::health_checks))
+        .route("/v1/health/state/{state}", get(catalog::health_state))
+        .route("/v1/health/node/{node}", get(catalog::health_node))
+        .route("/v1/status/leader", get(catalog::leader))
+        .route("/v1/status/peers", get(catalog::peers))
         .route(
-            "/operator/raft/configuration",
+            "/v1/operator/raft/configuration",
             get(catalog::raft_configuration),
         )
-        .route("/agent/version", get(agent::version))
-        .route("/coordinate/datacenters", get(coordinate::datacenters))
-        .route("/coordinate/nodes", get(coordinate::nodes))
-        .route("/coordinate/node/{node}", get(coordinate::node))
+        .route("/v1/agent/version", get(agent::version))
+        .route("/v1/coordinate/datacenters", get(coordinate::datacenters))
+        .route("/v1/coordinate/nodes", get(coordinate::nodes))
+        .route("/v1/coordinate/node/{node}", get(coordinate::node))
         .route(
-            "/coordinate/update",
+            "/v1/coordinate/update",
             put(coordinate::update).post(coordinate::update),
         )
-        .fallback(any(unknown))
+        // Any other path under /v1/ is Consul's "Unsupported endpoint", not the native 404.
+        .route("/v1", any(unknown))
+        .route("/v1/", any(unknown))
+        .route("/v1/{*rest}", any(unknown))
+}
+
+/// A Consul path asked with a method it does not take: 405, in Consul's words.
+async fn method_not_allowed(method: axum::http::Method) -> ConsulError {
+    ConsulError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} not allowed"),
+    )
 }
 
 /// Only for paths Consul itself does not have: every Consul endpoint answers as Consul does.

@@ -1,0 +1,260 @@
+//! What every request goes through around its route, in one layer: the caller resolved
+//! from its ACL token ([`auth::admit`]), Consul's refusal of a `consistent` read without a
+//! leader and the staleness headers ([`cluster`]), the body-read deadline ([`limits`]), and
+//! the request metrics.
+//!
+//! One plain tower service rather than a stack of `middleware::from_fn` layers: each of
+//! those clones the route's service chain, boxes a `Next` and boxes a future on every
+//! request, which on a discovery read cost about as much CPU as the handler itself. Here the
+//! route is called in place and one future is boxed.
+//!
+//! The order is the one the answers show: a token that does not resolve is refused (and
+//! counted) before anything else looks at the request; the staleness headers go on every
+//! answer that got past that; the default-policy header goes on every Consul answer with ACLs
+//! on.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{Method, StatusCode};
+use axum::response::Response;
+use futures::future::BoxFuture;
+use metrics::{Counter, Histogram};
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{auth, cluster, limits};
+use crate::AppState;
+use crate::telemetry as m;
+
+/// The layer [`super::app`] puts around every route (and the fallbacks).
+#[derive(Clone)]
+pub(crate) struct Edge {
+    state: AppState,
+    body_timeout: Duration,
+}
+
+impl Edge {
+    pub(crate) fn new(state: AppState) -> Edge {
+        let body_timeout = state.config().http.body_read_timeout;
+        Edge {
+            state,
+            body_timeout,
+        }
+    }
+}
+
+impl<S> Layer<S> for Edge {
+    type Service = EdgeService<S>;
+
+    fn layer(&self, inner: S) -> EdgeService<S> {
+        EdgeService {
+            inner,
+            state: self.state.clone(),
+            body_timeout: self.body_timeout,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct EdgeService<S> {
+    inner: S,
+    state: AppState,
+    body_timeout: Duration,
+}
+
+impl<S> Service<Request> for EdgeService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let count = Count::start(&req);
+        let consul = req.uri().path().starts_with("/v1/");
+        if let Err(refused) = auth::admit(&self.state, &mut req) {
+            return Box::pin(std::future::ready(Ok(count.finish(refused))));
+        }
+        let policy_header = consul && self.state.acl().enabled();
+        let with_policy = move |state: &AppState, resp: Response| {
+            if policy_header {
+                auth::with_policy_header(state, resp)
+            } else {
+                resp
+            }
+        };
+        if let Some(refused) =
+            cluster::refuse_inconsistent(&self.state, req.uri().path(), req.uri().query())
+        {
+            let resp = with_policy(&self.state, refused);
+            return Box::pin(std::future::ready(Ok(count.finish(resp))));
+        }
+        let timeout = self.body_timeout;
+        let (req, expired) = limits::arm_body_deadline(req, timeout);
+        let answer = self.inner.call(req);
+        let state = self.state.clone();
+        Box::pin(async move {
+            let Ok(mut resp) = answer.await;
+            if expired.is_some_and(|e| e.load(Ordering::Relaxed)) {
+                resp = limits::body_timed_out(timeout);
+            }
+            cluster::add_staleness(&state, consul, &mut resp);
+            Ok(count.finish(with_policy(&state, resp)))
+        })
+    }
+}
+
+/// One request's metrics: counted by matched route (not the raw path, to keep label
+/// cardinality bounded), method and status; its latency recorded, except for blocking
+/// queries, whose time is mostly waiting.
+struct Count {
+    route: Option<MatchedPath>,
+    method: &'static str,
+    blocking: bool,
+    started: Instant,
+}
+
+/// One route's metric handles on one HTTP thread, so that a request looks up no labels: its
+/// latency histogram, and its counters by method and status.
+struct RouteMetrics {
+    seconds: Histogram,
+    requests: HashMap<(&'static str, u16), Counter>,
+}
+
+thread_local! {
+    /// By route, on this thread (each HTTP event loop has its own). Bounded by the routes,
+    /// the seven method labels and the statuses the agent answers.
+    static ROUTES: RefCell<HashMap<Box<str>, RouteMetrics>> = RefCell::new(HashMap::new());
+}
+
+impl Count {
+    fn start(req: &Request) -> Count {
+        Count {
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            method: method_label(req.method()),
+            blocking: is_blocking(req.uri().query()),
+            started: Instant::now(),
+        }
+    }
+
+    fn finish(self, resp: Response) -> Response {
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let status = resp.status();
+        ROUTES.with_borrow_mut(|routes| {
+            if !routes.contains_key(route) {
+                // The recorder is installed before the first handle is taken.
+                m::handle();
+                let seconds = metrics::histogram!(m::HTTP_SECONDS, "route" => route.to_string());
+                routes.insert(
+                    route.into(),
+                    RouteMetrics {
+                        seconds,
+                        requests: HashMap::new(),
+                    },
+                );
+            }
+            let Some(metrics) = routes.get_mut(route) else {
+                return;
+            };
+            if !self.blocking {
+                metrics.seconds.record(self.started.elapsed().as_secs_f64());
+            }
+            metrics
+                .requests
+                .entry((self.method, status.as_u16()))
+                .or_insert_with(|| {
+                    metrics::counter!(
+                        m::HTTP_REQUESTS,
+                        "route" => route.to_string(),
+                        "method" => self.method,
+                        "status" => status_label(status)
+                    )
+                })
+                .increment(1);
+        });
+        resp
+    }
+}
+
+/// The status as a label, without formatting the common ones.
+fn status_label(status: StatusCode) -> metrics::SharedString {
+    let s = match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => return status.as_u16().to_string().into(),
+    };
+    s.into()
+}
+
+/// The method as a label: the usual seven, else `other`, since anyone can make up methods
+/// and each new label would be a series kept for the agent's lifetime.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Whether a query string asks to block (`index` given and not 0).
+fn is_blocking(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|kv| {
+            kv.strip_prefix("index=")
+                .is_some_and(|v| !v.is_empty() && v != "0")
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_labels_are_the_three_digits() {
+        for code in [200, 204, 404, 418, 500, 502] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(&*status_label(status), code.to_string());
+        }
+    }
+
+    #[test]
+    fn only_a_nonzero_index_blocks() {
+        assert!(is_blocking(Some("index=5")));
+        assert!(is_blocking(Some("wait=1s&index=12")));
+        assert!(!is_blocking(Some("index=0")));
+        assert!(!is_blocking(Some("index=")));
+        assert!(!is_blocking(Some("xindex=5")));
+        assert!(!is_blocking(None));
+    }
+}
