@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
@@ -19,6 +19,9 @@ use super::error::{ApiError, ErrorCode};
 use crate::AppState;
 use crate::acl::{Caller, Denied, TokenSource, Unresolved};
 use crate::telemetry as m;
+
+/// Parsed once: looking a header up by a `&str` parses the name on every request.
+static CONSUL_TOKEN: HeaderName = HeaderName::from_static("x-consul-token");
 
 /// The token a request presents, and where it came from, in Consul's order: `?token=`,
 /// `X-Consul-Token`, `Authorization: Bearer`; and, for Eureka clients (which put credentials
@@ -39,7 +42,7 @@ pub fn presented_token<'a>(
     }
     // A value that is not text is still a token given (one that resolves to nothing), never
     // a request without one.
-    if let Some(v) = headers.get("x-consul-token").filter(|v| !v.is_empty()) {
+    if let Some(v) = headers.get(&CONSUL_TOKEN).filter(|v| !v.is_empty()) {
         return Some((String::from_utf8_lossy(v.as_bytes()), TokenSource::Header));
     }
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
