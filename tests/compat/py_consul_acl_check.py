@@ -17,20 +17,8 @@ import urllib.error
 import urllib.request
 
 import consul
+from checks import Failed, expect, step
 from consul.exceptions import ACLPermissionDenied, ConsulException
-
-
-class Failed(AssertionError):
-    pass
-
-
-def step(msg: str) -> None:
-    print(f"- {msg}", flush=True)
-
-
-def expect(cond: bool, what: str, got=None) -> None:
-    if not cond:
-        raise Failed(f"{what}; got: {got!r}")
 
 
 def raises(kind, call, what: str):

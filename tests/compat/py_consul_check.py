@@ -21,23 +21,11 @@ import time
 import urllib.request
 
 import consul
+from checks import Failed, expect, step
 from consul import Check
 from consul.exceptions import ACLDisabled, BadRequest, ClientError, ConsulException, NotFound
 
 DEADLINE = 20.0  # seconds any condition may take to come true (HTTP checks run every 1 s)
-
-
-class Failed(AssertionError):
-    pass
-
-
-def step(msg: str) -> None:
-    print(f"- {msg}", flush=True)
-
-
-def expect(cond: bool, what: str, got=None) -> None:
-    if not cond:
-        raise Failed(f"{what}; got: {got!r}")
 
 
 def eventually(what: str, probe, deadline: float = DEADLINE):

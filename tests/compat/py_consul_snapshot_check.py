@@ -13,21 +13,9 @@ from __future__ import annotations
 import sys
 
 import consul
+from checks import Failed, expect, step
 from consul import Check
 from consul.exceptions import ConsulException
-
-
-class Failed(AssertionError):
-    pass
-
-
-def step(msg: str) -> None:
-    print(f"- {msg}", flush=True)
-
-
-def expect(cond: bool, what: str, got=None) -> None:
-    if not cond:
-        raise Failed(f"{what}; got: {got!r}")
 
 
 def client(addr: str) -> consul.Consul:

@@ -15,20 +15,8 @@ import os
 import sys
 
 import consul
+from checks import Failed, expect, step
 import requests
-
-
-class Failed(AssertionError):
-    pass
-
-
-def step(msg: str) -> None:
-    print(f"- {msg}", flush=True)
-
-
-def expect(cond: bool, what: str, got=None) -> None:
-    if not cond:
-        raise Failed(f"{what}; got: {got!r}")
 
 
 def refused(call, what: str) -> None:

@@ -1017,24 +1017,47 @@ pub async fn policy_delete(
         .policies
         .get(&id)
         .ok_or_else(|| ConsulError::not_found("Cannot find policy to delete"))?;
+    delete_named(
+        &state,
+        &caller,
+        "policy",
+        &p.record.name,
+        records::policy_key(&id),
+        records::policy_name_key(&p.record.name),
+        p.modify_index,
+    )
+    .await
+}
+
+/// Deletes a named record (a policy or a role) at `key` and its name entry, as long as it is
+/// still at `modify_index`, the version the caller's view held.
+async fn delete_named(
+    state: &AppState,
+    caller: &Caller,
+    kind: &str,
+    name: &str,
+    key: String,
+    name_key: String,
+    modify_index: u64,
+) -> Result<Response, ConsulError> {
     let ops = vec![
         TxnOp::Delete {
-            key: records::policy_key(&id),
-            cas: Some(p.modify_index),
+            key,
+            cas: Some(modify_index),
         },
         TxnOp::Delete {
-            key: records::policy_name_key(&p.record.name),
+            key: name_key,
             cas: None,
         },
     ];
-    match commit(&state, ops).await? {
+    match commit(state, ops).await? {
         Ok(index) => {
-            tracing::info!(policy = %p.record.name, by = caller.accessor(), "ACL policy deleted");
+            tracing::info!(kind, name, by = caller.accessor(), "ACL {kind} deleted");
             Ok(answer(index, &json!(true)))
         }
         Err(_) => Err(ConsulError::new(
             StatusCode::CONFLICT,
-            "the policy changed meanwhile; retry",
+            format!("the {kind} changed meanwhile; retry"),
         )),
     }
 }
@@ -1300,26 +1323,16 @@ pub async fn role_delete(
         .roles
         .get(&id)
         .ok_or_else(|| ConsulError::not_found("Cannot find role to delete"))?;
-    let ops = vec![
-        TxnOp::Delete {
-            key: records::role_key(&id),
-            cas: Some(r.modify_index),
-        },
-        TxnOp::Delete {
-            key: records::role_name_key(&r.record.name),
-            cas: None,
-        },
-    ];
-    match commit(&state, ops).await? {
-        Ok(index) => {
-            tracing::info!(role = %r.record.name, by = caller.accessor(), "ACL role deleted");
-            Ok(answer(index, &json!(true)))
-        }
-        Err(_) => Err(ConsulError::new(
-            StatusCode::CONFLICT,
-            "the role changed meanwhile; retry",
-        )),
-    }
+    delete_named(
+        &state,
+        &caller,
+        "role",
+        &r.record.name,
+        records::role_key(&id),
+        records::role_name_key(&r.record.name),
+        r.modify_index,
+    )
+    .await
 }
 
 /// `POST /v1/acl/login`: no auth methods exist.
