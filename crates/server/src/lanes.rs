@@ -227,14 +227,19 @@ async fn lane(
         connections.spawn(async move {
             match handshakes {
                 None => conn::serve(stream, app, &config, shutdown).await,
+                // Boxed: TLS's state (the handshake, rustls' connection) is several KiB,
+                // and inline it would make every plain connection's task that large too.
                 Some(h) => {
-                    let tls = tokio::select! {
-                        () = shutdown.cancelled() => None,
-                        tls = h.accept(stream, peer) => tls,
-                    };
-                    if let Some(tls) = tls {
-                        conn::serve(tls, app, &config, shutdown).await;
-                    }
+                    Box::pin(async move {
+                        let tls = tokio::select! {
+                            () = shutdown.cancelled() => None,
+                            tls = h.accept(stream, peer) => tls,
+                        };
+                        if let Some(tls) = tls {
+                            conn::serve(tls, app, &config, shutdown).await;
+                        }
+                    })
+                    .await
                 }
             }
             drop(slot);
