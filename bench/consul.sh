@@ -36,7 +36,10 @@ MPORT=$(pick_port)
 NPORT=$(pick_port)
 
 log "starting muster (--dev), registering $INSTANCES instances of $SERVICE with TTL checks"
-start_muster muster "$MPORT" --dev --disable-self-preservation
+# The agent caps open connections (http.max_connections, 4,096 by default); every parked
+# watcher holds one, so the cap is raised above what the script opens.
+printf '[http]\nmax_connections = %d\n' $((BLOCKING + ${SSE:-0} + 100)) >"$WORK/agent.toml"
+start_muster muster "$MPORT" --dev --disable-self-preservation --config "$WORK/agent.toml"
 MBASE="http://127.0.0.1:$MPORT"
 for i in $(seq 0 $((INSTANCES - 1))); do
     curl -fsS -o /dev/null -X PUT "$MBASE/v1/agent/service/register" \

@@ -29,7 +29,10 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 (( $(ulimit -n) >= BLOCKING + SSE + 1000 )) || die "ulimit -n is $(ulimit -n): too low for $((BLOCKING + SSE)) watchers"
 
 MPORT=$(pick_port)
-start_muster muster "$MPORT" --data-dir "$WORK/muster-data" --disable-self-preservation
+# The agent caps open connections (http.max_connections, 4,096 by default); every parked
+# watcher holds one, so the cap is raised above what the script opens.
+printf '[http]\nmax_connections = %d\n' $((BLOCKING + ${SSE:-0} + 100)) >"$WORK/agent.toml"
+start_muster muster "$MPORT" --data-dir "$WORK/muster-data" --disable-self-preservation --config "$WORK/agent.toml"
 for i in $(seq 0 9); do
     curl -fsS -o /dev/null -X PUT "http://127.0.0.1:$MPORT/api/v1/services/$SERVICE/instances/i-$i" \
         -H 'Content-Type: application/json' \
