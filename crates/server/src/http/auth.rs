@@ -161,20 +161,20 @@ fn not_found_answer(api: Api) -> Response {
 }
 
 /// The layer: resolves the caller of every request while ACLs are on.
-/// With ACLs on, resolves the request's caller and leaves it in the request for handlers;
-/// a token that does not resolve is the answer instead (Consul's 403 `ACL not found`, or the
-/// native API's shape), already carrying the default-policy header. Run by the
-/// [`edge`](super::edge) before every route.
-pub(crate) fn admit(state: &AppState, req: &mut Request) -> Result<(), Response> {
+/// With ACLs on, resolves the request's caller and leaves it in the request for handlers.
+/// A token that does not resolve gets the answer returned instead (Consul's 403 `ACL not
+/// found`, or the native API's shape), already carrying the default-policy header. Run by
+/// the [`edge`](super::edge) before every route.
+pub(crate) fn admit(state: &AppState, req: &mut Request) -> Option<Response> {
     if !state.acl().enabled() {
-        return Ok(());
+        return None;
     }
     match resolve(state, req.headers(), req.uri().path(), req.uri().query()) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
-            Ok(())
+            None
         }
-        Err(refusal) => Err(with_policy_header(state, refusal.into_response())),
+        Err(refusal) => Some(with_policy_header(state, refusal.into_response())),
     }
 }
 

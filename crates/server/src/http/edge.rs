@@ -85,7 +85,7 @@ where
     fn call(&mut self, mut req: Request) -> Self::Future {
         let count = Count::start(&req);
         let consul = req.uri().path().starts_with("/v1/");
-        if let Err(refused) = auth::admit(&self.state, &mut req) {
+        if let Some(refused) = auth::admit(&self.state, &mut req) {
             return Box::pin(std::future::ready(Ok(count.finish(refused))));
         }
         let policy_header = consul && self.state.acl().enabled();
