@@ -339,6 +339,12 @@ pub struct AclView {
 }
 
 impl AclView {
+    /// The index of the newest change among the records this view was built from: what a
+    /// listing of them answers as its index.
+    pub fn index(&self) -> u64 {
+        self.acl_index
+    }
+
     /// A policy by ID, built-in ones included.
     pub fn policy(&self, id: &str) -> Option<PolicyEntry> {
         if let Some(p) = builtin_policy(id) {

@@ -50,6 +50,17 @@ fn need(caller: &Caller, access: Access) -> Result<(), ConsulError> {
     Ok(caller.require(Resource::Acl, "", access)?)
 }
 
+/// Consul's 400 when the body names another record than the URL (`field` given and not
+/// empty, but not `id`).
+fn same_id(o: &Obj, field: &str, id: &str, what: &str) -> Result<(), ConsulError> {
+    match o.str(&[field])? {
+        Some(given) if !given.is_empty() && given != id => Err(ConsulError::bad_request(format!(
+            "{what} in URL and payload do not match"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn acl_view(state: &AppState) -> std::sync::Arc<AclView> {
     state.acl().view(&state.snapshot())
 }
@@ -623,8 +634,7 @@ pub async fn token_list(
         })
         .map(|t| token_json(&view, t, None))
         .collect();
-    let index = state.snapshot().kv_index(records::PREFIX, true);
-    Ok(answer(index, &Value::Array(list)))
+    Ok(answer(view.index(), &Value::Array(list)))
 }
 
 /// `PUT /v1/acl/token/:accessor`: replaces the description and every link.
@@ -638,13 +648,7 @@ pub async fn token_update(
     need(&caller, Access::Write)?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
-    if let Some(a) = o.str(&["AccessorID"])?.filter(|a| !a.is_empty())
-        && a != accessor
-    {
-        return Err(ConsulError::bad_request(
-            "Token Accessor ID in URL and payload do not match",
-        ));
-    }
+    same_id(&o, "AccessorID", &accessor, "Token Accessor ID")?;
     let view = acl_view(&state);
     let stored = view.tokens.get(&accessor).cloned();
     let current = match &stored {
@@ -917,13 +921,13 @@ pub async fn policy_list(
 ) -> Result<Response, ConsulError> {
     enabled(&state)?;
     need(&caller, Access::Read)?;
-    let list: Vec<Value> = acl_view(&state)
+    let view = acl_view(&state);
+    let list: Vec<Value> = view
         .all_policies()
         .iter()
         .map(|p| policy_json(p, false))
         .collect();
-    let index = state.snapshot().kv_index(records::PREFIX, true);
-    Ok(answer(index, &Value::Array(list)))
+    Ok(answer(view.index(), &Value::Array(list)))
 }
 
 /// `PUT /v1/acl/policy/:id`.
@@ -937,13 +941,7 @@ pub async fn policy_update(
     need(&caller, Access::Write)?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
-    if let Some(body_id) = o.str(&["ID"])?.filter(|i| !i.is_empty())
-        && body_id != id
-    {
-        return Err(ConsulError::bad_request(
-            "Policy ID in URL and payload do not match",
-        ));
-    }
+    same_id(&o, "ID", &id, "Policy ID")?;
     if id == MANAGEMENT_POLICY_ID || id == READ_ONLY_POLICY_ID {
         return Err(ConsulError::bad_request(format!(
             "Changing the builtin policy {id} is not permitted"
@@ -1250,8 +1248,7 @@ pub async fn role_list(
         })
         .map(|r| role_json(&view, r))
         .collect();
-    let index = state.snapshot().kv_index(records::PREFIX, true);
-    Ok(answer(index, &Value::Array(list)))
+    Ok(answer(view.index(), &Value::Array(list)))
 }
 
 /// `PUT /v1/acl/role/:id`: replaces the role's fields.
@@ -1265,13 +1262,7 @@ pub async fn role_update(
     need(&caller, Access::Write)?;
     let v = body::parse(&bytes)?;
     let o = Obj::of(&v, "the body")?;
-    if let Some(body_id) = o.str(&["ID"])?.filter(|i| !i.is_empty())
-        && body_id != id
-    {
-        return Err(ConsulError::bad_request(
-            "Role ID in URL and payload do not match",
-        ));
-    }
+    same_id(&o, "ID", &id, "Role ID")?;
     let view = acl_view(&state);
     let current = view
         .roles
