@@ -646,3 +646,76 @@ node_prefix "" { policy = "read" }"#,
     let node = crate::dns::udp(dns, "muster.node.muster.", RecordType::A).await;
     assert_eq!(node.metadata.response_code, ResponseCode::NXDomain);
 }
+
+/// An update whose body names another record than its URL is Consul's 400 (its ACL endpoint
+/// docs), and the record is left as it was; a body that repeats the URL's ID is accepted.
+#[tokio::test]
+async fn an_update_naming_another_record_in_its_body_is_refused_and_changes_nothing() {
+    let a = acl_agent().await;
+    let p = call(
+        &a,
+        Method::PUT,
+        "/v1/acl/policy",
+        Some(MANAGEMENT),
+        Some(json!({"Name": "kept", "Rules": WEB_RW})),
+    )
+    .await;
+    assert_eq!(p.status, StatusCode::OK, "{:?}", p.body);
+    let id = p.body["ID"].as_str().unwrap().to_string();
+    let other = call(
+        &a,
+        Method::PUT,
+        &format!("/v1/acl/policy/{id}"),
+        Some(MANAGEMENT),
+        Some(json!({"ID": "00000000-0000-0000-0000-0000000000aa", "Name": "renamed"})),
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        other.body,
+        json!("Policy ID in URL and payload do not match")
+    );
+    let read = call(
+        &a,
+        Method::GET,
+        &format!("/v1/acl/policy/{id}"),
+        Some(MANAGEMENT),
+        None,
+    )
+    .await;
+    assert_eq!(read.body["Name"], json!("kept"));
+
+    let t = call(
+        &a,
+        Method::PUT,
+        "/v1/acl/token",
+        Some(MANAGEMENT),
+        Some(json!({})),
+    )
+    .await;
+    let accessor = t.body["AccessorID"].as_str().unwrap().to_string();
+    let other = call(
+        &a,
+        Method::PUT,
+        &format!("/v1/acl/token/{accessor}"),
+        Some(MANAGEMENT),
+        Some(json!({"AccessorID": "00000000-0000-0000-0000-0000000000bb"})),
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        other.body,
+        json!("Token Accessor ID in URL and payload do not match")
+    );
+
+    let same = call(
+        &a,
+        Method::PUT,
+        &format!("/v1/acl/policy/{id}"),
+        Some(MANAGEMENT),
+        Some(json!({"ID": id, "Name": "renamed", "Rules": WEB_RW})),
+    )
+    .await;
+    assert_eq!(same.status, StatusCode::OK, "{:?}", same.body);
+    assert_eq!(same.body["Name"], json!("renamed"));
+}
