@@ -1176,6 +1176,8 @@ async fn invalid_checks_are_refused_naming_the_field_and_leave_nothing_behind() 
         with_checks(json!([{"tcp": tcp, "interval": "1s", "timeout": "500ms"}])),
     )
     .await;
+    // The check's first result moves the index; the refusals below must not.
+    wait_check(&a, "web", "w1", "tcp", "passing").await;
     let before = a.get("/api/v1/services/web?health=any").await;
     let services_before = a.get("/api/v1/services").await.body["services"].clone();
 
