@@ -16,6 +16,7 @@
 //! either: logs and errors name tokens by AccessorID.
 
 pub mod authorizer;
+mod recent;
 pub mod records;
 pub mod rules;
 mod wall;
@@ -271,6 +272,9 @@ pub struct AgentTokens {
     pub dns: Option<String>,
     /// Checked locally, for agent operations when nothing else resolves.
     pub agent_recovery: Option<String>,
+    /// Which set of agent tokens this is, for the callers resolved with it
+    /// ([`recent`]); given anew by [`Acl::set_agent_tokens`].
+    serial: u64,
 }
 
 impl std::fmt::Debug for AgentTokens {
@@ -322,6 +326,8 @@ pub struct RoleEntry {
 /// change.
 #[derive(Debug, Default)]
 pub struct AclView {
+    /// Which view this is, for the callers resolved with it ([`recent`]).
+    serial: u64,
     /// The snapshot index this view was last found current at.
     checked: AtomicU64,
     /// The newest change among the records it was built from.
@@ -472,6 +478,7 @@ impl Acl {
                 agent: config.tokens.agent.clone(),
                 dns: config.tokens.dns.clone(),
                 agent_recovery: config.tokens.agent_recovery.clone(),
+                serial: recent::serial(),
             }),
             view: ArcSwap::from_pointee(AclView::default()),
         }
@@ -496,7 +503,8 @@ impl Acl {
     }
 
     /// Replaces the agent tokens (`PUT /v1/agent/token/:type`).
-    pub fn set_agent_tokens(&self, tokens: AgentTokens) {
+    pub fn set_agent_tokens(&self, mut tokens: AgentTokens) {
+        tokens.serial = recent::serial();
         self.tokens.store(Arc::new(tokens));
     }
 
@@ -518,6 +526,7 @@ impl Acl {
 
     fn build(&self, snap: &Snapshot, acl_index: u64) -> AclView {
         let mut view = AclView {
+            serial: recent::serial(),
             checked: AtomicU64::new(snap.index.max(1)),
             acl_index,
             ..AclView::default()
@@ -657,38 +666,62 @@ impl Acl {
     }
 
     /// The caller for a request that presented `secret` (from `source`), or none.
+    ///
+    /// The callers this thread resolved last are kept ([`recent`]) and answered again while
+    /// the view of the records and the agent tokens they were resolved with are still the
+    /// current ones and the token has not expired, so a client sending the same token on
+    /// every request costs no hashing or lookup after its first.
+    ///
+    /// `presented` is the token as the request carried it, bytes that need not be text (one
+    /// that is not resolves as its lossy UTF-8 reading, so to nothing in practice).
     pub fn resolve(
         &self,
         snap: &Snapshot,
-        presented: Option<(&str, TokenSource)>,
+        presented: Option<(&[u8], TokenSource)>,
     ) -> Result<Caller, Unresolved> {
         if !self.enabled {
             return Ok(Caller::unrestricted());
         }
-        let view = self.view(snap);
-        let tokens;
+        let tokens = self.tokens.load();
         let (secret, source) = match presented {
             Some((s, source)) => (s, source),
-            None => {
-                tokens = self.tokens.load();
-                match tokens.default.as_deref() {
-                    Some(s) => (s, TokenSource::Default),
-                    None => (ANONYMOUS_SECRET, TokenSource::Anonymous),
-                }
-            }
+            None => match tokens.default.as_deref() {
+                Some(s) => (s.as_bytes(), TokenSource::Default),
+                None => (ANONYMOUS_SECRET.as_bytes(), TokenSource::Anonymous),
+            },
         };
-        let identity = match view.lookup(secret) {
+        // The current view, without an Arc clone when it is already known current.
+        let guard = self.view.load();
+        let rebuilt;
+        let view: &AclView =
+            if guard.checked.load(Ordering::Relaxed) == snap.index && snap.index != 0 {
+                &guard
+            } else {
+                rebuilt = self.view(snap);
+                &rebuilt
+            };
+        let made_by = recent::MadeBy {
+            view: view.serial,
+            tokens: tokens.serial,
+        };
+        if let Some(caller) = recent::find(made_by, secret, source) {
+            return Ok(caller);
+        }
+        let text = String::from_utf8_lossy(secret);
+        let identity = match view.lookup(&text) {
             Ok(i) => i,
             // Checked on this agent alone, so the agent endpoints stay usable with nothing
             // else resolving (Consul's agent_recovery).
-            Err(Unresolved::NotFound) if self.is_recovery(secret) => self.recovery_identity(),
+            Err(Unresolved::NotFound) if self.is_recovery(&text) => self.recovery_identity(),
             Err(e) => return Err(e),
         };
-        Ok(Caller {
+        let caller = Caller {
             identity,
             source,
             enforced: true,
-        })
+        };
+        recent::keep(made_by, secret, &caller);
+        Ok(caller)
     }
 
     fn is_recovery(&self, secret: &str) -> bool {
@@ -718,9 +751,14 @@ impl Acl {
         }
         let tokens = self.tokens.load();
         let secret = tokens.dns.as_deref().or(tokens.default.as_deref());
-        let presented = secret.map(|s| (s, TokenSource::Default));
+        let presented = secret.map(|s| (s.as_bytes(), TokenSource::Default));
         self.resolve(snap, presented)
-            .or_else(|_| self.resolve(snap, Some((ANONYMOUS_SECRET, TokenSource::Anonymous))))
+            .or_else(|_| {
+                self.resolve(
+                    snap,
+                    Some((ANONYMOUS_SECRET.as_bytes(), TokenSource::Anonymous)),
+                )
+            })
             .unwrap_or_else(|_| Caller::unrestricted())
     }
 }

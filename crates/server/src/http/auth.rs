@@ -2,9 +2,10 @@
 //! denials answered in each API's own shape.
 //!
 //! [`admit`] runs before every route: with ACLs on it reads the token, answers an
-//! unknown one with 403 `ACL not found` (Consul does so on every endpoint), and leaves the
-//! [`Caller`] in the request for handlers to take as an extractor. A handler reached without
-//! it (a route mounted outside the layer) resolves the caller itself, so nothing fails open.
+//! unknown one with 403 `ACL not found` (Consul does so on every endpoint), and hands the
+//! [`Caller`] to the route ([`ADMITTED`]) for handlers to take as an extractor. A handler
+//! reached without it (a route mounted outside the layer) resolves the caller itself, so
+//! nothing fails open.
 
 use std::borrow::Cow;
 
@@ -22,34 +23,51 @@ use crate::telemetry as m;
 
 /// Parsed once: looking a header up by a `&str` parses the name on every request.
 static CONSUL_TOKEN: HeaderName = HeaderName::from_static("x-consul-token");
+static DEFAULT_POLICY: HeaderName = HeaderName::from_static("x-consul-default-acl-policy");
+static RESULTS_FILTERED: HeaderName = HeaderName::from_static("x-consul-results-filtered-by-acls");
 
 /// The token a request presents, and where it came from, in Consul's order: `?token=`,
 /// `X-Consul-Token`, `Authorization: Bearer`; and, for Eureka clients (which put credentials
-/// in the server URL), the password of `Authorization: Basic`.
+/// in the server URL), the password of `Authorization: Basic`. A header value that is not
+/// text is read as lossy UTF-8: still a token given (one that resolves to nothing), never a
+/// request without one.
 pub fn presented_token<'a>(
     headers: &'a HeaderMap,
     query: Option<&str>,
     basic: bool,
 ) -> Option<(Cow<'a, str>, TokenSource)> {
+    let (raw, source) = presented_raw(headers, query, basic)?;
+    let text = match raw {
+        Cow::Borrowed(b) => String::from_utf8_lossy(b),
+        Cow::Owned(b) => Cow::Owned(String::from_utf8_lossy(&b).into_owned()),
+    };
+    Some((text, source))
+}
+
+/// [`presented_token`] as the bytes the request carried: what resolving needs, without
+/// checking a header's bytes on every request.
+fn presented_raw<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&str>,
+    basic: bool,
+) -> Option<(Cow<'a, [u8]>, TokenSource)> {
     if let Some(q) = query
-        && q.contains("token=")
+        && q.split('&').any(|kv| kv.starts_with("token="))
         && let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(q)
         && let Some((_, t)) = pairs
             .into_iter()
             .find(|(k, v)| k == "token" && !v.is_empty())
     {
-        return Some((Cow::Owned(t), TokenSource::Query));
+        return Some((Cow::Owned(t.into_bytes()), TokenSource::Query));
     }
-    // A value that is not text is still a token given (one that resolves to nothing), never
-    // a request without one.
     if let Some(v) = headers.get(&CONSUL_TOKEN).filter(|v| !v.is_empty()) {
-        return Some((String::from_utf8_lossy(v.as_bytes()), TokenSource::Header));
+        return Some((Cow::Borrowed(v.as_bytes()), TokenSource::Header));
     }
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = auth.trim().split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
         let t = rest.split_whitespace().next()?;
-        return Some((Cow::Borrowed(t), TokenSource::Bearer));
+        return Some((Cow::Borrowed(t.as_bytes()), TokenSource::Bearer));
     }
     if basic && scheme.eq_ignore_ascii_case("basic") {
         let raw = base64::engine::general_purpose::STANDARD
@@ -58,7 +76,7 @@ pub fn presented_token<'a>(
         let text = String::from_utf8(raw).ok()?;
         let (_, password) = text.split_once(':')?;
         if !password.is_empty() {
-            return Some((Cow::Owned(password.to_string()), TokenSource::Basic));
+            return Some((Cow::Owned(password.as_bytes().to_vec()), TokenSource::Basic));
         }
     }
     None
@@ -104,7 +122,7 @@ fn resolve(
 ) -> Result<Caller, Refusal> {
     let acl = state.acl();
     let api = api_of(path);
-    let presented = presented_token(parts_headers, query, api == Api::Eureka);
+    let presented = presented_raw(parts_headers, query, api == Api::Eureka);
     // Borrowed, not cloned: the resolution takes no await, and a read lock is cheaper than
     // an Arc clone and drop on every request.
     let snap = state.inner.snapshots.borrow();
@@ -113,7 +131,10 @@ fn resolve(
         Err(_) if open_path(path) => acl
             .resolve(
                 &snap,
-                Some((crate::acl::ANONYMOUS_SECRET, TokenSource::Anonymous)),
+                Some((
+                    crate::acl::ANONYMOUS_SECRET.as_bytes(),
+                    TokenSource::Anonymous,
+                )),
             )
             .map_err(|_| Refusal::NotFound(api)),
         Err(Unresolved::Root) => Err(Refusal::Root),
@@ -160,28 +181,41 @@ fn not_found_answer(api: Api) -> Response {
     }
 }
 
-/// The layer: resolves the caller of every request while ACLs are on.
-/// With ACLs on, resolves the request's caller and leaves it in the request for handlers.
-/// A token that does not resolve gets the answer returned instead (Consul's 403 `ACL not
-/// found`, or the native API's shape), already carrying the default-policy header. Run by
-/// the [`edge`](super::edge) before every route.
-pub(crate) fn admit(state: &AppState, req: &mut Request) -> Option<Response> {
+tokio::task_local! {
+    /// The caller [`admit`] resolved, for the handler's [`Caller`] extractor: set around the
+    /// route's future by the [`edge`](super::edge), so it passes without an entry in the
+    /// request's extensions (a map allocated and hashed per request).
+    pub(crate) static ADMITTED: Caller;
+}
+
+/// What [`admit`] decided for a request.
+pub(crate) enum Admission {
+    /// ACLs are off: nothing to hand on.
+    Open,
+    /// The caller the token resolved to.
+    Caller(Caller),
+    /// The answer instead of the route's.
+    Refused(Response),
+}
+
+/// With ACLs on, resolves the request's caller, which the [`edge`](super::edge) hands to the
+/// route as [`ADMITTED`]. A token that does not resolve gets the answer returned instead
+/// (Consul's 403 `ACL not found`, or the native API's shape), already carrying the
+/// default-policy header.
+pub(crate) fn admit(state: &AppState, req: &Request) -> Admission {
     if !state.acl().enabled() {
-        return None;
+        return Admission::Open;
     }
     match resolve(state, req.headers(), req.uri().path(), req.uri().query()) {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            None
-        }
-        Err(refusal) => Some(with_policy_header(state, refusal.into_response())),
+        Ok(caller) => Admission::Caller(caller),
+        Err(refusal) => Admission::Refused(with_policy_header(state, refusal.into_response())),
     }
 }
 
 /// `X-Consul-Default-ACL-Policy` on `resp`, as Consul sends it on its API with ACLs on.
 pub(crate) fn with_policy_header(state: &AppState, mut resp: Response) -> Response {
     resp.headers_mut().insert(
-        "x-consul-default-acl-policy",
+        DEFAULT_POLICY.clone(),
         HeaderValue::from_static(state.acl().default_policy_name()),
     );
     resp
@@ -191,11 +225,11 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, Response> {
-        if let Some(c) = parts.extensions.get::<Caller>() {
-            return Ok(c.clone());
-        }
         if !state.acl().enabled() {
             return Ok(Caller::unrestricted());
+        }
+        if let Ok(c) = ADMITTED.try_with(Caller::clone) {
+            return Ok(c);
         }
         resolve(state, &parts.headers, parts.uri.path(), parts.uri.query())
             .map_err(IntoResponse::into_response)
@@ -222,10 +256,8 @@ impl From<Denied> for ApiError {
 /// carried a token (Consul never sends it otherwise, and never as false).
 pub fn mark_filtered(caller: &Caller, filtered: bool, mut resp: Response) -> Response {
     if filtered && caller.presented() {
-        resp.headers_mut().insert(
-            "x-consul-results-filtered-by-acls",
-            HeaderValue::from_static("true"),
-        );
+        resp.headers_mut()
+            .insert(RESULTS_FILTERED.clone(), HeaderValue::from_static("true"));
     }
     resp
 }

@@ -13,10 +13,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use muster_core::{InstanceId, ServiceName, Snapshot};
 
+use super::consul::{X_CONSUL_KNOWN_LEADER, X_CONSUL_LAST_CONTACT};
 use super::error::{ApiError, ErrorCode};
 use crate::AppState;
 
@@ -45,6 +46,9 @@ pub(crate) fn refuse_inconsistent(
         .then(|| (StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader").into_response())
 }
 
+static X_MUSTER_LAST_CONTACT: HeaderName = HeaderName::from_static("x-muster-last-contact");
+static X_MUSTER_KNOWN_LEADER: HeaderName = HeaderName::from_static("x-muster-known-leader");
+
 /// The staleness headers, as things stand when the answer leaves (a blocking query may have
 /// waited a while): on a single agent, Consul's pair on the Consul API (`consul`); in a
 /// cluster, Consul's and muster's pairs on every answer.
@@ -52,8 +56,11 @@ pub(crate) fn add_staleness(state: &AppState, consul: bool, resp: &mut Response)
     let h = resp.headers_mut();
     let Some(health) = state.writer().cluster() else {
         if consul {
-            h.insert("x-consul-knownleader", HeaderValue::from_static("true"));
-            h.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
+            h.insert(
+                X_CONSUL_KNOWN_LEADER.clone(),
+                HeaderValue::from_static("true"),
+            );
+            h.insert(X_CONSUL_LAST_CONTACT.clone(), HeaderValue::from_static("0"));
         }
         return;
     };
@@ -64,11 +71,17 @@ pub(crate) fn add_staleness(state: &AppState, consul: bool, resp: &mut Response)
         "false"
     };
     if let Ok(v) = HeaderValue::from_str(&contact) {
-        h.insert("x-consul-lastcontact", v.clone());
-        h.insert("x-muster-last-contact", v);
+        h.insert(X_CONSUL_LAST_CONTACT.clone(), v.clone());
+        h.insert(X_MUSTER_LAST_CONTACT.clone(), v);
     }
-    h.insert("x-consul-knownleader", HeaderValue::from_static(known));
-    h.insert("x-muster-known-leader", HeaderValue::from_static(known));
+    h.insert(
+        X_CONSUL_KNOWN_LEADER.clone(),
+        HeaderValue::from_static(known),
+    );
+    h.insert(
+        X_MUSTER_KNOWN_LEADER.clone(),
+        HeaderValue::from_static(known),
+    );
 }
 
 /// Whether this agent should serve: in cluster mode, it heard from etcd and renewed its

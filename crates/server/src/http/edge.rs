@@ -29,7 +29,8 @@ use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{auth, cluster, limits};
+use super::auth::{self, Admission};
+use super::{cluster, limits};
 use crate::AppState;
 use crate::telemetry as m;
 
@@ -82,12 +83,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request) -> Self::Future {
+    fn call(&mut self, req: Request) -> Self::Future {
         let count = Count::start(&req);
         let consul = req.uri().path().starts_with("/v1/");
-        if let Some(refused) = auth::admit(&self.state, &mut req) {
-            return Box::pin(std::future::ready(Ok(count.finish(refused))));
-        }
+        let caller = match auth::admit(&self.state, &req) {
+            Admission::Open => None,
+            Admission::Caller(caller) => Some(caller),
+            Admission::Refused(refused) => {
+                return Box::pin(std::future::ready(Ok(count.finish(refused))));
+            }
+        };
         let policy_header = consul && self.state.acl().enabled();
         let with_policy = move |state: &AppState, resp: Response| {
             if policy_header {
@@ -107,7 +112,10 @@ where
         let answer = self.inner.call(req);
         let state = self.state.clone();
         Box::pin(async move {
-            let Ok(mut resp) = answer.await;
+            let Ok(mut resp) = match caller {
+                Some(caller) => auth::ADMITTED.scope(caller, answer).await,
+                None => answer.await,
+            };
             if expired.is_some_and(|e| e.load(Ordering::Relaxed)) {
                 resp = limits::body_timed_out(timeout);
             }

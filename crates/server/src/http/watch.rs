@@ -438,7 +438,7 @@ impl AclWatch {
             return Recheck::Same;
         }
         self.view = view;
-        let presented = self.token.as_ref().map(|(t, s)| (t.as_str(), *s));
+        let presented = self.token.as_ref().map(|(t, s)| (t.as_bytes(), *s));
         let Ok(caller) = acl.resolve(snap, presented) else {
             tracing::info!(
                 accessor,

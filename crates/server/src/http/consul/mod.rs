@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post, put};
 
@@ -157,12 +157,22 @@ impl IntoResponse for ConsulError {
     }
 }
 
+/// Consul's headers, parsed once: inserting by a `&str` name parses it on every answer.
+pub(crate) static X_CONSUL_INDEX: HeaderName = HeaderName::from_static("x-consul-index");
+pub(crate) static X_CONSUL_KNOWN_LEADER: HeaderName =
+    HeaderName::from_static("x-consul-knownleader");
+pub(crate) static X_CONSUL_LAST_CONTACT: HeaderName =
+    HeaderName::from_static("x-consul-lastcontact");
+
 /// `X-Consul-Index` (never 0), `X-Consul-KnownLeader`, `X-Consul-LastContact`.
 pub fn meta_headers(index: u64) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("x-consul-index", HeaderValue::from(index.max(1)));
-    h.insert("x-consul-knownleader", HeaderValue::from_static("true"));
-    h.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
+    h.insert(X_CONSUL_INDEX.clone(), HeaderValue::from(index.max(1)));
+    h.insert(
+        X_CONSUL_KNOWN_LEADER.clone(),
+        HeaderValue::from_static("true"),
+    );
+    h.insert(X_CONSUL_LAST_CONTACT.clone(), HeaderValue::from_static("0"));
     h
 }
 
