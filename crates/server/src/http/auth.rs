@@ -51,8 +51,9 @@ fn presented_raw<'a>(
     query: Option<&str>,
     basic: bool,
 ) -> Option<(Cow<'a, [u8]>, TokenSource)> {
+    // A quick look first: most queries carry no token, and parsing allocates.
     if let Some(q) = query
-        && q.split('&').any(|kv| kv.starts_with("token="))
+        && q.as_bytes().windows(6).any(|w| w == b"token=")
         && let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(q)
         && let Some((_, t)) = pairs
             .into_iter()

@@ -23,7 +23,7 @@ use std::time::Duration;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use metrics::{Counter, Histogram};
 use tokio::time::Instant;
 use tower_layer::Layer;
@@ -109,13 +109,14 @@ where
         }
         let timeout = self.body_timeout;
         let (req, expired) = limits::arm_body_deadline(req, timeout);
-        let answer = self.inner.call(req);
+        // The route's future is wrapped before the box, so the box holds it once.
+        let answer = match caller {
+            Some(caller) => Either::Left(auth::ADMITTED.scope(caller, self.inner.call(req))),
+            None => Either::Right(self.inner.call(req)),
+        };
         let state = self.state.clone();
         Box::pin(async move {
-            let Ok(mut resp) = match caller {
-                Some(caller) => auth::ADMITTED.scope(caller, answer).await,
-                None => answer.await,
-            };
+            let Ok(mut resp) = answer.await;
             if expired.is_some_and(|e| e.load(Ordering::Relaxed)) {
                 resp = limits::body_timed_out(timeout);
             }
