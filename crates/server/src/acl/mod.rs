@@ -345,6 +345,11 @@ pub struct AclView {
 }
 
 impl AclView {
+    /// Whether this view was already found current at `snap`'s index.
+    fn current_at(&self, snap: &Snapshot) -> bool {
+        snap.index != 0 && self.checked.load(Ordering::Relaxed) == snap.index
+    }
+
     /// The index of the newest change among the records this view was built from: what a
     /// listing of them answers as its index.
     pub fn index(&self) -> u64 {
@@ -511,7 +516,7 @@ impl Acl {
     /// The view of the records in `snap`, rebuilt only when they changed.
     pub fn view(&self, snap: &Snapshot) -> Arc<AclView> {
         let current = self.view.load_full();
-        if current.checked.load(Ordering::Relaxed) == snap.index && snap.index != 0 {
+        if current.current_at(snap) {
             return current;
         }
         let acl_index = snap.kv_index(records::PREFIX, true);
@@ -693,13 +698,12 @@ impl Acl {
         // The current view, without an Arc clone when it is already known current.
         let guard = self.view.load();
         let rebuilt;
-        let view: &AclView =
-            if guard.checked.load(Ordering::Relaxed) == snap.index && snap.index != 0 {
-                &guard
-            } else {
-                rebuilt = self.view(snap);
-                &rebuilt
-            };
+        let view: &AclView = if guard.current_at(snap) {
+            &guard
+        } else {
+            rebuilt = self.view(snap);
+            &rebuilt
+        };
         let made_by = recent::MadeBy {
             view: view.serial,
             tokens: tokens.serial,

@@ -39,7 +39,10 @@ pub fn presented_token<'a>(
     let (raw, source) = presented_raw(headers, query, basic)?;
     let text = match raw {
         Cow::Borrowed(b) => String::from_utf8_lossy(b),
-        Cow::Owned(b) => Cow::Owned(String::from_utf8_lossy(&b).into_owned()),
+        Cow::Owned(b) => Cow::Owned(
+            String::from_utf8(b)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        ),
     };
     Some((text, source))
 }

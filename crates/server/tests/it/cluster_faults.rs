@@ -646,12 +646,12 @@ async fn heartbeats_of_thousands_of_instances_do_not_move_the_etcd_revision() {
     // over 10 s there). The heartbeats go on for longer than the TTL, so only they can keep
     // every instance alive to the end.
     const TTL: Duration = Duration::from_secs(30);
-    let ttl = "30s";
+    let ttl = format!("{}s", TTL.as_secs());
     let started = Instant::now();
     let ids: Vec<String> = (0..COUNT).map(|i| format!("h{i}")).collect();
     futures::stream::iter(ids.iter().cloned())
         .for_each_concurrent(32, |id| {
-            let a = &a;
+            let (a, ttl) = (&a, &ttl);
             async move {
                 let r = a.register("beat", &id, ttl).await;
                 assert!(r.status().is_success(), "{}", r.status());
