@@ -458,6 +458,10 @@ const MANAGEMENT_RULES: &str = "acl = \"write\"\nagent_prefix \"\" {\n  policy =
 
 const READ_ONLY_RULES: &str = "acl = \"read\"\nagent_prefix \"\" {\n  policy = \"read\"\n}\nevent_prefix \"\" {\n  policy = \"read\"\n}\nkey_prefix \"\" {\n  policy = \"read\"\n}\nkeyring = \"read\"\nnode_prefix \"\" {\n  policy = \"read\"\n}\noperator = \"read\"\nmesh = \"read\"\npeering = \"read\"\nquery_prefix \"\" {\n  policy = \"read\"\n}\nservice_prefix \"\" {\n  policy = \"read\"\n}\nsession_prefix \"\" {\n  policy = \"read\"\n}";
 
+/// What a kept caller resolved from a presented token records as its agent tokens: none
+/// (serials start at 1).
+const NO_AGENT_TOKENS: u64 = 0;
+
 /// The agent's ACL state: its settings, its agent tokens, and the view of the records.
 #[derive(Debug)]
 pub struct Acl {
@@ -687,13 +691,23 @@ impl Acl {
         if !self.enabled {
             return Ok(Caller::unrestricted());
         }
-        let tokens = self.tokens.load();
-        let (secret, source) = match presented {
-            Some((s, source)) => (s, source),
-            None => match tokens.default.as_deref() {
-                Some(s) => (s.as_bytes(), TokenSource::Default),
-                None => (ANONYMOUS_SECRET.as_bytes(), TokenSource::Anonymous),
-            },
+        // The agent tokens matter only to a request that presents none (the default token
+        // answers for it) and to the recovery token, whose callers are not kept: a request
+        // with a token of its own is answered from the cache without loading them.
+        let tokens;
+        let (secret, source, tokens_serial) = match presented {
+            Some((s, source)) => (s, source, NO_AGENT_TOKENS),
+            None => {
+                tokens = self.tokens.load();
+                match tokens.default.as_deref() {
+                    Some(s) => (s.as_bytes(), TokenSource::Default, tokens.serial),
+                    None => (
+                        ANONYMOUS_SECRET.as_bytes(),
+                        TokenSource::Anonymous,
+                        tokens.serial,
+                    ),
+                }
+            }
         };
         // The current view, without an Arc clone when it is already known current.
         let guard = self.view.load();
@@ -706,7 +720,7 @@ impl Acl {
         };
         let made_by = recent::MadeBy {
             view: view.serial,
-            tokens: tokens.serial,
+            tokens: tokens_serial,
         };
         if let Some(caller) = recent::find(made_by, secret, source) {
             return Ok(caller);
@@ -715,8 +729,15 @@ impl Acl {
         let identity = match view.lookup(&text) {
             Ok(i) => i,
             // Checked on this agent alone, so the agent endpoints stay usable with nothing
-            // else resolving (Consul's agent_recovery).
-            Err(Unresolved::NotFound) if self.is_recovery(&text) => self.recovery_identity(),
+            // else resolving (Consul's agent_recovery). Not kept: it depends on the agent
+            // tokens, which a presented token's entry is not checked against.
+            Err(Unresolved::NotFound) if self.is_recovery(&text) => {
+                return Ok(Caller {
+                    identity: self.recovery_identity(),
+                    source,
+                    enforced: true,
+                });
+            }
             Err(e) => return Err(e),
         };
         let caller = Caller {

@@ -3,9 +3,10 @@
 //! SHA-256 and a lookup per request.
 //!
 //! An entry answers only while everything its caller was resolved from is unchanged: the
-//! view of the ACL records and the agent tokens (each has a serial, given anew whenever it
-//! is replaced, unique across every agent in the process), and the token's expiry, checked
-//! on every answer. A deleted or edited token, policy or role makes a new view, and with it
+//! view of the ACL records, for a request that presents no token the agent tokens (whose
+//! default token answers for it), each with a serial given anew whenever it is replaced and
+//! unique across every agent in the process, and the token's expiry, checked on every
+//! answer. Callers of the agent-recovery token are not kept. A deleted or edited token, policy or role makes a new view, and with it
 //! every entry made from the old one stale. Tokens that do not resolve are never kept.
 //!
 //! Presented secrets are compared in constant time (for secrets of the same length), so the
@@ -19,7 +20,8 @@ use super::{Caller, TokenSource, wall_ms};
 /// Entries per thread: a few clients' tokens interleaving on one event loop still hit.
 const SLOTS: usize = 4;
 
-/// A fresh serial for a view or a set of agent tokens. Never 0, so a default never matches.
+/// A fresh serial for a view or a set of agent tokens. Never 0: a caller resolved from a
+/// presented token records 0 as its agent tokens, and no view has serial 0.
 pub(super) fn serial() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)

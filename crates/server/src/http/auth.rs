@@ -64,10 +64,21 @@ fn presented_raw<'a>(
     {
         return Some((Cow::Owned(t.into_bytes()), TokenSource::Query));
     }
-    if let Some(v) = headers.get(&CONSUL_TOKEN).filter(|v| !v.is_empty()) {
+    // One pass over the few headers a request carries costs less than hashing both names
+    // to look them up; the first of each counts, as `HeaderMap::get` would answer.
+    let mut consul = None;
+    let mut authorization = None;
+    for (name, value) in headers {
+        if consul.is_none() && *name == CONSUL_TOKEN {
+            consul = Some(value);
+        } else if authorization.is_none() && *name == header::AUTHORIZATION {
+            authorization = Some(value);
+        }
+    }
+    if let Some(v) = consul.filter(|v| !v.is_empty()) {
         return Some((Cow::Borrowed(v.as_bytes()), TokenSource::Header));
     }
-    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let auth = authorization?.to_str().ok()?;
     let (scheme, rest) = auth.trim().split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
         let t = rest.split_whitespace().next()?;
@@ -216,7 +227,8 @@ pub(crate) fn admit(state: &AppState, req: &Request) -> Admission {
     }
 }
 
-/// `X-Consul-Default-ACL-Policy` on `resp`, as Consul sends it on its API with ACLs on.
+/// `X-Consul-Default-ACL-Policy` on `resp`: Consul sends it on every answer of its API, with
+/// ACLs off too (then `allow` unless `acl.default_policy` says otherwise).
 pub(crate) fn with_policy_header(state: &AppState, mut resp: Response) -> Response {
     resp.headers_mut().insert(
         DEFAULT_POLICY.clone(),

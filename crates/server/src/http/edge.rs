@@ -10,8 +10,8 @@
 //!
 //! The order is the one the answers show: a token that does not resolve is refused (and
 //! counted) before anything else looks at the request; the staleness headers go on every
-//! answer that got past that; the default-policy header goes on every Consul answer with ACLs
-//! on.
+//! answer that got past that; the default-policy header goes on every Consul answer, as
+//! Consul sends it whether ACLs are on or off.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -93,9 +93,10 @@ where
                 return Box::pin(std::future::ready(Ok(count.finish(refused))));
             }
         };
-        let policy_header = consul && self.state.acl().enabled();
+        // Consul sends it on every answer of its API, with ACLs off too (`allow` by
+        // default), and its Go client reads it.
         let with_policy = move |state: &AppState, resp: Response| {
-            if policy_header {
+            if consul {
                 auth::with_policy_header(state, resp)
             } else {
                 resp

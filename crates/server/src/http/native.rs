@@ -11,8 +11,8 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
 use muster_core::model::{self, DEFAULT_TTL, DEFAULT_WEIGHT};
 use muster_core::{
     Applied, Command, Filter, InstanceId, InstanceSpec, KeepAlive, Lease, LeaseId, Limits,
@@ -32,6 +32,9 @@ use crate::telemetry as m;
 pub const INDEX_HEADER: &str = "x-muster-index";
 /// `X-Muster-Self-Preservation`: `true` while expirations are held back.
 pub const PRESERVATION_HEADER: &str = "x-muster-self-preservation";
+/// Both, parsed once: inserting by a `&str` name parses it on every answer.
+static INDEX: HeaderName = HeaderName::from_static(INDEX_HEADER);
+static PRESERVATION: HeaderName = HeaderName::from_static(PRESERVATION_HEADER);
 
 /// Names in a path. Every name a registration can store is accepted, so instances
 /// registered through the Consul API (whose names and ids may hold `_`, `.` or `#`) can be read and
@@ -45,17 +48,17 @@ fn names(service: &str, id: &str) -> Result<(ServiceName, InstanceId), ApiError>
 
 /// A JSON answer with the index and self-preservation headers.
 pub fn json_response(status: StatusCode, index: u64, preserving: bool, body: Bytes) -> Response {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(INDEX_HEADER, HeaderValue::from(index));
-    headers.insert(
-        PRESERVATION_HEADER,
-        HeaderValue::from_static(if preserving { "true" } else { "false" }),
-    );
-    (status, headers, body).into_response()
+    super::json_answer(
+        status,
+        body,
+        [
+            (INDEX.clone(), HeaderValue::from(index)),
+            (
+                PRESERVATION.clone(),
+                HeaderValue::from_static(if preserving { "true" } else { "false" }),
+            ),
+        ],
+    )
 }
 
 fn value_response(status: StatusCode, snap: &Snapshot, v: serde_json::Value) -> Response {

@@ -165,11 +165,19 @@ async fn unknown_root_and_malformed_tokens_are_refused_before_any_handler() {
 #[tokio::test]
 async fn with_acls_off_the_acl_api_answers_401_and_tokens_are_ignored() {
     let a = agent(config()).await;
-    let (s, _, body) = call(&a, Method::GET, "/v1/acl/tokens", None, None).await;
+    let (s, headers, body) = call(&a, Method::GET, "/v1/acl/tokens", None, None).await;
     assert_eq!(
         (s, body.as_str()),
         (StatusCode::UNAUTHORIZED, "ACL support disabled")
     );
+    // Consul names its default policy on every answer, ACLs on or off.
+    assert_eq!(headers["x-consul-default-acl-policy"], "allow");
+    let (s, headers, _) = call(&a, Method::GET, "/v1/catalog/services", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(headers["x-consul-default-acl-policy"], "allow");
+    // The native API is muster's own: no Consul headers.
+    let (_, headers, _) = call(&a, Method::GET, "/api/v1/services", None, None).await;
+    assert!(!headers.contains_key("x-consul-default-acl-policy"));
     let (s, _, _) = call(
         &a,
         Method::PUT,

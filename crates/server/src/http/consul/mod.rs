@@ -166,35 +166,28 @@ pub(crate) static X_CONSUL_LAST_CONTACT: HeaderName =
 
 /// `X-Consul-Index` (never 0), `X-Consul-KnownLeader`, `X-Consul-LastContact`.
 pub fn meta_headers(index: u64) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(X_CONSUL_INDEX.clone(), HeaderValue::from(index.max(1)));
-    h.insert(
-        X_CONSUL_KNOWN_LEADER.clone(),
-        HeaderValue::from_static("true"),
-    );
-    h.insert(X_CONSUL_LAST_CONTACT.clone(), HeaderValue::from_static("0"));
-    h
+    HeaderMap::from_iter(meta(index))
+}
+
+fn meta(index: u64) -> [(HeaderName, HeaderValue); 3] {
+    [
+        (X_CONSUL_INDEX.clone(), HeaderValue::from(index.max(1))),
+        (
+            X_CONSUL_KNOWN_LEADER.clone(),
+            HeaderValue::from_static("true"),
+        ),
+        (X_CONSUL_LAST_CONTACT.clone(), HeaderValue::from_static("0")),
+    ]
 }
 
 /// A JSON answer with the blocking-query headers.
 pub fn json(index: u64, body: &serde_json::Value) -> Response {
-    let mut headers = meta_headers(index);
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    (StatusCode::OK, headers, bytes).into_response()
+    json_bytes(index, serde_json::to_vec(body).unwrap_or_default().into())
 }
 
 /// A JSON answer already rendered, with the blocking-query headers.
 pub fn json_bytes(index: u64, body: axum::body::Bytes) -> Response {
-    let mut headers = meta_headers(index);
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    (StatusCode::OK, headers, body).into_response()
+    super::json_answer(StatusCode::OK, body, meta(index))
 }
 
 /// 200 with an empty body: what Consul's agent writes answer.
