@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use crate::http::App;
 use muster_tls::Certs;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -74,7 +74,7 @@ impl Drop for Slot {
 /// every lane to drain.
 pub(crate) async fn serve(
     listeners: Listeners,
-    app: Router,
+    app: App,
     lanes: usize,
     config: HttpConfig,
     shutdown: CancellationToken,
@@ -193,7 +193,7 @@ async fn accept(
 /// them to finish (each answers the request in progress and closes).
 async fn lane(
     mut rx: mpsc::UnboundedReceiver<Accepted>,
-    app: Router,
+    app: App,
     config: Arc<HttpConfig>,
     handshakes: Option<Arc<Handshakes>>,
     shutdown: CancellationToken,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
+use super::App;
 use axum::body::{Body, Bytes};
 use axum::http::Request;
 use axum::response::Response;
@@ -33,12 +33,8 @@ use crate::telemetry as m;
 
 /// Serves `stream` (a TCP socket, or TLS over one) until the client closes it, a timeout
 /// cuts it, or `shutdown` (then the request in progress, if any, is answered first).
-pub(crate) async fn serve<S>(
-    stream: S,
-    app: Router,
-    config: &HttpConfig,
-    shutdown: CancellationToken,
-) where
+pub(crate) async fn serve<S>(stream: S, app: App, config: &HttpConfig, shutdown: CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Mutex::new(Phase::Idle {

@@ -13,6 +13,7 @@
 //! - [`edge`]: what every request goes through around its route: ACL caller, staleness,
 //!   body deadline, request metrics.
 //! - [`guard`]: a check before a route that may answer in its place.
+//! - [`fast`]: discovery reads answered before the router.
 //! - [`render`]: the JSON shapes.
 //! - [`ui`]: the dashboard at `/ui/`, embedded in the binary.
 //! - [`error`]: the error shape and status mapping.
@@ -26,6 +27,7 @@ pub mod consul;
 pub(crate) mod edge;
 pub mod error;
 pub mod eureka;
+pub(crate) mod fast;
 pub(crate) mod guard;
 pub mod limits;
 pub mod native;
@@ -34,11 +36,19 @@ pub mod render;
 pub mod ui;
 pub mod watch;
 
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::future::RouteFuture;
 use axum::routing::{get, put};
+use futures::future::{BoxFuture, Either};
+use tower_service::Service;
 
 use self::error::{ApiError, ErrorCode};
 use self::limits::{BodyLimit, Shape, limit_bodies};
@@ -67,8 +77,51 @@ pub(crate) fn json_answer<const N: usize>(
     resp
 }
 
-/// The agent's whole HTTP surface, ready to serve or to call with `oneshot` in tests.
-pub fn app(state: AppState) -> Router {
+/// The agent's whole HTTP surface, ready to serve or to call with `oneshot` in tests: the
+/// router, with the discovery reads answered before it ([`fast`]).
+#[derive(Clone)]
+pub struct App {
+    router: Router,
+    state: AppState,
+    body_timeout: Duration,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("body_timeout", &self.body_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<Request> for App {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<BoxFuture<'static, Result<Response, Infallible>>, RouteFuture<Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        match fast::matched(&req) {
+            Some(fast) => Either::Left(fast::answer(&self.state, self.body_timeout, req, fast)),
+            None => Either::Right(self.router.call(req)),
+        }
+    }
+}
+
+/// The agent's HTTP service.
+pub fn app(state: AppState) -> App {
+    let body_timeout = state.config().http.body_read_timeout;
+    App {
+        router: router(state.clone()),
+        state,
+        body_timeout,
+    }
+}
+
+fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/services", get(native::list_services))
         .route("/api/v1/services/{service}", get(native::discover))

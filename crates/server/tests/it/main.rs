@@ -15,6 +15,7 @@ mod dns;
 mod eureka;
 mod eureka_compat;
 mod expiry;
+mod fast_reads;
 mod faults;
 mod http_limits;
 mod lanes;

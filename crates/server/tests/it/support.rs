@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use muster_server::{Agent, AgentConfig, AppState};
@@ -15,7 +14,7 @@ use tower::ServiceExt;
 
 /// An agent whose router is called directly.
 pub struct TestAgent {
-    pub app: Router,
+    pub app: muster_server::http::App,
     pub state: AppState,
     shutdown: CancellationToken,
 }

@@ -1,0 +1,178 @@
+//! Discovery reads answered before the router: `GET /api/v1/services/{service}` and Consul's
+//! `GET /v1/health/service/{service}`, the reads clients repeat most.
+//!
+//! axum's router costs each request a route match, a map of request extensions allocated
+//! and filled (the matched path, the path parameters, the body limit) and three layers of
+//! boxed services and futures: about a sixth of a discovery read's user-space instructions.
+//! These two routes are recognised here by their path and call the same handlers with the
+//! values the router's extractors would give them, through the same [`edge`](super::edge)
+//! (ACL caller, staleness headers, Consul's default-policy header, metrics under the
+//! router's route name). Anything out of the ordinary goes to the router, so that every
+//! answer stays the router's: a percent-encoded or nested name, a request body, Consul's
+//! `dc=` (its datacenter guard), any other method.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{Method, header};
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
+
+use super::edge::{Label, around};
+use super::{consul, native};
+use crate::AppState;
+use crate::acl::Caller;
+
+/// A read answered here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    Native,
+    Consul,
+}
+
+impl Read {
+    /// The route as the router names it, for the request metrics.
+    fn route(self) -> &'static str {
+        match self {
+            Read::Native => "/api/v1/services/{service}",
+            Read::Consul => "/v1/health/service/{service}",
+        }
+    }
+}
+
+/// A request answered here: which read, and of which service.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Fast {
+    read: Read,
+    service: String,
+}
+
+/// The read `req` asks for, when it is one answered here.
+pub(crate) fn matched(req: &Request) -> Option<Fast> {
+    if req.method() != Method::GET {
+        return None;
+    }
+    let path = req.uri().path();
+    let (read, name) = if let Some(name) = path.strip_prefix("/api/v1/services/") {
+        (Read::Native, name)
+    } else if let Some(name) = path.strip_prefix("/v1/health/service/") {
+        (Read::Consul, name)
+    } else {
+        return None;
+    };
+    if name.is_empty() || name.bytes().any(|b| b == b'/' || b == b'%') {
+        return None;
+    }
+    if read == Read::Consul && req.uri().query().is_some_and(|q| q.contains("dc=")) {
+        return None;
+    }
+    let headers = req.headers();
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+    {
+        return None;
+    }
+    Some(Fast {
+        read,
+        service: name.to_owned(),
+    })
+}
+
+/// Answers `req`, which [`matched`] as `fast`.
+pub(crate) fn answer(
+    state: &AppState,
+    body_timeout: Duration,
+    req: Request,
+    fast: Fast,
+) -> BoxFuture<'static, Result<Response, Infallible>> {
+    let Fast { read, service } = fast;
+    let query = req.uri().query().map(str::to_owned);
+    let handler_state = state.clone();
+    around(
+        state,
+        body_timeout,
+        Label::Fixed(read.route()),
+        req,
+        move |_req, caller| {
+            // With ACLs off there is no caller to hand on: the extractor's answer then.
+            let caller = caller.unwrap_or_else(Caller::unrestricted);
+            let (state, name, query) = (State(handler_state), Path(service), RawQuery(query));
+            async move {
+                Ok(match read {
+                    Read::Native => native::discover(state, caller, name, query)
+                        .await
+                        .into_response(),
+                    Read::Consul => consul::catalog::health_service(state, caller, name, query)
+                        .await
+                        .into_response(),
+                })
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+
+    use super::*;
+
+    fn req(method: Method, uri: &str, headers: &[(&str, &str)]) -> Request {
+        let mut b = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    fn fast(read: Read, service: &str) -> Fast {
+        Fast {
+            read,
+            service: service.into(),
+        }
+    }
+
+    #[test]
+    fn discovery_reads_are_recognised_with_their_service() {
+        let r = req(Method::GET, "/api/v1/services/web?healthy=true", &[]);
+        assert_eq!(matched(&r), Some(fast(Read::Native, "web")));
+        let r = req(Method::GET, "/v1/health/service/web?passing&tag=a", &[]);
+        assert_eq!(matched(&r), Some(fast(Read::Consul, "web")));
+        let r = req(
+            Method::GET,
+            "/v1/health/service/web",
+            &[("content-length", "0")],
+        );
+        assert_eq!(matched(&r), Some(fast(Read::Consul, "web")));
+    }
+
+    #[test]
+    fn anything_out_of_the_ordinary_is_left_to_the_router() {
+        for (method, uri, headers) in [
+            (Method::HEAD, "/api/v1/services/web", &[][..]),
+            (Method::PUT, "/api/v1/services/web", &[]),
+            (Method::GET, "/api/v1/services", &[]),
+            (Method::GET, "/api/v1/services/", &[]),
+            (Method::GET, "/api/v1/services/web/instances/i-1", &[]),
+            (Method::GET, "/api/v1/services/we%62", &[]),
+            (Method::GET, "/v1/health/service/web?dc=dc2", &[]),
+            (Method::GET, "/v1/health/services/web", &[]),
+            (
+                Method::GET,
+                "/api/v1/services/web",
+                &[("content-length", "2")],
+            ),
+            (
+                Method::GET,
+                "/api/v1/services/web",
+                &[("transfer-encoding", "chunked")],
+            ),
+        ] {
+            let r = req(method.clone(), uri, headers);
+            assert_eq!(matched(&r), None, "{method} {uri} {headers:?}");
+        }
+    }
+}
