@@ -72,6 +72,7 @@ PAIRED=${PAIRED:-}
 # FRESH: a fresh set of servers each round of the default method, unless ONE_SET=1.
 FRESH=yes
 [[ -z "${ONE_SET:-}" ]] || FRESH=
+
 if [[ -n "$PAIRED" ]]; then
     ROUNDS=${ROUNDS:-5}
     DURATION=${DURATION:-8}
@@ -339,26 +340,31 @@ log "top CPU users at the start: $TOP_START"
 
 # --- 1-3. max req/s --------------------------------------------------------------------------
 
+# up N: round N's servers (started in its order), warmed up and checked.
+up() {
+    start_servers "$1" "$WITH_ETCD"
+    log "round $1: servers up"
+    MU=http://127.0.0.1:$M_PORT RU=http://127.0.0.1:$REF_PORT EU=http://127.0.0.1:${E_PORT:-0}/v3/kv/range
+    [[ -n "${NATIVE_BYTES:-}" ]] || sizes "$MU" "$RU"
+    RSS0=$(rss_kb "$M_PID")
+    for u in "$MU" "$RU"; do
+        warm "$GET" "$u$NATIVE"
+        warm "$GET" "$u$CONSUL"
+    done
+    [[ -z "$WITH_ETCD" ]] || warm "$BENCH_DIR/lua/etcd_range.lua" "$EU"
+    check_pinned "$M_PID"
+    check_pinned "$REF_PID"
+    [[ -z "$WITH_ETCD" ]] || check_pinned "$E_PID"
+}
+
 if [[ -n "$PAIRED" ]]; then
     # The servers of a pair loaded at the same time, fresh servers each round.
     for r in $(seq "$ROUNDS"); do
-        start_servers "$r" "$WITH_ETCD"
-        log "round $r: servers up"
-        MU=http://127.0.0.1:$M_PORT RU=http://127.0.0.1:$REF_PORT
-        ((r > 1)) || sizes "$MU" "$RU"
-        RSS0=$(rss_kb "$M_PID")
-        for u in "$MU" "$RU"; do
-            warm "$GET" "$u$NATIVE"
-            warm "$GET" "$u$CONSUL"
-        done
-        [[ -z "$WITH_ETCD" ]] || warm "$BENCH_DIR/lua/etcd_range.lua" "http://127.0.0.1:$E_PORT/v3/kv/range"
-        # Threads started during the warm-up inherit the pinning; check anyway.
-        check_pinned "$M_PID"
-        check_pinned "$REF_PID"
+        up "$r"
         pair native "$GET" "$MU$NATIVE" "$M_PID" "$GET" "$RU$NATIVE" "$REF_PID"
         pair consul "$GET" "$MU$CONSUL" "$M_PID" "$GET" "$RU$CONSUL" "$REF_PID"
         [[ -z "$WITH_ETCD" ]] ||
-            pair etcd "$GET" "$MU$NATIVE" "$M_PID" "$BENCH_DIR/lua/etcd_range.lua" "http://127.0.0.1:$E_PORT/v3/kv/range" "$E_PID"
+            pair etcd "$GET" "$MU$NATIVE" "$M_PID" "$BENCH_DIR/lua/etcd_range.lua" "$EU" "$E_PID"
         # The last round's memory is reported.
         M_REQS=$(reqs "$WORK"/res/*-muster-"$r".json)
         rss_after_load
@@ -370,26 +376,10 @@ else
     # Each server loaded alone, the two of a comparison in adjacent runs, ABBA; a fresh set of
     # servers each round, the last round's kept for the latency runs (or, ONE_SET=1, one set
     # for all the rounds).
-    # up_alone N: servers (started in round N's order), warmed up and checked.
-    up_alone() {
-        start_servers "$1" "$WITH_ETCD"
-        log "round $1: servers up"
-        MU=http://127.0.0.1:$M_PORT RU=http://127.0.0.1:$REF_PORT EU=http://127.0.0.1:${E_PORT:-0}/v3/kv/range
-        [[ -n "${NATIVE_BYTES:-}" ]] || sizes "$MU" "$RU"
-        RSS0=$(rss_kb "$M_PID")
-        for u in "$MU" "$RU"; do
-            warm "$GET" "$u$NATIVE"
-            warm "$GET" "$u$CONSUL"
-        done
-        [[ -z "$WITH_ETCD" ]] || warm "$BENCH_DIR/lua/etcd_range.lua" "$EU"
-        check_pinned "$M_PID"
-        check_pinned "$REF_PID"
-        [[ -z "$WITH_ETCD" ]] || check_pinned "$E_PID"
-    }
     run_etcd() { [[ -z "$WITH_ETCD" ]] || alone etcd ref "$BENCH_DIR/lua/etcd_range.lua" "$EU" "$E_PID"; }
-    [[ -n "$FRESH" ]] || up_alone 1
+    [[ -n "$FRESH" ]] || up 1
     for r in $(seq "$ROUNDS"); do
-        [[ -z "$FRESH" ]] || up_alone "$r"
+        [[ -z "$FRESH" ]] || up "$r"
         if ((r % 2)); then
             run_etcd
             alone native muster "$GET" "$MU$NATIVE" "$M_PID"

@@ -166,18 +166,18 @@ pub(crate) static X_CONSUL_LAST_CONTACT: HeaderName =
 
 /// `X-Consul-Index` (never 0), `X-Consul-KnownLeader`, `X-Consul-LastContact`.
 pub fn meta_headers(index: u64) -> HeaderMap {
-    HeaderMap::from_iter(meta(index))
-}
-
-fn meta(index: u64) -> [(HeaderName, HeaderValue); 3] {
-    [
-        (X_CONSUL_INDEX.clone(), HeaderValue::from(index.max(1))),
+    HeaderMap::from_iter([
+        index_header(index),
         (
             X_CONSUL_KNOWN_LEADER.clone(),
             HeaderValue::from_static("true"),
         ),
         (X_CONSUL_LAST_CONTACT.clone(), HeaderValue::from_static("0")),
-    ]
+    ])
+}
+
+fn index_header(index: u64) -> (HeaderName, HeaderValue) {
+    (X_CONSUL_INDEX.clone(), HeaderValue::from(index.max(1)))
 }
 
 /// A JSON answer with the blocking-query headers.
@@ -185,9 +185,11 @@ pub fn json(index: u64, body: &serde_json::Value) -> Response {
     json_bytes(index, serde_json::to_vec(body).unwrap_or_default().into())
 }
 
-/// A JSON answer already rendered, with the blocking-query headers.
+/// A JSON answer already rendered, with the blocking-query headers: `X-Consul-Index` here;
+/// `X-Consul-KnownLeader` and `X-Consul-LastContact` are the edge's, which puts them on every
+/// Consul answer as things stand when it leaves ([`super::cluster::add_staleness`]).
 pub fn json_bytes(index: u64, body: axum::body::Bytes) -> Response {
-    super::json_answer(StatusCode::OK, body, meta(index))
+    super::json_answer(StatusCode::OK, body, [index_header(index)])
 }
 
 /// 200 with an empty body: what Consul's agent writes answer.
