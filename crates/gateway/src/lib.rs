@@ -25,6 +25,7 @@ pub mod routes;
 mod server;
 mod table;
 pub mod tags;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

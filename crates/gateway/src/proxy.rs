@@ -24,24 +24,19 @@ use crate::budget::RetryBudget;
 use crate::metric;
 use crate::routes::{Protocol, Sticky};
 use crate::table::{Backend, Route, Table};
+use crate::upstream::{self, SendError, UpstreamBody};
 
-/// The body of requests sent upstream and of answers sent back: streamed, or whole.
+/// The body of requests sent upstream: the client's, streamed, or kept whole for retries.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// The body of answers: an instance's, streamed, or the gateway's own.
+pub type AnswerBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// Request bodies up to this size are kept so that a retry can send them again; larger
 /// (or streamed without a length) bodies are sent once, never retried.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
-/// Headers that concern one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Idle keep-alive connections kept per instance.
+const MAX_IDLE_PER_INSTANCE: usize = 1024;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -49,12 +44,23 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the proxy knows about the connection a request came on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     /// The client.
     pub peer: SocketAddr,
     /// Whether it came over TLS.
     pub tls: bool,
+    /// The client's address as `X-Forwarded-For` gives it, made once per connection.
+    peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    /// A connection from `peer`.
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo { peer, tls, peer_ip }
+    }
 }
 
 /// Settings of the forwarding itself.
@@ -72,7 +78,7 @@ pub struct ProxySettings {
 #[derive(Debug)]
 pub struct Proxy {
     table: ArcSwap<Table>,
-    http1: Client<HttpConnector, ProxyBody>,
+    http1: Arc<upstream::Pool>,
     h2c: Client<HttpConnector, ProxyBody>,
     budget: RetryBudget,
     access_log: bool,
@@ -91,16 +97,18 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
+        let h2c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(1024)
-            .pool_timer(hyper_util::rt::TokioTimer::new());
-        let http1 = builder.build(connector.clone());
-        let h2c = builder.http2_only(true).build(connector);
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(true)
+            .build(connector);
         Proxy {
             table: ArcSwap::from_pointee(Table::default()),
-            http1,
+            http1: upstream::Pool::new(
+                settings.connect_timeout,
+                settings.pool_idle_timeout,
+                MAX_IDLE_PER_INSTANCE,
+            ),
             h2c,
             budget: RetryBudget::default(),
             access_log: settings.access_log,
@@ -124,8 +132,9 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+        conn: Arc<ConnInfo>,
+    ) -> Result<Response<AnswerBody>, Infallible> {
+        let conn = &*conn;
         let started = Instant::now();
         let request_id = req
             .headers()
@@ -187,9 +196,9 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         route: &Route,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         request_id: &HeaderValue,
-    ) -> (Response<ProxyBody>, Log) {
+    ) -> (Response<AnswerBody>, Log) {
         let started = Instant::now();
         let mut log = Log {
             on: self.access_log,
@@ -250,10 +259,10 @@ impl Proxy {
         mut req: Request<Incoming>,
         route: &Route,
         side: &Backend,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         request_id: &HeaderValue,
         log: &mut Log,
-    ) -> Response<ProxyBody> {
+    ) -> Response<AnswerBody> {
         self.budget.deposit();
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -305,7 +314,7 @@ impl Proxy {
             1
         };
         let mut tried: Vec<String> = Vec::new();
-        let mut last: Option<Response<ProxyBody>> = None;
+        let mut last: Option<Response<AnswerBody>> = None;
         for attempt in 0..attempts {
             if attempt > 0 {
                 if !self.budget.withdraw() {
@@ -354,11 +363,17 @@ impl Proxy {
                 log.instance = Some(picked.instance().id.clone());
                 log.upstream = Some(picked.authority().to_string());
             }
-            let client = match protocol {
-                Protocol::H2c => &self.h2c,
-                _ => &self.http1,
-            };
-            let sent = tokio::time::timeout(route.spec.timeout, client.request(upstream)).await;
+            let sent = tokio::time::timeout(route.spec.timeout, async {
+                match protocol {
+                    Protocol::H2c => match self.h2c.request(upstream).await {
+                        Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+                        Err(e) if e.is_connect() => Err(SendError::Connect(Box::new(e))),
+                        Err(e) => Err(SendError::Protocol(Box::new(e))),
+                    },
+                    _ => self.http1.send(picked.authority(), upstream).await,
+                }
+            })
+            .await;
             let can_retry = attempt + 1 < attempts;
             let failure = match sent {
                 Ok(Ok(mut resp)) => {
@@ -389,7 +404,7 @@ impl Proxy {
                     return response_from(resp);
                 }
                 Ok(Err(e)) => {
-                    let connect = e.is_connect();
+                    let connect = matches!(e, SendError::Connect(_));
                     metrics::counter!(metric::UPSTREAM_ERRORS, "kind" => if connect { "connect" } else { "protocol" }).increment(1);
                     tracing::debug!(route = %route.spec.name, upstream = %picked.authority(), error = ?e, "upstream request failed");
                     Refusal {
@@ -464,7 +479,7 @@ impl Proxy {
 }
 
 impl Refusal {
-    fn response(self) -> Response<ProxyBody> {
+    fn response(self) -> Response<AnswerBody> {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
         let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
         bytes.push(b'\n');
@@ -484,7 +499,7 @@ impl Refusal {
 
 /// The upstream's answer as the client's: the client's connection has its own version (an
 /// HTTP/1.0 upstream must not turn the client's HTTP/1.1 connection into 1.0).
-fn response_from(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn response_from(resp: Response<UpstreamBody>) -> Response<AnswerBody> {
     let mut resp = resp.map(Either::Left);
     *resp.version_mut() = Version::HTTP_11;
     resp
@@ -562,15 +577,42 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// Whether `name` is a header that concerns one connection, never forwarded (RFC 9110 §7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "trailer"
+            | "transfer-encoding"
+    )
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. Most messages
+/// have none but `Connection: keep-alive`, so the names are looked over once and only those
+/// present are removed.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let mut present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    if present.is_empty() {
+        return;
+    }
+    present.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+    );
+    for name in &present {
         headers.remove(name);
     }
 }
@@ -579,31 +621,41 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// upgrade), `TE: trailers` kept (gRPC needs it), forwarding headers added.
 fn prepare_headers(
     headers: &mut HeaderMap,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
     upgrade: bool,
 ) {
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| has_token(v, "trailers"));
-    let upgrade_to = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(headers);
-    headers.remove(header::TE);
-    headers.remove(header::UPGRADE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if headers
+        .keys()
+        .any(|n| n == header::TE || n == header::UPGRADE || is_hop_by_hop(n))
+    {
+        let te_trailers = headers
+            .get(header::TE)
+            .is_some_and(|v| has_token(v, "trailers"));
+        let upgrade_to = headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(headers);
+        headers.remove(header::TE);
+        headers.remove(header::UPGRADE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        if upgrade && let Some(to) = upgrade_to {
+            headers.insert(header::UPGRADE, to);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
     }
-    if upgrade && let Some(to) = upgrade_to {
-        headers.insert(header::UPGRADE, to);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    let peer = conn.peer.ip().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, {peer}"),
-        _ => peer,
+    let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prior) if !prior.is_empty() => {
+            let mut v = Vec::with_capacity(prior.len() + 2 + conn.peer_ip.len());
+            v.extend_from_slice(prior);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(conn.peer_ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => Some(conn.peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(
@@ -664,13 +716,21 @@ fn upstream_request(
     protocol: Protocol,
     body: ProxyBody,
 ) -> Result<Request<ProxyBody>, String> {
-    let mut uri = String::with_capacity(7 + picked.authority().len() + path_and_query.len());
-    uri.push_str("http://");
-    uri.push_str(picked.authority());
-    uri.push_str(path_and_query);
-    let uri = Uri::try_from(uri).map_err(|e| {
+    let h2 = protocol == Protocol::H2c;
+    // HTTP/1.1 connections are per instance, so the request line has the path alone; the
+    // HTTP/2 client picks its connection by the URI's authority.
+    let uri = if h2 {
+        let mut uri = String::with_capacity(7 + picked.authority().len() + path_and_query.len());
+        uri.push_str("http://");
+        uri.push_str(picked.authority());
+        uri.push_str(path_and_query);
+        Uri::try_from(uri)
+    } else {
+        Uri::try_from(path_and_query)
+    }
+    .map_err(|e| {
         format!(
-            "instance address {:?} is not usable: {e}",
+            "instance address {:?} and path {path_and_query:?} make no usable URI: {e}",
             picked.authority()
         )
     })?;
@@ -678,12 +738,11 @@ fn upstream_request(
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    *req.version_mut() = match protocol {
-        Protocol::H2c => {
-            req.headers_mut().remove(header::HOST);
-            Version::HTTP_2
-        }
-        _ => Version::HTTP_11,
+    *req.version_mut() = if h2 {
+        req.headers_mut().remove(header::HOST);
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
     };
     Ok(req)
 }
@@ -761,6 +820,8 @@ struct Log {
 }
 
 impl Log {
+    /// Writes the request's line to stdout: built in a buffer of the thread's, then written
+    /// whole (stdout is line-buffered, so a line in pieces would be scanned piece by piece).
     #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
@@ -768,30 +829,78 @@ impl Log {
         host: &str,
         path: &str,
         status: StatusCode,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         request_id: &HeaderValue,
         started: Instant,
     ) {
         use std::io::Write;
-        let line = serde_json::json!({
-            "time": humantime::format_rfc3339_millis(wall_clock()).to_string(),
-            "client": conn.peer.ip().to_string(),
-            "method": method.as_str(),
-            "host": host,
-            "path": path,
-            "status": status.as_u16(),
-            "route": self.route,
-            "service": self.service,
-            "instance": self.instance,
-            "upstream": self.upstream,
-            "subject": self.subject,
-            "retries": self.retries,
-            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-            "request_id": request_id.to_str().unwrap_or(""),
+        thread_local! {
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let took = started.elapsed();
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            self.render(line, method, host, path, status, conn, request_id, took);
+            let _ = std::io::stdout().lock().write_all(line);
+            // A rare huge line (a long path) does not keep its buffer.
+            if line.capacity() > 64 * 1024 {
+                *line = Vec::new();
+            }
         });
-        let mut out = std::io::stdout().lock();
-        let _ = serde_json::to_writer(&mut out, &line);
-        let _ = out.write_all(b"\n");
+    }
+
+    /// The JSON line, newline included.
+    #[allow(clippy::too_many_arguments)]
+    fn render(
+        &self,
+        out: &mut Vec<u8>,
+        method: &Method,
+        host: &str,
+        path: &str,
+        status: StatusCode,
+        conn: &ConnInfo,
+        request_id: &HeaderValue,
+        took: Duration,
+    ) {
+        use std::io::Write;
+        // serde_json escapes each string; the rest is numbers and fixed text.
+        fn string(out: &mut Vec<u8>, key: &str, value: Option<&str>) {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            match value {
+                Some(v) => {
+                    let _ = serde_json::to_writer(&mut *out, v);
+                }
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        let _ = write!(
+            out,
+            "{{\"time\":\"{}\"",
+            humantime::format_rfc3339_millis(wall_clock())
+        );
+        string(out, "client", Some(conn.peer_ip.to_str().unwrap_or("")));
+        string(out, "method", Some(method.as_str()));
+        string(out, "host", Some(host));
+        string(out, "path", Some(path));
+        let _ = write!(out, ",\"status\":{}", status.as_u16());
+        string(out, "route", self.route.as_deref());
+        string(out, "service", self.service.as_deref());
+        string(out, "instance", self.instance.as_deref());
+        string(out, "upstream", self.upstream.as_deref());
+        string(out, "subject", self.subject.as_deref());
+        // Milliseconds to the microsecond, written as integers (cheaper than a float).
+        let micros = took.as_micros();
+        let _ = write!(
+            out,
+            ",\"retries\":{},\"duration_ms\":{}.{:03}",
+            self.retries,
+            micros / 1000,
+            micros % 1000
+        );
+        string(out, "request_id", Some(request_id.to_str().unwrap_or("")));
+        out.extend_from_slice(b"}\n");
     }
 }
 
@@ -818,14 +927,11 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        let conn = ConnInfo {
-            peer: "10.0.0.7:5555".parse().unwrap(),
-            tls: false,
-        };
+        let conn = ConnInfo::new("10.0.0.7:5555".parse().unwrap(), false);
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         prepare_headers(
             &mut h,
-            conn,
+            &conn,
             Some(&HeaderValue::from_static("shop")),
             &HeaderValue::from_static("id1"),
             false,
@@ -849,5 +955,48 @@ mod tests {
         );
         assert_eq!(cookie(&h, "canary"), Some("xyz"));
         assert_eq!(cookie(&h, "c"), None);
+    }
+
+    #[test]
+    fn an_access_log_line_is_one_json_object_with_every_field() {
+        let log = Log {
+            on: true,
+            route: Some("shop \"main\"".into()),
+            service: Some("web".into()),
+            instance: None,
+            upstream: Some("10.0.0.1:80".into()),
+            subject: Some("tab\there".into()),
+            retries: 1,
+        };
+        let mut out = Vec::new();
+        log.render(
+            &mut out,
+            &Method::POST,
+            "shop.example.com",
+            "/a\u{e9}/b",
+            StatusCode::BAD_GATEWAY,
+            &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
+            &HeaderValue::from_static("rid-1"),
+            Duration::from_micros(1500),
+        );
+        assert_eq!(out.last(), Some(&b'\n'));
+        assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let time = line["time"].as_str().unwrap();
+        assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
+        assert_eq!(line["client"], "::1");
+        assert_eq!(line["method"], "POST");
+        assert_eq!(line["host"], "shop.example.com");
+        assert_eq!(line["path"], "/a\u{e9}/b");
+        assert_eq!(line["status"], 502);
+        assert_eq!(line["route"], "shop \"main\"");
+        assert_eq!(line["service"], "web");
+        assert!(line["instance"].is_null());
+        assert_eq!(line["upstream"], "10.0.0.1:80");
+        assert_eq!(line["subject"], "tab\there");
+        assert_eq!(line["retries"], 1);
+        assert_eq!(line["duration_ms"], 1.5);
+        assert_eq!(line["request_id"], "rid-1");
+        assert_eq!(line.as_object().unwrap().len(), 14);
     }
 }

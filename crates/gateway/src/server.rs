@@ -104,7 +104,7 @@ pub(crate) async fn accept(listener: TcpListener, shared: Arc<Shared>) {
 async fn connection(stream: TcpStream, peer: std::net::SocketAddr, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     match &shared.certs {
-        None => serve(stream, ConnInfo { peer, tls: false }, shared).await,
+        None => serve(stream, ConnInfo::new(peer, false), shared).await,
         Some(certs) => {
             let acceptor = certs.acceptor();
             let handshake = tokio::select! {
@@ -112,7 +112,7 @@ async fn connection(stream: TcpStream, peer: std::net::SocketAddr, shared: &Shar
                 h = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => h,
             };
             match handshake {
-                Ok(Ok(tls)) => serve(tls, ConnInfo { peer, tls: true }, shared).await,
+                Ok(Ok(tls)) => serve(tls, ConnInfo::new(peer, true), shared).await,
                 Ok(Err(e)) => {
                     metrics::counter!(metric::TLS_HANDSHAKE_ERRORS).increment(1);
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -131,9 +131,10 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let proxy = shared.proxy.clone();
+    let info_peer = info.peer;
+    let info = std::sync::Arc::new(info);
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-        let proxy = proxy.clone();
-        async move { proxy.handle(req, info).await }
+        proxy.clone().handle(req, info.clone())
     });
     let conn = shared
         .http
@@ -150,6 +151,6 @@ where
         }
     };
     if let Err(e) = result {
-        tracing::debug!(peer = %info.peer, error = %e, "connection ended");
+        tracing::debug!(peer = %info_peer, error = %e, "connection ended");
     }
 }

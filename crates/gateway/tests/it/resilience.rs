@@ -265,3 +265,117 @@ async fn shutdown_refuses_new_connections_and_lets_a_request_in_flight_finish() 
         .expect("shutdown ends once the request is answered")
         .expect("shutdown task");
 }
+
+/// A raw HTTP/1.1 upstream that answers every request with 200 and keeps the connection,
+/// unless told to close each connection right after its first answer (as an instance whose
+/// keep-alive timeout ran out does). Counts the connections it accepted and closed.
+struct RawUpstream {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawUpstream {
+    async fn start(close_after_answer: bool) -> RawUpstream {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (acc, clo) = (accepted.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                let clo = clo.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // Requests without bodies: one ends at its blank line.
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => {
+                                    clo.fetch_add(1, Ordering::SeqCst);
+                                    return;
+                                }
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() || close_after_answer {
+                            drop(stream);
+                            clo.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream {
+            port,
+            accepted,
+            closed,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn requests_one_after_another_reuse_one_upstream_connection() {
+    let agent = TestAgent::start().await;
+    let up = RawUpstream::start(false).await;
+    agent.register("web", "raw", up.port, json!({})).await;
+    let gw = Gw::start(&agent, Some(&route("reuse", "retries = 0"))).await;
+    instances(&gw, "reuse", 1).await;
+    for i in 0..20 {
+        let a = gw.get(&format!("/n/{i}")).await;
+        assert_eq!(a.status, 200, "request {i}: {a:?}");
+    }
+    assert_eq!(
+        up.accepted(),
+        1,
+        "one keep-alive connection for 20 sequential requests"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_the_instance_closed_while_idle_is_not_used_again() {
+    let agent = TestAgent::start().await;
+    let up = RawUpstream::start(true).await;
+    agent.register("web", "raw", up.port, json!({})).await;
+    // No retries: a request sent on a dead pooled connection would fail, not be hidden.
+    let gw = Gw::start(&agent, Some(&route("closing", "retries = 0"))).await;
+    instances(&gw, "closing", 1).await;
+    for i in 0..10 {
+        let a = gw.get(&format!("/n/{i}")).await;
+        assert_eq!(a.status, 200, "request {i}: {a:?}");
+        // The instance has closed the connection the answer came on; the next request
+        // must go on a new one.
+        until(WITHIN, "the instance closes the connection", async || {
+            up.closed() == i + 1
+        })
+        .await;
+    }
+    assert_eq!(up.accepted(), 10);
+}
