@@ -17,6 +17,9 @@ pub(crate) struct Event {
     pub data: String,
 }
 
+/// A line buffer up to this size is kept for the next line; a larger one is freed.
+const KEEP_LINE_CAPACITY: usize = 64 * 1024;
+
 /// An incremental parser. Lines longer than `max_line` make [`Parser::feed`] fail, so a
 /// broken or hostile peer cannot make the client buffer without bound.
 #[derive(Debug)]
@@ -73,8 +76,13 @@ impl Parser {
             self.push_bytes(&rest[..end])?;
             let line = std::mem::take(&mut self.line);
             self.line_done(&line, out);
-            self.line = line;
-            self.line.clear();
+            // The buffer is kept for the next line, unless a large event (a snapshot of
+            // the whole catalog) grew it: then its memory goes back instead of staying
+            // held for the stream's life.
+            if line.capacity() <= KEEP_LINE_CAPACITY {
+                self.line = line;
+                self.line.clear();
+            }
             if rest[end] == b'\r' {
                 match rest.get(end + 1) {
                     Some(b'\n') => rest = &rest[end + 2..],
@@ -229,5 +237,25 @@ mod tests {
             Err(ParseError::LineTooLong(8)),
             "the limit holds across chunks"
         );
+    }
+
+    #[test]
+    fn the_buffer_a_large_event_grew_is_not_kept() {
+        let mut p = Parser::new(1 << 20);
+        let mut out = Vec::new();
+        let big = format!("data: {}\n\n", "x".repeat(200 * 1024));
+        // In pieces, as a network delivers it.
+        for piece in big.as_bytes().chunks(16 * 1024) {
+            p.feed(piece, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].data.len(), 200 * 1024);
+        assert!(
+            p.line.capacity() <= KEEP_LINE_CAPACITY,
+            "{}",
+            p.line.capacity()
+        );
+        p.feed(b"data: small\n\n", &mut out).unwrap();
+        assert_eq!(out[1].data, "small");
     }
 }

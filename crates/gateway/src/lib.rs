@@ -351,16 +351,36 @@ impl Gateway {
     }
 }
 
+/// How long after a table build the allocator is nudged: past mimalloc's purge delay (1 s).
+const NUDGE_AFTER: Duration = Duration::from_millis(1500);
+
+/// Makes the allocator give back the memory a table build freed. mimalloc returns pages
+/// left empty by frees a second after they emptied, but only at its next release of a page;
+/// a gateway that is idle after a build releases none, and the old table's memory (about a
+/// third of an idle gateway's RSS with 1,000 routes) would stay resident. Allocating and
+/// freeing one large block is such a release. With another allocator this is only a brief
+/// untouched 1 MiB allocation.
+fn nudge_allocator() {
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
+}
+
 /// Rebuilds the table on every new catalog snapshot.
 async fn follow(
     state: Arc<State>,
     mut rx: tokio::sync::watch::Receiver<Arc<muster_client::CatalogSnapshot>>,
     stop: CancellationToken,
 ) {
+    // When to nudge the allocator after the last build (see `nudge_allocator`).
+    let mut nudge_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             changed = rx.changed() => if changed.is_err() { return },
+            () = async { tokio::time::sleep_until(nudge_at.unwrap_or_else(tokio::time::Instant::now)).await }, if nudge_at.is_some() => {
+                nudge_at = None;
+                nudge_allocator();
+                continue;
+            }
         }
         // Snapshots that arrived while building are folded into the next build.
         rx.borrow_and_update();
@@ -373,5 +393,6 @@ async fn follow(
         {
             tracing::error!("building the routing table failed; the previous table stays");
         }
+        nudge_at = Some(tokio::time::Instant::now() + NUDGE_AFTER);
     }
 }

@@ -1,5 +1,6 @@
 //! The gateway's metric names, and the per-side handles a request updates without a lookup.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -106,36 +107,60 @@ pub fn describe() {
     metrics::gauge!(UPGRADED).set(0.0);
 }
 
-/// One route side's handles, made when the table is built.
+/// One route side's handles. They are registered with the recorder at the side's first
+/// answer, so that a table of a thousand routes no request has taken yet holds no series.
 #[derive(Debug)]
 pub struct SideMetrics {
+    route: String,
+    service: String,
+    handles: OnceLock<SideHandles>,
+}
+
+#[derive(Debug)]
+struct SideHandles {
     by_class: [Counter; 5],
     duration: Histogram,
-    /// Retries.
-    pub retries: Counter,
+    retries: Counter,
 }
 
 impl SideMetrics {
     /// Handles for `route` to `service`.
     pub fn new(route: &str, service: &str) -> SideMetrics {
-        let class = |c: &'static str| metrics::counter!(REQUESTS, "route" => route.to_string(), "service" => service.to_string(), "class" => c);
         SideMetrics {
-            by_class: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            duration: metrics::histogram!(REQUEST_SECONDS, "route" => route.to_string()),
-            retries: metrics::counter!(RETRIES, "route" => route.to_string()),
+            route: route.to_string(),
+            service: service.to_string(),
+            handles: OnceLock::new(),
         }
+    }
+
+    fn handles(&self) -> &SideHandles {
+        self.handles.get_or_init(|| {
+            let (route, service) = (&self.route, &self.service);
+            let class = |c: &'static str| metrics::counter!(REQUESTS, "route" => route.clone(), "service" => service.clone(), "class" => c);
+            SideHandles {
+                by_class: [
+                    class("1xx"),
+                    class("2xx"),
+                    class("3xx"),
+                    class("4xx"),
+                    class("5xx"),
+                ],
+                duration: metrics::histogram!(REQUEST_SECONDS, "route" => route.clone()),
+                retries: metrics::counter!(RETRIES, "route" => route.clone()),
+            }
+        })
     }
 
     /// Counts an answer.
     pub fn observe(&self, status: StatusCode, took: Duration) {
+        let handles = self.handles();
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.by_class[class].increment(1);
-        self.duration.record(took.as_secs_f64());
+        handles.by_class[class].increment(1);
+        handles.duration.record(took.as_secs_f64());
+    }
+
+    /// Counts a retry.
+    pub fn retried(&self) {
+        self.handles().retries.increment(1);
     }
 }

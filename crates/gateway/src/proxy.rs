@@ -321,7 +321,7 @@ impl Proxy {
                     metrics::counter!(metric::RETRIES_REFUSED).increment(1);
                     break;
                 }
-                side.metrics.retries.increment(1);
+                side.metrics.retried();
                 log.retries += 1;
             }
             let avoid: Vec<&str> = tried.iter().map(String::as_str).collect();

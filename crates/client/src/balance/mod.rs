@@ -23,7 +23,7 @@ mod zone;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -253,12 +253,37 @@ struct Shared {
     slow_start_ns: u64,
     decay_ns: f64,
     default_rtt_ns: f64,
-    // Created once: a pick must not build labels.
-    picks_success: Counter,
-    picks_failure: Counter,
-    picks_cancelled: Counter,
-    picks_none: Counter,
-    ejections: Counter,
+    // Registered at the first pick (a balancer never picked from, one of a gateway's
+    // thousand idle routes, holds no series), then kept: a pick must not build labels.
+    picks: OnceLock<Picks>,
+    ejections: OnceLock<Counter>,
+}
+
+/// The pick counters of one service, by outcome.
+struct Picks {
+    success: Counter,
+    failure: Counter,
+    cancelled: Counter,
+    none: Counter,
+}
+
+impl Shared {
+    fn picks(&self) -> &Picks {
+        self.picks.get_or_init(|| {
+            let picks = |outcome: &'static str| metrics::counter!(metric::PICKS, "service" => self.service.clone(), "outcome" => outcome);
+            Picks {
+                success: picks("success"),
+                failure: picks("failure"),
+                cancelled: picks("cancelled"),
+                none: picks("no_endpoints"),
+            }
+        })
+    }
+
+    fn ejections(&self) -> &Counter {
+        self.ejections
+            .get_or_init(|| metrics::counter!(metric::EJECTIONS, "service" => self.service.clone()))
+    }
 }
 
 #[derive(Default)]
@@ -288,7 +313,6 @@ impl Balancer {
             Policy::PeakEwma { decay, default_rtt } => (decay, default_rtt),
             _ => (Duration::from_secs(10), Duration::from_millis(1)),
         };
-        let picks = |outcome: &'static str| metrics::counter!(metric::PICKS, "service" => service.to_string(), "outcome" => outcome);
         Balancer {
             shared: Arc::new(Shared {
                 service: service.to_string(),
@@ -300,11 +324,8 @@ impl Balancer {
                 default_rtt_ns: duration_ns(default_rtt) as f64,
                 set: ArcSwap::from_pointee(Set::default()),
                 inputs: Mutex::new(RebuildInputs::default()),
-                picks_success: picks("success"),
-                picks_failure: picks("failure"),
-                picks_cancelled: picks("cancelled"),
-                picks_none: picks("no_endpoints"),
-                ejections: metrics::counter!(metric::EJECTIONS, "service" => service.to_string()),
+                picks: OnceLock::new(),
+                ejections: OnceLock::new(),
                 config,
             }),
         }
@@ -440,7 +461,7 @@ impl Balancer {
             }
         }
         let Some(i) = chosen else {
-            sh.picks_none.increment(1);
+            sh.picks().none.increment(1);
             return Err(Error::NoEndpoints {
                 service: sh.service.clone(),
             });
@@ -532,12 +553,12 @@ impl Shared {
         let rtt = duration_ns(latency) as f64;
         match outcome {
             Outcome::Success => {
-                self.picks_success.increment(1);
+                self.picks().success.increment(1);
                 c.failures.store(0, Relaxed);
                 c.observe(rtt, now, self.decay_ns);
             }
             Outcome::Failure => {
-                self.picks_failure.increment(1);
+                self.picks().failure.increment(1);
                 c.observe_peak(rtt, now);
                 let failures = c.failures.fetch_add(1, Relaxed).saturating_add(1);
                 if failures >= self.config.outlier.consecutive_failures && !c.is_ejected() {
@@ -568,7 +589,7 @@ impl Shared {
             return;
         }
         let length = outlier::eject(c, &self.config.outlier, now);
-        self.ejections.increment(1);
+        self.ejections().increment(1);
         tracing::warn!(
             service = %self.service,
             instance = %endpoint.instance.id,
@@ -637,7 +658,7 @@ impl Drop for Picked {
     fn drop(&mut self) {
         if !self.reported {
             self.endpoint.counters.in_flight.fetch_sub(1, Relaxed);
-            self.shared.picks_cancelled.increment(1);
+            self.shared.picks().cancelled.increment(1);
         }
     }
 }
