@@ -135,7 +135,8 @@ impl Proxy {
         conn: Arc<ConnInfo>,
     ) -> Result<Response<AnswerBody>, Infallible> {
         let conn = &*conn;
-        let started = Instant::now();
+        // The access log's duration (the metrics' is the route's own).
+        let started = self.access_log.then(Instant::now);
         let request_id = req
             .headers()
             .get(&X_REQUEST_ID)
@@ -177,7 +178,7 @@ impl Proxy {
         };
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.clone());
-        if let Some((method, host, path)) = logged {
+        if let (Some((method, host, path)), Some(started)) = (logged, started) {
             log.write(
                 &method,
                 &host,
@@ -577,43 +578,60 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
+/// The headers `is_hop_by_hop` names, in the order of `hop_by_hop_bit`.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// `name`'s bit among `HOP_BY_HOP`, or 0.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    match name.as_str() {
+        "connection" => 1,
+        "keep-alive" => 1 << 1,
+        "proxy-connection" => 1 << 2,
+        "proxy-authenticate" => 1 << 3,
+        "proxy-authorization" => 1 << 4,
+        "trailer" => 1 << 5,
+        "transfer-encoding" => 1 << 6,
+        _ => 0,
+    }
+}
+
 /// Whether `name` is a header that concerns one connection, never forwarded (RFC 9110 §7.6.1).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "trailer"
-            | "transfer-encoding"
-    )
+    hop_by_hop_bit(name) != 0
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names. Most messages
 /// have none but `Connection: keep-alive`, so the names are looked over once and only those
 /// present are removed.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
-    if present.is_empty() {
+    let present = headers.keys().fold(0u8, |bits, n| bits | hop_by_hop_bit(n));
+    if present == 0 {
         return;
     }
-    present.extend(
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
-    );
-    for name in &present {
+    // Other headers the Connection header names (`close` and `keep-alive` are not ones).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in &named {
         headers.remove(name);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -925,6 +943,11 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eDp5"),
+        );
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         let conn = ConnInfo::new("10.0.0.7:5555".parse().unwrap(), false);
@@ -938,6 +961,8 @@ mod tests {
         );
         assert!(h.get("x-secret").is_none());
         assert!(h.get("keep-alive").is_none());
+        assert!(h.get("proxy-authorization").is_none());
+        assert!(h.get(header::TRAILER).is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get("x-kept").unwrap(), "1");
         assert_eq!(h.get(header::TE).unwrap(), "trailers");

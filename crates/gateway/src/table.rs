@@ -77,13 +77,14 @@ impl Route {
     }
 }
 
-/// Routes by path prefix; each list in the order to try.
-type Prefixes = HashMap<Box<str>, Vec<Arc<Route>>>;
+/// Routes by path prefix; each list in the order to try. (foldhash: a request looks up one
+/// prefix per path segment, and the keys come from the operator, not from clients.)
+type Prefixes = HashMap<Box<str>, Vec<Arc<Route>>, foldhash::fast::RandomState>;
 
 /// An immutable routing table.
 #[derive(Debug, Default)]
 pub struct Table {
-    exact: HashMap<Box<str>, Prefixes>,
+    exact: HashMap<Box<str>, Prefixes, foldhash::fast::RandomState>,
     /// `(".example.com", routes)`, longest suffix first.
     wildcard: Vec<(Box<str>, Prefixes)>,
     any: Prefixes,
