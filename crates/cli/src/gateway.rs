@@ -36,6 +36,9 @@ pub fn main(
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = builder
+        // Table builds run on the blocking pool. A thread that ends gives its allocator heap
+        // back; one kept for tokio's default 10 s holds the garbage of the build it made.
+        .thread_keep_alive(std::time::Duration::from_millis(200))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -351,8 +351,10 @@ impl Gateway {
     }
 }
 
-/// How long after a table build the allocator is nudged: past mimalloc's purge delay (1 s).
-const NUDGE_AFTER: Duration = Duration::from_millis(1500);
+/// How long after a table build the allocator is nudged: past mimalloc's purge delay (1 s)
+/// after the build's blocking thread has ended (the `muster gateway` runtime keeps idle
+/// blocking threads for 200 ms).
+const NUDGE_AFTER: Duration = Duration::from_secs(2);
 
 /// Makes the allocator give back the memory a table build freed. mimalloc returns pages
 /// left empty by frees a second after they emptied, but only at its next release of a page;
