@@ -299,7 +299,7 @@ RSS_PID=$GATEWAY_PID
 until_eq 30 yes caught_up "$RSS_ADMIN"
 [[ "$(routes_count "$RSS_ADMIN")" == "$ROUTES_WANT" ]] || die "the fresh gateway holds $(routes_count "$RSS_ADMIN") routes, not $ROUTES_WANT"
 curl -fsS -o /dev/null "http://127.0.0.1:$RSS_PORT$PATH_200"
-# Idle: past the allocator nudge the gateway makes 2 s after its last table build.
+# Idle: past the allocator nudge the gateway makes every 2 s (and mimalloc's 1 s purge delay).
 sleep 3
 RSS_IDLE=$(rss_kb "$RSS_PID")
 spawn hold taskset -c "$LOAD_CPU" python3 "$DRIVER" hold --port "$RSS_PORT" --conns "$IDLE_CONNS" --path "$PATH_200"

@@ -247,6 +247,7 @@ impl Gateway {
         state.rebuild();
         let stop_follow = CancellationToken::new();
         tokio::spawn(follow(state.clone(), changes, stop_follow.clone()));
+        tokio::spawn(nudge_allocator(stop_follow.clone()));
         let shared = Arc::new(server::Shared {
             proxy,
             certs,
@@ -351,19 +352,24 @@ impl Gateway {
     }
 }
 
-/// How long after a table build the allocator is nudged: past mimalloc's purge delay (1 s)
-/// after the build's blocking thread has ended (the `muster gateway` runtime keeps idle
-/// blocking threads for 200 ms).
-const NUDGE_AFTER: Duration = Duration::from_secs(2);
+/// How often the allocator is nudged: twice mimalloc's purge delay (1 s).
+const NUDGE_EVERY: Duration = Duration::from_secs(2);
 
-/// Makes the allocator give back the memory a table build freed. mimalloc returns pages
-/// left empty by frees a second after they emptied, but only at its next release of a page;
-/// a gateway that is idle after a build releases none, and the old table's memory (about a
-/// third of an idle gateway's RSS with 1,000 routes) would stay resident. Allocating and
-/// freeing one large block is such a release. With another allocator this is only a brief
-/// untouched 1 MiB allocation.
-fn nudge_allocator() {
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
+/// Makes the allocator give back memory freed since the last nudge. mimalloc returns pages
+/// that frees left empty a second after they emptied, but only at its next release of a
+/// page, which an idle gateway never makes: a table build's garbage (about a third of an idle
+/// gateway's RSS with 1,000 routes) or a large admin answer's would stay resident.
+/// Allocating and freeing one large block is such a release. With another allocator this is
+/// only a brief, untouched 1 MiB allocation every two seconds.
+async fn nudge_allocator(stop: CancellationToken) {
+    let mut every = tokio::time::interval(NUDGE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20))),
+        }
+    }
 }
 
 /// Rebuilds the table on every new catalog snapshot.
@@ -372,17 +378,10 @@ async fn follow(
     mut rx: tokio::sync::watch::Receiver<Arc<muster_client::CatalogSnapshot>>,
     stop: CancellationToken,
 ) {
-    // When to nudge the allocator after the last build (see `nudge_allocator`).
-    let mut nudge_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             changed = rx.changed() => if changed.is_err() { return },
-            () = async { tokio::time::sleep_until(nudge_at.unwrap_or_else(tokio::time::Instant::now)).await }, if nudge_at.is_some() => {
-                nudge_at = None;
-                nudge_allocator();
-                continue;
-            }
         }
         // Snapshots that arrived while building are folded into the next build.
         rx.borrow_and_update();
@@ -395,6 +394,5 @@ async fn follow(
         {
             tracing::error!("building the routing table failed; the previous table stays");
         }
-        nudge_at = Some(tokio::time::Instant::now() + NUDGE_AFTER);
     }
 }
