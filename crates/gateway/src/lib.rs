@@ -73,6 +73,8 @@ pub struct GatewayConfig {
     pub drain_timeout: Duration,
     /// Connecting to an instance may take this long.
     pub connect_timeout: Duration,
+    /// Keep-alive connections to instances idle this long are closed.
+    pub upstream_idle_timeout: Duration,
     /// Connection limits.
     pub limits: Limits,
 }
@@ -92,6 +94,7 @@ impl GatewayConfig {
             access_log: false,
             drain_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
+            upstream_idle_timeout: Duration::from_secs(90),
             limits: Limits {
                 header_read_timeout: Duration::from_secs(60),
                 max_header_bytes: 64 * 1024,
@@ -223,7 +226,7 @@ impl Gateway {
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
         let proxy = Arc::new(proxy::Proxy::new(&proxy::ProxySettings {
             connect_timeout: config.connect_timeout,
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: config.upstream_idle_timeout,
             access_log: config.access_log,
         }));
         let balance = BalanceConfig {
@@ -248,6 +251,11 @@ impl Gateway {
         let stop_follow = CancellationToken::new();
         tokio::spawn(follow(state.clone(), changes, stop_follow.clone()));
         tokio::spawn(nudge_allocator(stop_follow.clone()));
+        tokio::spawn(close_idle_upstreams(
+            proxy.clone(),
+            config.upstream_idle_timeout,
+            stop_follow.clone(),
+        ));
         let shared = Arc::new(server::Shared {
             proxy,
             certs,
@@ -368,6 +376,23 @@ async fn nudge_allocator(stop: CancellationToken) {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = every.tick() => drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20))),
+        }
+    }
+}
+
+/// Closes keep-alive connections to instances once they have been idle for `timeout`, also
+/// when no request comes to take or return one.
+async fn close_idle_upstreams(
+    proxy: Arc<proxy::Proxy>,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => proxy.close_idle_upstreams(),
         }
     }
 }

@@ -115,6 +115,11 @@ impl Proxy {
         }
     }
 
+    /// Closes the keep-alive connections to instances idle past the timeout.
+    pub fn close_idle_upstreams(&self) {
+        self.http1.close_idle();
+    }
+
     /// The table requests are routed by.
     pub fn table(&self) -> Arc<Table> {
         self.table.load_full()

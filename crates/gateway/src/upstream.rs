@@ -53,8 +53,6 @@ struct Idle {
 #[derive(Default)]
 struct Idles {
     by_authority: HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>,
-    /// When expired connections were last dropped from every list.
-    swept: Option<Instant>,
 }
 
 /// Keep-alive HTTP/1.1 connections to instances, by `address:port`.
@@ -162,6 +160,17 @@ impl Pool {
         found
     }
 
+    /// Closes the connections idle past the timeout (dropping a sender closes its
+    /// connection), and forgets those the instances closed.
+    pub fn close_idle(&self) {
+        let now = Instant::now();
+        let timeout = self.idle_timeout;
+        self.lock().by_authority.retain(|_, list| {
+            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+            !list.is_empty()
+        });
+    }
+
     /// Returns a connection whose answer was read to its end.
     fn put(&self, authority: Box<str>, sender: http1::SendRequest<ProxyBody>) {
         if sender.is_closed() {
@@ -169,19 +178,6 @@ impl Pool {
         }
         let now = Instant::now();
         let mut idle = self.lock();
-        // Connections idle past the timeout are closed once per timeout, for every instance:
-        // also those of instances no request goes to any more.
-        if idle
-            .swept
-            .is_none_or(|t| now.duration_since(t) >= self.idle_timeout)
-        {
-            idle.swept = Some(now);
-            let timeout = self.idle_timeout;
-            idle.by_authority.retain(|_, list| {
-                list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
-                !list.is_empty()
-            });
-        }
         let list = idle.by_authority.entry(authority).or_default();
         if list.len() < self.max_idle_per_authority {
             list.push(Idle { sender, since: now });

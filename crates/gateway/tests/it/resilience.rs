@@ -379,3 +379,30 @@ async fn a_connection_the_instance_closed_while_idle_is_not_used_again() {
     }
     assert_eq!(up.accepted(), 10);
 }
+
+#[tokio::test]
+async fn an_upstream_connection_idle_past_the_timeout_is_closed() {
+    let agent = TestAgent::start().await;
+    let up = RawUpstream::start(false).await;
+    agent.register("web", "raw", up.port, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        crate::support::config(agent.url(), dir.path(), Some(&route("idle", "retries = 0")));
+    config.upstream_idle_timeout = std::time::Duration::from_millis(200);
+    let gw = Gw::start_with(config, dir).await;
+    instances(&gw, "idle", 1).await;
+    assert_eq!(gw.get("/a").await.status, 200);
+    // No request comes to return or take a connection: the gateway closes it on its own.
+    until(
+        WITHIN,
+        "the idle upstream connection is closed",
+        async || up.closed() == 1,
+    )
+    .await;
+    assert_eq!(gw.get("/b").await.status, 200);
+    assert_eq!(
+        up.accepted(),
+        2,
+        "the second request needed a new connection"
+    );
+}
