@@ -250,11 +250,13 @@ impl Gateway {
         state.rebuild();
         let stop_follow = CancellationToken::new();
         tokio::spawn(follow(state.clone(), changes, stop_follow.clone()));
-        tokio::spawn(nudge_allocator(stop_follow.clone()));
-        tokio::spawn(close_idle_upstreams(
-            proxy.clone(),
-            config.upstream_idle_timeout,
+        tokio::spawn(every(NUDGE_EVERY, stop_follow.clone(), nudge_allocator));
+        let idle = proxy.clone();
+        tokio::spawn(every(
+            (config.upstream_idle_timeout / 4).max(Duration::from_millis(50)),
             stop_follow.clone(),
+            // Also when no request comes to take or return a connection.
+            move || idle.close_idle_upstreams(),
         ));
         let shared = Arc::new(server::Shared {
             proxy,
@@ -369,30 +371,18 @@ const NUDGE_EVERY: Duration = Duration::from_secs(2);
 /// gateway's RSS with 1,000 routes) or a large admin answer's would stay resident.
 /// Allocating and freeing one large block is such a release. With another allocator this is
 /// only a brief, untouched 1 MiB allocation every two seconds.
-async fn nudge_allocator(stop: CancellationToken) {
-    let mut every = tokio::time::interval(NUDGE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = every.tick() => drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20))),
-        }
-    }
+fn nudge_allocator() {
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
 }
 
-/// Closes keep-alive connections to instances once they have been idle for `timeout`, also
-/// when no request comes to take or return one.
-async fn close_idle_upstreams(
-    proxy: Arc<proxy::Proxy>,
-    timeout: Duration,
-    stop: CancellationToken,
-) {
-    let mut every = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Runs `chore` every `period` until `stop`.
+async fn every(period: Duration, stop: CancellationToken, mut chore: impl FnMut()) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = every.tick() => proxy.close_idle_upstreams(),
+            _ = ticks.tick() => chore(),
         }
     }
 }

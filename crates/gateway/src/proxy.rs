@@ -140,8 +140,6 @@ impl Proxy {
         conn: Arc<ConnInfo>,
     ) -> Result<Response<AnswerBody>, Infallible> {
         let conn = &*conn;
-        // The access log's duration (the metrics' is the route's own).
-        let started = self.access_log.then(Instant::now);
         let request_id = req
             .headers()
             .get(&X_REQUEST_ID)
@@ -150,12 +148,11 @@ impl Proxy {
             .unwrap_or_else(new_request_id);
         // What the access log needs of the request, taken before the request moves on (and
         // only when there is a log: the hot path allocates as little as it can).
-        let logged = self.access_log.then(|| {
-            (
-                req.method().clone(),
-                request_host(&req).into_owned(),
-                req.uri().path().to_string(),
-            )
+        let asked = self.access_log.then(|| Asked {
+            method: req.method().clone(),
+            host: request_host(&req).into_owned(),
+            path: req.uri().path().to_string(),
+            started: Instant::now(),
         });
         let route = {
             let host = request_host(&req);
@@ -183,16 +180,8 @@ impl Proxy {
         };
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.clone());
-        if let (Some((method, host, path)), Some(started)) = (logged, started) {
-            log.write(
-                &method,
-                &host,
-                &path,
-                resp.status(),
-                conn,
-                &request_id,
-                started,
-            );
+        if let Some(asked) = asked {
+            log.write(&asked, resp.status(), conn, &request_id);
         }
         Ok(resp)
     }
@@ -842,28 +831,26 @@ struct Log {
     retries: u32,
 }
 
+/// What the access log takes of a request before it moves on.
+struct Asked {
+    method: Method,
+    host: String,
+    path: String,
+    started: Instant,
+}
+
 impl Log {
     /// Writes the request's line to stdout: built in a buffer of the thread's, then written
     /// whole (stdout is line-buffered, so a line in pieces would be scanned piece by piece).
-    #[allow(clippy::too_many_arguments)]
-    fn write(
-        &self,
-        method: &Method,
-        host: &str,
-        path: &str,
-        status: StatusCode,
-        conn: &ConnInfo,
-        request_id: &HeaderValue,
-        started: Instant,
-    ) {
+    fn write(&self, asked: &Asked, status: StatusCode, conn: &ConnInfo, request_id: &HeaderValue) {
         use std::io::Write;
         thread_local! {
             static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let took = started.elapsed();
+        let took = asked.started.elapsed();
         LINE.with_borrow_mut(|line| {
             line.clear();
-            self.render(line, method, host, path, status, conn, request_id, took);
+            self.render(line, asked, status, conn, request_id, took);
             let _ = std::io::stdout().lock().write_all(line);
             // A rare huge line (a long path) does not keep its buffer.
             if line.capacity() > 64 * 1024 {
@@ -873,13 +860,10 @@ impl Log {
     }
 
     /// The JSON line, newline included.
-    #[allow(clippy::too_many_arguments)]
     fn render(
         &self,
         out: &mut Vec<u8>,
-        method: &Method,
-        host: &str,
-        path: &str,
+        asked: &Asked,
         status: StatusCode,
         conn: &ConnInfo,
         request_id: &HeaderValue,
@@ -904,9 +888,9 @@ impl Log {
             humantime::format_rfc3339_millis(wall_clock())
         );
         string(out, "client", Some(conn.peer_ip.to_str().unwrap_or("")));
-        string(out, "method", Some(method.as_str()));
-        string(out, "host", Some(host));
-        string(out, "path", Some(path));
+        string(out, "method", Some(asked.method.as_str()));
+        string(out, "host", Some(&asked.host));
+        string(out, "path", Some(&asked.path));
         let _ = write!(out, ",\"status\":{}", status.as_u16());
         string(out, "route", self.route.as_deref());
         string(out, "service", self.service.as_deref());
@@ -999,11 +983,15 @@ mod tests {
             retries: 1,
         };
         let mut out = Vec::new();
+        let asked = Asked {
+            method: Method::POST,
+            host: "shop.example.com".into(),
+            path: "/a\u{e9}/b".into(),
+            started: Instant::now(),
+        };
         log.render(
             &mut out,
-            &Method::POST,
-            "shop.example.com",
-            "/a\u{e9}/b",
+            &asked,
             StatusCode::BAD_GATEWAY,
             &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
             &HeaderValue::from_static("rid-1"),

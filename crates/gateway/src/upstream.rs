@@ -50,6 +50,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Still open, and idle for less than `timeout` at `now`.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.since) < timeout
+    }
+}
+
 #[derive(Default)]
 struct Idles {
     by_authority: HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>,
@@ -149,7 +156,7 @@ impl Pool {
         let now = Instant::now();
         let mut found = None;
         while let Some(c) = list.pop() {
-            if !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout {
+            if c.usable(now, self.idle_timeout) {
                 found = Some(c.sender);
                 break;
             }
@@ -166,7 +173,7 @@ impl Pool {
         let now = Instant::now();
         let timeout = self.idle_timeout;
         self.lock().by_authority.retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+            list.retain(|c| c.usable(now, timeout));
             !list.is_empty()
         });
     }

@@ -341,13 +341,30 @@ impl RawUpstream {
     }
 }
 
+/// A gateway whose route `name` (no retries: a request sent on a dead pooled connection must
+/// fail, not be hidden) leads to one raw upstream; `idle_timeout` for its pool, when given.
+async fn behind_raw(
+    name: &str,
+    close_after_answer: bool,
+    idle_timeout: Option<std::time::Duration>,
+) -> (TestAgent, RawUpstream, Gw) {
+    let agent = TestAgent::start().await;
+    let up = RawUpstream::start(close_after_answer).await;
+    agent.register("web", "raw", up.port, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        crate::support::config(agent.url(), dir.path(), Some(&route(name, "retries = 0")));
+    if let Some(t) = idle_timeout {
+        config.upstream_idle_timeout = t;
+    }
+    let gw = Gw::start_with(config, dir).await;
+    instances(&gw, name, 1).await;
+    (agent, up, gw)
+}
+
 #[tokio::test]
 async fn requests_one_after_another_reuse_one_upstream_connection() {
-    let agent = TestAgent::start().await;
-    let up = RawUpstream::start(false).await;
-    agent.register("web", "raw", up.port, json!({})).await;
-    let gw = Gw::start(&agent, Some(&route("reuse", "retries = 0"))).await;
-    instances(&gw, "reuse", 1).await;
+    let (_agent, up, gw) = behind_raw("reuse", false, None).await;
     for i in 0..20 {
         let a = gw.get(&format!("/n/{i}")).await;
         assert_eq!(a.status, 200, "request {i}: {a:?}");
@@ -361,12 +378,7 @@ async fn requests_one_after_another_reuse_one_upstream_connection() {
 
 #[tokio::test]
 async fn a_connection_the_instance_closed_while_idle_is_not_used_again() {
-    let agent = TestAgent::start().await;
-    let up = RawUpstream::start(true).await;
-    agent.register("web", "raw", up.port, json!({})).await;
-    // No retries: a request sent on a dead pooled connection would fail, not be hidden.
-    let gw = Gw::start(&agent, Some(&route("closing", "retries = 0"))).await;
-    instances(&gw, "closing", 1).await;
+    let (_agent, up, gw) = behind_raw("closing", true, None).await;
     for i in 0..10 {
         let a = gw.get(&format!("/n/{i}")).await;
         assert_eq!(a.status, 200, "request {i}: {a:?}");
@@ -382,15 +394,8 @@ async fn a_connection_the_instance_closed_while_idle_is_not_used_again() {
 
 #[tokio::test]
 async fn an_upstream_connection_idle_past_the_timeout_is_closed() {
-    let agent = TestAgent::start().await;
-    let up = RawUpstream::start(false).await;
-    agent.register("web", "raw", up.port, json!({})).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config =
-        crate::support::config(agent.url(), dir.path(), Some(&route("idle", "retries = 0")));
-    config.upstream_idle_timeout = std::time::Duration::from_millis(200);
-    let gw = Gw::start_with(config, dir).await;
-    instances(&gw, "idle", 1).await;
+    let timeout = std::time::Duration::from_millis(200);
+    let (_agent, up, gw) = behind_raw("idle", false, Some(timeout)).await;
     assert_eq!(gw.get("/a").await.status, 200);
     // No request comes to return or take a connection: the gateway closes it on its own.
     until(
