@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use axum::extract::{FromRequestParts, Request};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -217,11 +217,16 @@ pub(crate) enum Admission {
 /// route as [`ADMITTED`]. A token that does not resolve gets the answer returned instead
 /// (Consul's 403 `ACL not found`, or the native API's shape), already carrying the
 /// default-policy header.
-pub(crate) fn admit(state: &AppState, req: &Request) -> Admission {
+pub(crate) fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    path: &str,
+    query: Option<&str>,
+) -> Admission {
     if !state.acl().enabled() {
         return Admission::Open;
     }
-    match resolve(state, req.headers(), req.uri().path(), req.uri().query()) {
+    match resolve(state, headers, path, query) {
         Ok(caller) => Admission::Caller(caller),
         Err(refusal) => Admission::Refused(with_policy_header(state, refusal.into_response())),
     }

@@ -10,6 +10,7 @@
 //! enforces them when hyper reads from it: hyper reads whenever it waits for a head.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::App;
+use super::edge::Admitted;
+use super::front::{self, Head, Rewind};
 use axum::body::{Body, Bytes};
 use axum::http::Request;
 use axum::response::Response;
@@ -33,6 +36,9 @@ use crate::telemetry as m;
 
 /// Serves `stream` (a TCP socket, or TLS over one) until the client closes it, a timeout
 /// cuts it, or `shutdown` (then the request in progress, if any, is answered first).
+///
+/// Discovery reads are answered by [`front`]; from the first request that is not one, the
+/// connection is hyper's.
 pub(crate) async fn serve<S>(stream: S, app: App, config: &HttpConfig, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -41,7 +47,7 @@ where
         since: Instant::now(),
         first: true,
     }));
-    let io = TimedIo {
+    let mut io = TimedIo {
         io: stream,
         activity: activity.clone(),
         header_timeout: config.header_read_timeout,
@@ -49,6 +55,143 @@ where
         armed: None,
         timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
     };
+    let max_head = config.max_header_bytes.max(MIN_HEADER_BYTES);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let read = loop {
+            match front::head(&app.state, &buf) {
+                Head::Read(read) => break read,
+                Head::Partial if buf.len() < max_head => {}
+                // hyper answers it (400, 431, any other route), and the rest.
+                Head::Partial | Head::Other => {
+                    let io = Rewind::new(buf, io);
+                    return Box::pin(with_hyper(io, app, activity, config, shutdown)).await;
+                }
+            }
+            let more = tokio::select! {
+                more = read_more(&mut io, &mut buf, max_head) => more,
+                () = shutdown.cancelled(), if buf.is_empty() => return,
+            };
+            if !matches!(more, Ok(n) if n > 0) {
+                return;
+            }
+        };
+        let busy = Busy::start(activity.clone());
+        let front::Read {
+            len,
+            mut close,
+            fast,
+            query,
+            passed,
+        } = read;
+        buf.drain(..len);
+        let resp = match passed {
+            Admitted::Refused(refused) => refused,
+            Admitted::Passed(mut passed) => {
+                let caller = passed.caller.take();
+                let answer = fast.route(app.state.clone(), query, caller);
+                let Some((resp, ended)) = watching(answer, &mut io, &mut buf, max_head).await
+                else {
+                    return;
+                };
+                close |= ended;
+                passed.finish(&app.state, resp)
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let Ok(body) = front::body_bytes(body).await else {
+            return;
+        };
+        let mut head = Vec::with_capacity(160 + 48 * parts.headers.len());
+        close |= shutdown.is_cancelled();
+        front::encode_head(&parts, body.len(), close, &mut head);
+        if front::has_body(parts.status) {
+            if front::write_answer(&mut io, &head, &body).await.is_err() {
+                return;
+            }
+        } else if front::write_answer(&mut io, &head, &[]).await.is_err() {
+            return;
+        }
+        drop(busy);
+        if close {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            return;
+        }
+    }
+}
+
+/// Reads what the socket has into `buf`'s spare room (made if there is none, up to `max`).
+async fn read_more<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        // Doubling, from the first read's room, to the head's limit.
+        let room = buf.len().max(FIRST_READ).min(max.saturating_sub(buf.len()));
+        buf.reserve(room.max(1));
+    }
+    tokio::io::AsyncReadExt::read_buf(io, buf).await
+}
+
+/// The first read's room: a discovery read's head, token included, fits.
+const FIRST_READ: usize = 1024;
+
+/// Waits for `answer` while watching the socket: what the client sends meanwhile (the next
+/// requests, pipelined) is kept in `buf`, and a client whose connection fails ends the wait
+/// (`None`), so that a parked query does not outlive its client. A client that only closes
+/// its side still gets its answer (`true`: close after it), as hyper does.
+///
+/// An answer that has to wait gives back the read buffer first when it holds nothing, so
+/// that a parked query keeps no buffer.
+async fn watching<S, F>(
+    answer: F,
+    io: &mut TimedIo<S>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Option<(Response, bool)>
+where
+    S: AsyncRead + Unpin,
+    F: Future<Output = Response>,
+{
+    let mut answer = std::pin::pin!(answer);
+    let mut waited = false;
+    let mut ended = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some((resp, ended)));
+        }
+        if !waited {
+            waited = true;
+            if buf.is_empty() {
+                *buf = Vec::new();
+            }
+        }
+        while !ended && buf.len() < max {
+            let mut room = [0u8; 512];
+            let mut rb = ReadBuf::new(&mut room);
+            match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                Poll::Pending => break,
+                Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => ended = true,
+                Poll::Ready(Ok(())) => buf.extend_from_slice(rb.filled()),
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Serves the rest of the connection with hyper's HTTP/1 server over the router.
+async fn with_hyper<I>(
+    io: I,
+    app: App,
+    activity: Arc<Mutex<Phase>>,
+    config: &HttpConfig,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let busy = Busy::start(activity.clone());
         let response = app.clone().call(req.map(Body::new));

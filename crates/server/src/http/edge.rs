@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use foldhash::HashMap;
 use foldhash::HashMapExt;
@@ -116,29 +116,17 @@ where
     R: FnOnce(Request, Option<Caller>) -> F,
     F: Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
-    let count = Count::start(&req, label);
-    let consul = req.uri().path().starts_with("/v1/");
-    let caller = match auth::admit(state, &req) {
-        Admission::Open => None,
-        Admission::Caller(caller) => Some(caller),
-        Admission::Refused(refused) => {
-            return Box::pin(std::future::ready(Ok(count.finish(refused))));
-        }
+    let asked = Asked {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
     };
-    // Consul sends it on every answer of its API, with ACLs off too (`allow` by
-    // default), and its Go client reads it.
-    let with_policy = move |state: &AppState, resp: Response| {
-        if consul {
-            auth::with_policy_header(state, resp)
-        } else {
-            resp
-        }
+    let mut passed = match admit(state, label, &asked) {
+        Admitted::Passed(passed) => passed,
+        Admitted::Refused(refused) => return Box::pin(std::future::ready(Ok(refused))),
     };
-    if let Some(refused) = cluster::refuse_inconsistent(state, req.uri().path(), req.uri().query())
-    {
-        let resp = with_policy(state, refused);
-        return Box::pin(std::future::ready(Ok(count.finish(resp))));
-    }
+    let caller = passed.caller.take();
     let (req, expired) = limits::arm_body_deadline(req, body_timeout);
     // The route's future is made before the box, so the box holds it once.
     let answer = route(req, caller);
@@ -148,9 +136,71 @@ where
         if expired.is_some_and(|e| e.load(Ordering::Relaxed)) {
             resp = limits::body_timed_out(body_timeout);
         }
-        cluster::add_staleness(&state, consul, &mut resp);
-        Ok(count.finish(with_policy(&state, resp)))
+        Ok(passed.finish(&state, resp))
     })
+}
+
+/// What the edge reads of a request before its route.
+pub(crate) struct Asked<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) path: &'a str,
+    pub(crate) query: Option<&'a str>,
+    /// Those the ACL token can come in, at least.
+    pub(crate) headers: &'a HeaderMap,
+}
+
+/// A request the edge let through to its route: the route answers, then
+/// [`Passed::finish`] adds what every answer carries and counts it.
+pub(crate) struct Passed {
+    count: Count,
+    consul: bool,
+    /// With ACLs on, the caller the request's token resolved to.
+    pub(crate) caller: Option<Caller>,
+}
+
+/// What the edge's part before the route decided.
+pub(crate) enum Admitted {
+    Passed(Passed),
+    /// The answer instead of the route's, counted.
+    Refused(Response),
+}
+
+/// The edge's part before the route: the request admitted (or the answer refusing it,
+/// counted), its metrics started.
+pub(crate) fn admit(state: &AppState, label: Label, asked: &Asked<'_>) -> Admitted {
+    let count = Count::start(asked, label);
+    let consul = asked.path.starts_with("/v1/");
+    let caller = match auth::admit(state, asked.headers, asked.path, asked.query) {
+        Admission::Open => None,
+        Admission::Caller(caller) => Some(caller),
+        Admission::Refused(refused) => return Admitted::Refused(count.finish(refused)),
+    };
+    if let Some(refused) = cluster::refuse_inconsistent(state, asked.path, asked.query) {
+        return Admitted::Refused(count.finish(with_policy(state, consul, refused)));
+    }
+    Admitted::Passed(Passed {
+        count,
+        consul,
+        caller,
+    })
+}
+
+impl Passed {
+    /// The edge's part after the route, on its answer `resp`.
+    pub(crate) fn finish(self, state: &AppState, mut resp: Response) -> Response {
+        cluster::add_staleness(state, self.consul, &mut resp);
+        self.count.finish(with_policy(state, self.consul, resp))
+    }
+}
+
+/// Consul sends its default-policy header on every answer of its API, with ACLs off too
+/// (`allow` by default), and its Go client reads it.
+fn with_policy(state: &AppState, consul: bool, resp: Response) -> Response {
+    if consul {
+        auth::with_policy_header(state, resp)
+    } else {
+        resp
+    }
 }
 
 /// The route a request's metrics are labelled with.
@@ -196,11 +246,11 @@ thread_local! {
 }
 
 impl Count {
-    fn start(req: &Request, route: Label) -> Count {
+    fn start(asked: &Asked<'_>, route: Label) -> Count {
         Count {
             route,
-            method: method_label(req.method()),
-            blocking: is_blocking(req.uri().query()),
+            method: method_label(asked.method),
+            blocking: is_blocking(asked.query),
             started: Instant::now(),
         }
     }

@@ -50,10 +50,25 @@ pub(crate) struct Fast {
 
 /// The read `req` asks for, when it is one answered here.
 pub(crate) fn matched(req: &Request) -> Option<Fast> {
-    if req.method() != Method::GET {
+    let headers = req.headers();
+    let body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    matched_parts(req.method(), req.uri().path(), req.uri().query(), body)
+}
+
+/// The read a request of `method`, `path` and `query` asks for, when it is one answered
+/// here; `body`: whether it has (or may have) one.
+pub(crate) fn matched_parts(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: bool,
+) -> Option<Fast> {
+    if *method != Method::GET || body {
         return None;
     }
-    let path = req.uri().path();
     let (read, name) = if let Some(name) = path.strip_prefix("/api/v1/services/") {
         (Read::Native, name)
     } else if let Some(name) = path.strip_prefix("/v1/health/service/") {
@@ -64,15 +79,7 @@ pub(crate) fn matched(req: &Request) -> Option<Fast> {
     if name.is_empty() || name.bytes().any(|b| b == b'/' || b == b'%') {
         return None;
     }
-    if read == Read::Consul && req.uri().query().is_some_and(|q| q.contains("dc=")) {
-        return None;
-    }
-    let headers = req.headers();
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-    {
+    if read == Read::Consul && query.is_some_and(|q| q.contains("dc=")) {
         return None;
     }
     Some(Fast {
@@ -81,36 +88,48 @@ pub(crate) fn matched(req: &Request) -> Option<Fast> {
     })
 }
 
-/// Answers `req`, which [`matched`] as `fast`.
+impl Fast {
+    /// The route as the router names it, for the request metrics.
+    pub(crate) fn label(&self) -> Label {
+        Label::Fixed(self.read.route())
+    }
+
+    /// The handler's answer, for `caller` (none: ACLs are off) and the request's `query`.
+    pub(crate) async fn route(
+        self,
+        state: AppState,
+        query: Option<String>,
+        caller: Option<Caller>,
+    ) -> Response {
+        // With ACLs off there is no caller to hand on: the extractor's answer then.
+        let caller = caller.unwrap_or_else(Caller::unrestricted);
+        let (state, name, query) = (State(state), Path(self.service), RawQuery(query));
+        match self.read {
+            Read::Native => native::discover(state, caller, name, query)
+                .await
+                .into_response(),
+            Read::Consul => consul::catalog::health_service(state, caller, name, query)
+                .await
+                .into_response(),
+        }
+    }
+}
+
+/// Answers `req`, which [`matched`] as `fast`, through the [`edge`](super::edge).
 pub(crate) fn answer(
     state: &AppState,
     body_timeout: Duration,
     req: Request,
     fast: Fast,
 ) -> BoxFuture<'static, Result<Response, Infallible>> {
-    let Fast { read, service } = fast;
     let query = req.uri().query().map(str::to_owned);
     let handler_state = state.clone();
     around(
         state,
         body_timeout,
-        Label::Fixed(read.route()),
+        fast.label(),
         req,
-        move |_req, caller| {
-            // With ACLs off there is no caller to hand on: the extractor's answer then.
-            let caller = caller.unwrap_or_else(Caller::unrestricted);
-            let (state, name, query) = (State(handler_state), Path(service), RawQuery(query));
-            async move {
-                Ok(match read {
-                    Read::Native => native::discover(state, caller, name, query)
-                        .await
-                        .into_response(),
-                    Read::Consul => consul::catalog::health_service(state, caller, name, query)
-                        .await
-                        .into_response(),
-                })
-            }
-        },
+        move |_req, caller| async move { Ok(fast.route(handler_state, query, caller).await) },
     )
 }
 

@@ -14,6 +14,7 @@
 //!   body deadline, request metrics.
 //! - [`guard`]: a check before a route that may answer in its place.
 //! - [`fast`]: discovery reads answered before the router.
+//! - [`front`]: discovery reads' own HTTP/1.1 reader and writer, before hyper.
 //! - [`render`]: the JSON shapes.
 //! - [`ui`]: the dashboard at `/ui/`, embedded in the binary.
 //! - [`error`]: the error shape and status mapping.
@@ -28,6 +29,7 @@ pub(crate) mod edge;
 pub mod error;
 pub mod eureka;
 pub(crate) mod fast;
+pub(crate) mod front;
 pub(crate) mod guard;
 pub mod limits;
 pub mod native;

@@ -17,6 +17,7 @@ mod eureka_compat;
 mod expiry;
 mod fast_reads;
 mod faults;
+mod front_reads;
 mod http_limits;
 mod lanes;
 mod logs;

@@ -1,0 +1,400 @@
+//! The discovery reads' own HTTP/1.1 reader and writer, in front of hyper on every
+//! connection ([`conn::serve`](super::conn::serve)).
+//!
+//! A discovery read is a GET with a short head and a small answer, and most of its cost in
+//! hyper was hyper's: the request's header map and URI, the dispatcher's state machine, the
+//! service and body types, the head's encoding. Here the head is parsed in place with
+//! httparse, the read ([`fast`](super::fast)) goes through the same [`edge`] as through the
+//! router, and the answer is written with one `writev`.
+//!
+//! Only what is plainly a discovery read is answered here: `GET`, HTTP/1.1, a path and
+//! query of ordinary characters, no body, no `Upgrade` or `Expect`, a `Connection` header of
+//! `close` or `keep-alive` at most. Anything else, and everything after it on the same
+//! connection, is hyper's: the bytes already read are handed to it ([`Rewind`]), so every
+//! other answer (400, 431, HEAD, other routes) stays hyper's and the router's.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+// The `date` header is the wall clock, read at the edge.
+#[allow(clippy::disallowed_types)]
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::http::response::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use bytes::BytesMut;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::edge::{self, Admitted, Asked};
+use super::fast::{self, Fast};
+use crate::AppState;
+
+/// Headers a request answered here may carry; one with more is hyper's.
+const MAX_HEADERS: usize = 32;
+
+/// What the bytes at the start of a connection's buffer are.
+pub(crate) enum Head {
+    /// Not a whole request head yet.
+    Partial,
+    /// Not a request answered here (or not a valid one): hyper's, with the rest of the
+    /// connection.
+    Other,
+    /// A discovery read, whose head is the buffer's first `len` bytes.
+    Read(Read),
+}
+
+/// A discovery read, parsed and through the edge.
+pub(crate) struct Read {
+    pub(crate) len: usize,
+    /// The client asked to close the connection after the answer.
+    pub(crate) close: bool,
+    pub(crate) fast: Fast,
+    pub(crate) query: Option<String>,
+    /// Let through by the edge, or the edge's answer refusing it.
+    pub(crate) passed: Admitted,
+}
+
+/// Parses the request head at the start of `buf`.
+pub(crate) fn head(state: &AppState, buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Other,
+    };
+    if req.method != Some("GET") || req.version != Some(1) {
+        return Head::Other;
+    }
+    let Some(target) = req
+        .path
+        .filter(|t| t.starts_with('/') && t.bytes().all(plain))
+    else {
+        return Head::Other;
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let acl = state.acl().enabled();
+    let mut tokens = HeaderMap::new();
+    let mut body = false;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            body |= h.value != b"0";
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+        {
+            return Head::Other;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for option in h.value.split(|&b| b == b',') {
+                let option = option.trim_ascii();
+                if option.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !option.eq_ignore_ascii_case(b"keep-alive") {
+                    return Head::Other;
+                }
+            }
+        } else if acl
+            && (name.eq_ignore_ascii_case("x-consul-token")
+                || name.eq_ignore_ascii_case("authorization"))
+        {
+            let (Ok(name), Ok(value)) = (
+                header::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) else {
+                return Head::Other;
+            };
+            tokens.append(name, value);
+        }
+    }
+    let Some(fast) = fast::matched_parts(&Method::GET, path, query, body) else {
+        return Head::Other;
+    };
+    let asked = Asked {
+        method: &Method::GET,
+        path,
+        query,
+        headers: &tokens,
+    };
+    let passed = edge::admit(state, fast.label(), &asked);
+    Head::Read(Read {
+        len,
+        close,
+        query: query.map(str::to_owned),
+        fast,
+        passed,
+    })
+}
+
+/// A byte of a request target answered here: letters, digits and the URI punctuation that
+/// every parser on the way (hyper's `Uri` included) takes as it is.
+fn plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// The whole of a response body. The answers given here are in memory already: one frame.
+pub(crate) async fn body_bytes(mut body: Body) -> Result<Bytes, axum::Error> {
+    let first = match body.frame().await {
+        None => return Ok(Bytes::new()),
+        Some(frame) => frame?.into_data().unwrap_or_default(),
+    };
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(first);
+    }
+    let mut all = BytesMut::from(&first[..]);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            all.extend_from_slice(&data);
+        }
+    }
+    Ok(all.freeze())
+}
+
+/// Writes the head of an answer of `parts` with a body of `len` bytes to `out`, as hyper
+/// would: the status line, the handler's headers, `content-length`, `connection: close` when
+/// the connection ends after it, and `date`.
+pub(crate) fn encode_head(parts: &Parts, len: usize, close: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("<none>")
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if has_body(parts.status) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        DATE.with_borrow_mut(|date| out.extend_from_slice(date.now()));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether an answer with `status` carries a body (and so a length).
+pub(crate) fn has_body(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// The `date` header's value, formatted once a second per thread.
+struct Date {
+    second: u64,
+    text: [u8; 29],
+}
+
+impl Date {
+    #[allow(clippy::disallowed_types)]
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second {
+            let text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(second));
+            if let Ok(text) = <[u8; 29]>::try_from(text.as_bytes()) {
+                self.text = text;
+                self.second = second;
+            }
+        }
+        &self.text
+    }
+}
+
+thread_local! {
+    static DATE: RefCell<Date> = const {
+        RefCell::new(Date {
+            second: u64::MAX,
+            text: [b' '; 29],
+        })
+    };
+}
+
+/// A connection whose first bytes were read already: they are read again first, so that
+/// hyper sees the connection from its start.
+pub(crate) struct Rewind<S> {
+    read: Vec<u8>,
+    at: usize,
+    io: S,
+}
+
+impl<S> Rewind<S> {
+    pub(crate) fn new(read: Vec<u8>, io: S) -> Rewind<S> {
+        Rewind { read, at: 0, io }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.read.len() {
+            let n = buf.remaining().min(self.read.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.read[at..at + n]);
+            self.at += n;
+            if self.at == self.read.len() {
+                self.read = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Writes `head` then `body`, in as few calls as the socket allows.
+pub(crate) async fn write_answer<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    head: &[u8],
+    body: &[u8],
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (mut head, mut body) = (head, body);
+    while !head.is_empty() {
+        let n = io
+            .write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        body = &body[n - from_head..];
+    }
+    io.write_all(body).await?;
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::response::Response;
+
+    use super::*;
+
+    #[test]
+    fn a_head_is_written_with_length_and_date_and_no_length_of_the_handlers() {
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .header("content-length", "999")
+            .header("x-consul-index", "7")
+            .body(())
+            .unwrap();
+        let (parts, ()) = resp.into_parts();
+        let mut out = Vec::new();
+        encode_head(&parts, 12, false, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let mut lines = text.split("\r\n");
+        assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"));
+        let rest: Vec<&str> = lines.collect();
+        assert!(rest.contains(&"content-type: application/json"), "{text}");
+        assert!(rest.contains(&"x-consul-index: 7"), "{text}");
+        assert!(rest.contains(&"content-length: 12"), "{text}");
+        assert!(!rest.iter().any(|l| l.contains("999")), "{text}");
+        assert!(!rest.iter().any(|l| l.starts_with("connection")), "{text}");
+        let date = rest.iter().find_map(|l| l.strip_prefix("date: ")).unwrap();
+        assert!(httpdate::parse_http_date(date).is_ok(), "{date}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+    }
+
+    #[test]
+    fn a_closing_answer_says_so_and_a_bodiless_status_has_no_length() {
+        let (parts, ()) = Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = Vec::new();
+        encode_head(&parts, 0, true, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{text}");
+        assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+        assert!(!text.contains("content-length"), "{text}");
+    }
+
+    #[test]
+    fn only_ordinary_target_bytes_are_plain() {
+        for t in [
+            "/v1/health/service/web?passing&index=5&wait=1s",
+            "/api/v1/services/a-b.c",
+        ] {
+            assert!(t.bytes().all(plain), "{t}");
+        }
+        for t in [
+            "/a b", "/a\"b", "/a{b}", "/a\\b", "/a<b>", "/a|b", "/a^b", "/a`b",
+        ] {
+            assert!(!t.bytes().all(plain), "{t}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rewound_connection_reads_its_first_bytes_again_then_the_rest() {
+        use tokio::io::AsyncReadExt;
+        let rest: &[u8] = b" world";
+        let mut r = Rewind::new(b"hello".to_vec(), rest);
+        let mut all = String::new();
+        r.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+}
