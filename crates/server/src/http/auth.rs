@@ -232,6 +232,14 @@ pub(crate) fn admit(
     }
 }
 
+/// The line [`with_policy_header`] adds, as it is written.
+pub(crate) fn policy_header_line(state: &AppState) -> &'static str {
+    match state.acl().default_policy_name() {
+        "deny" => "x-consul-default-acl-policy: deny\r\n",
+        _ => "x-consul-default-acl-policy: allow\r\n",
+    }
+}
+
 /// `X-Consul-Default-ACL-Policy` on `resp`: Consul sends it on every answer of its API, with
 /// ACLs off too (then `allow` unless `acl.default_policy` says otherwise).
 pub(crate) fn with_policy_header(state: &AppState, mut resp: Response) -> Response {

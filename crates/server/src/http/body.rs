@@ -279,14 +279,14 @@ pub fn health_filter(value: &str) -> Result<HealthFilter, ApiError> {
 }
 
 /// Query-string pairs in order, repeated keys kept.
+///
+/// `application/x-www-form-urlencoded` decoding (`+` is a space, percent-escapes decoded,
+/// invalid UTF-8 replaced), which takes any string: the `Result` is for callers that
+/// treat this as one of several checks.
 pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadQuery,
-            format!("the query string cannot be parsed: {e}"),
-        )
-    })
+    Ok(form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect())
 }
 
 /// [`query_pairs`] without `token`: the ACL token, which the auth layer has taken

@@ -49,6 +49,15 @@ pub(crate) fn refuse_inconsistent(
 static X_MUSTER_LAST_CONTACT: HeaderName = HeaderName::from_static("x-muster-last-contact");
 static X_MUSTER_KNOWN_LEADER: HeaderName = HeaderName::from_static("x-muster-known-leader");
 
+/// On a single agent, the lines of the staleness headers [`add_staleness`] puts on a Consul
+/// answer, as they are written; none in a cluster, where they change.
+pub(crate) fn single_agent_staleness_lines(state: &AppState) -> Option<&'static str> {
+    match state.writer().cluster() {
+        None => Some("x-consul-knownleader: true\r\nx-consul-lastcontact: 0\r\n"),
+        Some(_) => None,
+    }
+}
+
 /// The staleness headers, as things stand when the answer leaves (a blocking query may have
 /// waited a while): on a single agent, Consul's pair on the Consul API (`consul`); in a
 /// cluster, Consul's and muster's pairs on every answer.

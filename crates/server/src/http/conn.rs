@@ -85,8 +85,8 @@ where
             passed,
         } = read;
         buf.drain(..len);
-        let resp = match passed {
-            Admitted::Refused(refused) => refused,
+        let (resp, lines) = match passed {
+            Admitted::Refused(refused) => (refused, ["", ""]),
             Admitted::Passed(mut passed) => {
                 let caller = passed.caller.take();
                 let answer = fast.route(app.state.clone(), query, caller);
@@ -95,7 +95,7 @@ where
                     return;
                 };
                 close |= ended;
-                passed.finish(&app.state, resp)
+                passed.finish_lines(&app.state, resp)
             }
         };
         let (parts, body) = resp.into_parts();
@@ -104,7 +104,7 @@ where
         };
         let mut head = Vec::with_capacity(160 + 48 * parts.headers.len());
         close |= shutdown.is_cancelled();
-        front::encode_head(&parts, body.len(), close, &mut head);
+        front::encode_head(&parts, &lines, body.len(), close, &mut head);
         if front::has_body(parts.status) {
             if front::write_answer(&mut io, &head, &body).await.is_err() {
                 return;

@@ -191,6 +191,24 @@ impl Passed {
         cluster::add_staleness(state, self.consul, &mut resp);
         self.count.finish(with_policy(state, self.consul, resp))
     }
+
+    /// [`finish`](Passed::finish) for an answer that [`super::front`] writes: the headers
+    /// whose lines are the same on every answer (a single agent's Consul staleness pair and
+    /// default-policy header) are returned as those lines, for the writer to copy, instead
+    /// of being hashed into the answer's header map.
+    pub(crate) fn finish_lines(
+        self,
+        state: &AppState,
+        resp: Response,
+    ) -> (Response, [&'static str; 2]) {
+        if self.consul
+            && let Some(staleness) = cluster::single_agent_staleness_lines(state)
+        {
+            let policy = auth::policy_header_line(state);
+            return (self.count.finish(resp), [staleness, policy]);
+        }
+        (self.finish(state, resp), ["", ""])
+    }
 }
 
 /// Consul sends its default-policy header on every answer of its API, with ACLs off too
@@ -259,20 +277,19 @@ impl Count {
         let route = self.route.as_str();
         let status = resp.status();
         ROUTES.with_borrow_mut(|routes| {
-            if !routes.contains_key(route) {
-                // The recorder is installed before the first handle is taken.
-                m::handle();
-                let seconds = metrics::histogram!(m::HTTP_SECONDS, "route" => route.to_string());
-                routes.insert(
-                    route.into(),
-                    RouteMetrics {
+            // One lookup for every request but a route's first on this thread.
+            let metrics = match routes.get_mut(route) {
+                Some(metrics) => metrics,
+                None => {
+                    // The recorder is installed before the first handle is taken.
+                    m::handle();
+                    let seconds =
+                        metrics::histogram!(m::HTTP_SECONDS, "route" => route.to_string());
+                    routes.entry(route.into()).or_insert(RouteMetrics {
                         seconds,
                         requests: HashMap::new(),
-                    },
-                );
-            }
-            let Some(metrics) = routes.get_mut(route) else {
-                return;
+                    })
+                }
             };
             if !self.blocking {
                 metrics.seconds.record(self.started.elapsed().as_secs_f64());

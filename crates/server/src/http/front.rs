@@ -15,6 +15,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 // The `date` header is the wall clock, read at the edge.
@@ -59,9 +60,12 @@ pub(crate) struct Read {
 
 /// Parses the request head at the start of `buf`.
 pub(crate) fn head(state: &AppState, buf: &[u8]) -> Head {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    if buf.is_empty() {
+        return Head::Partial;
+    }
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Head::Partial,
         Err(_) => return Head::Other,
@@ -158,9 +162,16 @@ pub(crate) async fn body_bytes(mut body: Body) -> Result<Bytes, axum::Error> {
 }
 
 /// Writes the head of an answer of `parts` with a body of `len` bytes to `out`, as hyper
-/// would: the status line, the handler's headers, `content-length`, `connection: close` when
-/// the connection ends after it, and `date`.
-pub(crate) fn encode_head(parts: &Parts, len: usize, close: bool, out: &mut Vec<u8>) {
+/// would: the status line, the handler's headers, `lines` (whole header lines, written as
+/// they are), `content-length`, `connection: close` when the connection ends after it, and
+/// `date`.
+pub(crate) fn encode_head(
+    parts: &Parts,
+    lines: &[&str],
+    len: usize,
+    close: bool,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
     out.push(b' ');
@@ -183,6 +194,9 @@ pub(crate) fn encode_head(parts: &Parts, len: usize, close: bool, out: &mut Vec<
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    for line in lines {
+        out.extend_from_slice(line.as_bytes());
     }
     if has_body(parts.status) {
         out.extend_from_slice(b"content-length: ");
@@ -343,13 +357,14 @@ mod tests {
             .unwrap();
         let (parts, ()) = resp.into_parts();
         let mut out = Vec::new();
-        encode_head(&parts, 12, false, &mut out);
+        encode_head(&parts, &["x-a: b\r\n", ""], 12, false, &mut out);
         let text = String::from_utf8(out).unwrap();
         let mut lines = text.split("\r\n");
         assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"));
         let rest: Vec<&str> = lines.collect();
         assert!(rest.contains(&"content-type: application/json"), "{text}");
         assert!(rest.contains(&"x-consul-index: 7"), "{text}");
+        assert!(rest.contains(&"x-a: b"), "{text}");
         assert!(rest.contains(&"content-length: 12"), "{text}");
         assert!(!rest.iter().any(|l| l.contains("999")), "{text}");
         assert!(!rest.iter().any(|l| l.starts_with("connection")), "{text}");
@@ -366,7 +381,7 @@ mod tests {
             .unwrap()
             .into_parts();
         let mut out = Vec::new();
-        encode_head(&parts, 0, true, &mut out);
+        encode_head(&parts, &[], 0, true, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{text}");
         assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
