@@ -24,6 +24,7 @@ use axum::body::{Body, Bytes};
 use axum::http::Request;
 use axum::response::Response;
 use http_body::Frame;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -82,6 +83,7 @@ where
             mut close,
             fast,
             query,
+            headers,
             passed,
         } = read;
         buf.drain(..len);
@@ -89,7 +91,7 @@ where
             Admitted::Refused(refused) => (refused, ["", ""]),
             Admitted::Passed(mut passed) => {
                 let caller = passed.caller.take();
-                let answer = fast.route(app.state.clone(), query, caller);
+                let answer = fast.route(app.state.clone(), query, headers, caller);
                 let Some((resp, ended)) = watching(answer, &mut io, &mut buf, max_head).await
                 else {
                     return;
@@ -98,24 +100,77 @@ where
                 passed.finish_lines(&app.state, resp)
             }
         };
-        let (parts, body) = resp.into_parts();
-        let Ok(body) = front::body_bytes(body).await else {
-            return;
-        };
-        let mut head = Vec::with_capacity(160 + 48 * parts.headers.len());
         close |= shutdown.is_cancelled();
-        front::encode_head(&parts, &lines, body.len(), close, &mut head);
-        if front::has_body(parts.status) {
-            if front::write_answer(&mut io, &head, &body).await.is_err() {
+        let (parts, body) = resp.into_parts();
+        let mut head = Vec::with_capacity(160 + 48 * parts.headers.len());
+        let written = if !front::has_body(parts.status) {
+            front::encode_head(&parts, &lines, None, close, &mut head);
+            front::write_all(&mut io, &mut [&head]).await.is_ok()
+        } else if let Some(exact) = http_body::Body::size_hint(&body).exact() {
+            let Ok(body) = front::body_bytes(body).await else {
+                return;
+            };
+            debug_assert_eq!(body.len() as u64, exact);
+            front::encode_head(&parts, &lines, Some(body.len()), close, &mut head);
+            front::write_all(&mut io, &mut [&head, &body]).await.is_ok()
+        } else {
+            front::encode_head(&parts, &lines, None, close, &mut head);
+            if front::write_all(&mut io, &mut [&head]).await.is_err() {
                 return;
             }
-        } else if front::write_answer(&mut io, &head, &[]).await.is_err() {
+            match send_stream(body, &mut io, &mut buf, max_head).await {
+                Some(ended) => {
+                    close |= ended;
+                    true
+                }
+                None => false,
+            }
+        };
+        if !written {
             return;
         }
         drop(busy);
         if close {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
             return;
+        }
+    }
+}
+
+/// Sends `body`, a stream of unknown length, in chunks as its frames come, watching the
+/// socket as [`watching`] does meanwhile. `None`: the connection failed (or the body did)
+/// and is to be dropped; else whether the client closed its side.
+async fn send_stream<S>(
+    mut body: Body,
+    io: &mut TimedIo<S>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Option<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut closed = false;
+    loop {
+        let (frame, ended) = watching(body.frame(), io, buf, max).await?;
+        closed |= ended;
+        match frame {
+            None => {
+                front::write_all(io, &mut [b"0\r\n\r\n"]).await.ok()?;
+                return Some(closed);
+            }
+            Some(Err(_)) => return None,
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                let size = front::chunk_size_line(data.len());
+                front::write_all(io, &mut [size.as_bytes(), &data, b"\r\n"])
+                    .await
+                    .ok()?;
+            }
         }
     }
 }
@@ -149,10 +204,10 @@ async fn watching<S, F>(
     io: &mut TimedIo<S>,
     buf: &mut Vec<u8>,
     max: usize,
-) -> Option<(Response, bool)>
+) -> Option<(F::Output, bool)>
 where
     S: AsyncRead + Unpin,
-    F: Future<Output = Response>,
+    F: Future,
 {
     let mut answer = std::pin::pin!(answer);
     let mut waited = false;

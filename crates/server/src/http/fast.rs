@@ -1,10 +1,11 @@
 //! Discovery reads answered before the router: `GET /api/v1/services/{service}` and Consul's
-//! `GET /v1/health/service/{service}`, the reads clients repeat most.
+//! `GET /v1/health/service/{service}`, the reads clients repeat most, and the push stream
+//! `GET /api/v1/watch`, which clients hold open.
 //!
 //! axum's router costs each request a route match, a map of request extensions allocated
 //! and filled (the matched path, the path parameters, the body limit) and three layers of
 //! boxed services and futures: about a sixth of a discovery read's user-space instructions.
-//! These two routes are recognised here by their path and call the same handlers with the
+//! These routes are recognised here by their path and call the same handlers with the
 //! values the router's extractors would give them, through the same [`edge`](super::edge)
 //! (ACL caller, staleness headers, Consul's default-policy header, metrics under the
 //! router's route name). Anything out of the ordinary goes to the router, so that every
@@ -15,12 +16,12 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{Method, header};
+use axum::http::{HeaderMap, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 
 use super::edge::{Label, around};
-use super::{consul, native};
+use super::{consul, native, watch};
 use crate::AppState;
 use crate::acl::Caller;
 
@@ -29,6 +30,8 @@ use crate::acl::Caller;
 enum Read {
     Native,
     Consul,
+    /// The native push stream, `GET /api/v1/watch`.
+    Watch,
 }
 
 impl Read {
@@ -37,6 +40,7 @@ impl Read {
         match self {
             Read::Native => "/api/v1/services/{service}",
             Read::Consul => "/v1/health/service/{service}",
+            Read::Watch => "/api/v1/watch",
         }
     }
 }
@@ -69,6 +73,12 @@ pub(crate) fn matched_parts(
     if *method != Method::GET || body {
         return None;
     }
+    if path == "/api/v1/watch" {
+        return Some(Fast {
+            read: Read::Watch,
+            service: String::new(),
+        });
+    }
     let (read, name) = if let Some(name) = path.strip_prefix("/api/v1/services/") {
         (Read::Native, name)
     } else if let Some(name) = path.strip_prefix("/v1/health/service/") {
@@ -94,11 +104,13 @@ impl Fast {
         Label::Fixed(self.read.route())
     }
 
-    /// The handler's answer, for `caller` (none: ACLs are off) and the request's `query`.
+    /// The handler's answer, for `caller` (none: ACLs are off) and the request's `query`
+    /// and `headers` (the stream reads `Last-Event-ID` and the token's).
     pub(crate) async fn route(
         self,
         state: AppState,
         query: Option<String>,
+        headers: HeaderMap,
         caller: Option<Caller>,
     ) -> Response {
         // With ACLs off there is no caller to hand on: the extractor's answer then.
@@ -109,6 +121,9 @@ impl Fast {
                 .await
                 .into_response(),
             Read::Consul => consul::catalog::health_service(state, caller, name, query)
+                .await
+                .into_response(),
+            Read::Watch => watch::stream(state, caller, headers, query)
                 .await
                 .into_response(),
         }
@@ -129,7 +144,10 @@ pub(crate) fn answer(
         body_timeout,
         fast.label(),
         req,
-        move |_req, caller| async move { Ok(fast.route(handler_state, query, caller).await) },
+        move |mut req, caller| {
+            let headers = std::mem::take(req.headers_mut());
+            async move { Ok(fast.route(handler_state, query, headers, caller).await) }
+        },
     )
 }
 
@@ -158,6 +176,8 @@ mod tests {
     fn discovery_reads_are_recognised_with_their_service() {
         let r = req(Method::GET, "/api/v1/services/web?healthy=true", &[]);
         assert_eq!(matched(&r), Some(fast(Read::Native, "web")));
+        let r = req(Method::GET, "/api/v1/watch?service=web", &[]);
+        assert_eq!(matched(&r), Some(fast(Read::Watch, "")));
         let r = req(Method::GET, "/v1/health/service/web?passing&tag=a", &[]);
         assert_eq!(matched(&r), Some(fast(Read::Consul, "web")));
         let r = req(
@@ -179,6 +199,8 @@ mod tests {
             (Method::GET, "/api/v1/services/we%62", &[]),
             (Method::GET, "/v1/health/service/web?dc=dc2", &[]),
             (Method::GET, "/v1/health/services/web", &[]),
+            (Method::GET, "/api/v1/watch/web", &[]),
+            (Method::POST, "/api/v1/watch", &[]),
             (
                 Method::GET,
                 "/api/v1/services/web",

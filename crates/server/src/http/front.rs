@@ -37,6 +37,9 @@ use crate::AppState;
 const MAX_HEADERS: usize = 32;
 
 /// What the bytes at the start of a connection's buffer are.
+// Returned once per request and taken apart at once: boxing the read would cost an
+// allocation per request to save a move.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Head {
     /// Not a whole request head yet.
     Partial,
@@ -54,6 +57,7 @@ pub(crate) struct Read {
     pub(crate) close: bool,
     pub(crate) fast: Fast,
     pub(crate) query: Option<String>,
+    pub(crate) headers: HeaderMap,
     /// Let through by the edge, or the edge's answer refusing it.
     pub(crate) passed: Admitted,
 }
@@ -84,7 +88,9 @@ pub(crate) fn head(state: &AppState, buf: &[u8]) -> Head {
         None => (target, None),
     };
     let acl = state.acl().enabled();
-    let mut tokens = HeaderMap::new();
+    // The headers a route answered here reads: the token's (with ACLs on) and the stream's
+    // `Last-Event-ID`.
+    let mut kept = HeaderMap::new();
     let mut body = false;
     let mut close = false;
     for h in req.headers.iter() {
@@ -105,9 +111,10 @@ pub(crate) fn head(state: &AppState, buf: &[u8]) -> Head {
                     return Head::Other;
                 }
             }
-        } else if acl
-            && (name.eq_ignore_ascii_case("x-consul-token")
-                || name.eq_ignore_ascii_case("authorization"))
+        } else if name.eq_ignore_ascii_case("last-event-id")
+            || acl
+                && (name.eq_ignore_ascii_case("x-consul-token")
+                    || name.eq_ignore_ascii_case("authorization"))
         {
             let (Ok(name), Ok(value)) = (
                 header::HeaderName::from_bytes(name.as_bytes()),
@@ -115,7 +122,7 @@ pub(crate) fn head(state: &AppState, buf: &[u8]) -> Head {
             ) else {
                 return Head::Other;
             };
-            tokens.append(name, value);
+            kept.append(name, value);
         }
     }
     let Some(fast) = fast::matched_parts(&Method::GET, path, query, body) else {
@@ -125,13 +132,14 @@ pub(crate) fn head(state: &AppState, buf: &[u8]) -> Head {
         method: &Method::GET,
         path,
         query,
-        headers: &tokens,
+        headers: &kept,
     };
     let passed = edge::admit(state, fast.label(), &asked);
     Head::Read(Read {
         len,
         close,
         query: query.map(str::to_owned),
+        headers: kept,
         fast,
         passed,
     })
@@ -161,14 +169,15 @@ pub(crate) async fn body_bytes(mut body: Body) -> Result<Bytes, axum::Error> {
     Ok(all.freeze())
 }
 
-/// Writes the head of an answer of `parts` with a body of `len` bytes to `out`, as hyper
-/// would: the status line, the handler's headers, `lines` (whole header lines, written as
-/// they are), `content-length`, `connection: close` when the connection ends after it, and
+/// Writes the head of an answer of `parts` with a body of `len` bytes (none: a stream of
+/// unknown length, sent in chunks) to `out`, as hyper would: the status line, the handler's
+/// headers, `lines` (whole header lines, written as they are), `content-length` or
+/// `transfer-encoding: chunked`, `connection: close` when the connection ends after it, and
 /// `date`.
 pub(crate) fn encode_head(
     parts: &Parts,
     lines: &[&str],
-    len: usize,
+    len: Option<usize>,
     close: bool,
     out: &mut Vec<u8>,
 ) {
@@ -198,10 +207,14 @@ pub(crate) fn encode_head(
     for line in lines {
         out.extend_from_slice(line.as_bytes());
     }
-    if has_body(parts.status) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
-        out.extend_from_slice(b"\r\n");
+    match len {
+        _ if !has_body(parts.status) => {}
+        Some(len) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -317,27 +330,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
-/// Writes `head` then `body`, in as few calls as the socket allows.
-pub(crate) async fn write_answer<W: AsyncWrite + Unpin>(
+/// Writes `parts` (at most four) in order, in as few calls as the socket allows, and
+/// flushes.
+pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
     io: &mut W,
-    head: &[u8],
-    body: &[u8],
+    parts: &mut [&[u8]],
 ) -> io::Result<()> {
+    const MOST: usize = 4;
     use tokio::io::AsyncWriteExt;
-    let (mut head, mut body) = (head, body);
-    while !head.is_empty() {
-        let n = io
-            .write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(body)])
-            .await?;
+    let mut first = 0;
+    while first < parts.len() {
+        if parts[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let mut slices = [io::IoSlice::new(&[]); MOST];
+        let count = (parts.len() - first).min(MOST);
+        for (slice, part) in slices.iter_mut().zip(&parts[first..first + count]) {
+            *slice = io::IoSlice::new(part);
+        }
+        let mut n = io.write_vectored(&slices[..count]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let from_head = n.min(head.len());
-        head = &head[from_head..];
-        body = &body[n - from_head..];
+        while n > 0 {
+            let take = n.min(parts[first].len());
+            parts[first] = &parts[first][take..];
+            n -= take;
+            if parts[first].is_empty() {
+                first += 1;
+            }
+        }
     }
-    io.write_all(body).await?;
     io.flush().await
+}
+
+/// A chunk's size line, as chunked transfer coding writes it.
+pub(crate) fn chunk_size_line(len: usize) -> String {
+    format!("{len:x}\r\n")
 }
 
 #[cfg(test)]
@@ -357,7 +387,7 @@ mod tests {
             .unwrap();
         let (parts, ()) = resp.into_parts();
         let mut out = Vec::new();
-        encode_head(&parts, &["x-a: b\r\n", ""], 12, false, &mut out);
+        encode_head(&parts, &["x-a: b\r\n", ""], Some(12), false, &mut out);
         let text = String::from_utf8(out).unwrap();
         let mut lines = text.split("\r\n");
         assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"));
@@ -381,7 +411,7 @@ mod tests {
             .unwrap()
             .into_parts();
         let mut out = Vec::new();
-        encode_head(&parts, &[], 0, true, &mut out);
+        encode_head(&parts, &[], Some(0), true, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{text}");
         assert!(text.contains("\r\nconnection: close\r\n"), "{text}");

@@ -407,3 +407,101 @@ async fn a_parked_read_whose_client_resets_gives_back_its_watcher_slot() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A stream's head (its body is read with [`chunks_until`]).
+async fn stream_head(conn: &mut Conn) -> Wire {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(len) = resp.parse(&conn.pending).unwrap() {
+            let wire = Wire {
+                status: resp.code.unwrap(),
+                headers: resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8(h.value.to_vec()).unwrap(),
+                        )
+                    })
+                    .collect(),
+                body: Vec::new(),
+            };
+            conn.pending.drain(..len);
+            return wire;
+        }
+        assert!(conn.fill().await, "closed before the stream's head");
+    }
+}
+
+/// Reads chunks (size line, bytes, CRLF) until `want` is in what they carried.
+async fn chunks_until(conn: &mut Conn, want: &str) -> String {
+    let mut body = String::new();
+    while !body.contains(want) {
+        let line_end = loop {
+            if let Some(at) = conn.pending.windows(2).position(|w| w == b"\r\n") {
+                break at;
+            }
+            assert!(conn.fill().await, "closed in the stream; got {body:?}");
+        };
+        let size_text = String::from_utf8(conn.pending[..line_end].to_vec()).unwrap();
+        let size = usize::from_str_radix(size_text.trim(), 16).unwrap();
+        assert!(size > 0, "the stream ended; got {body:?}");
+        let data = line_end + 2..line_end + 2 + size;
+        while conn.pending.len() < data.end + 2 {
+            assert!(conn.fill().await, "closed in a chunk");
+        }
+        body.push_str(std::str::from_utf8(&conn.pending[data.clone()]).unwrap());
+        assert_eq!(&conn.pending[data.end..data.end + 2], b"\r\n");
+        conn.pending.drain(..data.end + 2);
+    }
+    body
+}
+
+#[tokio::test]
+async fn the_push_stream_on_the_wire_is_chunked_and_carries_changes_as_hyper_does() {
+    let (addr, _stop) = serve(config()).await;
+    assert_eq!(
+        put(
+            addr,
+            "/api/v1/services/web/instances/w1",
+            None,
+            instance(80)
+        )
+        .await,
+        201
+    );
+    let target = "/api/v1/watch?service=web";
+    let mut ours = Conn::open(addr).await;
+    ours.send(&get(target, "")).await;
+    let mut hypers = Conn::open(addr).await;
+    hypers.send(&get("/healthz", "")).await;
+    assert_eq!(hypers.answer().await.status, 200);
+    hypers.send(&get(target, "")).await;
+
+    let our_head = stream_head(&mut ours).await;
+    let hyper_head = stream_head(&mut hypers).await;
+    assert_eq!(our_head.header("transfer-encoding"), Some("chunked"));
+    let our_first = chunks_until(&mut ours, "\n\n").await;
+    let hyper_first = chunks_until(&mut hypers, "\n\n").await;
+    assert_eq!(our_head.status, 200);
+    assert_eq!(our_head.comparable(), hyper_head.comparable());
+    assert!(our_first.starts_with("event: snapshot\n"), "{our_first:?}");
+    assert_eq!(our_first, hyper_first);
+
+    assert_eq!(
+        put(
+            addr,
+            "/api/v1/services/web/instances/w2",
+            None,
+            instance(81)
+        )
+        .await,
+        201
+    );
+    let ours_next = chunks_until(&mut ours, "w2").await;
+    let hypers_next = chunks_until(&mut hypers, "w2").await;
+    assert!(ours_next.contains("event: change"), "{ours_next:?}");
+    assert_eq!(ours_next, hypers_next);
+}
