@@ -63,6 +63,7 @@
 # Targets: muster >= 0.7x nginx and >= 5x etcd (req/s); on one server core, CPU per request at
 # most nginx's (the ratio >= 1.0); muster's native p99 < 2 ms.
 # Defaults (ROUNDS=12, DURATION=4, WARMUP=1, LAT_ROUNDS=3, LAT_DURATION=5) take about 9 minutes.
+# BUSY=1 runs parts 1-3 with a busy loop sharing the server CPU (see below).
 # AA=1 checks the method: a second agent (same build and flags) stands in for nginx and etcd
 # is left out, so every ratio should come out near 1.00.
 set -euo pipefail
@@ -338,6 +339,17 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 TOP_START=$(top_cpu)
 log "top CPU users at the start: $TOP_START"
 
+# BUSY=1: a machine getting busier. A busy loop of another process shares the server CPU with
+# every server through parts 1-3 (stopped before part 4, whose rates assume the core to
+# itself). Compare its ratios with a quiet run's: a server that degrades worse than nginx when
+# it has to share its core shows as a lower ratio; the "others" rows show the loop's share.
+HOG_PID=
+if [[ -n "${BUSY:-}" ]]; then
+    spawn busy-loop taskset -c "$SERVER_CPU" sh -c 'while :; do :; done'
+    HOG_PID=$SPAWNED_PID
+    log "BUSY: a busy loop (pid $HOG_PID) shares CPU $SERVER_CPU with the servers through parts 1-3"
+fi
+
 # --- 1-3. max req/s --------------------------------------------------------------------------
 
 # up N: round N's servers (started in its order), warmed up and checked.
@@ -413,6 +425,8 @@ else
 fi
 
 # --- 4. latency at a fixed rate, one server at a time ----------------------------------------
+
+[[ -z "$HOG_PID" ]] || stop "$HOG_PID"
 
 med() { python3 "$DRIVER" median "$1" "${@:2}" --digits "${DIGITS:-0}"; }
 # rate_of API: LAT_LOAD x 1e6 / muster's median CPU us per request, at most its median req/s,

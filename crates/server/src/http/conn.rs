@@ -1,5 +1,5 @@
-//! One HTTP connection: hyper's HTTP/1 server over the router, with the header-read and
-//! idle timeouts.
+//! One HTTP connection: discovery reads answered by [`front`], everything else by hyper's
+//! HTTP/1 server over the router, with the header-read and idle timeouts.
 //!
 //! hyper's own `header_read_timeout` starts whenever it waits for a request head, so on a
 //! kept-alive connection it would also be the idle timeout. The two are told apart here, as
@@ -101,33 +101,9 @@ where
             }
         };
         close |= shutdown.is_cancelled();
-        let (parts, body) = resp.into_parts();
-        let mut head = Vec::with_capacity(160 + 48 * parts.headers.len());
-        let written = if !front::has_body(parts.status) {
-            front::encode_head(&parts, &lines, None, close, &mut head);
-            front::write_all(&mut io, &mut [&head]).await.is_ok()
-        } else if let Some(exact) = http_body::Body::size_hint(&body).exact() {
-            let Ok(body) = front::body_bytes(body).await else {
-                return;
-            };
-            debug_assert_eq!(body.len() as u64, exact);
-            front::encode_head(&parts, &lines, Some(body.len()), close, &mut head);
-            front::write_all(&mut io, &mut [&head, &body]).await.is_ok()
-        } else {
-            front::encode_head(&parts, &lines, None, close, &mut head);
-            if front::write_all(&mut io, &mut [&head]).await.is_err() {
-                return;
-            }
-            match send_stream(body, &mut io, &mut buf, max_head).await {
-                Some(ended) => {
-                    close |= ended;
-                    true
-                }
-                None => false,
-            }
-        };
-        if !written {
-            return;
+        match write_response(resp, &lines, close, &mut io, &mut buf, max_head).await {
+            Some(ended) => close |= ended,
+            None => return,
         }
         drop(busy);
         if close {
@@ -135,6 +111,42 @@ where
             return;
         }
     }
+}
+
+/// Writes `resp` with `lines` (see [`front::encode_head`]), in one piece when its length is
+/// known, else in chunks. `None`: the connection failed and is to be dropped; else whether
+/// the client closed its side meanwhile.
+async fn write_response<S>(
+    resp: Response,
+    lines: &[&str],
+    close: bool,
+    io: &mut TimedIo<S>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Option<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (parts, body) = resp.into_parts();
+    let mut head = Vec::with_capacity(160 + 48 * parts.headers.len());
+    if !front::has_body(parts.status) {
+        front::encode_head(&parts, lines, None, close, &mut head);
+        return front::write_all(io, &mut [&head])
+            .await
+            .ok()
+            .map(|()| false);
+    }
+    if http_body::Body::size_hint(&body).exact().is_some() {
+        let body = front::body_bytes(body).await.ok()?;
+        front::encode_head(&parts, lines, Some(body.len()), close, &mut head);
+        return front::write_all(io, &mut [&head, &body])
+            .await
+            .ok()
+            .map(|()| false);
+    }
+    front::encode_head(&parts, lines, None, close, &mut head);
+    front::write_all(io, &mut [&head]).await.ok()?;
+    send_stream(body, io, buf, max).await
 }
 
 /// Sends `body`, a stream of unknown length, in chunks as its frames come, watching the
