@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use super::App;
 use super::edge::Admitted;
-use super::front::{self, Head, Rewind};
+use super::front::{self, Head};
 use axum::body::{Body, Bytes};
 use axum::http::Request;
 use axum::response::Response;
@@ -55,6 +55,8 @@ where
         idle_timeout: config.idle_timeout,
         armed: None,
         timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        rewound: Vec::new(),
+        rewound_at: 0,
     };
     let max_head = config.max_header_bytes.max(MIN_HEADER_BYTES);
     let mut buf: Vec<u8> = Vec::new();
@@ -65,7 +67,7 @@ where
                 Head::Partial if buf.len() < max_head => {}
                 // hyper answers it (400, 431, any other route), and the rest.
                 Head::Partial | Head::Other => {
-                    let io = Rewind::new(buf, io);
+                    io.rewound = buf;
                     return Box::pin(with_hyper(io, app, activity, config, shutdown)).await;
                 }
             }
@@ -369,6 +371,10 @@ struct TimedIo<S> {
     /// The deadline `timer` is set to, if it is armed.
     armed: Option<Instant>,
     timer: Pin<Box<Sleep>>,
+    /// Bytes read already (by [`front`]) that the next reads give again, from `rewound_at`,
+    /// so that hyper sees the connection from where the front left it.
+    rewound: Vec<u8>,
+    rewound_at: usize,
 }
 
 impl<S> TimedIo<S> {
@@ -403,6 +409,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.rewound_at < self.rewound.len() {
+            let this = &mut *self;
+            let n = buf.remaining().min(this.rewound.len() - this.rewound_at);
+            buf.put_slice(&this.rewound[this.rewound_at..this.rewound_at + n]);
+            this.rewound_at += n;
+            if this.rewound_at == this.rewound.len() {
+                this.rewound = Vec::new();
+                this.rewound_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         if let Poll::Ready(result) = Pin::new(&mut self.io).poll_read(cx, buf) {
             if buf.filled().len() > before {

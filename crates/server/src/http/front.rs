@@ -10,14 +10,12 @@
 //! Only what is plainly a discovery read is answered here: `GET`, HTTP/1.1, a path and
 //! query of ordinary characters, no body, no `Upgrade` or `Expect`, a `Connection` header of
 //! `close` or `keep-alive` at most. Anything else, and everything after it on the same
-//! connection, is hyper's: the bytes already read are handed to it ([`Rewind`]), so every
+//! connection, is hyper's: the bytes already read are read again first by it, so every
 //! other answer (400, 431, HEAD, other routes) stays hyper's and the router's.
 
 use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 // The `date` header is the wall clock, read at the edge.
 #[allow(clippy::disallowed_types)]
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +25,7 @@ use axum::http::response::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use bytes::BytesMut;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use super::edge::{self, Admitted, Asked};
 use super::fast::{self, Fast};
@@ -265,71 +263,6 @@ thread_local! {
     };
 }
 
-/// A connection whose first bytes were read already: they are read again first, so that
-/// hyper sees the connection from its start.
-pub(crate) struct Rewind<S> {
-    read: Vec<u8>,
-    at: usize,
-    io: S,
-}
-
-impl<S> Rewind<S> {
-    pub(crate) fn new(read: Vec<u8>, io: S) -> Rewind<S> {
-        Rewind { read, at: 0, io }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.at < self.read.len() {
-            let n = buf.remaining().min(self.read.len() - self.at);
-            let at = self.at;
-            buf.put_slice(&self.read[at..at + n]);
-            self.at += n;
-            if self.at == self.read.len() {
-                self.read = Vec::new();
-                self.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 /// Writes `parts` (at most four) in order, in as few calls as the socket allows, and
 /// flushes.
 pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
@@ -431,15 +364,5 @@ mod tests {
         ] {
             assert!(!t.bytes().all(plain), "{t}");
         }
-    }
-
-    #[tokio::test]
-    async fn a_rewound_connection_reads_its_first_bytes_again_then_the_rest() {
-        use tokio::io::AsyncReadExt;
-        let rest: &[u8] = b" world";
-        let mut r = Rewind::new(b"hello".to_vec(), rest);
-        let mut all = String::new();
-        r.read_to_string(&mut all).await.unwrap();
-        assert_eq!(all, "hello world");
     }
 }

@@ -81,11 +81,25 @@ impl Conn {
 
     /// The next answer, whole (by its `content-length`).
     async fn answer(&mut self) -> Wire {
+        let (mut wire, len) = self.head().await;
+        let body_len: usize = wire
+            .header("content-length")
+            .map_or(0, |v| v.parse().unwrap());
+        while self.pending.len() < len + body_len {
+            assert!(self.fill().await, "closed in the middle of an answer");
+        }
+        wire.body = self.pending[len..len + body_len].to_vec();
+        self.pending.drain(..len + body_len);
+        wire
+    }
+
+    /// The next answer's head (its body left in `pending`), and the head's length.
+    async fn head(&mut self) -> (Wire, usize) {
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut headers);
             if let httparse::Status::Complete(len) = resp.parse(&self.pending).unwrap() {
-                let headers: Vec<(String, String)> = resp
+                let headers = resp
                     .headers
                     .iter()
                     .map(|h| {
@@ -95,21 +109,12 @@ impl Conn {
                         )
                     })
                     .collect();
-                let status = resp.code.unwrap();
-                let body_len: usize = headers
-                    .iter()
-                    .find(|(n, _)| n == "content-length")
-                    .map_or(0, |(_, v)| v.parse().unwrap());
-                while self.pending.len() < len + body_len {
-                    assert!(self.fill().await, "closed in the middle of an answer");
-                }
-                let body = self.pending[len..len + body_len].to_vec();
-                self.pending.drain(..len + body_len);
-                return Wire {
-                    status,
+                let wire = Wire {
+                    status: resp.code.unwrap(),
                     headers,
-                    body,
+                    body: Vec::new(),
                 };
+                return (wire, len);
             }
             assert!(
                 self.fill().await,
@@ -144,6 +149,28 @@ async fn both_ways(addr: SocketAddr, target: &str, extra: &str) -> (Wire, Wire) 
     assert_eq!(hyper.answer().await.status, 200);
     hyper.send(&get(target, extra)).await;
     (ours, hyper.answer().await)
+}
+
+/// `web` with one instance registered, and a connection that read it: the connection and
+/// the index to park at.
+async fn web_registered(addr: SocketAddr) -> (Conn, String) {
+    let status = put(
+        addr,
+        "/api/v1/services/web/instances/w1",
+        None,
+        instance(80),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut conn = Conn::open(addr).await;
+    conn.send(&get("/api/v1/services/web", "")).await;
+    let index = conn
+        .answer()
+        .await
+        .header("x-muster-index")
+        .unwrap()
+        .to_string();
+    (conn, index)
 }
 
 async fn put(addr: SocketAddr, path: &str, token: Option<&str>, body: serde_json::Value) -> u16 {
@@ -309,24 +336,7 @@ async fn a_read_asking_to_close_is_answered_then_closed() {
 #[tokio::test]
 async fn a_client_that_closes_its_side_still_gets_its_parked_answer() {
     let (addr, _stop) = serve(config()).await;
-    assert_eq!(
-        put(
-            addr,
-            "/api/v1/services/web/instances/w1",
-            None,
-            instance(80)
-        )
-        .await,
-        201
-    );
-    let mut conn = Conn::open(addr).await;
-    conn.send(&get("/api/v1/services/web", "")).await;
-    let index = conn
-        .answer()
-        .await
-        .header("x-muster-index")
-        .unwrap()
-        .to_string();
+    let (mut conn, index) = web_registered(addr).await;
     conn.send(&get(
         &format!("/api/v1/services/web?index={index}&wait=300ms"),
         "",
@@ -345,24 +355,7 @@ async fn a_parked_read_whose_client_resets_gives_back_its_watcher_slot() {
     let mut c = config();
     c.max_watchers = 1;
     let (addr, _stop) = serve(c).await;
-    assert_eq!(
-        put(
-            addr,
-            "/api/v1/services/web/instances/w1",
-            None,
-            instance(80)
-        )
-        .await,
-        201
-    );
-    let mut first = Conn::open(addr).await;
-    first.send(&get("/api/v1/services/web", "")).await;
-    let index = first
-        .answer()
-        .await
-        .header("x-muster-index")
-        .unwrap()
-        .to_string();
+    let (mut first, index) = web_registered(addr).await;
     first
         .send(&get(
             &format!("/api/v1/services/web?index={index}&wait=5m"),
@@ -410,29 +403,9 @@ async fn a_parked_read_whose_client_resets_gives_back_its_watcher_slot() {
 
 /// A stream's head (its body is read with [`chunks_until`]).
 async fn stream_head(conn: &mut Conn) -> Wire {
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        if let httparse::Status::Complete(len) = resp.parse(&conn.pending).unwrap() {
-            let wire = Wire {
-                status: resp.code.unwrap(),
-                headers: resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8(h.value.to_vec()).unwrap(),
-                        )
-                    })
-                    .collect(),
-                body: Vec::new(),
-            };
-            conn.pending.drain(..len);
-            return wire;
-        }
-        assert!(conn.fill().await, "closed before the stream's head");
-    }
+    let (wire, len) = conn.head().await;
+    conn.pending.drain(..len);
+    wire
 }
 
 /// Reads chunks (size line, bytes, CRLF) until `want` is in what they carried.
