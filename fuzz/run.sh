@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 seconds="${FUZZ_SECONDS:-60}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-targets="${FUZZ_TARGETS:-dns_request http_request}"
+targets="${FUZZ_TARGETS:-dns_request http_request http_wire}"
 
 if [ "$seconds" = 0 ]; then
     echo "FUZZ_SECONDS=0: not fuzzing"

@@ -113,6 +113,18 @@ impl Service<Request> for App {
     }
 }
 
+/// Serves one HTTP connection over `stream` as the agent's listeners do (discovery reads by
+/// its own reader and writer, the rest by hyper), with the agent's HTTP limits and timeouts,
+/// until the client closes it, a timeout cuts it or `shutdown`. For driving the connection
+/// path without a socket (the wire fuzz target).
+pub async fn serve_connection<S>(stream: S, app: App, shutdown: tokio_util::sync::CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let config = app.state.config().http.clone();
+    conn::serve(stream, app, &config, shutdown).await;
+}
+
 /// The agent's HTTP service.
 pub fn app(state: AppState) -> App {
     let body_timeout = state.config().http.body_read_timeout;
