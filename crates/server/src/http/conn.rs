@@ -108,6 +108,11 @@ where
             None => return,
         }
         drop(busy);
+        if !buf.is_empty() {
+            // The next request began to arrive while this one was answered: its head has
+            // the header timeout, not the idle one.
+            io.head_begun();
+        }
         if close {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
             return;
@@ -180,8 +185,9 @@ where
                 if data.is_empty() {
                     continue;
                 }
-                let size = front::chunk_size_line(data.len());
-                front::write_all(io, &mut [size.as_bytes(), &data, b"\r\n"])
+                let mut line = [0u8; front::CHUNK_SIZE_LINE];
+                let size = front::chunk_size_line(data.len(), &mut line);
+                front::write_all(io, &mut [size, &data, b"\r\n"])
                     .await
                     .ok()?;
             }
@@ -418,6 +424,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
                 this.rewound = Vec::new();
                 this.rewound_at = 0;
             }
+            this.head_begun();
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

@@ -298,9 +298,18 @@ pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
     io.flush().await
 }
 
-/// A chunk's size line, as chunked transfer coding writes it.
-pub(crate) fn chunk_size_line(len: usize) -> String {
-    format!("{len:x}\r\n")
+/// Room for a chunk's size line: 16 hex digits and CRLF.
+pub(crate) const CHUNK_SIZE_LINE: usize = 18;
+
+/// A chunk's size line, as chunked transfer coding writes it (hex digits, CRLF), in `out`.
+pub(crate) fn chunk_size_line(len: usize, out: &mut [u8; CHUNK_SIZE_LINE]) -> &[u8] {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, slot) in out[..digits].iter_mut().enumerate() {
+        let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
+        *slot = b"0123456789abcdef"[nibble];
+    }
+    out[digits..digits + 2].copy_from_slice(b"\r\n");
+    &out[..digits + 2]
 }
 
 #[cfg(test)]
@@ -349,6 +358,15 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{text}");
         assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
         assert!(!text.contains("content-length"), "{text}");
+    }
+
+    #[test]
+    fn chunk_size_lines_are_lower_case_hex_and_crlf() {
+        for len in [0usize, 1, 9, 10, 15, 16, 255, 4096, 12_850, usize::MAX] {
+            let mut line = [0u8; CHUNK_SIZE_LINE];
+            let got = chunk_size_line(len, &mut line);
+            assert_eq!(got, format!("{len:x}\r\n").as_bytes(), "{len}");
+        }
     }
 
     #[test]

@@ -177,6 +177,33 @@ async fn blocking_queries_and_streams_outlive_the_header_and_idle_timeouts() {
 }
 
 #[tokio::test]
+async fn a_next_head_sent_with_a_discovery_read_has_the_header_timeout_not_the_idle_one() {
+    let (addr, _stop) = serve(limited(|c| {
+        c.http.header_read_timeout = Duration::from_millis(300);
+        c.http.idle_timeout = Duration::from_secs(30);
+    }))
+    .await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    // A whole discovery read, and the start of the next request in the same write.
+    stream
+        .write_all(b"GET /api/v1/services/web HTTP/1.1\r\nHost: muster\r\n\r\nGET /api/v1/serv")
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    let (got, closed) = read_to_close(&mut stream).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        closed - sent < Duration::from_secs(10),
+        "the unfinished head was given the idle timeout ({:?})",
+        closed - sent
+    );
+}
+
+#[tokio::test]
 async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_header_timeout() {
     let timeout = Duration::from_secs(1);
     let (addr, _stop) = serve(limited(|c| c.http.header_read_timeout = timeout)).await;
