@@ -284,11 +284,19 @@ impl From<Denied> for ApiError {
 /// `X-Consul-Results-Filtered-By-ACLs: true` on `resp` when `filtered` and the request
 /// carried a token (Consul never sends it otherwise, and never as false).
 pub fn mark_filtered(caller: &Caller, filtered: bool, mut resp: Response) -> Response {
-    if filtered && caller.presented() {
+    if let Some((name, value)) = filtered_flag(caller, filtered) {
         resp.headers_mut()
-            .insert(RESULTS_FILTERED.clone(), HeaderValue::from_static("true"));
+            .insert(name.clone(), HeaderValue::from_static(value));
     }
     resp
+}
+
+/// The header [`mark_filtered`] adds, if it adds one.
+pub fn filtered_flag(
+    caller: &Caller,
+    filtered: bool,
+) -> Option<(&'static HeaderName, &'static str)> {
+    (filtered && caller.presented()).then_some((&RESULTS_FILTERED, "true"))
 }
 
 #[cfg(test)]

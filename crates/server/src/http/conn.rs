@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::App;
 use super::edge::Admitted;
+use super::fast::Routed;
 use super::front::{self, Head};
 use axum::body::{Body, Bytes};
 use axum::http::Request;
@@ -89,21 +90,39 @@ where
             passed,
         } = read;
         buf.drain(..len);
-        let (resp, lines) = match passed {
-            Admitted::Refused(refused) => (refused, ["", ""]),
+        let answer = match passed {
+            Admitted::Refused(refused) => Err((refused, ["", ""])),
             Admitted::Passed(mut passed) => {
                 let caller = passed.caller.take();
                 let answer = fast.route(app.state.clone(), query, headers, caller);
-                let Some((resp, ended)) = watching(answer, &mut io, &mut buf, max_head).await
+                let Some((routed, ended)) = watching(answer, &mut io, &mut buf, max_head).await
                 else {
                     return;
                 };
                 close |= ended;
-                passed.finish_lines(&app.state, resp)
+                match routed {
+                    Routed::Json(json) => passed
+                        .finish_json(&app.state, json)
+                        .map_err(|resp| (resp, ["", ""])),
+                    Routed::Other(resp) => Err(passed.finish_lines(&app.state, resp)),
+                }
             }
         };
         close |= shutdown.is_cancelled();
-        match write_response(resp, &lines, close, &mut io, &mut buf, max_head).await {
+        let written = match answer {
+            Ok((json, lines)) => {
+                let mut head = Vec::with_capacity(256);
+                front::encode_json_head(&json, &lines, close, &mut head);
+                front::write_all(&mut io, &mut [&head, &json.body])
+                    .await
+                    .ok()
+                    .map(|()| false)
+            }
+            Err((resp, lines)) => {
+                write_response(resp, &lines, close, &mut io, &mut buf, max_head).await
+            }
+        };
+        match written {
             Some(ended) => close |= ended,
             None => return,
         }

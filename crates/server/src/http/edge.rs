@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, Method, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use foldhash::HashMap;
 use foldhash::HashMapExt;
 use futures::future::{BoxFuture, Either};
@@ -32,7 +32,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::auth::{self, Admission};
-use super::{cluster, limits};
+use super::{JsonRead, cluster, limits};
 use crate::AppState;
 use crate::acl::Caller;
 use crate::telemetry as m;
@@ -209,6 +209,26 @@ impl Passed {
         }
         (self.finish(state, resp), ["", ""])
     }
+
+    /// [`finish_lines`](Passed::finish_lines) for a discovery read's answer, which the front
+    /// writes without making it a `Response` while what the edge adds is the same on every
+    /// answer (a single agent); else (a cluster's staleness headers) the answer as a
+    /// `Response`, finished.
+    pub(crate) fn finish_json(
+        self,
+        state: &AppState,
+        json: JsonRead,
+    ) -> Result<(JsonRead, [&'static str; 2]), Response> {
+        let Some(staleness) = cluster::single_agent_staleness_lines(state) else {
+            return Err(self.finish(state, json.into_response()));
+        };
+        self.count.record(StatusCode::OK);
+        Ok(if self.consul {
+            (json, [staleness, auth::policy_header_line(state)])
+        } else {
+            (json, ["", ""])
+        })
+    }
 }
 
 /// Consul sends its default-policy header on every answer of its API, with ACLs off too
@@ -274,8 +294,13 @@ impl Count {
     }
 
     fn finish(self, resp: Response) -> Response {
+        self.record(resp.status());
+        resp
+    }
+
+    /// Counts the request as answered with `status`.
+    fn record(self, status: StatusCode) {
         let route = self.route.as_str();
-        let status = resp.status();
         ROUTES.with_borrow_mut(|routes| {
             // One lookup for every request but a route's first on this thread.
             let metrics = match routes.get_mut(route) {
@@ -307,7 +332,6 @@ impl Count {
                 })
                 .increment(1);
         });
-        resp
     }
 }
 

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 
 use super::edge::{Label, around};
-use super::{consul, native, watch};
+use super::{JsonRead, consul, native, watch};
 use crate::AppState;
 use crate::acl::Caller;
 
@@ -112,20 +112,45 @@ impl Fast {
         query: Option<String>,
         headers: HeaderMap,
         caller: Option<Caller>,
-    ) -> Response {
+    ) -> Routed {
         // With ACLs off there is no caller to hand on: the extractor's answer then.
         let caller = caller.unwrap_or_else(Caller::unrestricted);
         let (state, name, query) = (State(state), Path(self.service), RawQuery(query));
         match self.read {
-            Read::Native => native::discover(state, caller, name, query)
-                .await
-                .into_response(),
+            Read::Native => native::discover(state, caller, name, query).await.into(),
             Read::Consul => consul::catalog::health_service(state, caller, name, query)
                 .await
-                .into_response(),
-            Read::Watch => watch::stream(state, caller, headers, query)
-                .await
-                .into_response(),
+                .into(),
+            Read::Watch => Routed::Other(
+                watch::stream(state, caller, headers, query)
+                    .await
+                    .into_response(),
+            ),
+        }
+    }
+}
+
+/// A handler's answer: a discovery read's, or any other (an error, the stream).
+#[derive(Debug)]
+pub(crate) enum Routed {
+    Json(JsonRead),
+    Other(Response),
+}
+
+impl<E: IntoResponse> From<Result<JsonRead, E>> for Routed {
+    fn from(answer: Result<JsonRead, E>) -> Routed {
+        match answer {
+            Ok(json) => Routed::Json(json),
+            Err(e) => Routed::Other(e.into_response()),
+        }
+    }
+}
+
+impl IntoResponse for Routed {
+    fn into_response(self) -> Response {
+        match self {
+            Routed::Json(json) => json.into_response(),
+            Routed::Other(resp) => resp,
         }
     }
 }
@@ -146,7 +171,12 @@ pub(crate) fn answer(
         req,
         move |mut req, caller| {
             let headers = std::mem::take(req.headers_mut());
-            async move { Ok(fast.route(handler_state, query, headers, caller).await) }
+            async move {
+                Ok(fast
+                    .route(handler_state, query, headers, caller)
+                    .await
+                    .into_response())
+            }
         },
     )
 }

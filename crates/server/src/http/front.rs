@@ -27,6 +27,7 @@ use bytes::BytesMut;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWrite;
 
+use super::JsonRead;
 use super::edge::{self, Admitted, Asked};
 use super::fast::{self, Fast};
 use crate::AppState;
@@ -179,17 +180,7 @@ pub(crate) fn encode_head(
     close: bool,
     out: &mut Vec<u8>,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("<none>")
-            .as_bytes(),
-    );
-    out.extend_from_slice(b"\r\n");
+    status_line(parts.status, out);
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
@@ -197,27 +188,77 @@ pub(crate) fn encode_head(
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header_line(name.as_str(), value.as_bytes(), out);
     }
+    let len = len.filter(|_| has_body(parts.status));
+    let chunked = len.is_none() && has_body(parts.status);
+    end_head(
+        lines,
+        len,
+        chunked,
+        close,
+        !parts.headers.contains_key(header::DATE),
+        out,
+    );
+}
+
+/// [`encode_head`] for a discovery read's answer, as hyper would write it once it is a
+/// `Response` ([`JsonRead::into_response`](super::JsonRead)): the same headers, in the same
+/// order.
+pub(crate) fn encode_json_head(json: &JsonRead, lines: &[&str], close: bool, out: &mut Vec<u8>) {
+    status_line(StatusCode::OK, out);
+    out.extend_from_slice(b"content-type: application/json\r\n");
+    let (name, index) = json.index;
+    header_line(
+        name.as_str(),
+        itoa::Buffer::new().format(index).as_bytes(),
+        out,
+    );
+    if let Some((name, value)) = json.flag {
+        header_line(name.as_str(), value.as_bytes(), out);
+    }
+    end_head(lines, Some(json.body.len()), false, close, true, out);
+}
+
+fn status_line(status: StatusCode, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(name: &str, value: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a head: `lines`, the body's length (or chunked), `connection: close`, `date`
+/// (unless the handler set its own), and the blank line.
+fn end_head(
+    lines: &[&str],
+    len: Option<usize>,
+    chunked: bool,
+    close: bool,
+    date: bool,
+    out: &mut Vec<u8>,
+) {
     for line in lines {
         out.extend_from_slice(line.as_bytes());
     }
-    match len {
-        _ if !has_body(parts.status) => {}
-        Some(len) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    if let Some(len) = len {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    } else if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if date {
         out.extend_from_slice(b"date: ");
         DATE.with_borrow_mut(|date| out.extend_from_slice(date.now()));
         out.extend_from_slice(b"\r\n");

@@ -79,6 +79,35 @@ pub(crate) fn json_answer<const N: usize>(
     resp
 }
 
+/// A discovery read's answer before it is a [`Response`]: 200, a JSON body already rendered,
+/// and its two fixed headers. The router's path makes it a `Response` ([`json_answer`]);
+/// the [`front`] writes its head straight from it, with no header map to fill, hash and
+/// free: about 900 instructions of a read's 12,000.
+#[derive(Debug)]
+pub struct JsonRead {
+    /// The body.
+    pub body: axum::body::Bytes,
+    /// The header that carries the index the answer is at, and that index.
+    pub index: (&'static HeaderName, u64),
+    /// A header with a fixed value, if the answer has one (self-preservation, results
+    /// filtered by ACLs).
+    pub flag: Option<(&'static HeaderName, &'static str)>,
+}
+
+impl IntoResponse for JsonRead {
+    fn into_response(self) -> Response {
+        let index = (self.index.0.clone(), HeaderValue::from(self.index.1));
+        match self.flag {
+            Some((name, value)) => json_answer(
+                StatusCode::OK,
+                self.body,
+                [index, (name.clone(), HeaderValue::from_static(value))],
+            ),
+            None => json_answer(StatusCode::OK, self.body, [index]),
+        }
+    }
+}
+
 /// The agent's whole HTTP surface, ready to serve or to call with `oneshot` in tests: the
 /// router, with the discovery reads answered before it ([`fast`]).
 #[derive(Clone)]

@@ -22,8 +22,8 @@ use serde_json::json;
 
 use super::body::{self, query_params};
 use super::error::{ApiError, ErrorCode};
-use super::render;
 use super::watch::{Block, wait_for};
+use super::{JsonRead, render};
 use crate::AppState;
 use crate::acl::{Access, Caller, Resource};
 use crate::telemetry as m;
@@ -55,10 +55,15 @@ pub fn json_response(status: StatusCode, index: u64, preserving: bool, body: Byt
             (INDEX.clone(), HeaderValue::from(index)),
             (
                 PRESERVATION.clone(),
-                HeaderValue::from_static(if preserving { "true" } else { "false" }),
+                HeaderValue::from_static(preservation_value(preserving)),
             ),
         ],
     )
+}
+
+/// The self-preservation header's value.
+fn preservation_value(preserving: bool) -> &'static str {
+    if preserving { "true" } else { "false" }
 }
 
 fn value_response(status: StatusCode, snap: &Snapshot, v: serde_json::Value) -> Response {
@@ -150,18 +155,16 @@ pub async fn discover(
     caller: Caller,
     Path(service): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<JsonRead, ApiError> {
     let name = ServiceName::parse_lookup(&service)?;
     caller.require(Resource::Service, name.as_str(), Access::Read)?;
     let q = read_query(raw.as_deref(), true, &state.config().limits)?;
     let snap = wait_for(&state, q.block, |s| s.service_index(name.as_str())).await?;
-    let body = render::discovery(name.as_str(), &snap, &q.filter);
-    Ok(json_response(
-        StatusCode::OK,
-        snap.service_index(name.as_str()),
-        snap.self_preservation,
-        body,
-    ))
+    Ok(JsonRead {
+        body: render::discovery(name.as_str(), &snap, &q.filter),
+        index: (&INDEX, snap.service_index(name.as_str())),
+        flag: Some((&PRESERVATION, preservation_value(snap.self_preservation))),
+    })
 }
 
 /// `GET /api/v1/services`: every service with its instance counts and tags.

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -183,6 +184,19 @@ async fn put(addr: SocketAddr, path: &str, token: Option<&str>, body: serde_json
     req.send().await.unwrap().status().as_u16()
 }
 
+/// PUTs `body` with the management token; the answer's JSON body.
+async fn put_json(addr: SocketAddr, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let resp = reqwest::Client::new()
+        .put(format!("http://{addr}{path}"))
+        .header("x-consul-token", MANAGEMENT)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
+    resp.json().await.unwrap()
+}
+
 #[tokio::test]
 async fn discovery_reads_on_the_wire_answer_as_hyper_does() {
     let (addr, _stop) = serve(config()).await;
@@ -248,7 +262,32 @@ async fn with_acls_on_wire_reads_refuse_and_admit_as_hyper_does() {
     let management = format!("X-Consul-Token: {MANAGEMENT}\r\n");
     let bearer = format!("Authorization: Bearer {MANAGEMENT}\r\n");
     let unknown = "X-Consul-Token: 11111111-2222-3333-4444-555555555555\r\n";
+    // May read the service but no node: Consul's list leaves its entries out, and says so.
+    put_json(
+        addr,
+        "/v1/acl/policy",
+        json!({"Name": "disc-read", "Rules": "service \"disc\" { policy = \"read\" }"}),
+    )
+    .await;
+    let reader = put_json(
+        addr,
+        "/v1/acl/token",
+        json!({"Policies": [{"Name": "disc-read"}]}),
+    )
+    .await["SecretID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reader = format!("X-Consul-Token: {reader}\r\n");
+    let (ours, _) = both_ways(addr, "/v1/health/service/disc?passing", &reader).await;
+    assert_eq!(
+        ours.header("x-consul-results-filtered-by-acls"),
+        Some("true")
+    );
+    assert_eq!(&ours.body[..], b"[]");
     for (target, extra, expected) in [
+        ("/v1/health/service/disc?passing", reader.as_str(), 200),
+        ("/api/v1/services/disc", reader.as_str(), 200),
         ("/api/v1/services/disc", management.as_str(), 200),
         ("/v1/health/service/disc?passing", bearer.as_str(), 200),
         ("/api/v1/services/disc", "", 403),

@@ -19,7 +19,8 @@ use super::render::{self, Node};
 use super::{ConsulError, Query};
 use crate::AppState;
 use crate::acl::{Access, Caller, Resource};
-use crate::http::auth::mark_filtered;
+use crate::http::JsonRead;
+use crate::http::auth::{self, mark_filtered};
 use crate::http::watch::wait_for;
 
 /// Reads the query, and checks `dc`, `node-meta` and `filter`.
@@ -70,6 +71,18 @@ impl Read {
     }
 
     /// `resp`, marked when entries were left out.
+    /// A discovery read's answer at `index`, marked as [`answer`](Read::answer) does.
+    fn json_read(&self, index: u64, body: Bytes) -> JsonRead {
+        JsonRead {
+            body,
+            index: (&super::X_CONSUL_INDEX, index),
+            flag: auth::filtered_flag(
+                &self.caller,
+                self.filtered.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        }
+    }
+
     fn answer(&self, resp: Response) -> Response {
         mark_filtered(
             &self.caller,
@@ -358,7 +371,7 @@ pub async fn health_service(
     caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ConsulError> {
+) -> Result<JsonRead, ConsulError> {
     let r = read(&state, caller, raw.as_deref())?;
     let passing = r.q.bool("passing")?.unwrap_or(false);
     let key = service_key(&name);
@@ -366,7 +379,7 @@ pub async fn health_service(
     let tags = r.q.tags();
     let index = snap.service_index(&key);
     if !r.node_matches {
-        return Ok(super::json(index, &json!([])));
+        return Ok(r.json_read(index, Bytes::from_static(b"[]")));
     }
     let render = |tags: &[String]| -> Vec<Value> {
         let own = render::node(&r.node);
@@ -437,7 +450,7 @@ pub async fn health_service(
             None => Bytes::from_static(b"[]"),
         }
     };
-    Ok(r.answer(super::json_bytes(index, body)))
+    Ok(r.json_read(index, body))
 }
 
 /// `GET /v1/health/checks/:service`: the service's checks (no node checks).
