@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::App;
-use super::edge::Admitted;
+use super::edge::{Admitted, Finished};
 use super::fast::Routed;
 use super::front::{self, Head};
 use axum::body::{Body, Bytes};
@@ -91,7 +91,7 @@ where
         } = read;
         buf.drain(..len);
         let answer = match passed {
-            Admitted::Refused(refused) => Err((refused, ["", ""])),
+            Admitted::Refused(refused) => Finished::Response(refused, ["", ""]),
             Admitted::Passed(mut passed) => {
                 let caller = passed.caller.take();
                 let answer = fast.route(app.state.clone(), query, headers, caller);
@@ -101,16 +101,17 @@ where
                 };
                 close |= ended;
                 match routed {
-                    Routed::Json(json) => passed
-                        .finish_json(&app.state, json)
-                        .map_err(|resp| (resp, ["", ""])),
-                    Routed::Other(resp) => Err(passed.finish_lines(&app.state, resp)),
+                    Routed::Json(json) => passed.finish_json(&app.state, json),
+                    Routed::Other(resp) => {
+                        let (resp, lines) = passed.finish_lines(&app.state, resp);
+                        Finished::Response(resp, lines)
+                    }
                 }
             }
         };
         close |= shutdown.is_cancelled();
         let written = match answer {
-            Ok((json, lines)) => {
+            Finished::Json(json, lines) => {
                 let mut head = Vec::with_capacity(256);
                 front::encode_json_head(&json, &lines, close, &mut head);
                 front::write_all(&mut io, &mut [&head, &json.body])
@@ -118,7 +119,7 @@ where
                     .ok()
                     .map(|()| false)
             }
-            Err((resp, lines)) => {
+            Finished::Response(resp, lines) => {
                 write_response(resp, &lines, close, &mut io, &mut buf, max_head).await
             }
         };

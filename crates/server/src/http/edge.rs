@@ -214,21 +214,24 @@ impl Passed {
     /// writes without making it a `Response` while what the edge adds is the same on every
     /// answer (a single agent); else (a cluster's staleness headers) the answer as a
     /// `Response`, finished.
-    pub(crate) fn finish_json(
-        self,
-        state: &AppState,
-        json: JsonRead,
-    ) -> Result<(JsonRead, [&'static str; 2]), Response> {
+    pub(crate) fn finish_json(self, state: &AppState, json: JsonRead) -> Finished {
         let Some(staleness) = cluster::single_agent_staleness_lines(state) else {
-            return Err(self.finish(state, json.into_response()));
+            return Finished::Response(self.finish(state, json.into_response()), ["", ""]);
         };
         self.count.record(StatusCode::OK);
-        Ok(if self.consul {
-            (json, [staleness, auth::policy_header_line(state)])
+        if self.consul {
+            Finished::Json(json, [staleness, auth::policy_header_line(state)])
         } else {
-            (json, ["", ""])
-        })
+            Finished::Json(json, ["", ""])
+        }
     }
+}
+
+/// An answer the edge is done with, and the header lines the front adds to it (see
+/// [`Passed::finish_lines`]).
+pub(crate) enum Finished {
+    Json(JsonRead, [&'static str; 2]),
+    Response(Response, [&'static str; 2]),
 }
 
 /// Consul sends its default-policy header on every answer of its API, with ACLs off too
