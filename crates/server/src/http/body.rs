@@ -284,8 +284,20 @@ pub fn health_filter(value: &str) -> Result<HealthFilter, ApiError> {
 /// invalid UTF-8 replaced), which takes any string: the `Result` is for callers that
 /// treat this as one of several checks.
 pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
-    Ok(form_urlencoded::parse(raw.unwrap_or("").as_bytes())
-        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+    let raw = raw.unwrap_or("");
+    if raw.bytes().any(|b| b == b'%' || b == b'+') {
+        return Ok(form_urlencoded::parse(raw.as_bytes())
+            .map(|(key, value)| (key.into_owned(), value.into_owned()))
+            .collect());
+    }
+    // Nothing to decode (the common case): form_urlencoded's split, without its decoder.
+    Ok(raw
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key.to_owned(), value.to_owned())
+        })
         .collect())
 }
 
@@ -296,4 +308,32 @@ pub fn query_params(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError
     let mut pairs = query_pairs(raw)?;
     pairs.retain(|(key, _)| key != "token");
     Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_split_as_form_urlencoded_does_with_or_without_anything_to_decode() {
+        for raw in [
+            "",
+            "passing",
+            "passing&index=12&wait=5s",
+            "a&&b=",
+            "=x&&&",
+            "a=b=c",
+            "k=v&k=w&",
+            "tag=a%2Fb&x=1",
+            "q=one+two",
+            "name=%zz",
+            "node-meta=rack:r1&filter=Service.Tags%20contains%20%22a%22",
+        ] {
+            let expected: Vec<(String, String)> = form_urlencoded::parse(raw.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            assert_eq!(query_pairs(Some(raw)).unwrap(), expected, "{raw:?}");
+        }
+        assert!(query_pairs(None).unwrap().is_empty());
+    }
 }

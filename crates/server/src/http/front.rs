@@ -147,8 +147,25 @@ pub(crate) fn head(state: &AppState, buf: &[u8]) -> Head {
 /// A byte of a request target answered here: letters, digits and the URI punctuation that
 /// every parser on the way (hyper's `Uri` included) takes as it is.
 fn plain(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+    PLAIN[usize::from(b)]
 }
+
+/// [`plain`]'s answer for each byte, worked out once.
+static PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let punctuation = b"-._~!$&'()*+,;=:@/?%";
+    let mut i = 0;
+    while i < punctuation.len() {
+        table[punctuation[i] as usize] = true;
+        i += 1;
+    }
+    let mut b = 0u8;
+    while b < 128 {
+        table[b as usize] |= b.is_ascii_alphanumeric();
+        b += 1;
+    }
+    table
+};
 
 /// The whole of a response body. The answers given here are in memory already: one frame.
 pub(crate) async fn body_bytes(mut body: Body) -> Result<Bytes, axum::Error> {
