@@ -257,6 +257,81 @@ start_etcd_cluster() {
     ETCD_ENDPOINTS=${ETCD_ENDPOINTS%,}
 }
 
+# --- one server core: pinning and per-round ratios --------------------------------------------
+# The scripts that compare muster with a reference on one server core (see bench/discovery.sh)
+# run the servers on $SERVER_CPU and the load generator and their own helpers on $WRK_CPU.
+
+# start_nginx_pinned NAME PORT ROOT: nginx with ONE worker (start_nginx runs two), started pinned to
+# $SERVER_CPU, serving ROOT (JSON and XML with their types); sets NGINX_PID. Once it answers,
+# check_workers "$NGINX_PID" 1 checks the worker count.
+start_nginx_pinned() {
+    local name=$1 port=$2 root=$3 dir=$WORK/$1
+    nginx_conf "$dir" 1 "$port" "root $root;" "types { application/json json; application/xml xml; }"
+    spawn "$name" taskset -c "$SERVER_CPU" nginx -c "$dir/nginx.conf" -e "$dir/error.log"
+    NGINX_PID=$SPAWNED_PID
+}
+
+# check_workers PID N: PID (nginx's master) has N children.
+check_workers() {
+    local n
+    n=$(pgrep -c -P "$1" || true)
+    [[ "$n" == "$2" ]] || die "pid $1 runs $n workers, not $2"
+}
+
+# check_pinned PID: every thread of PID and of its children may run on $SERVER_CPU only.
+check_pinned() {
+    local pid=$1 p f cpus
+    # shellcheck disable=SC2046 # one word per child pid
+    for p in "$pid" $(pgrep -P "$pid" || true); do
+        for f in /proc/"$p"/task/*/status; do
+            cpus=$(awk '/^Cpus_allowed_list:/ {print $2}' "$f" 2>/dev/null) || continue
+            [[ -z "$cpus" || "$cpus" == "$SERVER_CPU" ]] || die "pid $p (${f#/proc/}) may run on CPUs $cpus, not $SERVER_CPU only"
+        done
+    done
+}
+
+# round_ratio DIR A B [cpu]: the median over rounds 1..$ROUNDS of A's requests/s / B's in the
+# same round, from DIR/A-R.json and DIR/B-R.json; with cpu, of B's server CPU per request / A's
+# (above 1 means A spends less per request).
+round_ratio() {
+    python3 - "$1" "$2" "$3" "$ROUNDS" "${4:-rps}" <<'PY'
+import json, statistics, sys
+d, a, b, n, what = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+R = lambda t, i: json.load(open(f"{d}/{t}-{i}.json"))
+if what == "cpu":
+    r = [R(b, i)["cpu_us_per_req"] / R(a, i)["cpu_us_per_req"] for i in range(1, n + 1)]
+else:
+    r = [R(a, i)["ok_rps"] / R(b, i)["ok_rps"] for i in range(1, n + 1)]
+print("%.3f" % statistics.median(r))
+PY
+}
+
+# ratio_rounds DIR A B LABEL_A LABEL_B: the per-round figures behind round_ratio, one line each:
+# the two ratios, then each side's requests/s and server CPU us per request.
+ratio_rounds() {
+    python3 - "$@" "$ROUNDS" <<'PY'
+import json, sys
+d, a, b, la, lb, n = sys.argv[1:7]
+n = int(n)
+R = lambda t, i: json.load(open(f"{d}/{t}-{i}.json"))
+row = lambda label, vals: print(f"    {label:<24}" + "".join(f"{v:>8}" for v in vals))
+row("round", range(1, n + 1))
+row("ratio req/s", ["%.3f" % (R(a, i)["ok_rps"] / R(b, i)["ok_rps"]) for i in range(1, n + 1)])
+row("ratio CPU/request", ["%.3f" % (R(b, i)["cpu_us_per_req"] / R(a, i)["cpu_us_per_req"]) for i in range(1, n + 1)])
+for t, label in ((a, la), (b, lb)):
+    row(f"{label} req/s", ["%.0f" % R(t, i)["ok_rps"] for i in range(1, n + 1)])
+    row(f"{label} CPU us/req", ["%.1f" % R(t, i)["cpu_us_per_req"] for i in range(1, n + 1)])
+PY
+}
+
+# busy FILE...: the median share of its CPU the server kept busy in these runs, in percent
+# (requests/s x CPU per request): near 100 means the server, not the load generator, set the pace.
+busy() {
+    python3 -c '
+import json, statistics, sys
+print("%.0f%%" % statistics.median(json.load(open(f))["ok_rps"] * json.load(open(f))["cpu_us_per_req"] / 1e4 for f in sys.argv[1:]))' "$@"
+}
+
 # Resident set size of PID in KiB.
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
