@@ -201,13 +201,10 @@ impl Passed {
         state: &AppState,
         resp: Response,
     ) -> (Response, [&'static str; 2]) {
-        if self.consul
-            && let Some(staleness) = cluster::single_agent_staleness_lines(state)
-        {
-            let policy = auth::policy_header_line(state);
-            return (self.count.finish(resp), [staleness, policy]);
+        match self.fixed_lines(state) {
+            Some(lines) => (self.count.finish(resp), lines),
+            None => (self.finish(state, resp), ["", ""]),
         }
-        (self.finish(state, resp), ["", ""])
     }
 
     /// [`finish_lines`](Passed::finish_lines) for a discovery read's answer, which the front
@@ -215,15 +212,25 @@ impl Passed {
     /// answer (a single agent); else (a cluster's staleness headers) the answer as a
     /// `Response`, finished.
     pub(crate) fn finish_json(self, state: &AppState, json: JsonRead) -> Finished {
-        let Some(staleness) = cluster::single_agent_staleness_lines(state) else {
-            return Finished::Response(self.finish(state, json.into_response()), ["", ""]);
-        };
-        self.count.record(StatusCode::OK);
-        if self.consul {
-            Finished::Json(json, [staleness, auth::policy_header_line(state)])
-        } else {
-            Finished::Json(json, ["", ""])
+        match self.fixed_lines(state) {
+            Some(lines) => {
+                self.count.record(StatusCode::OK);
+                Finished::Json(json, lines)
+            }
+            None => Finished::Response(self.finish(state, json.into_response()), ["", ""]),
         }
+    }
+
+    /// What [`finish`](Passed::finish) adds, as whole header lines, when it is the same on
+    /// every answer: on a single agent, nothing on the native API and the staleness pair and
+    /// default-policy header on Consul's; `None` in a cluster, whose staleness varies.
+    fn fixed_lines(&self, state: &AppState) -> Option<[&'static str; 2]> {
+        let staleness = cluster::single_agent_staleness_lines(state)?;
+        Some(if self.consul {
+            [staleness, auth::policy_header_line(state)]
+        } else {
+            ["", ""]
+        })
     }
 }
 

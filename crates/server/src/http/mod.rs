@@ -80,9 +80,9 @@ pub(crate) fn json_answer<const N: usize>(
 }
 
 /// A discovery read's answer before it is a [`Response`]: 200, a JSON body already rendered,
-/// and its two fixed headers. The router's path makes it a `Response` ([`json_answer`]);
-/// the [`front`] writes its head straight from it, with no header map to fill, hash and
-/// free: about 900 instructions of a read's 12,000.
+/// its index header and at most one fixed header. The router's path makes it a `Response`
+/// ([`json_answer`]); the [`front`] writes its head straight from it, with no header map to
+/// fill, hash and free and no boxed body: about 2,000 of a read's 10,800 instructions.
 #[derive(Debug)]
 pub struct JsonRead {
     /// The body.

@@ -70,7 +70,6 @@ impl Read {
             && (self.all_nodes || self.node_ok(&self.node.of_instance(i).name))
     }
 
-    /// `resp`, marked when entries were left out.
     /// A discovery read's answer at `index`, marked as [`answer`](Read::answer) does.
     fn json_read(&self, index: u64, body: Bytes) -> JsonRead {
         JsonRead {
@@ -83,6 +82,7 @@ impl Read {
         }
     }
 
+    /// `resp`, marked when entries were left out.
     fn answer(&self, resp: Response) -> Response {
         mark_filtered(
             &self.caller,
