@@ -235,18 +235,6 @@ check_same() {
     done
 }
 
-# check_pinned PID: every thread of PID and of its children may run on the server CPU only.
-check_pinned() {
-    local pid=$1 p f cpus
-    # shellcheck disable=SC2046 # one word per child pid
-    for p in "$pid" $(pgrep -P "$pid" || true); do
-        for f in /proc/"$p"/task/*/status; do
-            cpus=$(awk '/^Cpus_allowed_list:/ {print $2}' "$f" 2>/dev/null) || continue
-            [[ -z "$cpus" || "$cpus" == "$SERVER_CPU" ]] || die "pid $p (${f#/proc/}) may run on CPUs $cpus, not $SERVER_CPU only"
-        done
-    done
-}
-
 # start_servers NAME_SUFFIX WITH_ETCD: a fresh agent and reference (and etcd), the agent
 # first when the suffix's number is odd and last when it is even; then the reference gets the
 # agent's bytes and etcd its records, and everything is checked. Sets M_PORT/M_PID,
