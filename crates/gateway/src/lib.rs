@@ -18,6 +18,7 @@
 
 mod admin;
 mod budget;
+mod front;
 pub mod metric;
 pub mod policy;
 mod proxy;
@@ -26,6 +27,7 @@ mod server;
 mod table;
 pub mod tags;
 mod upstream;
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -262,6 +264,7 @@ impl Gateway {
             proxy,
             certs,
             http: server::http_builder(&config.limits),
+            limits: config.limits.clone(),
             drain: CancellationToken::new(),
             hard: CancellationToken::new(),
             tracker: TaskTracker::new(),

@@ -14,7 +14,7 @@ pub const REQUEST_SECONDS: &str = "muster_gateway_request_duration_seconds";
 pub const RETRIES: &str = "muster_gateway_retries_total";
 /// Retries not made because the retry budget was spent.
 pub const RETRIES_REFUSED: &str = "muster_gateway_retries_refused_total";
-/// Upstream failures, by `kind` (connect, protocol, timeout).
+/// Upstream failures, by `kind` (connect, protocol, timeout, body: an answer cut short).
 pub const UPSTREAM_ERRORS: &str = "muster_gateway_upstream_errors_total";
 /// Requests no route matched.
 pub const NO_ROUTE: &str = "muster_gateway_no_route_total";

@@ -25,6 +25,7 @@ use crate::metric;
 use crate::routes::{Protocol, Sticky};
 use crate::table::{Backend, Route, Table};
 use crate::upstream::{self, SendError, UpstreamBody};
+use crate::wire;
 
 /// The body of requests sent upstream: the client's, streamed, or kept whole for retries.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -51,7 +52,7 @@ pub struct ConnInfo {
     /// Whether it came over TLS.
     pub tls: bool,
     /// The client's address as `X-Forwarded-For` gives it, made once per connection.
-    peer_ip: HeaderValue,
+    pub(crate) peer_ip: HeaderValue,
 }
 
 impl ConnInfo {
@@ -77,18 +78,20 @@ pub struct ProxySettings {
 /// The proxy: the current table and the upstream connection pools.
 #[derive(Debug)]
 pub struct Proxy {
-    table: ArcSwap<Table>,
+    pub(crate) table: ArcSwap<Table>,
     http1: Arc<upstream::Pool>,
+    /// Plain connections, for the requests [`front`](crate::front) sends itself.
+    pub(crate) raw: Arc<upstream::Pool<wire::Conn>>,
     h2c: Client<HttpConnector, ProxyBody>,
-    budget: RetryBudget,
-    access_log: bool,
+    pub(crate) budget: RetryBudget,
+    pub(crate) access_log: bool,
 }
 
 /// Why a request got an answer of the gateway's own.
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+pub(crate) struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl Proxy {
@@ -109,6 +112,11 @@ impl Proxy {
                 settings.pool_idle_timeout,
                 MAX_IDLE_PER_INSTANCE,
             ),
+            raw: upstream::Pool::new(
+                settings.connect_timeout,
+                settings.pool_idle_timeout,
+                MAX_IDLE_PER_INSTANCE,
+            ),
             h2c,
             budget: RetryBudget::default(),
             access_log: settings.access_log,
@@ -118,6 +126,7 @@ impl Proxy {
     /// Closes the keep-alive connections to instances idle past the timeout.
     pub fn close_idle_upstreams(&self) {
         self.http1.close_idle();
+        self.raw.close_idle();
     }
 
     /// The table requests are routed by.
@@ -162,20 +171,10 @@ impl Proxy {
                 .cloned()
         };
         let (mut resp, log) = match route {
-            None => {
-                metrics::counter!(metric::NO_ROUTE).increment(1);
-                let refusal = Refusal {
-                    status: StatusCode::NOT_FOUND,
-                    code: "no_route",
-                    message: format!(
-                        "no route for {} {}{}",
-                        req.method(),
-                        request_host(&req),
-                        req.uri().path()
-                    ),
-                };
-                (refusal.response(), Log::default())
-            }
+            None => (
+                Refusal::no_route(req.method(), &request_host(&req), req.uri().path()).response(),
+                Log::default(),
+            ),
             Some(route) => self.routed(req, &route, conn, &request_id).await,
         };
         resp.headers_mut()
@@ -189,7 +188,7 @@ impl Proxy {
     /// A request that matched `route`.
     async fn routed(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         route: &Route,
         conn: &ConnInfo,
         request_id: &HeaderValue,
@@ -201,39 +200,17 @@ impl Proxy {
             ..Log::default()
         };
         if !route.spec.policy.is_empty() {
-            let (parts, body) = req.into_parts();
-            let checked = route.spec.policy.check(&parts, conn.peer.ip());
-            req = Request::from_parts(parts, body);
-            match checked {
+            match route.spec.policy.check(req.headers(), conn.peer.ip()) {
                 Ok(identity) => log.subject = identity.subject,
-                Err(denial) => {
-                    let (status, headers, body) = denial.into_response_parts();
-                    let mut resp = Response::new(Either::Right(Full::new(body)));
-                    *resp.status_mut() = status;
-                    resp.headers_mut().extend(headers);
-                    return (resp, log);
-                }
+                Err(denial) => return (own_response(denial.into_response_parts()), log),
             }
         }
         // The side: sticky by cookie or header when the route asks, else by weight.
-        let mut set_cookie = None;
-        let sticky_key = match &route.spec.sticky {
-            None => None,
-            Some(Sticky::Header(name)) => req.headers().get(name).map(|v| hash(v.as_bytes())),
-            Some(Sticky::Cookie(name)) => match cookie(req.headers(), name) {
-                Some(v) => Some(hash(v.as_bytes())),
-                None if route.sides.len() > 1 => {
-                    let value = format!("{:016x}", fastrand::u64(..));
-                    let key = hash(value.as_bytes());
-                    set_cookie = HeaderValue::from_str(&format!(
-                        "{name}={value}; Path=/; HttpOnly; SameSite=Lax"
-                    ))
-                    .ok();
-                    Some(key)
-                }
-                None => None,
-            },
-        };
+        let (sticky_key, set_cookie) = sticky(
+            route,
+            |name| req.headers().get(name).map(HeaderValue::as_bytes),
+            |name| cookie(req.headers(), name),
+        );
         let side = route.side(sticky_key);
         if log.on {
             log.service = Some(side.target.service.clone());
@@ -274,7 +251,7 @@ impl Proxy {
             request_id,
             upgrade,
         );
-        let path_and_query = rewrite(&parts.uri, route);
+        let path_and_query = rewrite(parts.uri.path(), parts.uri.query(), route);
         // A body is kept for a retry only if it is small and its length is known.
         let may_retry = route.spec.retries > 0 && idempotent(&parts.method) && !upgrade;
         let mut body = Some(body);
@@ -308,29 +285,17 @@ impl Proxy {
         } else {
             1
         };
-        let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Response<AnswerBody>> = None;
-        for attempt in 0..attempts {
-            if attempt > 0 {
-                if !self.budget.withdraw() {
-                    metrics::counter!(metric::RETRIES_REFUSED).increment(1);
-                    break;
-                }
-                side.metrics.retried();
-                log.retries += 1;
-            }
-            let avoid: Vec<&str> = tried.iter().map(String::as_str).collect();
-            let picked = match side.balancer.pick_avoiding(&PickReq::default(), &avoid) {
-                Ok(p) => p,
-                Err(_) => break,
-            };
+        let mut attempts = Attempts::new(side, attempts);
+        while let Some(picked) = attempts.next(&self.budget, log) {
             let up_body = match (&replay, body.take()) {
                 (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
                 (None, Some(b)) => Either::Left(b),
                 (None, None) => break,
             };
+            let can_retry = attempts.can_retry();
             // The headers are cloned only for an attempt that may be followed by another.
-            let headers = if attempt + 1 < attempts {
+            let headers = if can_retry {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
@@ -369,25 +334,15 @@ impl Proxy {
                 }
             })
             .await;
-            let can_retry = attempt + 1 < attempts;
             let failure = match sent {
                 Ok(Ok(mut resp)) => {
                     let status = resp.status();
-                    let failed = matches!(
-                        status,
-                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
-                    );
-                    if failed && can_retry {
-                        tried.push(picked.instance().id.clone());
-                        picked.record(Outcome::Failure);
+                    if retried_status(status) && can_retry {
+                        attempts.failed(picked);
                         last = Some(response_from(resp));
                         continue;
                     }
-                    picked.record(if status.is_server_error() {
-                        Outcome::Failure
-                    } else {
-                        Outcome::Success
-                    });
+                    picked.record(outcome(status));
                     if status == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_side) = client_upgrade {
                             let upstream_side = hyper::upgrade::on(&mut resp);
@@ -400,60 +355,105 @@ impl Proxy {
                 }
                 Ok(Err(e)) => {
                     let connect = matches!(e, SendError::Connect(_));
-                    metrics::counter!(metric::UPSTREAM_ERRORS, "kind" => if connect { "connect" } else { "protocol" }).increment(1);
-                    tracing::debug!(route = %route.spec.name, upstream = %picked.authority(), error = ?e, "upstream request failed");
-                    Refusal {
-                        status: StatusCode::BAD_GATEWAY,
-                        code: if connect {
-                            "upstream_unreachable"
-                        } else {
-                            "bad_upstream_response"
-                        },
-                        message: format!(
-                            "route {}: instance {} of {} at {} {}",
-                            route.spec.name,
-                            picked.instance().id,
-                            side.target.service,
-                            picked.authority(),
-                            if connect {
-                                "refused the connection"
-                            } else {
-                                "sent no valid HTTP answer"
-                            }
-                        ),
-                    }
+                    Refusal::upstream_failed(route, side, &picked, connect, &e)
                 }
                 Err(_) => {
-                    metrics::counter!(metric::UPSTREAM_ERRORS, "kind" => "timeout").increment(1);
-                    let refusal = Refusal {
-                        status: StatusCode::GATEWAY_TIMEOUT,
-                        code: "upstream_timeout",
-                        message: format!(
-                            "route {}: instance {} of {} did not answer within {:?}",
-                            route.spec.name,
-                            picked.instance().id,
-                            side.target.service,
-                            route.spec.timeout
-                        ),
-                    };
                     // Not retried: the instance may be working on it still.
+                    let refusal = Refusal::timed_out(route, side, &picked);
                     picked.record(Outcome::Failure);
                     return refusal.response();
                 }
             };
             if can_retry {
-                tried.push(picked.instance().id.clone());
-                picked.record(Outcome::Failure);
+                attempts.failed(picked);
                 last = Some(failure.response());
                 continue;
             }
             picked.record(Outcome::Failure);
             return failure.response();
         }
+        last.unwrap_or_else(|| Refusal::no_healthy_instance(route, side).response())
+    }
+}
 
-        if let Some(resp) = last {
-            return resp;
+/// Whether an instance's answer with `status` sends the request to another instance.
+pub(crate) fn retried_status(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+    )
+}
+
+/// What an answer with `status` says about the instance's health.
+pub(crate) fn outcome(status: StatusCode) -> Outcome {
+    if status.is_server_error() {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    }
+}
+
+impl Refusal {
+    /// No route for the request.
+    pub(crate) fn no_route(method: &Method, host: &str, path: &str) -> Refusal {
+        metrics::counter!(metric::NO_ROUTE).increment(1);
+        Refusal {
+            status: StatusCode::NOT_FOUND,
+            code: "no_route",
+            message: format!("no route for {method} {host}{path}"),
         }
+    }
+
+    /// `picked` could not be reached (`connect`) or sent no valid answer.
+    pub(crate) fn upstream_failed(
+        route: &Route,
+        side: &Backend,
+        picked: &Picked,
+        connect: bool,
+        error: &dyn std::fmt::Debug,
+    ) -> Refusal {
+        metrics::counter!(metric::UPSTREAM_ERRORS, "kind" => if connect { "connect" } else { "protocol" }).increment(1);
+        tracing::debug!(route = %route.spec.name, upstream = %picked.authority(), ?error, "upstream request failed");
+        Refusal {
+            status: StatusCode::BAD_GATEWAY,
+            code: if connect {
+                "upstream_unreachable"
+            } else {
+                "bad_upstream_response"
+            },
+            message: format!(
+                "route {}: instance {} of {} at {} {}",
+                route.spec.name,
+                picked.instance().id,
+                side.target.service,
+                picked.authority(),
+                if connect {
+                    "refused the connection"
+                } else {
+                    "sent no valid HTTP answer"
+                }
+            ),
+        }
+    }
+
+    /// `picked` did not answer within the route's timeout.
+    pub(crate) fn timed_out(route: &Route, side: &Backend, picked: &Picked) -> Refusal {
+        metrics::counter!(metric::UPSTREAM_ERRORS, "kind" => "timeout").increment(1);
+        Refusal {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            code: "upstream_timeout",
+            message: format!(
+                "route {}: instance {} of {} did not answer within {:?}",
+                route.spec.name,
+                picked.instance().id,
+                side.target.service,
+                route.spec.timeout
+            ),
+        }
+    }
+
+    /// No instance of `side` was left to try.
+    pub(crate) fn no_healthy_instance(route: &Route, side: &Backend) -> Refusal {
         let mut target = side.target.service.clone();
         if !side.target.tags.is_empty() {
             target.push_str(&format!(" with tags {:?}", side.target.tags));
@@ -469,26 +469,87 @@ impl Proxy {
                 route.spec.name
             ),
         }
-        .response()
     }
-}
 
-impl Refusal {
-    fn response(self) -> Response<AnswerBody> {
+    /// The answer: status, headers and a JSON body naming the reason.
+    pub(crate) fn into_parts(self) -> (StatusCode, HeaderMap, Bytes) {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
         let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
         bytes.push(b'\n');
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(bytes))));
-        *resp.status_mut() = self.status;
-        resp.headers_mut().insert(
+        let mut headers = HeaderMap::new();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        resp
+        (self.status, headers, Bytes::from(bytes))
+    }
+
+    fn response(self) -> Response<AnswerBody> {
+        own_response(self.into_parts())
+    }
+}
+
+/// An answer of the gateway's own as a response.
+fn own_response((status, headers, body): (StatusCode, HeaderMap, Bytes)) -> Response<AnswerBody> {
+    let mut resp = Response::new(Either::Right(Full::new(body)));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// The instances a request tries in turn: the first, then (while attempts, the retry
+/// budget and instances last) another it has not tried yet.
+pub(crate) struct Attempts<'s> {
+    side: &'s Backend,
+    total: u32,
+    made: u32,
+    tried: Vec<String>,
+}
+
+impl<'s> Attempts<'s> {
+    /// Up to `total` attempts on `side`'s instances.
+    pub(crate) fn new(side: &'s Backend, total: u32) -> Attempts<'s> {
+        Attempts {
+            side,
+            total,
+            made: 0,
+            tried: Vec::new(),
+        }
+    }
+
+    /// The instance for the next attempt, if one may be made.
+    pub(crate) fn next(&mut self, budget: &RetryBudget, log: &mut Log) -> Option<Picked> {
+        if self.made >= self.total {
+            return None;
+        }
+        if self.made > 0 {
+            if !budget.withdraw() {
+                metrics::counter!(metric::RETRIES_REFUSED).increment(1);
+                return None;
+            }
+            self.side.metrics.retried();
+            log.retries += 1;
+        }
+        self.made += 1;
+        let avoid: Vec<&str> = self.tried.iter().map(String::as_str).collect();
+        self.side
+            .balancer
+            .pick_avoiding(&PickReq::default(), &avoid)
+            .ok()
+    }
+
+    /// Whether another attempt may follow this one.
+    pub(crate) fn can_retry(&self) -> bool {
+        self.made < self.total
+    }
+
+    /// `picked` failed, and the next attempt goes elsewhere.
+    pub(crate) fn failed(&mut self, picked: Picked) {
+        self.tried.push(picked.instance().id.clone());
+        picked.record(Outcome::Failure);
     }
 }
 
@@ -520,7 +581,7 @@ fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
         return host.split(']').next().map_or(host, |h| &host[..=h.len()]);
@@ -565,7 +626,7 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-fn idempotent(method: &Method) -> bool {
+pub(crate) fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -698,8 +759,7 @@ fn prepare_headers(
 }
 
 /// The path and query for the upstream: `strip` removed, `prepend` added.
-fn rewrite(uri: &Uri, route: &Route) -> String {
-    let path = uri.path();
+pub(crate) fn rewrite(path: &str, query: Option<&str>, route: &Route) -> String {
     let mut out = String::with_capacity(path.len() + 16);
     let stripped = match route.spec.strip.as_deref() {
         Some(s) if s != "/" => match path.strip_prefix(s) {
@@ -723,7 +783,7 @@ fn rewrite(uri: &Uri, route: &Route) -> String {
     if out.is_empty() {
         out.push('/');
     }
-    if let Some(q) = uri.query() {
+    if let Some(q) = query {
         out.push('?');
         out.push_str(q);
     }
@@ -785,20 +845,51 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     metrics::gauge!(metric::UPGRADED).decrement(1.0);
 }
 
+/// The side key of a request to a sticky `route` (from the header it names, or its
+/// cookie), and the cookie to set when the request has none and the route is split.
+pub(crate) fn sticky<'r>(
+    route: &Route,
+    header: impl FnOnce(&HeaderName) -> Option<&'r [u8]>,
+    cookie: impl FnOnce(&str) -> Option<&'r str>,
+) -> (Option<u64>, Option<HeaderValue>) {
+    match &route.spec.sticky {
+        None => (None, None),
+        Some(Sticky::Header(name)) => (header(name).map(hash), None),
+        Some(Sticky::Cookie(name)) => match cookie(name) {
+            Some(v) => (Some(hash(v.as_bytes())), None),
+            None if route.sides.len() > 1 => {
+                let value = format!("{:016x}", fastrand::u64(..));
+                let set = HeaderValue::from_str(&format!(
+                    "{name}={value}; Path=/; HttpOnly; SameSite=Lax"
+                ))
+                .ok();
+                (Some(hash(value.as_bytes())), set)
+            }
+            None => (None, None),
+        },
+    }
+}
+
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k == name && !v.is_empty()).then_some(v)
-        })
+    cookie_in(
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+        name,
+    )
+}
+
+/// The value of cookie `name` in `Cookie` header values.
+pub(crate) fn cookie_in<'h>(values: impl Iterator<Item = &'h str>, name: &str) -> Option<&'h str> {
+    values.flat_map(|v| v.split(';')).find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name && !v.is_empty()).then_some(v)
+    })
 }
 
 /// FNV-1a, stable across processes: the same user lands on the same side after a restart.
-fn hash(bytes: &[u8]) -> u64 {
+pub(crate) fn hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
@@ -808,7 +899,7 @@ fn hash(bytes: &[u8]) -> u64 {
 }
 
 /// 32 random hex digits.
-fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
     for (half, word) in out
@@ -830,29 +921,35 @@ fn wall_clock() -> std::time::SystemTime {
 
 /// What the access log line says beyond the request itself.
 #[derive(Debug, Default)]
-struct Log {
+pub(crate) struct Log {
     /// Whether there is an access log (else the fields stay empty).
-    on: bool,
-    route: Option<String>,
-    service: Option<String>,
-    instance: Option<String>,
-    upstream: Option<String>,
-    subject: Option<String>,
-    retries: u32,
+    pub on: bool,
+    pub route: Option<String>,
+    pub service: Option<String>,
+    pub instance: Option<String>,
+    pub upstream: Option<String>,
+    pub subject: Option<String>,
+    pub retries: u32,
 }
 
 /// What the access log takes of a request before it moves on.
-struct Asked {
-    method: Method,
-    host: String,
-    path: String,
-    started: Instant,
+pub(crate) struct Asked {
+    pub method: Method,
+    pub host: String,
+    pub path: String,
+    pub started: Instant,
 }
 
 impl Log {
     /// Writes the request's line to stdout: built in a buffer of the thread's, then written
     /// whole (stdout is line-buffered, so a line in pieces would be scanned piece by piece).
-    fn write(&self, asked: &Asked, status: StatusCode, conn: &ConnInfo, request_id: &HeaderValue) {
+    pub(crate) fn write(
+        &self,
+        asked: &Asked,
+        status: StatusCode,
+        conn: &ConnInfo,
+        request_id: &HeaderValue,
+    ) {
         use std::io::Write;
         thread_local! {
             static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };

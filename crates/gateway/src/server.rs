@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::front;
 use crate::metric;
 use crate::proxy::{ConnInfo, Proxy};
 use muster_tls::Certs;
@@ -39,6 +40,7 @@ pub(crate) struct Shared {
     pub proxy: Arc<Proxy>,
     pub certs: Option<Arc<Certs>>,
     pub http: auto::Builder<TokioExecutor>,
+    pub limits: Limits,
     /// Graceful: finish what is in flight, then close.
     pub drain: CancellationToken,
     /// The drain deadline passed: close now.
@@ -112,6 +114,10 @@ async fn connection(stream: TcpStream, peer: std::net::SocketAddr, shared: &Shar
                 h = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => h,
             };
             match handshake {
+                // HTTP/2 (by ALPN) is hyper's from the start.
+                Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                    with_hyper(tls, Arc::new(ConnInfo::new(peer, true)), shared).await;
+                }
                 Ok(Ok(tls)) => serve(tls, ConnInfo::new(peer, true), shared).await,
                 Ok(Err(e)) => {
                     metrics::counter!(metric::TLS_HANDSHAKE_ERRORS).increment(1);
@@ -126,13 +132,26 @@ async fn connection(stream: TcpStream, peer: std::net::SocketAddr, shared: &Shar
     }
 }
 
+/// Serves a connection: plain HTTP/1.1 requests by [`front`], until one that is not (then
+/// the rest of the connection is hyper's); cut when the drain deadline passes.
 async fn serve<I>(io: I, info: ConnInfo, shared: &Shared)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::select! {
+        () = front::serve(io, Arc::new(info), shared) => {}
+        () = shared.hard.cancelled() => {}
+    }
+}
+
+/// Serves a connection with hyper (HTTP/1.1 with upgrades, or HTTP/2), draining it
+/// gracefully on shutdown.
+pub(crate) async fn with_hyper<I>(io: I, info: Arc<ConnInfo>, shared: &Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let proxy = shared.proxy.clone();
     let info_peer = info.peer;
-    let info = std::sync::Arc::new(info);
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         proxy.clone().handle(req, info.clone())
     });

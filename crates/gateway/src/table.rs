@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use muster_client::balance::{BalanceConfig, Balancer};
 use muster_client::{Health, Instance};
 
@@ -68,12 +68,31 @@ impl Route {
         usize::from(!self.spec.methods.is_empty()) + self.spec.headers.len()
     }
 
-    fn accepts(&self, method: &Method, headers: &HeaderMap) -> bool {
+    fn accepts<H: RequestHeaders + ?Sized>(&self, method: &Method, headers: &H) -> bool {
         (self.spec.methods.is_empty() || self.spec.methods.contains(method))
             && self.spec.headers.iter().all(|h| match &h.value {
-                None => headers.contains_key(&h.name),
-                Some(v) => headers.get_all(&h.name).iter().any(|got| got == v),
+                None => headers.has(&h.name),
+                Some(v) => headers.has_value(&h.name, v),
             })
+    }
+}
+
+/// What route matching reads of a request's headers: a header map (hyper's requests), or
+/// the head the gateway's own HTTP/1.1 reader parsed in place.
+pub trait RequestHeaders {
+    /// Whether the request has a `name` header.
+    fn has(&self, name: &HeaderName) -> bool;
+    /// Whether one of its `name` headers is exactly `value`.
+    fn has_value(&self, name: &HeaderName, value: &HeaderValue) -> bool;
+}
+
+impl RequestHeaders for HeaderMap {
+    fn has(&self, name: &HeaderName) -> bool {
+        self.contains_key(name)
+    }
+
+    fn has_value(&self, name: &HeaderName, value: &HeaderValue) -> bool {
+        self.get_all(name).iter().any(|got| got == value)
     }
 }
 
@@ -96,12 +115,12 @@ pub struct Table {
 
 impl Table {
     /// The route for a request, if any. `host` is lower-case without a port.
-    pub fn find(
+    pub fn find<H: RequestHeaders + ?Sized>(
         &self,
         host: &str,
         path: &str,
         method: &Method,
-        headers: &HeaderMap,
+        headers: &H,
     ) -> Option<&Arc<Route>> {
         if let Some(p) = self.exact.get(host)
             && let Some(r) = lookup(p, path, method, headers)
@@ -125,11 +144,11 @@ impl Table {
     }
 }
 
-fn lookup<'t>(
+fn lookup<'t, H: RequestHeaders + ?Sized>(
     prefixes: &'t Prefixes,
     path: &str,
     method: &Method,
-    headers: &HeaderMap,
+    headers: &H,
 ) -> Option<&'t Arc<Route>> {
     if prefixes.is_empty() {
         return None;

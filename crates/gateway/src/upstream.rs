@@ -1,5 +1,7 @@
-//! HTTP/1.1 connections to instances: a pool of keep-alive connections per instance address,
-//! on hyper's connection-level client.
+//! HTTP/1.1 connections to instances: a pool of keep-alive connections per instance address.
+//! [`Pool`] holds either kind of connection the gateway has: hyper's connection-level client
+//! (requests hyper serves) or a plain socket ([`wire`](crate::wire), the gateway's own
+//! HTTP/1.1 client for plain requests).
 //!
 //! A request takes an idle connection of its instance (or opens one), sends on it, and the
 //! connection goes back to the pool when the answer's body has been read to its end. Nothing
@@ -44,33 +46,44 @@ impl std::fmt::Display for SendError {
     }
 }
 
-/// An idle connection and when it became idle.
-struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
-    since: Instant,
+/// A connection a [`Pool`] keeps.
+pub trait Pooled {
+    /// Whether the instance closed it (or it is otherwise of no more use).
+    fn is_closed(&self) -> bool;
 }
 
-impl Idle {
-    /// Still open, and idle for less than `timeout` at `now`.
-    fn usable(&self, now: Instant, timeout: Duration) -> bool {
-        !self.sender.is_closed() && now.duration_since(self.since) < timeout
+impl Pooled for http1::SendRequest<ProxyBody> {
+    fn is_closed(&self) -> bool {
+        http1::SendRequest::is_closed(self)
     }
 }
 
-#[derive(Default)]
-struct Idles {
-    by_authority: HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>,
+/// An idle connection and when it became idle.
+struct Idle<C> {
+    conn: C,
+    since: Instant,
+}
+
+impl<C: Pooled> Idle<C> {
+    /// Still open, and idle for less than `timeout` at `now`.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.since) < timeout && !self.conn.is_closed()
+    }
+}
+
+struct Idles<C> {
+    by_authority: HashMap<Box<str>, Vec<Idle<C>>, foldhash::fast::RandomState>,
 }
 
 /// Keep-alive HTTP/1.1 connections to instances, by `address:port`.
-pub struct Pool {
-    idle: Mutex<Idles>,
+pub struct Pool<C = http1::SendRequest<ProxyBody>> {
+    idle: Mutex<Idles<C>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_authority: usize,
 }
 
-impl std::fmt::Debug for Pool {
+impl<C> std::fmt::Debug for Pool<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let idle = self.lock();
         f.debug_struct("Pool")
@@ -83,26 +96,91 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-impl Pool {
+impl<C> Pool<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idles<C>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<C: Pooled> Pool<C> {
     /// A pool that connects within `connect_timeout` and keeps idle connections for
     /// `idle_timeout`, at most `max_idle_per_authority` of them per instance.
     pub fn new(
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle_per_authority: usize,
-    ) -> Arc<Pool> {
+    ) -> Arc<Pool<C>> {
         Arc::new(Pool {
-            idle: Mutex::new(Idles::default()),
+            idle: Mutex::new(Idles {
+                by_authority: HashMap::default(),
+            }),
             connect_timeout,
             idle_timeout,
             max_idle_per_authority,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Idles> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    /// The most recently used idle connection to `authority` that is still open.
+    pub(crate) fn checkout(&self, authority: &str) -> Option<C> {
+        let mut idle = self.lock();
+        let list = idle.by_authority.get_mut(authority)?;
+        let now = Instant::now();
+        let mut found = None;
+        while let Some(c) = list.pop() {
+            if c.usable(now, self.idle_timeout) {
+                found = Some(c.conn);
+                break;
+            }
+        }
+        if list.is_empty() {
+            idle.by_authority.remove(authority);
+        }
+        found
     }
 
+    /// Closes the connections idle past the timeout (dropping one closes it), and forgets
+    /// those the instances closed.
+    pub fn close_idle(&self) {
+        let now = Instant::now();
+        let timeout = self.idle_timeout;
+        self.lock().by_authority.retain(|_, list| {
+            list.retain(|c| c.usable(now, timeout));
+            !list.is_empty()
+        });
+    }
+
+    /// Keeps a connection whose answer was read to its end.
+    pub(crate) fn put(&self, authority: &str, conn: C) {
+        if conn.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let list = match idle.by_authority.get_mut(authority) {
+            Some(list) => list,
+            None => idle.by_authority.entry(authority.into()).or_default(),
+        };
+        if list.len() < self.max_idle_per_authority {
+            list.push(Idle { conn, since: now });
+        }
+    }
+
+    /// A new TCP connection to `authority`, made within the connect timeout.
+    pub(crate) async fn connect_tcp(&self, authority: &str) -> Result<TcpStream, SendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority))
+            .await
+            .map_err(|_| {
+                SendError::Connect(
+                    format!("no connection within {:?}", self.connect_timeout).into(),
+                )
+            })?
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+impl Pool {
     /// Sends `req` (origin-form URI) to the instance at `authority` (`address:port`).
     ///
     /// A pooled connection that turns out to be closed before the request was written to it
@@ -149,58 +227,8 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection to `authority` that is still open.
-    fn checkout(&self, authority: &str) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut idle = self.lock();
-        let list = idle.by_authority.get_mut(authority)?;
-        let now = Instant::now();
-        let mut found = None;
-        while let Some(c) = list.pop() {
-            if c.usable(now, self.idle_timeout) {
-                found = Some(c.sender);
-                break;
-            }
-        }
-        if list.is_empty() {
-            idle.by_authority.remove(authority);
-        }
-        found
-    }
-
-    /// Closes the connections idle past the timeout (dropping a sender closes its
-    /// connection), and forgets those the instances closed.
-    pub fn close_idle(&self) {
-        let now = Instant::now();
-        let timeout = self.idle_timeout;
-        self.lock().by_authority.retain(|_, list| {
-            list.retain(|c| c.usable(now, timeout));
-            !list.is_empty()
-        });
-    }
-
-    /// Returns a connection whose answer was read to its end.
-    fn put(&self, authority: Box<str>, sender: http1::SendRequest<ProxyBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let now = Instant::now();
-        let mut idle = self.lock();
-        let list = idle.by_authority.entry(authority).or_default();
-        if list.len() < self.max_idle_per_authority {
-            list.push(Idle { sender, since: now });
-        }
-    }
-
     async fn connect(&self, authority: &str) -> Result<http1::SendRequest<ProxyBody>, SendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority))
-            .await
-            .map_err(|_| {
-                SendError::Connect(
-                    format!("no connection within {:?}", self.connect_timeout).into(),
-                )
-            })?
-            .map_err(|e| SendError::Connect(e.into()))?;
-        let _ = stream.set_nodelay(true);
+        let stream = self.connect_tcp(authority).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -249,7 +277,7 @@ impl UpstreamBody {
         if self.inner.is_end_stream()
             && let Some(b) = self.back.take()
         {
-            b.pool.put(b.authority, b.sender);
+            b.pool.put(&b.authority, b.sender);
         }
     }
 }
@@ -274,7 +302,7 @@ impl Body for UpstreamBody {
         match &polled {
             Poll::Ready(None) => {
                 if let Some(b) = self.back.take() {
-                    b.pool.put(b.authority, b.sender);
+                    b.pool.put(&b.authority, b.sender);
                 }
             }
             Poll::Ready(Some(Err(_))) => self.back = None,

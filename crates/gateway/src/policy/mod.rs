@@ -78,31 +78,27 @@ impl RoutePolicy {
         self.access.is_empty() && self.auth.is_none() && self.rate.is_none()
     }
 
-    /// Checks a request, in this order: the CIDR lists (403), authentication (401), the rate
-    /// limit (429). `peer` is the address the connection came from.
-    pub fn check(&self, head: &http::request::Parts, peer: IpAddr) -> Result<Identity, Denial> {
+    /// Checks a request by its headers, in this order: the CIDR lists (403), authentication
+    /// (401), the rate limit (429). `peer` is the address the connection came from.
+    pub fn check(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Identity, Denial> {
         // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; the lists and the
         // per-IP buckets are written in plain IPv4.
         let peer = peer.to_canonical();
-        let outcome = self.check_in_order(head, peer);
+        let outcome = self.check_in_order(headers, peer);
         if let Err(denial) = &outcome {
             metrics::counter!(DENIED_TOTAL, "reason" => denial.reason.as_str()).increment(1);
         }
         outcome
     }
 
-    fn check_in_order(
-        &self,
-        head: &http::request::Parts,
-        peer: IpAddr,
-    ) -> Result<Identity, Denial> {
+    fn check_in_order(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Identity, Denial> {
         self.access.check(peer)?;
         let identity = match &self.auth {
-            Some(auth) => auth.check(&head.headers)?,
+            Some(auth) => auth.check(headers)?,
             None => Identity { subject: None },
         };
         if let Some(rate) = &self.rate {
-            rate.check(&head.headers, peer, identity.subject.as_deref())?;
+            rate.check(headers, peer, identity.subject.as_deref())?;
         }
         Ok(identity)
     }

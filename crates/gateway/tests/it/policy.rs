@@ -62,7 +62,7 @@ fn ip(text: &str) -> IpAddr {
 }
 
 fn check(policy: &RoutePolicy, peer: &str, headers: &[(&str, &str)]) -> Result<Identity, Denial> {
-    policy.check(&head(headers), ip(peer))
+    policy.check(&head(headers).headers, ip(peer))
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -836,7 +836,7 @@ fn a_denial_becomes_the_agents_json_error_shape_with_its_headers() {
     );
 
     let (status, headers, _) = hs256("")
-        .check(&head(&[]), ip("192.0.2.1"))
+        .check(&head(&[]).headers, ip("192.0.2.1"))
         .unwrap_err()
         .into_response_parts();
     assert_eq!(status, StatusCode::UNAUTHORIZED);

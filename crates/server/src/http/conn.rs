@@ -28,6 +28,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use muster_h1 as h1;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -95,7 +96,7 @@ where
             Admitted::Passed(mut passed) => {
                 let caller = passed.caller.take();
                 let answer = fast.route(app.state.clone(), query, headers, caller);
-                let Some((routed, ended)) = watching(answer, &mut io, &mut buf, max_head).await
+                let Some((routed, ended)) = h1::watching(answer, &mut io, &mut buf, max_head).await
                 else {
                     return;
                 };
@@ -190,7 +191,7 @@ where
 {
     let mut closed = false;
     loop {
-        let (frame, ended) = watching(body.frame(), io, buf, max).await?;
+        let (frame, ended) = h1::watching(body.frame(), io, buf, max).await?;
         closed |= ended;
         match frame {
             None => {
@@ -231,51 +232,6 @@ async fn read_more<S: AsyncRead + Unpin>(
 
 /// The first read's room: a discovery read's head, token included, fits.
 const FIRST_READ: usize = 1024;
-
-/// Waits for `answer` while watching the socket: what the client sends meanwhile (the next
-/// requests, pipelined) is kept in `buf`, and a client whose connection fails ends the wait
-/// (`None`), so that a parked query does not outlive its client. A client that only closes
-/// its side still gets its answer (`true`: close after it), as hyper does.
-///
-/// An answer that has to wait gives back the read buffer first when it holds nothing, so
-/// that a parked query keeps no buffer.
-async fn watching<S, F>(
-    answer: F,
-    io: &mut TimedIo<S>,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> Option<(F::Output, bool)>
-where
-    S: AsyncRead + Unpin,
-    F: Future,
-{
-    let mut answer = std::pin::pin!(answer);
-    let mut waited = false;
-    let mut ended = false;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
-            return Poll::Ready(Some((resp, ended)));
-        }
-        if !waited {
-            waited = true;
-            if buf.is_empty() {
-                *buf = Vec::new();
-            }
-        }
-        while !ended && buf.len() < max {
-            let mut room = [0u8; 512];
-            let mut rb = ReadBuf::new(&mut room);
-            match Pin::new(&mut *io).poll_read(cx, &mut rb) {
-                Poll::Pending => break,
-                Poll::Ready(Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => ended = true,
-                Poll::Ready(Ok(())) => buf.extend_from_slice(rb.filled()),
-            }
-        }
-        Poll::Pending
-    })
-    .await
-}
 
 /// Serves the rest of the connection with hyper's HTTP/1 server over the router.
 async fn with_hyper<I>(

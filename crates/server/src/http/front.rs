@@ -13,19 +13,15 @@
 //! connection, is hyper's: the bytes already read are read again first by it, so every
 //! other answer (400, 431, HEAD, other routes) stays hyper's and the router's.
 
-use std::cell::RefCell;
-use std::io;
 use std::mem::MaybeUninit;
-// The `date` header is the wall clock, read at the edge.
-#[allow(clippy::disallowed_types)]
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use muster_h1 as h1;
 
 use axum::body::{Body, Bytes};
 use axum::http::response::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use bytes::BytesMut;
 use http_body_util::BodyExt;
-use tokio::io::AsyncWrite;
 
 use super::JsonRead;
 use super::edge::{self, Admitted, Asked};
@@ -237,21 +233,6 @@ pub(crate) fn encode_json_head(json: &JsonRead, lines: &[&str], close: bool, out
     end_head(lines, Some(json.body.len()), false, close, true, out);
 }
 
-fn status_line(status: StatusCode, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn header_line(name: &str, value: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// The end of a head: `lines`, the body's length (or chunked), `connection: close`, `date`
 /// (unless the handler set its own), and the blank line.
 fn end_head(
@@ -266,9 +247,7 @@ fn end_head(
         out.extend_from_slice(line.as_bytes());
     }
     if let Some(len) = len {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        h1::content_length_line(len as u64, out);
     } else if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -276,99 +255,14 @@ fn end_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     if date {
-        out.extend_from_slice(b"date: ");
-        DATE.with_borrow_mut(|date| out.extend_from_slice(date.now()));
-        out.extend_from_slice(b"\r\n");
+        h1::date_line(out);
     }
     out.extend_from_slice(b"\r\n");
 }
 
-/// Whether an answer with `status` carries a body (and so a length).
-pub(crate) fn has_body(status: StatusCode) -> bool {
-    !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED)
-}
-
-/// The `date` header's value, formatted once a second per thread.
-struct Date {
-    second: u64,
-    text: [u8; 29],
-}
-
-impl Date {
-    #[allow(clippy::disallowed_types)]
-    fn now(&mut self) -> &[u8] {
-        let now = SystemTime::now();
-        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if second != self.second {
-            let text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(second));
-            if let Ok(text) = <[u8; 29]>::try_from(text.as_bytes()) {
-                self.text = text;
-                self.second = second;
-            }
-        }
-        &self.text
-    }
-}
-
-thread_local! {
-    static DATE: RefCell<Date> = const {
-        RefCell::new(Date {
-            second: u64::MAX,
-            text: [b' '; 29],
-        })
-    };
-}
-
-/// Writes `parts` (at most four) in order, in as few calls as the socket allows, and
-/// flushes.
-pub(crate) async fn write_all<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    parts: &mut [&[u8]],
-) -> io::Result<()> {
-    const MOST: usize = 4;
-    use tokio::io::AsyncWriteExt;
-    let mut first = 0;
-    while first < parts.len() {
-        if parts[first].is_empty() {
-            first += 1;
-            continue;
-        }
-        let mut slices = [io::IoSlice::new(&[]); MOST];
-        let count = (parts.len() - first).min(MOST);
-        for (slice, part) in slices.iter_mut().zip(&parts[first..first + count]) {
-            *slice = io::IoSlice::new(part);
-        }
-        let mut n = io.write_vectored(&slices[..count]).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let take = n.min(parts[first].len());
-            parts[first] = &parts[first][take..];
-            n -= take;
-            if parts[first].is_empty() {
-                first += 1;
-            }
-        }
-    }
-    io.flush().await
-}
-
-/// Room for a chunk's size line: 16 hex digits and CRLF.
-pub(crate) const CHUNK_SIZE_LINE: usize = 18;
-
-/// A chunk's size line, as chunked transfer coding writes it (hex digits, CRLF), in `out`.
-pub(crate) fn chunk_size_line(len: usize, out: &mut [u8; CHUNK_SIZE_LINE]) -> &[u8] {
-    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
-    for (i, slot) in out[..digits].iter_mut().enumerate() {
-        let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
-        *slot = b"0123456789abcdef"[nibble];
-    }
-    out[digits..digits + 2].copy_from_slice(b"\r\n");
-    &out[..digits + 2]
-}
+pub(crate) use h1::{
+    CHUNK_SIZE_LINE, chunk_size_line, has_body, header_line, status_line, write_all,
+};
 
 #[cfg(test)]
 mod tests {
@@ -416,15 +310,6 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{text}");
         assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
         assert!(!text.contains("content-length"), "{text}");
-    }
-
-    #[test]
-    fn chunk_size_lines_are_lower_case_hex_and_crlf() {
-        for len in [0usize, 1, 9, 10, 15, 16, 255, 4096, 12_850, usize::MAX] {
-            let mut line = [0u8; CHUNK_SIZE_LINE];
-            let got = chunk_size_line(len, &mut line);
-            assert_eq!(got, format!("{len:x}\r\n").as_bytes(), "{len}");
-        }
     }
 
     #[test]
