@@ -395,17 +395,19 @@ impl Answer {
                 true
             }
             Framing::Chunked => {
+                // What came before a malformed part is relayed, then the answer is cut off.
                 let mut chunks = Chunks::default();
-                let (used, mut ended) = chunks.feed(first).map_err(RelayError::Upstream)?;
+                let (used, mut ended, mut bad) = split(chunks.feed(first));
                 reusable &= used == first.len();
                 write(client, &mut [&head, &first[..used]]).await?;
                 while !ended {
+                    if let Some(why) = bad {
+                        return Err(RelayError::Upstream(why));
+                    }
                     let got = read_some(&mut conn).await?;
-                    let (used, end) = chunks
-                        .feed(&conn.buf[..got])
-                        .map_err(RelayError::Upstream)?;
+                    let used;
+                    (used, ended, bad) = split(chunks.feed(&conn.buf[..got]));
                     reusable &= used == got;
-                    ended = end;
                     write(client, &mut [&conn.buf[..used]]).await?;
                 }
                 true
@@ -435,6 +437,14 @@ impl Answer {
             pool.put(authority, conn);
         }
         Ok(())
+    }
+}
+
+/// A [`Chunks::feed`] result as (valid bytes, ended, what was malformed).
+fn split(fed: Result<(usize, bool), (usize, String)>) -> (usize, bool, Option<String>) {
+    match fed {
+        Ok((used, ended)) => (used, ended, None),
+        Err((valid, why)) => (valid, false, Some(why)),
     }
 }
 
@@ -494,8 +504,8 @@ enum ChunkState {
 
 impl Chunks {
     /// Reads `bytes` on from where the last call stopped: how many belong to the body, and
-    /// whether the body ended with them (the rest, if any, follows the body).
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<(usize, bool), String> {
+    /// whether the body ended with them (the rest, if any, follows the body). Malformed bytes end the body: the error says how many bytes before them were valid.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(usize, bool), (usize, String)> {
         use ChunkState as S;
         let mut i = 0;
         while i < bytes.len() {
@@ -515,7 +525,7 @@ impl Chunks {
                 S::Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                         if self.digits == 16 {
-                            return Err("a chunk size is too large".into());
+                            return Err((i, "a chunk size is too large".into()));
                         }
                         self.digits += 1;
                         self.size =
@@ -524,46 +534,46 @@ impl Chunks {
                     }
                     b';' | b' ' | b'\t' if self.digits > 0 => S::Extension,
                     b'\r' if self.digits > 0 => S::SizeLf,
-                    _ => return Err("a chunk size line is malformed".into()),
+                    _ => return Err((i, "a chunk size line is malformed".into())),
                 },
                 S::Extension => match b {
                     b'\r' => S::SizeLf,
-                    b'\n' => return Err("a chunk extension ends without CRLF".into()),
+                    b'\n' => return Err((i, "a chunk extension ends without CRLF".into())),
                     _ => S::Extension,
                 },
                 S::SizeLf => match b {
                     b'\n' if self.size == 0 => S::TrailerStart,
                     b'\n' => S::Data,
-                    _ => return Err("a chunk size line ends without CRLF".into()),
+                    _ => return Err((i, "a chunk size line ends without CRLF".into())),
                 },
                 S::DataCr => match b {
                     b'\r' => S::DataLf,
-                    _ => return Err("a chunk is longer than its size".into()),
+                    _ => return Err((i, "a chunk is longer than its size".into())),
                 },
                 S::DataLf => match b {
                     b'\n' => {
                         self.digits = 0;
                         S::Size
                     }
-                    _ => return Err("a chunk ends without CRLF".into()),
+                    _ => return Err((i, "a chunk ends without CRLF".into())),
                 },
                 S::TrailerStart => match b {
                     b'\r' => S::EndLf,
-                    b'\n' => return Err("a trailer line ends without CRLF".into()),
+                    b'\n' => return Err((i, "a trailer line ends without CRLF".into())),
                     _ => S::TrailerLine,
                 },
                 S::TrailerLine => match b {
                     b'\r' => S::TrailerLf,
-                    b'\n' => return Err("a trailer line ends without CRLF".into()),
+                    b'\n' => return Err((i, "a trailer line ends without CRLF".into())),
                     _ => S::TrailerLine,
                 },
                 S::TrailerLf => match b {
                     b'\n' => S::TrailerStart,
-                    _ => return Err("a trailer line ends without CRLF".into()),
+                    _ => return Err((i, "a trailer line ends without CRLF".into())),
                 },
                 S::EndLf => match b {
                     b'\n' => S::Done,
-                    _ => return Err("a chunked body ends without CRLF".into()),
+                    _ => return Err((i, "a chunked body ends without CRLF".into())),
                 },
             };
             i += 1;
@@ -617,6 +627,9 @@ mod tests {
             let mut c = Chunks::default();
             assert!(c.feed(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+        // The error says how much before it was valid.
+        let mut c = Chunks::default();
+        assert_eq!(c.feed(b"5\r\nhello\r\nzz").unwrap_err().0, 10);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod access;
 mod admin;
+mod front;
 mod policy;
 mod protocols;
 mod registry;
