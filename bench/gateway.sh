@@ -29,8 +29,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 if [[ -n "${QUICK:-}" ]]; then
     : "${ROUNDS:=1}" "${DURATION:=3}" "${WARMUP:=1}" "${LAT_DURATION:=3}" "${SWAPS:=20}"
 fi
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-20}
+ROUNDS=${ROUNDS:-6}
+DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-5}
 LAT_DURATION=${LAT_DURATION:-30}
 LAT_LOAD=${LAT_LOAD:-0.5}
@@ -228,7 +228,11 @@ for t in "${TARGETS[@]}"; do
     run_wrk "$WORK/warmup-$t.json" "${LUA[$t]}" 1 "$CONNS" "$WARMUP" "${URL[$t]}"
 done
 for r in $(seq "$ROUNDS"); do
-    for t in "${TARGETS[@]}"; do
+    # Odd rounds in the listed order, even rounds reversed (ABBA): a drift of the machine's
+    # speed during a round pair weighs on every target alike.
+    order=("${TARGETS[@]}")
+    ((r % 2)) || mapfile -t order < <(printf '%s\n' "${TARGETS[@]}" | tac)
+    for t in "${order[@]}"; do
         run_wrk "$WORK/res/$t.max-$r.json" "${LUA[$t]}" 1 "$CONNS" "$DURATION" "${URL[$t]}" "${PID[$t]}"
         log "round $r $t: $(cat "$WORK/res/$t.max-$r.json")"
     done
@@ -299,8 +303,10 @@ RSS_PID=$GATEWAY_PID
 until_eq 30 yes caught_up "$RSS_ADMIN"
 [[ "$(routes_count "$RSS_ADMIN")" == "$ROUTES_WANT" ]] || die "the fresh gateway holds $(routes_count "$RSS_ADMIN") routes, not $ROUTES_WANT"
 curl -fsS -o /dev/null "http://127.0.0.1:$RSS_PORT$PATH_200"
-# Idle: past the allocator nudge the gateway makes every 2 s (and mimalloc's 1 s purge delay).
-sleep 3
+# Idle: the answers just made (/routes is 1,000 routes of JSON) are garbage the allocator gives
+# back within 2 s (mimalloc's 1 s purge delay, then the gateway's nudge every second); 5 s is
+# well past that.
+sleep 5
 RSS_IDLE=$(rss_kb "$RSS_PID")
 spawn hold taskset -c "$LOAD_CPU" python3 "$DRIVER" hold --port "$RSS_PORT" --conns "$IDLE_CONNS" --path "$PATH_200"
 HOLD_PID=$SPAWNED_PID
@@ -337,13 +343,14 @@ max_row() {
         "$(DIGITS=3 med p50_ms "${f[@]}")" "$(DIGITS=3 med p99_ms "${f[@]}")" "$cpu" \
         "$(python3 -c "print(int(1e6 / $cpu) if $cpu > 0 else '-')")" "$(rounds "${f[@]}")" "$(bad "${f[@]}")"
 }
-# Per-round ratio of the gateway's rps to T's, median over rounds.
+# ratio T [A] [FIELD]: per-round ratio of A's FIELD (default the gateway's ok_rps) to T's,
+# median over rounds.
 ratio() {
     python3 -c '
 import json, statistics, sys
-d, a, b, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-rps = lambda t, i: json.load(open(f"{d}/{t}.max-{i}.json"))["ok_rps"]
-print("%.2f" % statistics.median(rps(a, i) / rps(b, i) for i in range(1, n + 1)))' "$WORK/res" "${2:-gateway}" "$1" "$ROUNDS"
+d, a, b, n, field = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+get = lambda t, i: json.load(open(f"{d}/{t}.max-{i}.json"))[field]
+print("%.2f" % statistics.median(get(a, i) / get(b, i) for i in range(1, n + 1)))' "$WORK/res" "${2:-gateway}" "$1" "$ROUNDS" "${3:-ok_rps}"
 }
 L() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]] * 1000)' "$WORK/res/lat-$1.json" "$2"; }
 lat_row() {
@@ -355,6 +362,8 @@ lat_row() {
 }
 G_P50=$(L gateway p50_ms) N_P50=$(L nginx p50_ms) G_P99=$(L gateway p99_ms) N_P99=$(L nginx p99_ms)
 R_N=$(ratio nginx) R_H=$(ratio haproxy)
+# The proxies' own CPU per request: T's over the gateway's (above 1: the gateway spends less).
+C_N=$(ratio gateway nginx cpu_us_per_req) C_H=$(ratio gateway haproxy cpu_us_per_req)
 POL_LOSS=$(python3 -c "print(f'{(1 - $(ratio gateway gateway-policies)) * 100:.1f}')")
 S=$WORK/res/swap.json
 ROLL_BAD=$(bad "$WORK/res/roll.json")
@@ -370,6 +379,7 @@ max rps: wrk -t1 -c$CONNS -d${DURATION}s, ${WARMUP}s warm-up, $ROUNDS rounds int
 $(for t in "${TARGETS[@]}"; do max_row "$t"; echo; done)
 gateway / nginx      $(f1 "$G_MAX / $N_MAX" 2) (medians), $R_N (median of per-round ratios)   (target >= 1.0: $(verdict "$R_N >= 1.0"))
 gateway / haproxy    $(f1 "$G_MAX / $H_MAX" 2) (medians), $R_H (median of per-round ratios)   (target >= 1.0: $(verdict "$R_H >= 1.0"))
+CPU per request     nginx / gateway $C_N, HAProxy / gateway $C_H (medians of per-round ratios; above 1: the gateway spends less)
 policies on          $(f1 "$P_MAX" 0) req/s against $(f1 "$G_MAX" 0) off: $POL_LOSS% fewer (median of per-round ratios)   (target <= 15%: $(verdict "$POL_LOSS <= 15"))
 
 added latency at $RATE req/s ($LAT_LOAD x nginx's max; bench/lua/rate.lua, -c$CONNS, ${LAT_DURATION}s each), microseconds

@@ -365,15 +365,16 @@ impl Gateway {
     }
 }
 
-/// How often the allocator is nudged: twice mimalloc's purge delay (1 s).
-const NUDGE_EVERY: Duration = Duration::from_secs(2);
+/// How often the allocator is nudged: mimalloc's purge delay (1 s), so that memory freed
+/// is given back within two seconds.
+const NUDGE_EVERY: Duration = Duration::from_secs(1);
 
 /// Makes the allocator give back memory freed since the last nudge. mimalloc returns pages
 /// that frees left empty a second after they emptied, but only at its next release of a
 /// page, which an idle gateway never makes: a table build's garbage (about a third of an idle
 /// gateway's RSS with 1,000 routes) or a large admin answer's would stay resident.
 /// Allocating and freeing one large block is such a release. With another allocator this is
-/// only a brief, untouched 1 MiB allocation every two seconds.
+/// only a brief, untouched 1 MiB allocation every second.
 fn nudge_allocator() {
     drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
 }
