@@ -15,6 +15,7 @@
 
 use std::borrow::Cow;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -39,7 +40,7 @@ const MAX_FIELDS: usize = 64;
 const FIRST_READ: usize = 1024;
 
 /// Where a header's name and value are in the read buffer.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Field {
     name: (u32, u32),
     value: (u32, u32),
@@ -52,8 +53,7 @@ struct Head {
     len: usize,
     method: Method,
     target: (u32, u32),
-    fields: [Field; MAX_FIELDS],
-    count: usize,
+    fields: Vec<Field>,
     /// The client asked to close after the answer.
     close: bool,
     /// `Connection` names headers to drop (beyond `close` and `keep-alive`).
@@ -61,7 +61,7 @@ struct Head {
 }
 
 enum Parsed {
-    Plain(Box<Head>),
+    Plain(Head),
     Partial,
     /// Hyper's: not plain, or not valid.
     Other,
@@ -108,9 +108,9 @@ fn special(name: &[u8]) -> Option<Special> {
 }
 
 fn parse(buf: &[u8]) -> Parsed {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut raw);
-    let len = match req.parse(buf) {
+    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut raw) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
@@ -129,21 +129,20 @@ fn parse(buf: &[u8]) -> Parsed {
         let from = (s.as_ptr() as usize - base) as u32;
         (from, from + s.len() as u32)
     };
-    let mut head = Box::new(Head {
+    let mut head = Head {
         len,
         method,
         target: at(target.as_bytes()),
-        fields: [Field::default(); MAX_FIELDS],
-        count: req.headers.len(),
+        fields: Vec::with_capacity(req.headers.len()),
         close: false,
         names_headers: false,
-    });
+    };
     let mut hosts = 0;
-    for (slot, f) in head.fields.iter_mut().zip(req.headers.iter()) {
-        *slot = Field {
+    for f in req.headers.iter() {
+        head.fields.push(Field {
             name: at(f.name.as_bytes()),
             value: at(f.value),
-        };
+        });
         match special(f.name.as_bytes()) {
             Some(Special::NotPlain) => return Parsed::Other,
             Some(Special::ContentLength) if f.value != b"0" => return Parsed::Other,
@@ -178,7 +177,8 @@ impl<'b> View<'b> {
     }
 
     fn fields(&self) -> impl Iterator<Item = (&'b [u8], &'b [u8])> + '_ {
-        self.head.fields[..self.head.count]
+        self.head
+            .fields
             .iter()
             .map(|f| (self.bytes(f.name), self.bytes(f.value)))
     }
@@ -221,7 +221,7 @@ impl<'b> View<'b> {
 
     /// The headers as a map, for a route's policy.
     fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.head.count);
+        let mut map = HeaderMap::with_capacity(self.head.fields.len());
         for (name, value) in self.fields() {
             if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
                 map.append(n, v);

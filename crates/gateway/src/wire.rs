@@ -8,6 +8,7 @@
 //! went away, the instance broke off) closes it, since HTTP/1.1 cannot abandon one half-way.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -183,9 +184,14 @@ async fn read_head(
 ) -> Result<Parsed, HeadError> {
     loop {
         if !conn.buf.is_empty() {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
-            let mut resp = httparse::Response::new(&mut fields);
-            match resp.parse(&conn.buf) {
+            let mut fields =
+                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_ANSWER_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                &conn.buf,
+                &mut fields,
+            ) {
                 Ok(httparse::Status::Complete(len)) => {
                     let code = resp.code.unwrap_or(0);
                     if code == 101 {
@@ -280,8 +286,10 @@ fn client_head(
     let mut chunked = None;
     let mut length: Option<u64> = None;
     let mut has_date = false;
-    for f in resp.headers.iter() {
-        match special(f.name) {
+    let mut kinds = [None; MAX_ANSWER_HEADERS];
+    for (f, kind) in resp.headers.iter().zip(kinds.iter_mut()) {
+        *kind = special(f.name);
+        match *kind {
             Some(Special::Connection) => {
                 for t in tokens(f.value) {
                     if t.eq_ignore_ascii_case(b"close") {
@@ -329,17 +337,20 @@ fn client_head(
     };
     out.clear();
     h1::status_line(status, out);
+    // The headers `Connection` names are looked for only when it names any (rarely).
     let connection = || {
         resp.headers
             .iter()
             .filter(|f| f.name.eq_ignore_ascii_case("connection"))
             .map(|f| f.value)
     };
-    for f in resp.headers.iter() {
-        let keep = match special(f.name) {
+    for (f, kind) in resp.headers.iter().zip(kinds.iter()) {
+        let keep = match kind {
             None | Some(Special::Date) => !(named && named_by(connection(), f.name)),
-            // A length beside a transfer coding is not the body's (RFC 9112 §6.3).
+            // A length beside a transfer coding is not the body's (RFC 9112 §6.3); a coding
+            // other than chunked stays, the body then ending with the connection.
             Some(Special::ContentLength) => chunked.is_none(),
+            Some(Special::TransferEncoding) => chunked == Some(false),
             Some(_) => false,
         };
         if keep {

@@ -299,3 +299,21 @@ async fn a_plain_request_and_one_hyper_serves_get_the_same_headers_both_ways() {
     assert_eq!(seen(&plain_body), seen(&hyper_body));
     assert_eq!(seen(&plain_body).1[0], "192.0.2.9, 127.0.0.1");
 }
+
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_kept_and_the_body_ends_with_the_connection() {
+    let (_agent, gw, _) = behind(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 3\r\n\r\ncoded bytes",
+        true,
+    )
+    .await;
+    let got = until_closed(gw.addr(), b"GET /api HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let lower = got.to_ascii_lowercase();
+    assert!(lower.contains("\r\ntransfer-encoding: gzip\r\n"), "{got}");
+    assert!(
+        !lower.contains("content-length"),
+        "a length beside a coding is dropped: {got}"
+    );
+    assert!(lower.contains("\r\nconnection: close\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\ncoded bytes"), "{got}");
+}
