@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The gateway (`muster gateway`) against nginx and HAProxy as reverse proxies to the same
 # upstream, all on this machine (reference/client-gateway.md part B4):
-#  - CPU0: the load generator (wrk), the upstream (a separate nginx, one worker, serving a
-#    200-byte file) and the agent (`--dev`) the gateway follows.
+#  - CPU0: the load generator (wrk), the upstream (a separate nginx, one worker, answering a
+#    fixed 200-byte body from memory) and the agent (`--dev`) the gateway follows.
 #  - CPU1: the proxy under test, one worker each: muster gateway (--threads 1, a tag route to
 #    the upstream), nginx (worker_processes 1, upstream keepalive 64, HTTP/1.1 upstream) and
 #    HAProxy 2.6 (nbthread 1, http-reuse always). Each adds X-Forwarded-For,
@@ -56,7 +56,8 @@ need curl curl
 need taskset util-linux
 build_muster
 mkdir -p "$WORK/res" "$WORK/www/bench"
-head -c 200 /dev/zero | tr '\0' 'x' >"$WORK/www/bench/200b"
+BODY_200=$(head -c 200 /dev/zero | tr '\0' 'x')
+printf '%s' "$BODY_200" >"$WORK/www/bench/200b"
 PATH_200=/bench/200b
 
 # --- servers ---------------------------------------------------------------------------------
@@ -69,8 +70,9 @@ nginx_on() {
     spawn "$name" taskset -c "$cpu" nginx -c "$dir/nginx.conf" -e "$dir/error.log"
     NGINX_PID=$SPAWNED_PID
 }
-# upstream NAME PORT: the 200-byte file server on the load CPU.
-upstream() { nginx_on "$LOAD_CPU" "$1" "$2" "root $WORK/www;"; }
+# upstream NAME PORT: the fixed-body upstream on the load CPU: the 200 bytes from memory
+# (`return`, no file to open or sendfile), so that it and wrk leave the proxy the bottleneck.
+upstream() { nginx_on "$LOAD_CPU" "$1" "$2" "root $WORK/www; location = $PATH_200 { return 200 '$BODY_200'; }"; }
 
 agent() { echo "http://127.0.0.1:$AGENT_PORT/api/v1/services/$1/instances/$2"; }
 # register SERVICE ID PORT TAG: an instance at 127.0.0.1:PORT with one tag.

@@ -269,6 +269,9 @@ where
     // Armed once, moved on only when it fires early: no timer work per request.
     let timer = tokio::time::sleep(header_timeout);
     tokio::pin!(timer);
+    // Waited on across requests: registered with the token once, not once per request.
+    let drained = shared.drain.cancelled();
+    tokio::pin!(drained);
     loop {
         let waiting_since = Instant::now();
         let head = loop {
@@ -294,7 +297,7 @@ where
                     Ok(n) if n > 0 => {}
                     _ => return,
                 },
-                () = shared.drain.cancelled(), if buf.is_empty() => return,
+                () = &mut drained, if buf.is_empty() => return,
                 () = &mut timer => {
                     let deadline = waiting_since + header_timeout;
                     if Instant::now() >= deadline {

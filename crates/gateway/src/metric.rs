@@ -57,7 +57,7 @@ pub fn describe() {
     );
     describe_counter!(
         UPSTREAM_ERRORS,
-        "Upstream failures, by kind (connect, protocol, timeout)."
+        "Upstream failures, by kind (connect, protocol, timeout, body: an answer cut short)."
     );
     describe_counter!(NO_ROUTE, "Requests no route matched (answered 404).");
     describe_gauge!(ROUTES, "Routes in the table.");
@@ -97,7 +97,7 @@ pub fn describe() {
     ] {
         metrics::counter!(c).increment(0);
     }
-    for kind in ["connect", "protocol", "timeout"] {
+    for kind in ["connect", "protocol", "timeout", "body"] {
         metrics::counter!(UPSTREAM_ERRORS, "kind" => kind).increment(0);
     }
     for reason in ["cidr", "auth", "rate_limit"] {
