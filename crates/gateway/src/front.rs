@@ -219,17 +219,6 @@ impl<'b> View<'b> {
         }
     }
 
-    /// The headers as a map, for a route's policy.
-    fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.head.fields.len());
-        for (name, value) in self.fields() {
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-                map.append(n, v);
-            }
-        }
-        map
-    }
-
     /// Whether the `Connection` header names `name`, a header not to forward.
     fn named(&self, name: &[u8]) -> bool {
         self.head.names_headers
@@ -238,12 +227,8 @@ impl<'b> View<'b> {
 }
 
 impl RequestHeaders for View<'_> {
-    fn has(&self, name: &HeaderName) -> bool {
-        self.get(name.as_str()).is_some()
-    }
-
-    fn has_value(&self, name: &HeaderName, value: &HeaderValue) -> bool {
-        self.all(name.as_str()).any(|v| v == value.as_bytes())
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        self.all(name.as_str())
     }
 }
 
@@ -359,7 +344,7 @@ where
             ..Log::default()
         };
         if !route.spec.policy.is_empty() {
-            match route.spec.policy.check(&view.header_map(), info.peer.ip()) {
+            match route.spec.policy.check(&view, info.peer.ip()) {
                 Ok(identity) => log.subject = identity.subject,
                 Err(denial) => {
                     let reply = Reply::Own(denial.into_response_parts());

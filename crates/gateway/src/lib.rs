@@ -253,6 +253,13 @@ impl Gateway {
         let stop_follow = CancellationToken::new();
         tokio::spawn(follow(state.clone(), changes, stop_follow.clone()));
         tokio::spawn(every(NUDGE_EVERY, stop_follow.clone(), nudge_allocator));
+        if config.access_log {
+            tokio::spawn(every(
+                proxy::ACCESS_LOG_FLUSH_EVERY,
+                stop_follow.clone(),
+                proxy::flush_access_log,
+            ));
+        }
         let idle = proxy.clone();
         tokio::spawn(every(
             (config.upstream_idle_timeout / 4).max(Duration::from_millis(50)),
@@ -362,6 +369,8 @@ impl Gateway {
             self.shared.tracker.wait().await;
         }
         self.stop_follow.cancel();
+        // The access-log lines of the last requests.
+        proxy::flush_access_log();
     }
 }
 

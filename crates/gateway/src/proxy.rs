@@ -913,10 +913,67 @@ pub(crate) fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// The access log is an edge: its time is the wall clock's.
+/// Writes the wall clock's time as RFC 3339 with milliseconds (`2026-12-07T03:50:12.345Z`);
+/// the part up to the second is formatted once a second per thread. The access log is an
+/// edge: its time is the wall clock's.
 #[allow(clippy::disallowed_types)]
-fn wall_clock() -> std::time::SystemTime {
-    std::time::SystemTime::now()
+fn rfc3339_millis(out: &mut Vec<u8>) {
+    use std::io::Write;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, [u8; 19])> =
+            const { std::cell::RefCell::new((u64::MAX, [0; 19])) };
+    }
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != since.as_secs() {
+            let whole = humantime::format_rfc3339_seconds(
+                UNIX_EPOCH + Duration::from_secs(since.as_secs()),
+            )
+            .to_string();
+            if let Some(prefix) = whole.as_bytes().get(..19) {
+                text.copy_from_slice(prefix);
+                *second = since.as_secs();
+            }
+        }
+        out.extend_from_slice(text);
+    });
+    let _ = write!(out, ".{:03}Z", since.subsec_millis());
+}
+
+/// Access-log lines not written yet. Lines go to stdout in batches, whole and in order: when
+/// [`ACCESS_LOG_BATCH`] bytes are waiting, and at least every [`ACCESS_LOG_FLUSH_EVERY`]
+/// ([`flush_access_log`], on a timer and at shutdown), as nginx's `access_log ... buffer=
+/// flush=` does: one `write` for many requests instead of one each.
+static PENDING: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+/// Waiting access-log bytes that are written at once.
+const ACCESS_LOG_BATCH: usize = 32 * 1024;
+/// The longest an access-log line waits.
+pub(crate) const ACCESS_LOG_FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+fn lock_pending() -> std::sync::MutexGuard<'static, Vec<u8>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes the access-log lines waiting.
+pub(crate) fn flush_access_log() {
+    write_pending(&mut lock_pending());
+}
+
+fn write_pending(pending: &mut Vec<u8>) {
+    use std::io::Write;
+    if pending.is_empty() {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(pending);
+    let _ = stdout.flush();
+    pending.clear();
+    if pending.capacity() > 4 * ACCESS_LOG_BATCH {
+        *pending = Vec::new();
+    }
 }
 
 /// What the access log line says beyond the request itself.
@@ -950,7 +1007,6 @@ impl Log {
         conn: &ConnInfo,
         request_id: &HeaderValue,
     ) {
-        use std::io::Write;
         thread_local! {
             static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -958,7 +1014,11 @@ impl Log {
         LINE.with_borrow_mut(|line| {
             line.clear();
             self.render(line, asked, status, conn, request_id, took);
-            let _ = std::io::stdout().lock().write_all(line);
+            let mut pending = lock_pending();
+            pending.extend_from_slice(line);
+            if pending.len() >= ACCESS_LOG_BATCH {
+                write_pending(&mut pending);
+            }
             // A rare huge line (a long path) does not keep its buffer.
             if line.capacity() > 64 * 1024 {
                 *line = Vec::new();
@@ -976,43 +1036,54 @@ impl Log {
         request_id: &HeaderValue,
         took: Duration,
     ) {
-        use std::io::Write;
-        // serde_json escapes each string; the rest is numbers and fixed text.
+        // A string with nothing to escape (most are) is copied as it is; serde_json escapes
+        // the others. The rest is numbers and fixed text.
         fn string(out: &mut Vec<u8>, key: &str, value: Option<&str>) {
             out.extend_from_slice(b",\"");
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(b"\":");
             match value {
+                Some(v) if !v.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') => {
+                    out.push(b'"');
+                    out.extend_from_slice(v.as_bytes());
+                    out.push(b'"');
+                }
                 Some(v) => {
                     let _ = serde_json::to_writer(&mut *out, v);
                 }
                 None => out.extend_from_slice(b"null"),
             }
         }
-        let _ = write!(
-            out,
-            "{{\"time\":\"{}\"",
-            humantime::format_rfc3339_millis(wall_clock())
-        );
+        fn number(out: &mut Vec<u8>, n: u64) {
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        }
+        out.extend_from_slice(b"{\"time\":\"");
+        rfc3339_millis(out);
+        out.push(b'"');
         string(out, "client", Some(conn.peer_ip.to_str().unwrap_or("")));
         string(out, "method", Some(asked.method.as_str()));
         string(out, "host", Some(&asked.host));
         string(out, "path", Some(&asked.path));
-        let _ = write!(out, ",\"status\":{}", status.as_u16());
+        out.extend_from_slice(b",\"status\":");
+        number(out, u64::from(status.as_u16()));
         string(out, "route", self.route.as_deref());
         string(out, "service", self.service.as_deref());
         string(out, "instance", self.instance.as_deref());
         string(out, "upstream", self.upstream.as_deref());
         string(out, "subject", self.subject.as_deref());
         // Milliseconds to the microsecond, written as integers (cheaper than a float).
-        let micros = took.as_micros();
-        let _ = write!(
-            out,
-            ",\"retries\":{},\"duration_ms\":{}.{:03}",
-            self.retries,
-            micros / 1000,
-            micros % 1000
-        );
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        out.extend_from_slice(b",\"retries\":");
+        number(out, u64::from(self.retries));
+        out.extend_from_slice(b",\"duration_ms\":");
+        number(out, micros / 1000);
+        let frac = micros % 1000;
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
         string(out, "request_id", Some(request_id.to_str().unwrap_or("")));
         out.extend_from_slice(b"}\n");
     }
@@ -1123,5 +1194,18 @@ mod tests {
         assert_eq!(line["duration_ms"], 1.5);
         assert_eq!(line["request_id"], "rid-1");
         assert_eq!(line.as_object().unwrap().len(), 14);
+        // Milliseconds keep their leading zeros after the point.
+        let mut out = Vec::new();
+        log.render(
+            &mut out,
+            &asked,
+            StatusCode::OK,
+            &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
+            &HeaderValue::from_static("rid-2"),
+            Duration::from_micros(12_034),
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["duration_ms"], 12.034);
+        assert_eq!(line["status"], 200);
     }
 }

@@ -80,19 +80,23 @@ impl Route {
 /// What route matching reads of a request's headers: a header map (hyper's requests), or
 /// the head the gateway's own HTTP/1.1 reader parsed in place.
 pub trait RequestHeaders {
+    /// The values of the request's `name` headers, in order.
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]>;
+
     /// Whether the request has a `name` header.
-    fn has(&self, name: &HeaderName) -> bool;
+    fn has(&self, name: &HeaderName) -> bool {
+        self.values(name).next().is_some()
+    }
+
     /// Whether one of its `name` headers is exactly `value`.
-    fn has_value(&self, name: &HeaderName, value: &HeaderValue) -> bool;
+    fn has_value(&self, name: &HeaderName, value: &HeaderValue) -> bool {
+        self.values(name).any(|got| got == value.as_bytes())
+    }
 }
 
 impl RequestHeaders for HeaderMap {
-    fn has(&self, name: &HeaderName) -> bool {
-        self.contains_key(name)
-    }
-
-    fn has_value(&self, name: &HeaderName, value: &HeaderValue) -> bool {
-        self.get_all(name).iter().any(|got| got == value)
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
     }
 }
 

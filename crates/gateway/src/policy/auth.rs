@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aws_lc_rs::digest::{SHA256, digest};
-use http::header::{AUTHORIZATION, HeaderMap, HeaderName};
+use http::header::{AUTHORIZATION, HeaderName};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Deserializer};
 
 use super::{Denial, Identity};
+use crate::table::RequestHeaders;
 
 /// How a route authenticates requests. At least one of `api_keys_file` and `jwt` is set; when
 /// both are, either a valid API key or a valid JWT is enough.
@@ -171,7 +172,10 @@ impl Authenticator {
         }
     }
 
-    pub(super) fn check(&self, headers: &HeaderMap) -> Result<Identity, Denial> {
+    pub(super) fn check<H: RequestHeaders + ?Sized>(
+        &self,
+        headers: &H,
+    ) -> Result<Identity, Denial> {
         // Either credential is enough: the first that verifies wins, and a refusal reports
         // every credential that was presented.
         let key_error = match self.keys.as_ref().and_then(|keys| keys.check(headers)) {
@@ -215,17 +219,17 @@ impl Authenticator {
 }
 
 /// Reads the one value of `name`, or says why there is none to use. `None` means absent.
-fn single_header<'h>(
-    headers: &'h HeaderMap,
-    name: &HeaderName,
+fn single_header<'h, H: RequestHeaders + ?Sized>(
+    headers: &'h H,
+    name: &'h HeaderName,
 ) -> Option<Result<&'h [u8], String>> {
-    let mut values = headers.get_all(name).iter();
+    let mut values = headers.values(name);
     let first = values.next()?;
     // Two values leave it to each hop to pick one; an upstream might pick the other.
     if values.next().is_some() {
         return Some(Err(format!("more than one {name} header")));
     }
-    let value = first.as_bytes().trim_ascii();
+    let value = first.trim_ascii();
     if value.is_empty() {
         return None;
     }
@@ -266,7 +270,7 @@ impl ApiKeys {
     }
 
     /// `None` when the request carries no key.
-    fn check(&self, headers: &HeaderMap) -> Option<Result<Identity, String>> {
+    fn check<H: RequestHeaders + ?Sized>(&self, headers: &H) -> Option<Result<Identity, String>> {
         let key = match single_header(headers, &self.header)? {
             Ok(key) => key,
             Err(e) => return Some(Err(e)),
@@ -430,7 +434,7 @@ impl Jwt {
     }
 
     /// `None` when the request carries no bearer token.
-    fn check(&self, headers: &HeaderMap) -> Option<Result<Identity, String>> {
+    fn check<H: RequestHeaders + ?Sized>(&self, headers: &H) -> Option<Result<Identity, String>> {
         let value = match single_header(headers, &AUTHORIZATION)? {
             Ok(value) => value,
             Err(e) => return Some(Err(e)),

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 
+use crate::table::RequestHeaders;
 pub use auth::{AuthConfig, JwtAlgorithm, JwtConfig};
 pub use cidr::{AccessConfig, IpRange};
 pub use rate::{RateKey, RateLimitConfig};
@@ -80,7 +81,11 @@ impl RoutePolicy {
 
     /// Checks a request by its headers, in this order: the CIDR lists (403), authentication
     /// (401), the rate limit (429). `peer` is the address the connection came from.
-    pub fn check(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Identity, Denial> {
+    pub fn check<H: RequestHeaders + ?Sized>(
+        &self,
+        headers: &H,
+        peer: IpAddr,
+    ) -> Result<Identity, Denial> {
         // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; the lists and the
         // per-IP buckets are written in plain IPv4.
         let peer = peer.to_canonical();
@@ -91,7 +96,11 @@ impl RoutePolicy {
         outcome
     }
 
-    fn check_in_order(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Identity, Denial> {
+    fn check_in_order<H: RequestHeaders + ?Sized>(
+        &self,
+        headers: &H,
+        peer: IpAddr,
+    ) -> Result<Identity, Denial> {
         self.access.check(peer)?;
         let identity = match &self.auth {
             Some(auth) => auth.check(headers)?,

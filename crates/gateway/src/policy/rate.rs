@@ -10,11 +10,11 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::HeaderMap;
 use http::header::HeaderName;
 use serde::Deserialize;
 
 use super::Denial;
+use crate::table::RequestHeaders;
 
 /// A route's rate limit: a token bucket of `burst` tokens refilled at `per_second`, one bucket
 /// per key.
@@ -166,9 +166,9 @@ impl<C: Clock> Limiter<C> {
 
     /// Takes a token from the request's bucket. `peer` is canonical; `subject` is the
     /// authenticated caller, if any.
-    pub(super) fn check(
+    pub(super) fn check<H: RequestHeaders + ?Sized>(
         &self,
-        headers: &HeaderMap,
+        headers: &H,
         peer: IpAddr,
         subject: Option<&str>,
     ) -> Result<(), Denial> {
@@ -181,8 +181,9 @@ impl<C: Clock> Limiter<C> {
             RateKey::ClientIp => None,
             RateKey::Subject => subject.map(|s| Bucket::of_value(s.as_bytes())),
             RateKey::Header(name) => headers
-                .get(name)
-                .map(|v| v.as_bytes().trim_ascii())
+                .values(name)
+                .next()
+                .map(<[u8]>::trim_ascii)
                 .filter(|v| !v.is_empty())
                 .map(Bucket::of_value),
         }
@@ -219,6 +220,7 @@ impl<C: Clock> Limiter<C> {
 #[cfg(test)]
 mod tests {
     use governor::clock::FakeRelativeClock;
+    use http::HeaderMap;
 
     use super::*;
 
