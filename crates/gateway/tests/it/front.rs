@@ -73,6 +73,15 @@ async fn behind(
     (agent, gw, accepted)
 }
 
+/// A gateway routing `/api` to the echo upstream.
+async fn behind_echo() -> (TestAgent, muster_gateway::Gateway) {
+    let agent = TestAgent::start().await;
+    let up = echo().await;
+    let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
+    let gw = gateway(config(&agent, None), index).await;
+    (agent, gw)
+}
+
 #[tokio::test]
 async fn chunked_answers_are_relayed_with_their_trailers_and_the_connection_is_reused() {
     let (_agent, gw, accepted) = behind(
@@ -162,10 +171,7 @@ async fn a_malformed_chunked_answer_is_cut_off_not_relayed_on() {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
-    let agent = TestAgent::start().await;
-    let up = echo().await;
-    let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
-    let gw = gateway(config(&agent, None), index).await;
+    let (_agent, gw) = behind_echo().await;
     let got = until_closed(
         gw.addr(),
         b"GET /api/1 HTTP/1.1\r\nhost: a\r\n\r\nGET /api/2 HTTP/1.1\r\nhost: a\r\n\r\nGET /api/3 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
@@ -184,10 +190,7 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test]
 async fn a_head_request_gets_the_length_without_the_body_and_the_connection_goes_on() {
-    let agent = TestAgent::start().await;
-    let up = echo().await;
-    let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
-    let gw = gateway(config(&agent, None), index).await;
+    let (_agent, gw) = behind_echo().await;
     let got = until_closed(
         gw.addr(),
         b"HEAD /api/h HTTP/1.1\r\nhost: a\r\n\r\nGET /api/g HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
@@ -212,10 +215,7 @@ async fn a_head_request_gets_the_length_without_the_body_and_the_connection_goes
 
 #[tokio::test]
 async fn a_request_with_a_body_after_plain_ones_is_served_on_the_same_connection() {
-    let agent = TestAgent::start().await;
-    let up = echo().await;
-    let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
-    let gw = gateway(config(&agent, None), index).await;
+    let (_agent, gw) = behind_echo().await;
     let got = until_closed(
         gw.addr(),
         b"GET /api/plain HTTP/1.1\r\nhost: a\r\n\r\nPOST /api/body HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhelloGET /api/after HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
@@ -259,10 +259,7 @@ fn names_and_body(raw: &str) -> (Vec<String>, String) {
 
 #[tokio::test]
 async fn a_plain_request_and_one_hyper_serves_get_the_same_headers_both_ways() {
-    let agent = TestAgent::start().await;
-    let up = echo().await;
-    let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
-    let gw = gateway(config(&agent, None), index).await;
+    let (_agent, gw) = behind_echo().await;
     let plain = until_closed(
         gw.addr(),
         b"GET /api/same?q=1 HTTP/1.1\r\nhost: shop\r\nx-forwarded-for: 192.0.2.9\r\nconnection: close\r\n\r\n",
