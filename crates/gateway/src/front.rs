@@ -240,6 +240,15 @@ enum Reply {
     Upstream(Answer, Box<str>),
 }
 
+impl Reply {
+    fn status(&self) -> StatusCode {
+        match self {
+            Reply::Own((status, _, _)) => *status,
+            Reply::Upstream(answer, _) => answer.status,
+        }
+    }
+}
+
 /// Serves `io` until the client closes it, the header-read timeout cuts it, or a drain
 /// (after the request in progress). A request that is not plain hands the connection to
 /// hyper.
@@ -328,169 +337,140 @@ where
     let view = View { buf, head };
     let (path, query) = view.target();
     let host = view.host();
-    let table = shared.proxy.table.load();
-    let Some(route) = table.find(&host, path, &head.method, &view).cloned() else {
-        let request_id = request_id(&view);
-        let asked = asked(shared, &view, &host, path);
-        let refusal = Refusal::no_route(&head.method, &host, path);
-        let reply = Reply::Own(refusal.into_parts());
-        let close = head.close || shared.drain.is_cancelled();
-        return Next::Answered(
-            answer(
-                io,
-                reply,
-                head,
-                &request_id,
-                None,
-                close,
-                info,
-                asked,
-                &Log::default(),
-                shared,
-            )
-            .await,
-        );
-    };
-    drop(table);
-    let grpc = view
-        .get("content-type")
-        .is_some_and(|v| v.starts_with(b"application/grpc"));
-    if route.spec.protocol == Protocol::H2c || (route.spec.protocol == Protocol::Auto && grpc) {
-        return Next::HandOff;
-    }
-    let started = Instant::now();
     let request_id = request_id(&view);
     let asked = asked(shared, &view, &host, path);
-    let mut log = Log {
-        on: shared.proxy.access_log,
-        route: shared.proxy.access_log.then(|| route.spec.name.clone()),
-        ..Log::default()
-    };
-    if !route.spec.policy.is_empty() {
-        match route.spec.policy.check(&view, info.peer.ip()) {
-            Ok(identity) => log.subject = identity.subject,
-            Err(denial) => {
-                let reply = Reply::Own(denial.into_response_parts());
-                let close = head.close || shared.drain.is_cancelled();
-                return Next::Answered(
-                    answer(
-                        io,
-                        reply,
-                        head,
-                        &request_id,
-                        None,
-                        close,
-                        info,
-                        asked,
-                        &log,
-                        shared,
-                    )
-                    .await,
-                );
+    // What to answer, the log's fields, the stickiness cookie to set, and whether the client
+    // closed its side meanwhile.
+    let (reply, log, set_cookie, ended) = 'reply: {
+        let table = shared.proxy.table.load();
+        let Some(route) = table.find(&host, path, &head.method, &view).cloned() else {
+            let refusal = Refusal::no_route(&head.method, &host, path);
+            break 'reply (
+                Reply::Own(refusal.into_parts()),
+                Log::default(),
+                None,
+                false,
+            );
+        };
+        drop(table);
+        let grpc = view
+            .get("content-type")
+            .is_some_and(|v| v.starts_with(b"application/grpc"));
+        if route.spec.protocol == Protocol::H2c || (route.spec.protocol == Protocol::Auto && grpc) {
+            return Next::HandOff;
+        }
+        let started = Instant::now();
+        let mut log = Log {
+            on: shared.proxy.access_log,
+            route: shared.proxy.access_log.then(|| route.spec.name.clone()),
+            ..Log::default()
+        };
+        if !route.spec.policy.is_empty() {
+            match route.spec.policy.check(&view, info.peer.ip()) {
+                Ok(identity) => log.subject = identity.subject,
+                Err(denial) => {
+                    break 'reply (Reply::Own(denial.into_response_parts()), log, None, false);
+                }
             }
         }
-    }
-    let (sticky_key, set_cookie) = proxy::sticky(
-        &route,
-        |name| view.get(name.as_str()),
-        |name| {
-            proxy::cookie_in(
-                view.all("cookie")
-                    .filter_map(|v| std::str::from_utf8(v).ok()),
-                name,
-            )
-        },
-    );
-    let side = route.side(sticky_key);
-    if log.on {
-        log.service = Some(side.target.service.clone());
-    }
-    let rewritten = proxy::rewrite(path, query, &route);
-    let had_host = write_upstream_head(&view, &rewritten, info, &request_id, upstream_head);
-    drop(host);
-
-    // Forward, retrying on another instance when that is safe.
-    shared.proxy.budget.deposit();
-    let idempotent = proxy::idempotent(&head.method);
-    let head_request = head.method == Method::HEAD;
-    let total = if route.spec.retries > 0 && idempotent {
-        route.spec.retries + 1
-    } else {
-        1
-    };
-    let mut ended = false;
-    let mut last: Option<Reply> = None;
-    let mut attempts = Attempts::new(side, total);
-    let reply = loop {
-        let Some(picked) = attempts.next(&shared.proxy.budget, &mut log) else {
-            break last.unwrap_or_else(|| {
-                Reply::Own(Refusal::no_healthy_instance(&route, side).into_parts())
-            });
-        };
-        if log.on {
-            log.instance = Some(picked.instance().id.clone());
-            log.upstream = Some(picked.authority().to_string());
-        }
-        let can_retry = attempts.can_retry();
-        let host_line = if had_host {
-            String::new()
-        } else {
-            format!("host: {}\r\n", picked.authority())
-        };
-        let parts: [&[u8]; 3] = [upstream_head, host_line.as_bytes(), b"\r\n"];
-        let exchange = tokio::time::timeout(
-            route.spec.timeout,
-            wire::exchange(
-                &shared.proxy.raw,
-                picked.authority(),
-                &parts,
-                idempotent,
-                head_request,
-                Vec::with_capacity(512),
-            ),
+        let (sticky_key, set_cookie) = proxy::sticky(
+            &route,
+            |name| view.get(name.as_str()),
+            |name| {
+                proxy::cookie_in(
+                    view.all("cookie")
+                        .filter_map(|v| std::str::from_utf8(v).ok()),
+                    name,
+                )
+            },
         );
-        // The client is watched meanwhile: one that goes away ends the wait.
-        let Some((sent, client_ended)) = h1::watching(exchange, &mut *io, buf, max_head).await
-        else {
-            return Next::Answered(None);
-        };
-        ended |= client_ended;
-        match sent {
-            Ok(Ok(answer)) => {
-                if proxy::retried_status(answer.status) && can_retry {
-                    let authority = picked.authority().into();
-                    attempts.failed(picked);
-                    last = Some(Reply::Upstream(answer, authority));
-                    continue;
-                }
-                let authority = picked.authority().into();
-                picked.record(proxy::outcome(answer.status));
-                break Reply::Upstream(answer, authority);
-            }
-            Ok(Err(e)) => {
-                let connect = matches!(e, crate::upstream::SendError::Connect(_));
-                let refusal = Refusal::upstream_failed(&route, side, &picked, connect, &e);
-                if can_retry {
-                    attempts.failed(picked);
-                    last = Some(Reply::Own(refusal.into_parts()));
-                    continue;
-                }
-                picked.record(Outcome::Failure);
-                break Reply::Own(refusal.into_parts());
-            }
-            Err(_) => {
-                // Not retried: the instance may be working on it still.
-                let refusal = Refusal::timed_out(&route, side, &picked);
-                picked.record(Outcome::Failure);
-                break Reply::Own(refusal.into_parts());
-            }
+        let side = route.side(sticky_key);
+        if log.on {
+            log.service = Some(side.target.service.clone());
         }
+        let rewritten = proxy::rewrite(path, query, &route);
+        let had_host = write_upstream_head(&view, &rewritten, info, &request_id, upstream_head);
+        drop(host);
+
+        // Forward, retrying on another instance when that is safe.
+        shared.proxy.budget.deposit();
+        let idempotent = proxy::idempotent(&head.method);
+        let head_request = head.method == Method::HEAD;
+        let total = if route.spec.retries > 0 && idempotent {
+            route.spec.retries + 1
+        } else {
+            1
+        };
+        let mut ended = false;
+        let mut last: Option<Reply> = None;
+        let mut attempts = Attempts::new(side, total);
+        let reply = loop {
+            let Some(picked) = attempts.next(&shared.proxy.budget, &mut log) else {
+                break last.unwrap_or_else(|| {
+                    Reply::Own(Refusal::no_healthy_instance(&route, side).into_parts())
+                });
+            };
+            if log.on {
+                log.instance = Some(picked.instance().id.clone());
+                log.upstream = Some(picked.authority().to_string());
+            }
+            let can_retry = attempts.can_retry();
+            let host_line = if had_host {
+                String::new()
+            } else {
+                format!("host: {}\r\n", picked.authority())
+            };
+            let parts: [&[u8]; 3] = [upstream_head, host_line.as_bytes(), b"\r\n"];
+            let exchange = tokio::time::timeout(
+                route.spec.timeout,
+                wire::exchange(
+                    &shared.proxy.raw,
+                    picked.authority(),
+                    &parts,
+                    idempotent,
+                    head_request,
+                    Vec::with_capacity(512),
+                ),
+            );
+            // The client is watched meanwhile: one that goes away ends the wait.
+            let Some((sent, client_ended)) = h1::watching(exchange, &mut *io, buf, max_head).await
+            else {
+                return Next::Answered(None);
+            };
+            ended |= client_ended;
+            match sent {
+                Ok(Ok(answer)) => {
+                    let authority = picked.authority().into();
+                    if proxy::retried_status(answer.status) && can_retry {
+                        attempts.failed(picked);
+                        last = Some(Reply::Upstream(answer, authority));
+                        continue;
+                    }
+                    picked.record(proxy::outcome(answer.status));
+                    break Reply::Upstream(answer, authority);
+                }
+                Ok(Err(e)) => {
+                    let connect = matches!(e, crate::upstream::SendError::Connect(_));
+                    let refusal = Refusal::upstream_failed(&route, side, &picked, connect, &e);
+                    if can_retry {
+                        attempts.failed(picked);
+                        last = Some(Reply::Own(refusal.into_parts()));
+                        continue;
+                    }
+                    picked.record(Outcome::Failure);
+                    break Reply::Own(refusal.into_parts());
+                }
+                Err(_) => {
+                    // Not retried: the instance may be working on it still.
+                    let refusal = Refusal::timed_out(&route, side, &picked);
+                    picked.record(Outcome::Failure);
+                    break Reply::Own(refusal.into_parts());
+                }
+            }
+        };
+        side.metrics.observe(reply.status(), started.elapsed());
+        (reply, log, set_cookie, ended)
     };
-    let status = match &reply {
-        Reply::Own((status, _, _)) => *status,
-        Reply::Upstream(answer, _) => answer.status,
-    };
-    side.metrics.observe(status, started.elapsed());
     let close = head.close || ended || shared.drain.is_cancelled();
     Next::Answered(
         answer(
@@ -614,12 +594,8 @@ async fn answer<S: AsyncWrite + Unpin>(
     log: &Log,
     shared: &Shared,
 ) -> Option<bool> {
-    let status = match &reply {
-        Reply::Own((status, _, _)) => *status,
-        Reply::Upstream(answer, _) => answer.status,
-    };
     if let Some(asked) = &asked {
-        log.write(asked, status, info, request_id);
+        log.write(asked, reply.status(), info, request_id);
     }
     let ending = |out: &mut Vec<u8>, close: bool, date: bool| {
         h1::header_line("x-request-id", request_id.as_bytes(), out);

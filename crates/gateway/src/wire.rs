@@ -14,7 +14,7 @@ use std::task::{Context, Poll, Waker};
 
 use http::StatusCode;
 use muster_h1 as h1;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::upstream::{Pool, Pooled, SendError};
@@ -473,7 +473,7 @@ async fn write<W: AsyncWrite + Unpin>(
 async fn read_some(conn: &mut Conn) -> Result<usize, RelayError> {
     conn.buf.clear();
     conn.buf.reserve(READ_ROOM);
-    match read(&mut conn.stream, &mut conn.buf).await {
+    match conn.stream.read_buf(&mut conn.buf).await {
         Ok(0) => Err(RelayError::Upstream(
             "the connection closed mid-body".into(),
         )),
@@ -482,10 +482,6 @@ async fn read_some(conn: &mut Conn) -> Result<usize, RelayError> {
             "reading the body failed: {e}"
         ))),
     }
-}
-
-async fn read<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
-    io.read_buf(buf).await
 }
 
 /// Finds where a chunked body ends (RFC 9112 §7.1), byte by byte, without changing it:
