@@ -314,3 +314,24 @@ async fn a_transfer_coding_other_than_chunked_is_kept_and_the_body_ends_with_the
     assert!(lower.contains("\r\nconnection: close\r\n"), "{got}");
     assert!(got.ends_with("\r\n\r\ncoded bytes"), "{got}");
 }
+
+#[tokio::test]
+async fn a_client_that_sends_half_a_head_or_idles_is_cut_off_by_the_header_timeout() {
+    let agent = TestAgent::start().await;
+    let up = echo().await;
+    let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
+    let mut c = config(&agent, None);
+    c.limits.header_read_timeout = std::time::Duration::from_millis(300);
+    let gw = gateway(c, index).await;
+
+    // Half a head, then nothing: closed without an answer.
+    let started = tokio::time::Instant::now();
+    let got = until_closed(gw.addr(), b"GET /api HTTP/1.1\r\nhost: a\r\n").await;
+    assert_eq!(got, "", "no answer to half a head");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+
+    // A kept-alive connection idle after its answer: closed too, the answer whole before it.
+    let got = until_closed(gw.addr(), b"GET /api/idle HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.contains("/api/idle"), "{got}");
+}
