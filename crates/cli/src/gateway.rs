@@ -78,6 +78,7 @@ async fn run(
         max_connections: args.max_connections,
         ..config.limits
     };
+    config.release_memory = Some(muster_alloc::release_free_memory);
     let render: muster_gateway::MetricsRender =
         Arc::new(|| muster_server::telemetry::handle().render());
     // Installs the recorder before the gateway makes its metric handles.

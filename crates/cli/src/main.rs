@@ -24,11 +24,9 @@ use clap::Parser;
 
 use crate::args::{Cli, Command};
 
-// The agent allocates a little per request on many threads; mimalloc's thread-local heaps
-// cost less per malloc/free than glibc's arenas (a fifth of the agent's CPU under load went
-// to glibc malloc).
+// mimalloc (why: muster-alloc's documentation).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: muster_alloc::Allocator = muster_alloc::Allocator;
 
 /// Where the agent listens, and where the client commands look for it, by default.
 pub(crate) const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";

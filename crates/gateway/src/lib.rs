@@ -79,6 +79,12 @@ pub struct GatewayConfig {
     pub upstream_idle_timeout: Duration,
     /// Connection limits.
     pub limits: Limits,
+    /// Gives the memory the allocator holds free back to the system. It is called every
+    /// second, and after each table build on the thread that built it, so that an idle
+    /// gateway does not keep a table build's or a large answer's garbage resident. The
+    /// binary that picks the allocator sets it (the `muster` binary: muster-alloc's
+    /// `mi_collect`); `None` leaves it to the allocator.
+    pub release_memory: Option<fn()>,
 }
 
 impl GatewayConfig {
@@ -102,6 +108,7 @@ impl GatewayConfig {
                 max_header_bytes: 64 * 1024,
                 max_connections: 10_000,
             },
+            release_memory: None,
         }
     }
 }
@@ -146,6 +153,7 @@ pub(crate) struct State {
     catalog: Catalog,
     /// Kept for the catalog's background task.
     _client: Client,
+    release_memory: Option<fn()>,
 }
 
 impl State {
@@ -158,6 +166,11 @@ impl State {
             .build(&file.routes, &file.defaults, &snap.services, snap.index);
         drop(file);
         self.proxy.swap(table);
+        drop(snap);
+        // The build's garbage, and the previous table unless a request still holds it.
+        if let Some(release) = self.release_memory {
+            release();
+        }
     }
 
     /// Ready once the table reflects the registry, live or from the disk copy.
@@ -243,6 +256,7 @@ impl Gateway {
             file: Mutex::new(file),
             catalog,
             _client: client,
+            release_memory: config.release_memory,
         });
         // Subscribed before the first build: a snapshot that lands in between is not missed.
         let mut changes = state.catalog.watch();
@@ -252,7 +266,9 @@ impl Gateway {
         state.rebuild();
         let stop_follow = CancellationToken::new();
         tokio::spawn(follow(state.clone(), changes, stop_follow.clone()));
-        tokio::spawn(every(NUDGE_EVERY, stop_follow.clone(), nudge_allocator));
+        if let Some(release) = config.release_memory {
+            tokio::spawn(every(RELEASE_MEMORY_EVERY, stop_follow.clone(), release));
+        }
         if config.access_log {
             tokio::spawn(every(
                 proxy::ACCESS_LOG_FLUSH_EVERY,
@@ -374,19 +390,8 @@ impl Gateway {
     }
 }
 
-/// How often the allocator is nudged: mimalloc's purge delay (1 s), so that memory freed
-/// is given back within two seconds.
-const NUDGE_EVERY: Duration = Duration::from_secs(1);
-
-/// Makes the allocator give back memory freed since the last nudge. mimalloc returns pages
-/// that frees left empty a second after they emptied, but only at its next release of a
-/// page, which an idle gateway never makes: a table build's garbage (about a third of an idle
-/// gateway's RSS with 1,000 routes) or a large admin answer's would stay resident.
-/// Allocating and freeing one large block is such a release. With another allocator this is
-/// only a brief, untouched 1 MiB allocation every second.
-fn nudge_allocator() {
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
-}
+/// How often the allocator is asked to give back freed memory.
+const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs `chore` every `period` until `stop`.
 async fn every(period: Duration, stop: CancellationToken, mut chore: impl FnMut()) {
