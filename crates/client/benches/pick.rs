@@ -4,7 +4,6 @@
 //! per pick are counted and printed (tests/alloc.rs asserts they are zero).
 
 use std::alloc::System;
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
@@ -35,7 +34,7 @@ fn instances(n: usize) -> Vec<Instance> {
             address: "10.0.0.1".into(),
             port: 1000 + i as u16,
             tags: Vec::new(),
-            meta: BTreeMap::new(),
+            meta: Default::default(),
             zone: None,
             weight: 1,
             health: Health::Passing,

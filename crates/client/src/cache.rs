@@ -418,7 +418,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port,
             tags: vec!["v2".into()],
-            meta: [("k".to_string(), "v".to_string())].into(),
+            meta: [("k", "v")].into_iter().collect(),
             zone: Some("eu-1a".into()),
             weight: 3,
             health: Health::Warning,

@@ -237,7 +237,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port: 80,
             tags: vec![],
-            meta: BTreeMap::new(),
+            meta: Default::default(),
             zone: None,
             weight: 1,
             health,

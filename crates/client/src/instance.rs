@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_types)]
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -28,7 +29,7 @@ pub struct Instance {
     pub tags: Vec<String>,
     /// Its metadata.
     #[serde(default)]
-    pub meta: BTreeMap<String, String>,
+    pub meta: Meta,
     /// Its zone, for zone-aware routing.
     #[serde(default)]
     pub zone: Option<String>,
@@ -65,6 +66,81 @@ impl Instance {
     /// Whether the registry counts it as healthy (passing or warning).
     pub fn is_healthy(&self) -> bool {
         matches!(self.health, Health::Passing | Health::Warning)
+    }
+}
+
+/// An instance's metadata: keys in order, each once. Read-only once built, and kept in one
+/// exact allocation: a view of thousands of instances holds one of these per instance, and a
+/// `BTreeMap` would take a 544-byte node for even one pair.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Meta(Box<[(Box<str>, Box<str>)]>);
+
+impl Meta {
+    /// No metadata.
+    pub fn new() -> Meta {
+        Meta::default()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|at| &*self.0[at].1)
+    }
+
+    /// The pairs, by key.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// How many pairs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<BTreeMap<String, String>> for Meta {
+    fn from(map: BTreeMap<String, String>) -> Meta {
+        Meta(
+            map.into_iter()
+                .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+                .collect(),
+        )
+    }
+}
+
+/// Later pairs win over earlier ones with the same key, as in a map.
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Meta {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Meta {
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect::<BTreeMap<_, _>>()
+            .into()
+    }
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Meta {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Meta {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Meta, D::Error> {
+        BTreeMap::<String, String>::deserialize(d).map(Meta::from)
     }
 }
 
@@ -157,5 +233,48 @@ mod tests {
         let list: InstanceList = serde_json::from_str(json).unwrap();
         let ids: Vec<&str> = list.0.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["a", "d"]);
+    }
+
+    #[test]
+    fn metadata_reads_like_a_map_and_keeps_its_json_shape() {
+        let json = r#"{"service":"web","id":"a","address":"10.0.0.1","port":80,"health":"passing",
+            "meta":{"version":"2","build":"42","zone-hint":""}}"#;
+        let i: Instance = serde_json::from_str(json).unwrap();
+        assert_eq!(i.meta.get("build"), Some("42"));
+        assert_eq!(i.meta.get("version"), Some("2"));
+        assert_eq!(i.meta.get("zone-hint"), Some(""));
+        assert_eq!(i.meta.get("missing"), None);
+        assert_eq!(i.meta.len(), 3);
+        let keys: Vec<&str> = i.meta.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["build", "version", "zone-hint"]);
+        // Written back as the same JSON object, and read back equal.
+        let out = serde_json::to_value(&i).unwrap();
+        assert_eq!(
+            out["meta"],
+            serde_json::json!({"build": "42", "version": "2", "zone-hint": ""})
+        );
+        assert_eq!(serde_json::from_value::<Instance>(out).unwrap(), i);
+        assert_eq!(
+            format!("{:?}", i.meta),
+            r#"{"build": "42", "version": "2", "zone-hint": ""}"#
+        );
+    }
+
+    #[test]
+    fn metadata_built_from_pairs_keeps_the_last_value_of_a_key() {
+        let meta: Meta = [("b", "1"), ("a", "2"), ("b", "3")].into_iter().collect();
+        assert_eq!(meta.iter().collect::<Vec<_>>(), [("a", "2"), ("b", "3")]);
+        assert!(Meta::new().is_empty());
+        assert_eq!(Meta::new().get("a"), None);
+    }
+
+    #[test]
+    fn metadata_that_is_not_an_object_of_strings_is_refused() {
+        for bad in [r#"["a","b"]"#, r#"{"a":1}"#, r#""a""#] {
+            assert!(
+                serde_json::from_str::<Meta>(bad).is_err(),
+                "{bad} was accepted"
+            );
+        }
     }
 }

@@ -61,7 +61,7 @@ pub use catalog::{Catalog, CatalogSnapshot};
 pub use config::Builder;
 pub use error::Error;
 pub use follow::SyncState;
-pub use instance::{Health, Instance, Snapshot, Source};
+pub use instance::{Health, Instance, Meta, Snapshot, Source};
 pub use register::{Registered, Registration};
 pub use token::Token;
 use tokio::sync::watch;

@@ -2,7 +2,6 @@
 //! counting allocator is global, and this must be the only test running in the process.
 
 use std::alloc::System;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use muster_client::balance::{BalanceConfig, Balancer};
@@ -20,7 +19,7 @@ fn instances(n: usize) -> Vec<Instance> {
             address: "10.0.0.1".into(),
             port: 1000 + i as u16,
             tags: Vec::new(),
-            meta: BTreeMap::new(),
+            meta: Default::default(),
             zone: Some(["a", "b", "c"][i % 3].into()),
             weight: 1 + (i % 4) as u16,
             // A few critical ones, so health filtering is on the path.

@@ -477,7 +477,7 @@ fn compile(
         protocol: raw.protocol,
         timeout,
         retries,
-        policy: Arc::new(policy),
+        policy: policy.into_shared(),
     })
 }
 

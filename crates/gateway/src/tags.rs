@@ -12,8 +12,6 @@
 //! option) makes no route, with one warning per tag: serving it differently from what it asks
 //! would be worse than not serving it.
 
-use std::sync::Arc;
-
 use crate::policy::{AccessConfig, IpRange, RoutePolicy};
 use crate::routes::{Defaults, Origin, Protocol, RouteSpec, Side, Target, host, path_prefix};
 
@@ -95,7 +93,7 @@ pub fn parse(service: &str, tag: &str, defaults: &Defaults) -> Result<Option<Rou
         protocol,
         timeout: defaults.timeout,
         retries: defaults.retries,
-        policy: Arc::new(policy),
+        policy: policy.into_shared(),
     }))
 }
 
@@ -157,5 +155,16 @@ mod tests {
                 "{bad} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn tag_routes_without_access_lists_share_one_policy() {
+        let a = route("urlprefix-/a");
+        let b = route("urlprefix-/b strip=/b");
+        assert!(a.policy.is_empty());
+        assert!(std::sync::Arc::ptr_eq(&a.policy, &b.policy));
+        let guarded = route("urlprefix-/c allow=10.0.0.0/8");
+        assert!(!guarded.policy.is_empty());
+        assert!(!std::sync::Arc::ptr_eq(&a.policy, &guarded.policy));
     }
 }

@@ -1,7 +1,7 @@
 //! The balancer on its own: every policy, panic mode, zones, passive health and slow start.
 //! No agent is needed; randomness is seeded and time is paused where it matters.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use muster_client::balance::{BalanceConfig, Balancer};
@@ -14,7 +14,7 @@ fn inst(id: &str) -> Instance {
         address: "10.0.0.1".into(),
         port: 8000 + id.bytes().map(u16::from).sum::<u16>(),
         tags: vec![],
-        meta: BTreeMap::new(),
+        meta: Default::default(),
         zone: None,
         weight: 1,
         health: Health::Passing,

@@ -20,6 +20,7 @@ mod rate;
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,6 +73,23 @@ impl RoutePolicy {
             auth,
             rate,
         })
+    }
+
+    /// The policy, ready to share: every policy that checks nothing is one allocation (a
+    /// thousand tag routes would otherwise hold a thousand copies of nothing).
+    pub fn into_shared(self) -> Arc<RoutePolicy> {
+        static OPEN: LazyLock<Arc<RoutePolicy>> = LazyLock::new(|| {
+            Arc::new(RoutePolicy {
+                access: cidr::AccessList::compile(&AccessConfig::default()),
+                auth: None,
+                rate: None,
+            })
+        });
+        if self.is_empty() {
+            OPEN.clone()
+        } else {
+            Arc::new(self)
+        }
     }
 
     /// True when the policy checks nothing, so the proxy can skip [`RoutePolicy::check`].
