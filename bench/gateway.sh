@@ -306,8 +306,7 @@ until_eq 30 yes caught_up "$RSS_ADMIN"
 [[ "$(routes_count "$RSS_ADMIN")" == "$ROUTES_WANT" ]] || die "the fresh gateway holds $(routes_count "$RSS_ADMIN") routes, not $ROUTES_WANT"
 curl -fsS -o /dev/null "http://127.0.0.1:$RSS_PORT$PATH_200"
 # Idle: the answers just made (/routes is 1,000 routes of JSON) are garbage the allocator gives
-# back within 2 s (mimalloc's 1 s purge delay, then the gateway's nudge every second); 5 s is
-# well past that.
+# back within a second (the gateway releases free memory every second); 5 s is well past that.
 sleep 5
 RSS_IDLE=$(rss_kb "$RSS_PID")
 spawn hold taskset -c "$LOAD_CPU" python3 "$DRIVER" hold --port "$RSS_PORT" --conns "$IDLE_CONNS" --path "$PATH_200"

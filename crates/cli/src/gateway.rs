@@ -38,7 +38,8 @@ pub fn main(
     let runtime = builder
         // Table builds run on the blocking pool. A thread that ends gives its allocator heap
         // back; one kept for tokio's default 10 s holds the garbage of the build it made
-        // (the gateway nudges the allocator every second to return such memory).
+        // (the build itself ends by releasing free memory, and the gateway does so every
+        // second too).
         .thread_keep_alive(std::time::Duration::from_millis(200))
         .enable_all()
         .build()
