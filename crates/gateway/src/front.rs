@@ -359,7 +359,8 @@ where
         if route.spec.protocol == Protocol::H2c || (route.spec.protocol == Protocol::Auto && grpc) {
             return Next::HandOff;
         }
-        let started = Instant::now();
+        // The access log's start, when there is one: one clock read less per request.
+        let started = asked.as_ref().map_or_else(Instant::now, |a| a.started);
         let mut log = Log {
             on: shared.proxy.access_log,
             route: shared.proxy.access_log.then(|| route.spec.name.clone()),

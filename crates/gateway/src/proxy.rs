@@ -913,34 +913,56 @@ pub(crate) fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// Writes the wall clock's time as RFC 3339 with milliseconds (`2026-12-07T03:50:12.345Z`);
-/// the part up to the second is formatted once a second per thread. The access log is an
-/// edge: its time is the wall clock's.
+/// Writes the wall-clock time at `now` as RFC 3339 UTC with milliseconds. The wall clock is
+/// read once a second and the monotonic clock's progress since added to it, so a line costs
+/// no clock read of its own (its duration has just read the monotonic clock); the text up to
+/// the seconds is formatted once a second. The access log is an edge: its time is the wall
+/// clock's.
 #[allow(clippy::disallowed_types)]
-fn rfc3339_millis(out: &mut Vec<u8>) {
-    use std::io::Write;
+fn rfc3339_millis(out: &mut Vec<u8>, now: Instant) {
     use std::time::{SystemTime, UNIX_EPOCH};
-    thread_local! {
-        static SECOND: std::cell::RefCell<(u64, [u8; 19])> =
-            const { std::cell::RefCell::new((u64::MAX, [0; 19])) };
+    struct WallClock {
+        /// A monotonic instant and the wall-clock time (since the epoch) read with it.
+        base: Option<(Instant, Duration)>,
+        second: u64,
+        text: [u8; 19],
     }
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    SECOND.with_borrow_mut(|(second, text)| {
-        if *second != since.as_secs() {
+    thread_local! {
+        static CLOCK: std::cell::RefCell<WallClock> = const {
+            std::cell::RefCell::new(WallClock { base: None, second: u64::MAX, text: [0; 19] })
+        };
+    }
+    CLOCK.with_borrow_mut(|clock| {
+        let since = match clock.base {
+            Some((at, wall)) if now >= at && now - at < Duration::from_secs(1) => wall + (now - at),
+            _ => {
+                let wall = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                clock.base = Some((now, wall));
+                wall
+            }
+        };
+        if clock.second != since.as_secs() {
             let whole = humantime::format_rfc3339_seconds(
                 UNIX_EPOCH + Duration::from_secs(since.as_secs()),
             )
             .to_string();
             if let Some(prefix) = whole.as_bytes().get(..19) {
-                text.copy_from_slice(prefix);
-                *second = since.as_secs();
+                clock.text.copy_from_slice(prefix);
+                clock.second = since.as_secs();
             }
         }
-        out.extend_from_slice(text);
+        out.extend_from_slice(&clock.text);
+        let millis = since.subsec_millis();
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (millis / 100) as u8,
+            b'0' + (millis / 10 % 10) as u8,
+            b'0' + (millis % 10) as u8,
+            b'Z',
+        ]);
     });
-    let _ = write!(out, ".{:03}Z", since.subsec_millis());
 }
 
 /// Access-log lines not written yet. Lines go to stdout in batches, whole and in order: when
@@ -1010,10 +1032,10 @@ impl Log {
         thread_local! {
             static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let took = asked.started.elapsed();
+        let now = Instant::now();
         LINE.with_borrow_mut(|line| {
             line.clear();
-            self.render(line, asked, status, conn, request_id, took);
+            self.render(line, asked, status, conn, request_id, now);
             let mut pending = lock_pending();
             pending.extend_from_slice(line);
             if pending.len() >= ACCESS_LOG_BATCH {
@@ -1034,8 +1056,9 @@ impl Log {
         status: StatusCode,
         conn: &ConnInfo,
         request_id: &HeaderValue,
-        took: Duration,
+        now: Instant,
     ) {
+        let took = now.saturating_duration_since(asked.started);
         // A string with nothing to escape (most are) is copied as it is; serde_json escapes
         // the others. The rest is numbers and fixed text.
         fn string(out: &mut Vec<u8>, key: &str, value: Option<&str>) {
@@ -1058,7 +1081,7 @@ impl Log {
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         }
         out.extend_from_slice(b"{\"time\":\"");
-        rfc3339_millis(out);
+        rfc3339_millis(out, now);
         out.push(b'"');
         string(out, "client", Some(conn.peer_ip.to_str().unwrap_or("")));
         string(out, "method", Some(asked.method.as_str()));
@@ -1150,6 +1173,32 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_types)]
+    fn access_log_times_follow_the_wall_clock_and_the_monotonic_clock_between_reads() {
+        let time = |at: Instant| {
+            let mut out = Vec::new();
+            rfc3339_millis(&mut out, at);
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text.len(), 24, "{text}");
+            humantime::parse_rfc3339(&text).unwrap()
+        };
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now();
+        let first = time(now);
+        let gap = |a: std::time::SystemTime, b: std::time::SystemTime| {
+            a.duration_since(b).unwrap_or_else(|e| e.duration())
+        };
+        assert!(
+            gap(first, wall) < Duration::from_millis(50),
+            "{first:?} against {wall:?}"
+        );
+        // Within a second of the last read of the wall clock, the monotonic clock's progress
+        // is added to it, to the millisecond.
+        let later = time(now + Duration::from_millis(345));
+        assert_eq!(gap(later, first), Duration::from_millis(345));
+    }
+
+    #[test]
     fn an_access_log_line_is_one_json_object_with_every_field() {
         let log = Log {
             on: true,
@@ -1173,7 +1222,7 @@ mod tests {
             StatusCode::BAD_GATEWAY,
             &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
             &HeaderValue::from_static("rid-1"),
-            Duration::from_micros(1500),
+            asked.started + Duration::from_micros(1500),
         );
         assert_eq!(out.last(), Some(&b'\n'));
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
@@ -1202,7 +1251,7 @@ mod tests {
             StatusCode::OK,
             &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
             &HeaderValue::from_static("rid-2"),
-            Duration::from_micros(12_034),
+            asked.started + Duration::from_micros(12_034),
         );
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(line["duration_ms"], 12.034);
