@@ -412,8 +412,7 @@ where
                 });
             };
             if log.on {
-                log.instance = Some(picked.instance().id.clone());
-                log.upstream = Some(picked.authority().to_string());
+                log.picked = Some(picked.endpoint().clone());
             }
             let can_retry = attempts.can_retry();
             let host_line = if had_host {

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use muster_client::balance::Endpoint;
 use muster_client::{Outcome, PickReq, Picked};
 
 use crate::budget::RetryBudget;
@@ -320,8 +321,7 @@ impl Proxy {
                 }
             };
             if log.on {
-                log.instance = Some(picked.instance().id.clone());
-                log.upstream = Some(picked.authority().to_string());
+                log.picked = Some(picked.endpoint().clone());
             }
             let sent = tokio::time::timeout(route.spec.timeout, async {
                 match protocol {
@@ -1005,8 +1005,8 @@ pub(crate) struct Log {
     pub on: bool,
     pub route: Option<String>,
     pub service: Option<String>,
-    pub instance: Option<String>,
-    pub upstream: Option<String>,
+    /// The instance the last attempt went to (its id and address are logged).
+    pub picked: Option<Arc<Endpoint>>,
     pub subject: Option<String>,
     pub retries: u32,
 }
@@ -1091,8 +1091,9 @@ impl Log {
         number(out, u64::from(status.as_u16()));
         string(out, "route", self.route.as_deref());
         string(out, "service", self.service.as_deref());
-        string(out, "instance", self.instance.as_deref());
-        string(out, "upstream", self.upstream.as_deref());
+        let picked = self.picked.as_deref();
+        string(out, "instance", picked.map(|e| e.instance().id.as_str()));
+        string(out, "upstream", picked.map(Endpoint::authority));
         string(out, "subject", self.subject.as_deref());
         // Milliseconds to the microsecond, written as integers (cheaper than a float).
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
@@ -1200,12 +1201,30 @@ mod tests {
 
     #[test]
     fn an_access_log_line_is_one_json_object_with_every_field() {
-        let log = Log {
+        let balancer = muster_client::Balancer::new("web", Default::default());
+        balancer.update(&[muster_client::Instance {
+            service: "web".into(),
+            id: "web-1".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            tags: Vec::new(),
+            meta: Default::default(),
+            zone: None,
+            weight: 1,
+            health: muster_client::Health::Passing,
+            modify_index: 1,
+        }]);
+        let mut log = Log {
             on: true,
             route: Some("shop \"main\"".into()),
             service: Some("web".into()),
-            instance: None,
-            upstream: Some("10.0.0.1:80".into()),
+            picked: Some(
+                balancer
+                    .pick(&PickReq::default())
+                    .unwrap()
+                    .endpoint()
+                    .clone(),
+            ),
             subject: Some("tab\there".into()),
             retries: 1,
         };
@@ -1236,7 +1255,7 @@ mod tests {
         assert_eq!(line["status"], 502);
         assert_eq!(line["route"], "shop \"main\"");
         assert_eq!(line["service"], "web");
-        assert!(line["instance"].is_null());
+        assert_eq!(line["instance"], "web-1");
         assert_eq!(line["upstream"], "10.0.0.1:80");
         assert_eq!(line["subject"], "tab\there");
         assert_eq!(line["retries"], 1);
@@ -1256,5 +1275,19 @@ mod tests {
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(line["duration_ms"], 12.034);
         assert_eq!(line["status"], 200);
+        // No instance was picked (a refusal): both fields are null.
+        log.picked = None;
+        let mut out = Vec::new();
+        log.render(
+            &mut out,
+            &asked,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
+            &HeaderValue::from_static("rid-3"),
+            asked.started,
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(line["instance"].is_null());
+        assert!(line["upstream"].is_null());
     }
 }

@@ -636,6 +636,12 @@ impl Picked {
         &self.endpoint.authority
     }
 
+    /// The picked endpoint, to keep after the pick is reported (its instance and authority)
+    /// without copying them.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
     /// When the pick was made.
     pub fn started(&self) -> Instant {
         self.shared.epoch + Duration::from_nanos(self.start_ns)
