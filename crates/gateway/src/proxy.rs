@@ -934,7 +934,12 @@ fn rfc3339_millis(out: &mut Vec<u8>, now: Instant) {
     }
     CLOCK.with_borrow_mut(|clock| {
         let since = match clock.base {
-            Some((at, wall)) if now >= at && now - at < Duration::from_secs(1) => wall + (now - at),
+            Some((at, wall))
+                if let Some(since_base) = now.checked_duration_since(at)
+                    && since_base < Duration::from_secs(1) =>
+            {
+                wall + since_base
+            }
             _ => {
                 let wall = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -954,15 +959,20 @@ fn rfc3339_millis(out: &mut Vec<u8>, now: Instant) {
             }
         }
         out.extend_from_slice(&clock.text);
-        let millis = since.subsec_millis();
-        out.extend_from_slice(&[
-            b'.',
-            b'0' + (millis / 100) as u8,
-            b'0' + (millis / 10 % 10) as u8,
-            b'0' + (millis % 10) as u8,
-            b'Z',
-        ]);
+        thousandths(out, since.subsec_millis());
+        out.push(b'Z');
     });
+}
+
+/// Appends `.` and `n` (below 1,000) as three digits: the fraction of a number of
+/// thousandths, leading zeros kept.
+fn thousandths(out: &mut Vec<u8>, n: u32) {
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (n / 100 % 10) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]);
 }
 
 /// Access-log lines not written yet. Lines go to stdout in batches, whole and in order: when
@@ -1101,13 +1111,7 @@ impl Log {
         number(out, u64::from(self.retries));
         out.extend_from_slice(b",\"duration_ms\":");
         number(out, micros / 1000);
-        let frac = micros % 1000;
-        out.extend_from_slice(&[
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ]);
+        thousandths(out, (micros % 1000) as u32);
         string(out, "request_id", Some(request_id.to_str().unwrap_or("")));
         out.extend_from_slice(b"}\n");
     }
@@ -1228,21 +1232,26 @@ mod tests {
             subject: Some("tab\there".into()),
             retries: 1,
         };
-        let mut out = Vec::new();
         let asked = Asked {
             method: Method::POST,
             host: "shop.example.com".into(),
             path: "/a\u{e9}/b".into(),
             started: Instant::now(),
         };
-        log.render(
-            &mut out,
-            &asked,
-            StatusCode::BAD_GATEWAY,
-            &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
-            &HeaderValue::from_static("rid-1"),
-            asked.started + Duration::from_micros(1500),
-        );
+        // The line for an answer `micros` after the request started.
+        let render = |log: &Log, status: StatusCode, micros: u64| {
+            let mut out = Vec::new();
+            log.render(
+                &mut out,
+                &asked,
+                status,
+                &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
+                &HeaderValue::from_static("rid-1"),
+                asked.started + Duration::from_micros(micros),
+            );
+            out
+        };
+        let out = render(&log, StatusCode::BAD_GATEWAY, 1500);
         assert_eq!(out.last(), Some(&b'\n'));
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -1263,30 +1272,14 @@ mod tests {
         assert_eq!(line["request_id"], "rid-1");
         assert_eq!(line.as_object().unwrap().len(), 14);
         // Milliseconds keep their leading zeros after the point.
-        let mut out = Vec::new();
-        log.render(
-            &mut out,
-            &asked,
-            StatusCode::OK,
-            &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
-            &HeaderValue::from_static("rid-2"),
-            asked.started + Duration::from_micros(12_034),
-        );
-        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_slice(&render(&log, StatusCode::OK, 12_034)).unwrap();
         assert_eq!(line["duration_ms"], 12.034);
         assert_eq!(line["status"], 200);
         // No instance was picked (a refusal): both fields are null.
         log.picked = None;
-        let mut out = Vec::new();
-        log.render(
-            &mut out,
-            &asked,
-            StatusCode::SERVICE_UNAVAILABLE,
-            &ConnInfo::new("[::1]:5555".parse().unwrap(), true),
-            &HeaderValue::from_static("rid-3"),
-            asked.started,
-        );
-        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_slice(&render(&log, StatusCode::SERVICE_UNAVAILABLE, 0)).unwrap();
         assert!(line["instance"].is_null());
         assert!(line["upstream"].is_null());
     }

@@ -75,10 +75,19 @@ async fn behind(
 
 /// A gateway routing `/api` to the echo upstream.
 async fn behind_echo() -> (TestAgent, muster_gateway::Gateway) {
+    behind_echo_with(|_| {}).await
+}
+
+/// The same, with `tweak` applied to the gateway's configuration.
+async fn behind_echo_with(
+    tweak: impl FnOnce(&mut muster_gateway::GatewayConfig),
+) -> (TestAgent, muster_gateway::Gateway) {
     let agent = TestAgent::start().await;
     let up = echo().await;
     let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
-    let gw = gateway(config(&agent, None), index).await;
+    let mut c = config(&agent, None);
+    tweak(&mut c);
+    let gw = gateway(c, index).await;
     (agent, gw)
 }
 
@@ -317,12 +326,10 @@ async fn a_transfer_coding_other_than_chunked_is_kept_and_the_body_ends_with_the
 
 #[tokio::test]
 async fn a_client_that_sends_half_a_head_or_idles_is_cut_off_by_the_header_timeout() {
-    let agent = TestAgent::start().await;
-    let up = echo().await;
-    let index = agent.register("api", "a1", up, &["urlprefix-/api"]).await;
-    let mut c = config(&agent, None);
-    c.limits.header_read_timeout = std::time::Duration::from_millis(300);
-    let gw = gateway(c, index).await;
+    let (_agent, gw) = behind_echo_with(|c| {
+        c.limits.header_read_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
 
     // Half a head, then nothing: closed without an answer.
     let started = tokio::time::Instant::now();
